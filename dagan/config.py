@@ -1,0 +1,263 @@
+"""The one configuration schema shared by training, export and the inference engine.
+
+A config is a tree of frozen dataclasses. YAML is validated strictly when loaded: an unknown key or a
+value of the wrong type is an error that names the full key path (``generator.attention.qk_channels``),
+because a silently ignored typo in a model config produces a network that cannot load its weights later.
+
+Two presets ship with the package: ``vox-256`` (the reference implementation's sizes, so that published
+checkpoints can be imported) and ``tiny`` (small channels at 64×64, for tests and CPU experiments).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS = ("vox-256", "tiny")
+
+
+class ConfigError(ValueError):
+    """A config file or dict that does not match the schema; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class DepthConfig:
+    """Face depth net F_d: ResNet18 encoder + monodepth2-style decoder (paper §3.2, A.2)."""
+
+    encoder_width: int = 64
+    decoder_channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    scales: tuple[int, ...] = (0, 1, 2, 3)
+    min_depth: float = 0.1
+    max_depth: float = 100.0
+
+
+@dataclass(frozen=True)
+class PoseConfig:
+    """Pose + intrinsics net F_p, used only by the self-supervised depth stage."""
+
+    encoder_width: int = 64
+
+
+@dataclass(frozen=True)
+class KeypointConfig:
+    """Keypoint detector F_kp (FOMM-style hourglass with soft-argmax heatmaps)."""
+
+    num_kp: int = 15
+    use_depth: bool = True  # RGB-D input (DaGAN); False gives FOMM's RGB detector for the ablation
+    block_expansion: int = 32
+    max_features: int = 1024
+    num_blocks: int = 5
+    temperature: float = 0.1
+    scale_factor: float = 0.25
+    estimate_jacobian: bool = True
+
+
+@dataclass(frozen=True)
+class DenseMotionConfig:
+    """Dense motion / occlusion estimator T of the feature-warping module (RGB input, as the reference)."""
+
+    block_expansion: int = 64
+    max_features: int = 1024
+    num_blocks: int = 5
+    scale_factor: float = 0.25
+    kp_variance: float = 0.01
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Cross-modal attention (paper eq. 9): query from source depth features, key/value from F_w."""
+
+    enabled: bool = True
+    qk_channels: int = 32
+    # "auto": fused scaled_dot_product_attention; "math": the explicit softmax(QK^T)V formula.
+    implementation: str = "auto"
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    block_expansion: int = 64
+    max_features: int = 512
+    num_down_blocks: int = 2
+    num_bottleneck_blocks: int = 6
+    estimate_occlusion_map: bool = True
+    dense_motion: DenseMotionConfig = field(default_factory=DenseMotionConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    scales: tuple[float, ...] = (1.0,)
+    block_expansion: int = 32
+    max_features: int = 512
+    num_blocks: int = 4
+    spectral_norm: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build the networks; embedded in every checkpoint."""
+
+    name: str = "vox-256"
+    image_size: int = 256
+    depth: DepthConfig = field(default_factory=DepthConfig)
+    pose: PoseConfig = field(default_factory=PoseConfig)
+    keypoints: KeypointConfig = field(default_factory=KeypointConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """Copy with dotted-path overrides, e.g. ``replace(**{"generator.attention.enabled": False})``."""
+        data = self.to_dict()
+        for dotted, value in changes.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                if p not in node or not isinstance(node[p], dict):
+                    raise ConfigError(f"unknown config key: {dotted}")
+                node = node[p]
+            if leaf not in node:
+                raise ConfigError(f"unknown config key: {dotted}")
+            node[leaf] = value
+        return config_from_dict(data)
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _check_value(value: Any, annotation: Any, path: str) -> Any:
+    """Validate ``value`` against a field annotation and return it in canonical form (tuples, floats)."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return _build(annotation, value, path)
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        return tuple(_check_value(v, item_type, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(annotation):
+            try:
+                return _check_value(value, option, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError("; ".join(errors))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported schema type {annotation!r}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown config key: {where} (allowed here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else key
+        kwargs[key] = _check_value(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Build and validate a config; missing keys take the schema defaults (the vox-256 sizes)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping at the top level, got {type(data).__name__}")
+    cfg = _build(ModelConfig, data)
+    _check_semantics(cfg)
+    return cfg
+
+
+def _check_semantics(cfg: ModelConfig) -> None:
+    """Range checks that types alone cannot express; each names its key."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    need(cfg.image_size >= 32 and cfg.image_size % 32 == 0, "image_size", "must be a multiple of 32, >= 32")
+    need(cfg.keypoints.num_kp >= 1, "keypoints.num_kp", "must be >= 1")
+    need(cfg.keypoints.temperature > 0, "keypoints.temperature", "must be > 0")
+    for key, sf in (
+        ("keypoints.scale_factor", cfg.keypoints.scale_factor),
+        ("generator.dense_motion.scale_factor", cfg.generator.dense_motion.scale_factor),
+    ):
+        need(0 < sf <= 1, key, "must be in (0, 1]")
+    need(len(cfg.depth.decoder_channels) == 5, "depth.decoder_channels", "needs 5 entries (one per level)")
+    need(
+        all(0 <= s <= 3 for s in cfg.depth.scales) and 0 in cfg.depth.scales,
+        "depth.scales",
+        "must be a subset of 0..3 containing 0",
+    )
+    need(0 < cfg.depth.min_depth < cfg.depth.max_depth, "depth.min_depth", "must be > 0 and < max_depth")
+    need(
+        cfg.generator.attention.implementation in ("auto", "math"),
+        "generator.attention.implementation",
+        "must be 'auto' or 'math'",
+    )
+    need(cfg.generator.num_down_blocks >= 1, "generator.num_down_blocks", "must be >= 1")
+    need(cfg.generator.dense_motion.kp_variance > 0, "generator.dense_motion.kp_variance", "must be > 0")
+
+
+def load_config(source: str | Path | dict[str, Any]) -> ModelConfig:
+    """Load a preset name (``vox-256``, ``tiny``), a YAML file path, or a dict."""
+    if isinstance(source, dict):
+        return config_from_dict(source)
+    text_source = str(source)
+    if text_source in PRESETS:
+        text = resources.files("dagan.presets").joinpath(f"{text_source}.yaml").read_text()
+        where = f"preset {text_source}"
+    else:
+        path = Path(text_source)
+        if not path.is_file():
+            raise ConfigError(f"config {text_source!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+        text = path.read_text()
+        where = str(path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({exc})") from exc
+    try:
+        return config_from_dict(data or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc

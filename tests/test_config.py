@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import pytest
+
+from dagan.config import PRESETS, ConfigError, load_config
+
+
+def test_presets_load_and_vox_has_reference_sizes():
+    for name in PRESETS:
+        assert load_config(name).name == name
+    vox = load_config("vox-256")
+    assert vox.image_size == 256
+    kp = vox.keypoints
+    assert (kp.block_expansion, kp.max_features, kp.num_blocks, kp.num_kp) == (32, 1024, 5, 15)
+    assert (kp.temperature, kp.scale_factor, kp.estimate_jacobian, kp.use_depth) == (0.1, 0.25, True, True)
+    g = vox.generator
+    assert (g.block_expansion, g.max_features, g.num_down_blocks, g.num_bottleneck_blocks) == (64, 512, 2, 6)
+    dm = g.dense_motion
+    assert (dm.block_expansion, dm.max_features, dm.num_blocks, dm.scale_factor) == (64, 1024, 5, 0.25)
+    assert g.attention.qk_channels == 32
+    d = vox.discriminator
+    assert (d.block_expansion, d.max_features, d.num_blocks, d.scales) == (32, 512, 4, (1.0,))
+    # The schema defaults are the vox-256 sizes, so a partial YAML means "vox-256 with changes".
+    assert load_config({}) == vox
+
+
+def test_unknown_key_is_named_with_its_path():
+    with pytest.raises(ConfigError, match=r"generator\.attention\.qk_chanels"):
+        load_config({"generator": {"attention": {"qk_chanels": 8}}})
+    with pytest.raises(ConfigError, match="unknown config key: colour"):
+        load_config({"colour": 1})
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"keypoints": {"num_kp": "15"}}, "keypoints.num_kp"),
+        ({"keypoints": {"num_kp": 1.5}}, "keypoints.num_kp"),
+        ({"keypoints": {"use_depth": "yes"}}, "keypoints.use_depth"),
+        ({"image_size": True}, "image_size"),
+        ({"depth": {"scales": 3}}, "depth.scales"),
+        ({"depth": {"scales": [0, "a"]}}, r"depth.scales\[1\]"),
+        ({"generator": 5}, "generator"),
+        ({"image_size": 100}, "image_size"),
+        ({"keypoints": {"scale_factor": 0}}, "keypoints.scale_factor"),
+        ({"generator": {"attention": {"implementation": "fast"}}}, "generator.attention.implementation"),
+        ({"depth": {"min_depth": 10.0, "max_depth": 1.0}}, "depth.min_depth"),
+    ],
+)
+def test_wrong_types_and_ranges_name_the_key(data, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(data)
+
+
+def test_yaml_file_round_trip_and_errors(tmp_path):
+    cfg = load_config("tiny")
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("keypoints: {num_kp: [1}\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_config(tmp_path / "missing.yaml")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("keypoint:\n  num_kp: 10\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key: keypoint"):
+        load_config(typo)
+
+
+def test_replace_with_dotted_keys():
+    cfg = load_config("tiny")
+    off = cfg.replace(**{"generator.attention.enabled": False, "keypoints.use_depth": False})
+    assert not off.generator.attention.enabled and not off.keypoints.use_depth
+    assert cfg.generator.attention.enabled  # original untouched (frozen dataclasses)
+    with pytest.raises(ConfigError, match=r"generator\.atention"):
+        cfg.replace(**{"generator.atention.enabled": False})
