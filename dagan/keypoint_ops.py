@@ -1,0 +1,78 @@
+"""Relative motion transfer (FOMM's "relative" mode with movement-scale adaptation).
+
+Absolute mode puts the driver's keypoints on the source, which also transfers the driver's face shape
+and position. Relative mode applies only the driver's *motion since a reference frame* to the source's
+own keypoints, scaled by the ratio of the two faces' keypoint-hull sizes, so a small face in the photo
+is not dragged by a large face in the webcam.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .nets.keypoints import Keypoints
+
+
+def convex_hull_area(points: torch.Tensor) -> torch.Tensor:
+    """Area of the 2-D convex hull of each point set: B×K×2 → B (Andrew's monotone chain, on the CPU).
+
+    Keypoint sets are tiny (K = 15), so a Python loop is cheaper than any dependency.
+    """
+    areas = []
+    for pts in points.detach().double().cpu().tolist():
+        pts = sorted(map(tuple, pts))
+        if len(pts) < 3:
+            areas.append(0.0)
+            continue
+
+        def cross(o, a, b):
+            return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+        lower: list = []
+        for p in pts:
+            while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
+                lower.pop()
+            lower.append(p)
+        upper: list = []
+        for p in reversed(pts):
+            while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
+                upper.pop()
+            upper.append(p)
+        hull = lower[:-1] + upper[:-1]
+        area = 0.0
+        for i in range(len(hull)):
+            x0, y0 = hull[i]
+            x1, y1 = hull[(i + 1) % len(hull)]
+            area += x0 * y1 - x1 * y0
+        areas.append(abs(area) / 2.0)
+    return torch.tensor(areas, dtype=points.dtype, device=points.device)
+
+
+def movement_scale(kp_source: Keypoints, kp_reference: Keypoints) -> torch.Tensor:
+    """sqrt(hull area of source kp / hull area of reference driving kp): B×1×1, 1 where degenerate."""
+    a_s = convex_hull_area(kp_source.value)
+    a_r = convex_hull_area(kp_reference.value)
+    scale = torch.where(a_r > 0, torch.sqrt(a_s / a_r.clamp_min(1e-12)), torch.ones_like(a_r))
+    return scale.view(-1, 1, 1)
+
+
+def relative_keypoints(
+    kp_source: Keypoints,
+    kp_driving: Keypoints,
+    kp_reference: Keypoints,
+    scale: torch.Tensor | float = 1.0,
+) -> Keypoints:
+    """Source keypoints moved by the driver's displacement since ``kp_reference``.
+
+    value = kp_s + scale · (kp_d − kp_ref); jacobian = (J_d J_ref⁻¹) J_s. All B×K×2 (×2).
+    ``scale`` comes from :func:`movement_scale`, computed once per (source, reference) pair.
+    """
+    value = kp_source.value + (kp_driving.value - kp_reference.value) * scale
+    jac = None
+    if (
+        kp_source.jacobian is not None
+        and kp_driving.jacobian is not None
+        and kp_reference.jacobian is not None
+    ):
+        jac = kp_driving.jacobian @ torch.linalg.inv(kp_reference.jacobian) @ kp_source.jacobian
+    return Keypoints(value, jac)

@@ -1,0 +1,171 @@
+"""DaGAN generator: feature encoder E_I, depth encoder E_d, feature warping, cross-modal attention, decoder.
+
+The generator is split at the boundary that makes real-time serving cheap: :meth:`encode_source` holds
+everything that depends on the source alone (E_I(I_s), the attention queries from E_d(D_s), the
+dense-motion net's source inputs) and runs once per source photo; :meth:`decode` is the per-frame path.
+``forward`` is the two composed, which is exactly the uncached model.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import CrossModalAttention
+from .blocks import DownBlock2d, ResBlock2d, SameBlock2d, UpBlock2d
+from .dense_motion import DenseMotionNetwork, MotionSourceCache
+from .keypoints import Keypoints
+
+
+class SourceFeatures(NamedTuple):
+    """Per-source cache. features: B×C×h×w E_I(I_s). query: B×(h·w)×c attention queries from
+    E_d(D_s), or None without attention. motion: the dense-motion net's source inputs."""
+
+    features: torch.Tensor
+    query: torch.Tensor | None
+    motion: MotionSourceCache
+
+
+class GeneratorOutput(NamedTuple):
+    """prediction: B×3×H×W in (0,1). deformation: B×h×w×2 backward flow at feature size.
+    occlusion: B×1×h×w or None. mask: B×(K+1)×hm×wm motion blend weights."""
+
+    prediction: torch.Tensor
+    deformation: torch.Tensor
+    occlusion: torch.Tensor | None
+    mask: torch.Tensor
+
+
+def _resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """B×h×w×2 → B×H×W×2 by bilinear resampling (coordinates are normalised, so values stay)."""
+    if tuple(flow.shape[1:3]) == tuple(size):
+        return flow
+    flow = F.interpolate(flow.permute(0, 3, 1, 2), size=size, mode="bilinear", align_corners=False)
+    return flow.permute(0, 2, 3, 1)
+
+
+def _resize_map(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(m.shape[2:]) == tuple(size):
+        return m
+    return F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+
+
+def _encoder(in_ch: int, block_expansion: int, max_features: int, num_down: int) -> nn.ModuleDict:
+    """SameBlock (7×7) + ``num_down`` DownBlocks (paper Fig. 11f/g): B×in×H×W → B×C×H/2^n×W/2^n."""
+    downs = [
+        DownBlock2d(
+            min(max_features, block_expansion * 2**i),
+            min(max_features, block_expansion * 2 ** (i + 1)),
+            kernel_size=3,
+            padding=1,
+        )
+        for i in range(num_down)
+    ]
+    return nn.ModuleDict(
+        {
+            "first": SameBlock2d(in_ch, block_expansion, kernel_size=7, padding=3),
+            "down_blocks": nn.ModuleList(downs),
+        }
+    )
+
+
+def _run_encoder(enc: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
+    x = enc["first"](x)
+    for block in enc["down_blocks"]:
+        x = block(x)
+    return x
+
+
+class DaGANGenerator(nn.Module):
+    """Generate the driving frame from the source image, its depth and two keypoint sets.
+
+    Shapes for vox-256: source 3×256×256, depth 1×256×256, E_I and E_d outputs 256×64×64, dense motion
+    at 64×64, attention over 4096 positions, decoder back to 3×256×256.
+    """
+
+    def __init__(
+        self,
+        num_kp: int = 15,
+        num_channels: int = 3,
+        block_expansion: int = 64,
+        max_features: int = 512,
+        num_down_blocks: int = 2,
+        num_bottleneck_blocks: int = 6,
+        estimate_occlusion_map: bool = True,
+        dense_motion: dict | None = None,
+        attention: bool = True,
+        qk_channels: int = 32,
+        attention_implementation: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.dense_motion_network = DenseMotionNetwork(
+            num_kp=num_kp,
+            num_channels=num_channels,
+            estimate_occlusion_map=estimate_occlusion_map,
+            **(dense_motion or {}),
+        )
+        self.image_encoder = _encoder(num_channels, block_expansion, max_features, num_down_blocks)
+        feat = min(max_features, block_expansion * 2**num_down_blocks)
+        self.depth_encoder: nn.ModuleDict | None = None
+        self.attention: CrossModalAttention | None = None
+        if attention:
+            self.depth_encoder = _encoder(1, block_expansion, max_features, num_down_blocks)
+            self.attention = CrossModalAttention(feat, qk_channels, attention_implementation)
+        self.bottleneck = nn.Sequential(
+            *[ResBlock2d(feat, kernel_size=3, padding=1) for _ in range(num_bottleneck_blocks)]
+        )
+        self.up_blocks = nn.ModuleList(
+            UpBlock2d(
+                min(max_features, block_expansion * 2 ** (i + 1)),
+                min(max_features, block_expansion * 2**i),
+                kernel_size=3,
+                padding=1,
+            )
+            for i in reversed(range(num_down_blocks))
+        )
+        self.final = nn.Conv2d(block_expansion, num_channels, kernel_size=7, padding=3)
+
+    def encode_source(
+        self, source_image: torch.Tensor, source_depth: torch.Tensor | None, kp_source: Keypoints
+    ) -> SourceFeatures:
+        """B×3×H×W image, B×1×H×W depth (needed only with attention) → :class:`SourceFeatures`."""
+        features = _run_encoder(self.image_encoder, source_image)
+        query = None
+        if self.attention is not None:
+            if source_depth is None:
+                raise ValueError("this generator has cross-modal attention and needs the source depth map")
+            query = self.attention.project_query(_run_encoder(self.depth_encoder, source_depth))
+        motion = self.dense_motion_network.prepare_source(source_image, kp_source)
+        return SourceFeatures(features, query, motion)
+
+    def decode(self, source: SourceFeatures, kp_source: Keypoints, kp_driving: Keypoints) -> GeneratorOutput:
+        """Per-frame path: dense motion → warp E_I(I_s) → occlusion → attention → bottleneck → decoder."""
+        motion = self.dense_motion_network(source.motion, kp_driving, kp_source)
+        size = tuple(source.features.shape[2:])
+        deformation = _resize_flow(motion.deformation, size)
+        warped = F.grid_sample(
+            source.features, deformation, mode="bilinear", padding_mode="zeros", align_corners=True
+        )
+        occlusion = None
+        if motion.occlusion is not None:
+            occlusion = _resize_map(motion.occlusion, size)
+            warped = warped * occlusion
+        if self.attention is not None:
+            warped = self.attention.attend(source.query, warped)
+        out = self.bottleneck(warped)
+        for block in self.up_blocks:
+            out = block(out)
+        prediction = torch.sigmoid(self.final(out))
+        return GeneratorOutput(prediction, deformation, occlusion, motion.mask)
+
+    def forward(
+        self,
+        source_image: torch.Tensor,
+        source_depth: torch.Tensor | None,
+        kp_source: Keypoints,
+        kp_driving: Keypoints,
+    ) -> GeneratorOutput:
+        return self.decode(self.encode_source(source_image, source_depth, kp_source), kp_source, kp_driving)

@@ -1,0 +1,73 @@
+"""Keypoint detector F_kp (paper §3.3, Fig. 11b): hourglass on RGB-D, soft-argmax heatmaps, Jacobians."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import AntiAliasInterpolation2d, Hourglass, make_coordinate_grid
+
+
+class Keypoints(NamedTuple):
+    """K keypoints per image in the [-1, 1] frame of the image.
+
+    value: B×K×2 (x, y). jacobian: B×K×2×2 local affine motion around each keypoint, or None when the
+    detector is configured without Jacobians (then motion near a keypoint is a pure translation).
+    """
+
+    value: torch.Tensor
+    jacobian: torch.Tensor | None = None
+
+    def detach(self) -> Keypoints:
+        return Keypoints(self.value.detach(), None if self.jacobian is None else self.jacobian.detach())
+
+
+class KeypointDetector(nn.Module):
+    """Unsupervised keypoints from an image (B×C×H×W, C = 4 for RGB-D or 3 for RGB) → :class:`Keypoints`.
+
+    The image is blurred and downscaled by ``scale_factor`` first: keypoints are coarse structure and the
+    hourglass at 64×64 is what makes the detector cheap enough to run on every driving frame.
+    Heatmaps come from a 7×7 conv without padding (as the reference, so imported weights line up), are
+    softmax-normalised with ``temperature`` and reduced to coordinates by their expectation (soft-argmax).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        num_kp: int = 15,
+        block_expansion: int = 32,
+        max_features: int = 1024,
+        num_blocks: int = 5,
+        temperature: float = 0.1,
+        scale_factor: float = 0.25,
+        estimate_jacobian: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_kp = num_kp
+        self.temperature = temperature
+        self.predictor = Hourglass(block_expansion, in_channels, num_blocks, max_features)
+        self.kp = nn.Conv2d(self.predictor.out_filters, num_kp, kernel_size=7, padding=0)
+        self.jacobian: nn.Conv2d | None = None
+        if estimate_jacobian:
+            self.jacobian = nn.Conv2d(self.predictor.out_filters, 4 * num_kp, kernel_size=7, padding=0)
+            # Start from identity Jacobians so early training sees pure-translation motion.
+            nn.init.zeros_(self.jacobian.weight)
+            with torch.no_grad():
+                self.jacobian.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 1.0]).repeat(num_kp))
+        self.down = AntiAliasInterpolation2d(in_channels, scale_factor)
+
+    def forward(self, x: torch.Tensor) -> Keypoints:
+        feature = self.predictor(self.down(x))
+        logits = self.kp(feature)  # B×K×h×w
+        b, k, h, w = logits.shape
+        heatmap = F.softmax(logits.flatten(2) / self.temperature, dim=2).view(b, k, h, w)
+        grid = make_coordinate_grid(h, w, like=heatmap)  # h×w×2
+        value = (heatmap.unsqueeze(-1) * grid).sum(dim=(2, 3))  # B×K×2
+        jacobian = None
+        if self.jacobian is not None:
+            jmap = self.jacobian(feature).view(b, k, 4, h, w)
+            jacobian = (heatmap.unsqueeze(2) * jmap).sum(dim=(3, 4)).view(b, k, 2, 2)
+        return Keypoints(value, jacobian)
