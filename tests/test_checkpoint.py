@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_model
+from safetensors.torch import save_file
+
+from dagan.checkpoint import (
+    CheckpointError,
+    checkpoint_metadata,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+)
+
+
+def test_round_trip_restores_config_and_outputs(tmp_path, tiny_model):
+    path = tmp_path / "w" / "model.safetensors"
+    save_checkpoint(path, tiny_model.config, tiny_model, extra_metadata={"trained": "false"})
+    assert [p.name for p in path.parent.iterdir()] == ["model.safetensors"]  # no temp files left
+    assert path.stat().st_mode & 0o044 == 0o044  # readable by others, like any file written under umask 022
+    cfg, tensors, meta = read_checkpoint(path)
+    assert cfg == tiny_model.config
+    assert meta["trained"] == "false" and checkpoint_metadata(path)["trained"] == "false"
+    assert set(tensors) == set(tiny_model.state_dict())
+    loaded = load_model(path)
+    assert not loaded.training
+    x, y = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, y).prediction, tiny_model(x, y).prediction)
+
+
+def test_mismatched_config_lists_tensors(tmp_path, tiny_model, tiny_config):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, tiny_model.config, tiny_model)
+    other = tiny_config.replace(**{"keypoints.num_kp": 10, "generator.attention.enabled": False})
+    with pytest.raises(CheckpointError) as err:
+        load_model(path, config=other)
+    msg = str(err.value)
+    assert "does not match the model config" in msg
+    assert "shape: kp_detector.kp.weight checkpoint [15," in msg
+    assert "unexpected: generator.attention.gamma" in msg
+
+
+def test_missing_tensor_is_reported(tmp_path, tiny_model):
+    state = tiny_model.state_dict()
+    state.pop("generator.final.bias")
+    path = tmp_path / "partial.safetensors"
+    save_checkpoint(path, tiny_model.config, state)
+    with pytest.raises(CheckpointError, match=r"missing: generator\.final\.bias \[3\]"):
+        load_model(path)
+
+
+def test_training_only_groups_are_ignored_for_inference(tmp_path, tiny_model):
+    state = dict(tiny_model.state_dict())
+    state["discriminator.discs.disc_1.conv.weight"] = torch.zeros(1, 4, 1, 1)
+    state["pose_net.head.weight"] = torch.zeros(3)
+    path = tmp_path / "train.safetensors"
+    save_checkpoint(path, tiny_model.config, state)
+    load_model(path)  # must not raise
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01 definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a safetensors checkpoint"):
+        read_checkpoint(junk)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"a": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CheckpointError, match="not a DaGAN checkpoint"):
+        load_model(foreign)
+
+
+def test_failed_write_leaves_previous_file_intact(tmp_path, tiny_model, monkeypatch):
+    path = tmp_path / "ckpt.safetensors"
+    save_checkpoint(path, tiny_model.config, tiny_model)
+    before = path.read_bytes()
+
+    import dagan.checkpoint as ck
+
+    def explode(state, tmp, metadata=None):
+        with open(tmp, "wb") as fh:
+            fh.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", explode)
+    other = make_model(tiny_model.config, seed=3)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, other.config, other)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
