@@ -1,0 +1,604 @@
+"""Face detection, VoxCeleb-style cropping and temporal tracking: the one face module of the project.
+
+Every entry point (offline ``animate``, the WebRTC server, the virtual camera and training-data preparation)
+goes through this module, because DaGAN only works when the source and the driving crops are framed the
+way its training data was: a square around the head, face roughly centred and taking about half of the
+crop width, hair and neck visible (the VoxCeleb convention). Two entry points framing faces differently
+would give two different-looking avatars from the same photo.
+
+Detection uses mediapipe's BlazeFace models, which ship inside the mediapipe wheel and so run offline.
+mediapipe is imported lazily (``import dagan.face`` stays cheap, e.g. for ``dagan --help``) and its
+native start-up chatter on stderr is suppressed where that can be done safely; set
+``DAGAN_MEDIAPIPE_LOGS=1`` to see it when debugging mediapipe itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "DEFAULT_DEAD_ZONE",
+    "DEFAULT_MARGIN",
+    "DEFAULT_RELOCK",
+    "DEFAULT_SMOOTHING",
+    "HEAD_LIFT",
+    "Detection",
+    "FaceBox",
+    "FaceDetector",
+    "FaceTracker",
+    "NoFaceError",
+    "crop_source",
+    "face_landmarks",
+    "square_box",
+]
+
+# Margin added on every side of the detector's face box, as a fraction of the box side. mediapipe's
+# full-range box spans roughly ear to ear and eyebrows-to-chin (plus a little forehead), so with 0.55 the
+# face box is 1 / (1 + 2 * 0.55) ≈ 48% of the crop width: the middle of the 45–55% that VoxCeleb crops
+# show, with the whole head, some hair and the neck inside the square.
+DEFAULT_MARGIN = 0.55
+# The detector box sits low on the head (it stops at the brows/forehead, not at the top of the hair), so
+# a crop centred on it cuts the hair and shows too much chest. Shifting the centre up by 10% of the face
+# height moves the head to where VoxCeleb frames put it.
+HEAD_LIFT = 0.10
+# Weight of the previous smoothed box in the tracker's exponential moving average (per frame). 0.6 cuts
+# white detection noise to sqrt((1 - 0.6) / (1 + 0.6)) = 50% of its amplitude while lagging only
+# 1.5 frames behind a steady motion, which is below what a viewer notices at 25–30 fps.
+DEFAULT_SMOOTHING = 0.6
+# Dead zone of the tracker's output box, as a fraction of the box side (≈ 2.5 px of a 256 crop): the
+# crop does not move at all while the smoothed box stays within it, so a still head gives a still crop.
+DEFAULT_DEAD_ZONE = 0.012
+# A detection farther than this (fraction of the box side) from the smoothed box, or a size change by
+# more than a factor 1 + this, is a new situation (the face jumped, reappeared, or another person took over):
+# the tracker snaps to it instead of gliding across the frame.
+DEFAULT_RELOCK = 0.3
+
+_MEDIAPIPE_LOG_ENV = "DAGAN_MEDIAPIPE_LOGS"
+# mediapipe's short-range model frames faces slightly lower and tighter than the full-range one
+# (measured on the astronaut and Grace Hopper test photos: centre ≈ 10% of the box height lower, box
+# ≈ 6% smaller; after this mapping the two agree within ~1.5% in position and ~5% in size at all
+# scales tried). Fallback detections are mapped onto the full-range convention so that a tracker
+# switching models between frames does not make the crop jump.
+_SHORT_RANGE_LIFT = 0.10
+_SHORT_RANGE_SCALE = 1.06
+
+
+class NoFaceError(ValueError):
+    """No face could be found where one is required (e.g. in the source photo)."""
+
+    def __init__(self, message: str = "no face found in the image") -> None:
+        super().__init__(message)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _as_rgb_uint8(image: Any, what: str = "image") -> np.ndarray:
+    """Validate an H×W×3 uint8 image and return it C-contiguous (what mediapipe and cv2 need)."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{what} must be a numpy array, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{what} must be H×W×3 RGB, got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{what} must be uint8, got {image.dtype}")
+    if image.shape[0] < 2 or image.shape[1] < 2:
+        raise ValueError(f"{what} is too small: {image.shape[1]}×{image.shape[0]}")
+    return np.ascontiguousarray(image)
+
+
+_stderr_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the duration (mediapipe's C++ logs bypass Python).
+
+    Used only around the first inference of a new mediapipe graph, which is when its TFLite/absl
+    start-up messages are printed. The lock serialises concurrent users: two threads redirecting and
+    restoring fd 2 in interleaved order could otherwise leave stderr pointing at /dev/null for good.
+    """
+    if os.environ.get(_MEDIAPIPE_LOG_ENV, "") not in ("", "0"):
+        yield
+        return
+    with _stderr_lock:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError, AttributeError):  # no usable fd 2 (embedded interpreter, closed stderr)
+            yield
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+
+
+def _mediapipe() -> Any:
+    """Import mediapipe on first use, with its glog/TF logging turned down first."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import mediapipe as mp
+
+    return mp
+
+
+class _Graph:
+    """A mediapipe solution built on first use, with stderr silenced while it starts up.
+
+    mediapipe starts a graph's calculators on worker threads as soon as the solution object is
+    constructed, and they print their TFLite/absl start-up messages until the first result comes back,
+    so both the construction and the first ``process`` call run inside :func:`_native_stderr_silenced`.
+    """
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._solution: Any = None
+
+    def process(self, image: np.ndarray) -> Any:
+        if self._solution is not None:
+            return self._solution.process(image)
+        with _native_stderr_silenced():
+            solution = self._factory()
+            try:
+                result = solution.process(image)
+            except BaseException:
+                solution.close()
+                raise
+        self._solution = solution
+        return result
+
+    def close(self) -> None:
+        solution, self._solution = self._solution, None
+        if solution is not None:
+            with contextlib.suppress(Exception):  # closing must not mask the error that led here
+                solution.close()
+
+
+# ---------------------------------------------------------------------------------------------- boxes
+
+
+@dataclass(frozen=True)
+class FaceBox:
+    """A square crop box in pixel coordinates of the original image: centre (cx, cy) and side ``size``.
+
+    Coordinates are continuous: pixel (i, j) covers [i, i+1) × [j, j+1), so the whole W×H image is the
+    box cx=W/2, cy=H/2, size=max(W, H) (for a square image). Sub-pixel values are kept on purpose: the
+    tracker's smoothed boxes move by fractions of a pixel, and rounding would turn that into jitter.
+    """
+
+    cx: float
+    cy: float
+    size: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.cx) and math.isfinite(self.cy) and math.isfinite(self.size)):
+            raise ValueError(f"FaceBox needs finite values, got {self}")
+        if self.size <= 0:
+            raise ValueError(f"FaceBox size must be positive, got {self.size}")
+
+    @property
+    def bbox(self) -> tuple[float, float, float, float]:
+        """Corners (x0, y0, x1, y1) in pixels."""
+        half = self.size / 2
+        return (self.cx - half, self.cy - half, self.cx + half, self.cy + half)
+
+    def crop(self, image: np.ndarray, out_size: int) -> np.ndarray:
+        """Cut the box out of an H×W×3 uint8 image and resample it to out_size×out_size.
+
+        Parts of the box outside the image are filled by edge replication, so faces near the border
+        still give a full crop with the face where the model expects it (black bars would be read by
+        the network as part of the scene). Resampling is one ``cv2.warpAffine``; ``warpAffine`` has
+        no area filter, so when shrinking it first samples bilinearly to an integer multiple k of
+        out_size that is at least the box's resolution (no aliasing, sub-pixel exact) and then
+        averages k×k blocks with ``INTER_AREA`` — the same result as an area resize of a sub-pixel
+        crop. Enlarging is plain bilinear.
+        """
+        image = _as_rgb_uint8(image)
+        out_size = int(out_size)
+        if out_size < 1:
+            raise ValueError(f"out_size must be positive, got {out_size}")
+        ratio = self.size / out_size  # source pixels per output pixel
+        k = max(1, math.ceil(ratio - 1e-6))
+        inter = out_size * k
+        step = self.size / inter  # source pixels per intermediate pixel (≤ 1 when shrinking)
+        x0, y0 = self.cx - self.size / 2, self.cy - self.size / 2
+        # Inverse map (output pixel index -> source pixel index), sampling at pixel centres.
+        matrix = np.array(
+            [[step, 0.0, x0 + 0.5 * step - 0.5], [0.0, step, y0 + 0.5 * step - 0.5]], dtype=np.float64
+        )
+        out = cv2.warpAffine(
+            image,
+            matrix,
+            (inter, inter),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        if k > 1:
+            out = cv2.resize(out, (out_size, out_size), interpolation=cv2.INTER_AREA)
+        return out
+
+    def to_dict(self) -> dict[str, float]:
+        """Plain floats, e.g. for JSON logs or a dataset's crop metadata."""
+        return {k: float(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FaceBox:
+        return cls(cx=float(data["cx"]), cy=float(data["cy"]), size=float(data["size"]))
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detected face: ``bbox`` (x0, y0, x1, y1) in pixels, detector ``score`` in [0, 1].
+
+    ``keypoints`` are mediapipe's six points in pixels: right eye, left eye, nose tip, mouth centre,
+    right ear tragion, left ear tragion (right/left of the person). Boxes may extend past the image.
+    """
+
+    bbox: tuple[float, float, float, float]
+    score: float
+    keypoints: tuple[tuple[float, float], ...] = ()
+
+    @property
+    def width(self) -> float:
+        return self.bbox[2] - self.bbox[0]
+
+    @property
+    def height(self) -> float:
+        return self.bbox[3] - self.bbox[1]
+
+    @property
+    def area(self) -> float:
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return ((self.bbox[0] + self.bbox[2]) / 2, (self.bbox[1] + self.bbox[3]) / 2)
+
+
+def square_box(
+    bbox: Detection | Sequence[float],
+    image_shape: Sequence[int],
+    margin: float = DEFAULT_MARGIN,
+    lift: float = HEAD_LIFT,
+) -> FaceBox:
+    """The VoxCeleb-style square crop box for a face box (x0, y0, x1, y1) or a :class:`Detection`.
+
+    side = max(w, h) · (1 + 2·margin), centred on the face box and moved up by ``lift``·h so the hair
+    is in and the chest mostly out (see :data:`DEFAULT_MARGIN` and :data:`HEAD_LIFT` for the values).
+    The box is not pushed inside the image: moving it would move the face off-centre, which the
+    animation model would read as head motion; :meth:`FaceBox.crop` pads instead. Only the centre is
+    clamped to the image (``image_shape`` is H, W, ...) to reject nonsense boxes.
+    """
+    x0, y0, x1, y1 = (float(v) for v in (bbox.bbox if isinstance(bbox, Detection) else bbox))
+    w, h = x1 - x0, y1 - y0
+    if not (w > 0 and h > 0):
+        raise ValueError(f"face box must have positive width and height, got {(x0, y0, x1, y1)}")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    img_h, img_w = int(image_shape[0]), int(image_shape[1])
+    cx = min(max((x0 + x1) / 2, 0.0), float(img_w))
+    cy = min(max((y0 + y1) / 2 - lift * h, 0.0), float(img_h))
+    return FaceBox(cx=cx, cy=cy, size=max(w, h) * (1 + 2 * margin))
+
+
+# ------------------------------------------------------------------------------------------- detector
+
+
+class FaceDetector:
+    """mediapipe BlazeFace detection, full-range model with a short-range fallback.
+
+    The full-range model (``model_selection=1``) finds faces from close-ups to a few metres, which covers
+    both portrait photos and webcams; when it finds nothing the short-range model (``model_selection=0``,
+    tuned for faces within ~2 m) gets a second look, which rescues some large, tilted close-ups. The
+    mediapipe graphs are created on first use, so constructing a detector is free.
+
+    Not thread-safe: a mediapipe graph processes one image at a time and carries internal state. Use one
+    instance per thread (they are cheap: a few milliseconds to create, a few MB of memory). Close it (or
+    use it as a context manager) to free the native graphs promptly.
+    """
+
+    def __init__(self, min_confidence: float = 0.5, fallback_short_range: bool = True) -> None:
+        if not 0.0 <= min_confidence <= 1.0:
+            raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+        self.min_confidence = float(min_confidence)
+        self.fallback_short_range = bool(fallback_short_range)
+        self._graphs: dict[int, _Graph] = {}
+        self._closed = False
+
+    def _graph(self, model_selection: int) -> _Graph:
+        if self._closed:
+            raise RuntimeError("FaceDetector is closed")
+        graph = self._graphs.get(model_selection)
+        if graph is None:
+            mp = _mediapipe()
+            graph = _Graph(
+                lambda: mp.solutions.face_detection.FaceDetection(
+                    model_selection=model_selection, min_detection_confidence=self.min_confidence
+                )
+            )
+            self._graphs[model_selection] = graph
+        return graph
+
+    def _run(self, model_selection: int, image: np.ndarray) -> list[Detection]:
+        result = self._graph(model_selection).process(image)
+        h, w = image.shape[:2]
+        out = []
+        for det in result.detections or ():
+            loc = det.location_data
+            rel = loc.relative_bounding_box
+            x0, y0 = rel.xmin * w, rel.ymin * h
+            x1, y1 = x0 + rel.width * w, y0 + rel.height * h
+            if not (x1 > x0 and y1 > y0):
+                continue
+            if model_selection == 0:  # map onto the full-range model's framing (see _SHORT_RANGE_*)
+                cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 - _SHORT_RANGE_LIFT * (y1 - y0)
+                hw, hh = (x1 - x0) * _SHORT_RANGE_SCALE / 2, (y1 - y0) * _SHORT_RANGE_SCALE / 2
+                x0, y0, x1, y1 = cx - hw, cy - hh, cx + hw, cy + hh
+            keypoints = tuple((float(k.x * w), float(k.y * h)) for k in loc.relative_keypoints)
+            box = (float(x0), float(y0), float(x1), float(y1))
+            out.append(Detection(box, float(det.score[0]), keypoints))
+        return out
+
+    def detect(self, image_rgb: np.ndarray) -> list[Detection]:
+        """All faces in an H×W×3 uint8 RGB image, largest first (empty list when there is none)."""
+        image = _as_rgb_uint8(image_rgb)
+        found = self._run(1, image)
+        if not found and self.fallback_short_range:
+            found = self._run(0, image)
+        return sorted(found, key=lambda d: d.area, reverse=True)
+
+    def close(self) -> None:
+        for graph in self._graphs.values():
+            graph.close()
+        self._graphs.clear()
+        self._closed = True
+
+    def __enter__(self) -> FaceDetector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def crop_source(
+    image_rgb: np.ndarray,
+    out_size: int = 256,
+    margin: float = DEFAULT_MARGIN,
+    detector: FaceDetector | None = None,
+) -> tuple[np.ndarray, FaceBox]:
+    """Crop the largest face of a source photo the VoxCeleb way; returns (crop, box).
+
+    Raises :class:`NoFaceError` when there is no face: animating a photo without one produces garbage,
+    so it must fail loudly before any model runs.
+    """
+    image = _as_rgb_uint8(image_rgb, "source image")
+    if detector is None:
+        with FaceDetector() as own:
+            detections = own.detect(image)
+    else:
+        detections = detector.detect(image)
+    if not detections:
+        raise NoFaceError(
+            "no face found in the source image; use a photo with one clearly visible, roughly frontal, "
+            "well-lit face"
+        )
+    box = square_box(detections[0], image.shape, margin)
+    return box.crop(image, out_size), box
+
+
+# -------------------------------------------------------------------------------------------- tracker
+
+
+def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class FaceTracker:
+    """Stable face crops for a stream of driving frames (video file or webcam).
+
+    Raw per-frame detections jitter by a pixel or two even on a perfectly still head; cropped naively,
+    that jitter shakes the whole crop, and the animation model faithfully copies the shake onto the
+    avatar. The tracker therefore filters the crop box in two stages:
+
+    1. exponential smoothing of centre and size (``smoothing`` = weight of the previous state per
+       frame), which removes most of the noise while following real motion with ~1.5 frames of lag;
+    2. a dead zone on the output box (``dead_zone`` × box side): the output only moves once the smoothed
+       box has left the dead zone, and then just enough to bring it back to its edge. A still head gives
+       a bit-identical crop every frame, and a moving head a continuous, non-stepping motion.
+
+    A detection far from the current box (``relock`` × box side, or a size change by more than a factor
+    1 + relock) snaps the box immediately, so a face that jumps or reappears elsewhere is not reached by
+    a slow glide. When several faces are visible, the one overlapping the tracked box most is kept.
+
+    ``update`` returns (crop, box). On a frame without a face the previous box is kept and returned
+    unchanged; :attr:`face_found` and :attr:`frames_without_face` tell callers it was lost. Before any
+    face has been seen the crop is the centred square of the frame's short side and the box is ``None``.
+    Like :class:`FaceDetector`, not thread-safe: one tracker per stream.
+    """
+
+    def __init__(
+        self,
+        out_size: int = 256,
+        margin: float = DEFAULT_MARGIN,
+        smoothing: float = DEFAULT_SMOOTHING,
+        detect_every: int = 1,
+        detector: FaceDetector | None = None,
+        *,
+        dead_zone: float = DEFAULT_DEAD_ZONE,
+        relock: float = DEFAULT_RELOCK,
+    ) -> None:
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        if detect_every < 1:
+            raise ValueError(f"detect_every must be >= 1, got {detect_every}")
+        if dead_zone < 0 or relock <= 0:
+            raise ValueError("dead_zone must be >= 0 and relock > 0")
+        self.out_size = int(out_size)
+        self.margin = float(margin)
+        self.smoothing = float(smoothing)
+        self.detect_every = int(detect_every)
+        self.dead_zone = float(dead_zone)
+        self.relock = float(relock)
+        self._own_detector = detector is None
+        self._detector = detector if detector is not None else FaceDetector()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the tracked face (e.g. when the input stream changes)."""
+        self._target: FaceBox | None = None  # square box of the latest detection
+        self._state: FaceBox | None = None  # exponentially smoothed box
+        self._box: FaceBox | None = None  # output box (smoothed + dead zone)
+        self._frame_shape: tuple[int, int] | None = None
+        self._since_detection = 0
+        self.face_found = False
+        self.frames_without_face = 0
+
+    @property
+    def box(self) -> FaceBox | None:
+        """The current output box (None until a face has been seen)."""
+        return self._box
+
+    def _pick(self, detections: list[Detection]) -> Detection | None:
+        if not detections:
+            return None
+        if self._state is None:
+            return detections[0]
+        # Compare in face-box space: the tracked state's face box is its square shrunk by the margin.
+        side = self._state.size / (1 + 2 * self.margin)
+        ref = (self._state.cx - side / 2, self._state.cy - side / 2, self._state.cx + side / 2)
+        ref = (*ref, self._state.cy + side / 2)
+        best = max(detections, key=lambda d: _iou(d.bbox, ref))
+        return best if _iou(best.bbox, ref) > 0.05 else detections[0]
+
+    def _advance(self, target: FaceBox) -> None:
+        state, box = self._state, self._box
+        if state is None or box is None:
+            self._state = self._box = target
+            return
+        jump = math.hypot(target.cx - state.cx, target.cy - state.cy)
+        rescale = abs(math.log(target.size / state.size))
+        if jump > self.relock * state.size or rescale > math.log1p(self.relock):
+            self._state = self._box = target
+            return
+        a = 1.0 - self.smoothing
+        state = FaceBox(
+            state.cx + a * (target.cx - state.cx),
+            state.cy + a * (target.cy - state.cy),
+            state.size + a * (target.size - state.size),
+        )
+        # Dead zone: drag the output box only as far as needed to keep the smoothed box within reach.
+        zone = self.dead_zone * box.size
+        dx, dy = state.cx - box.cx, state.cy - box.cy
+        dist = math.hypot(dx, dy)
+        cx, cy = box.cx, box.cy
+        if dist > zone:
+            pull = (dist - zone) / dist
+            cx, cy = cx + pull * dx, cy + pull * dy
+        size = box.size
+        ds = state.size - box.size
+        if abs(ds) > zone:
+            size += math.copysign(abs(ds) - zone, ds)
+        self._state = state
+        if (cx, cy, size) != (box.cx, box.cy, box.size):
+            self._box = FaceBox(cx, cy, size)
+
+    def update(self, frame_rgb: np.ndarray) -> tuple[np.ndarray, FaceBox | None]:
+        """Process one frame; returns (out_size×out_size crop, box or None if no face was ever seen)."""
+        frame = _as_rgb_uint8(frame_rgb, "frame")
+        shape = (frame.shape[0], frame.shape[1])
+        if shape != self._frame_shape:  # a new camera/resolution: old coordinates are meaningless
+            self.reset()
+            self._frame_shape = shape
+
+        run_detector = self._target is None or self._since_detection + 1 >= self.detect_every
+        if run_detector:
+            self._since_detection = 0
+            detection = self._pick(self._detector.detect(frame))
+            if detection is None:
+                self.face_found = False
+                self.frames_without_face += 1
+                if self._box is None:
+                    h, w = shape
+                    fallback = FaceBox(w / 2, h / 2, float(min(w, h)))
+                    return fallback.crop(frame, self.out_size), None
+                return self._box.crop(frame, self.out_size), self._box
+            self.face_found = True
+            self._target = square_box(detection, frame.shape, self.margin)
+        else:
+            self._since_detection += 1
+        assert self._target is not None
+        self._advance(self._target)
+        assert self._box is not None
+        return self._box.crop(frame, self.out_size), self._box
+
+    def close(self) -> None:
+        if self._own_detector:
+            self._detector.close()
+
+    def __enter__(self) -> FaceTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------ landmarks
+
+_local = threading.local()
+
+
+def _thread_face_mesh() -> _Graph:
+    """One static-image FaceMesh per thread: graphs are not thread-safe but are worth reusing (~20 ms)."""
+    mesh = getattr(_local, "face_mesh", None)
+    if mesh is None:
+        mp = _mediapipe()
+        mesh = _Graph(
+            lambda: mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=True, max_num_faces=4, refine_landmarks=True, min_detection_confidence=0.5
+            )
+        )
+        _local.face_mesh = mesh
+    return mesh
+
+
+def face_landmarks(image_rgb: np.ndarray) -> np.ndarray | None:
+    """478 face-mesh landmarks of the largest face as float32 (478, 3), or None when there is no face.
+
+    Columns: x and y in pixels of ``image_rgb``, and mediapipe's relative depth z (same scale as x in
+    units of the image width, smaller = closer to the camera, origin near the head centre). With
+    ``refine_landmarks`` the last 10 points are the irises. Meant for head-pose estimation and
+    synthetic-data generation, where the 6 detector keypoints are too coarse.
+    """
+    image = _as_rgb_uint8(image_rgb)
+    h, w = image.shape[:2]
+    result = _thread_face_mesh().process(image)
+    faces = result.multi_face_landmarks or []
+    if not faces:
+        return None
+    best: np.ndarray | None = None
+    best_area = -1.0
+    for face in faces:
+        points = np.array([(p.x * w, p.y * h, p.z) for p in face.landmark], dtype=np.float32)
+        extent = points[:, :2].max(axis=0) - points[:, :2].min(axis=0)
+        area = float(extent[0] * extent[1])
+        if area > best_area:
+            best, best_area = points, area
+    return best

@@ -1,0 +1,427 @@
+"""Tests for dagan.face (detection, cropping, tracking) and dagan.media (image/video I/O).
+
+Real faces come from images bundled with scikit-image and matplotlib, so everything runs offline.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from dagan.face import (
+    DEFAULT_MARGIN,
+    FaceBox,
+    FaceDetector,
+    FaceTracker,
+    NoFaceError,
+    crop_source,
+    face_landmarks,
+    square_box,
+)
+from dagan.media import MediaError, VideoReader, VideoWriter, load_image, read_video, write_video
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    skimage_data = pytest.importorskip("skimage.data")
+    return skimage_data.astronaut()  # 512×512 RGB, face at about x 170–280, y 60–170
+
+
+@pytest.fixture(scope="module")
+def grace_hopper() -> np.ndarray:
+    cbook = pytest.importorskip("matplotlib.cbook")
+    path = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    return load_image(path)  # 512 wide × 600 high
+
+
+@pytest.fixture(scope="module")
+def detector() -> Iterator[FaceDetector]:
+    with FaceDetector() as det:
+        yield det
+
+
+def _shift(image: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    matrix = np.float32([[1, 0, dx], [0, 1, dy]])
+    h, w = image.shape[:2]
+    return cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _grey(h: int = 480, w: int = 640) -> np.ndarray:
+    return np.full((h, w, 3), 128, np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ detection
+
+
+def test_astronaut_face_is_found_and_cropped(astronaut: np.ndarray, detector: FaceDetector) -> None:
+    detections = detector.detect(astronaut)
+    assert len(detections) == 1
+    det = detections[0]
+    cx, cy = det.center
+    assert 190 < cx < 260 and 80 < cy < 150, det.bbox
+    assert 0.5 < det.score <= 1.0
+    assert len(det.keypoints) == 6
+
+    crop, box = crop_source(astronaut, out_size=256, detector=detector)
+    assert crop.shape == (256, 256, 3) and crop.dtype == np.uint8
+    # The crop box contains the whole detected face, and the face is about half the crop width.
+    x0, y0, x1, y1 = box.bbox
+    assert x0 < det.bbox[0] and y0 < det.bbox[1] and x1 > det.bbox[2] and y1 > det.bbox[3]
+    assert 0.4 < det.width / box.size < 0.56
+    # Lifted for the hair: the crop centre is above the face centre.
+    assert box.cy < cy
+    # The true face region (x 170–280, y 60–170) is inside the crop box.
+    assert x0 < 170 and x1 > 280 and y0 < 60 and y1 > 170
+
+
+def test_grace_hopper_face_is_found(grace_hopper: np.ndarray) -> None:
+    assert grace_hopper.shape == (600, 512, 3)
+    crop, box = crop_source(grace_hopper, out_size=128)  # detector created and closed internally
+    assert crop.shape == (128, 128, 3)
+    # Her face spans about x 170–365, y 130–340; the crop is centred on it, slightly above its middle.
+    assert 230 < box.cx < 300 and 170 < box.cy < 260, box
+    assert 300 < box.size < 560
+    x0, y0, x1, y1 = box.bbox
+    assert x0 < 175 and x1 > 360 and y0 < 135 and y1 > 335
+
+
+def test_blank_image_has_no_face(detector: FaceDetector) -> None:
+    assert detector.detect(_grey()) == []
+    with pytest.raises(NoFaceError, match="no face found in the source image"):
+        crop_source(_grey(), detector=detector)
+    assert issubclass(NoFaceError, ValueError)
+
+
+def test_detector_rejects_bad_input(detector: FaceDetector) -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        detector.detect(np.zeros((64, 64, 3), np.float32))
+    with pytest.raises(ValueError, match="H×W×3"):
+        detector.detect(np.zeros((64, 64), np.uint8))
+
+
+def test_detections_sorted_largest_first(astronaut: np.ndarray, detector: FaceDetector) -> None:
+    # Two copies of the astronaut's head at different scales side by side.
+    head = astronaut[20:260, 110:350]
+    canvas = np.full((400, 700, 3), 200, np.uint8)
+    canvas[40:280, 20:260] = head
+    small = cv2.resize(head, (160, 160), interpolation=cv2.INTER_AREA)
+    canvas[100:260, 420:580] = small
+    detections = detector.detect(canvas)
+    assert len(detections) == 2
+    assert detections[0].area > detections[1].area
+    assert detections[0].center[0] < 300 < detections[1].center[0]
+
+
+def test_square_box_geometry() -> None:
+    box = square_box((100.0, 100.0, 200.0, 150.0), (480, 640), margin=0.5, lift=0.1)
+    assert box.size == pytest.approx(200.0)  # max(100, 50) * (1 + 2 * 0.5)
+    assert box.cx == pytest.approx(150.0)
+    assert box.cy == pytest.approx(125.0 - 5.0)  # lifted by 10% of the face height
+    default = square_box((100.0, 100.0, 200.0, 200.0), (480, 640))
+    assert default.size == pytest.approx(100.0 * (1 + 2 * DEFAULT_MARGIN))
+    with pytest.raises(ValueError, match="positive width"):
+        square_box((10.0, 10.0, 10.0, 50.0), (480, 640), margin=0.5)
+
+
+def test_face_landmarks(astronaut: np.ndarray) -> None:
+    points = face_landmarks(astronaut)
+    assert points is not None
+    assert points.shape == (478, 3) and points.dtype == np.float32
+    xy_mean = points[:, :2].mean(axis=0)
+    assert 170 < xy_mean[0] < 280 and 60 < xy_mean[1] < 180
+    assert face_landmarks(_grey(256, 256)) is None
+
+
+# --------------------------------------------------------------------------------------------- FaceBox
+
+
+def test_facebox_crop_identity_and_area_downscale(astronaut: np.ndarray) -> None:
+    whole = FaceBox(256.0, 256.0, 512.0)
+    assert np.array_equal(whole.crop(astronaut, 512), astronaut)
+    # Shrinking by exactly 2 is an area average of 2×2 blocks.
+    expected = cv2.resize(astronaut, (256, 256), interpolation=cv2.INTER_AREA)
+    assert np.abs(whole.crop(astronaut, 256).astype(int) - expected).max() <= 1
+    # A sub-region: the crop of the top-left quarter equals that quarter resized.
+    quarter = FaceBox(128.0, 128.0, 256.0).crop(astronaut, 256)
+    assert np.array_equal(quarter, astronaut[:256, :256])
+
+
+def test_facebox_crop_near_border_replicates_edges(astronaut: np.ndarray) -> None:
+    box = FaceBox(cx=10.0, cy=500.0, size=300.0)  # mostly outside the bottom-left corner
+    crop = box.crop(astronaut, 96)
+    assert crop.shape == (96, 96, 3) and crop.dtype == np.uint8
+    # The outside area repeats the edge: the bottom-left output pixel is the image's bottom-left pixel.
+    assert np.abs(crop[-1, 0].astype(int) - astronaut[-1, 0]).max() <= 2
+    enlarged = FaceBox(cx=2.0, cy=2.0, size=20.0).crop(astronaut, 200)
+    assert enlarged.shape == (200, 200, 3)
+
+
+def test_facebox_dict_round_trip_and_validation() -> None:
+    box = FaceBox(1.5, 2.5, 30.0)
+    assert box.to_dict() == {"cx": 1.5, "cy": 2.5, "size": 30.0}
+    assert FaceBox.from_dict(box.to_dict()) == box
+    with pytest.raises(ValueError):
+        FaceBox(0.0, 0.0, 0.0)
+
+
+# --------------------------------------------------------------------------------------------- tracker
+
+
+def _jitter(centres: np.ndarray) -> float:
+    """RMS of frame-to-frame centre motion after removing the constant drift."""
+    steps = np.diff(centres, axis=0)
+    steps = steps - steps.mean(axis=0)
+    return float(np.sqrt((steps**2).sum(axis=1).mean()))
+
+
+def test_tracker_smooths_jitter(astronaut: np.ndarray, detector: FaceDetector) -> None:
+    rng = np.random.default_rng(1234)
+    tracker = FaceTracker(out_size=128, detector=detector)
+    raw, smooth = [], []
+    n = 40
+    for i in range(n):
+        dx = 0.4 * i + rng.uniform(-0.6, 0.6)
+        dy = 0.2 * i + rng.uniform(-0.6, 0.6)
+        frame = _shift(astronaut, dx, dy)
+        raw_box = square_box(detector.detect(frame)[0], frame.shape)
+        crop, box = tracker.update(frame)
+        assert crop.shape == (128, 128, 3)
+        assert box is not None
+        raw.append((raw_box.cx, raw_box.cy))
+        smooth.append((box.cx, box.cy))
+    raw_arr, smooth_arr = np.array(raw)[8:], np.array(smooth)[8:]  # skip the lock-on transient
+    raw_jitter, smooth_jitter = _jitter(raw_arr), _jitter(smooth_arr)
+    assert raw_jitter > 0.3  # the sequence really is jittery
+    assert smooth_jitter < 0.5 * raw_jitter, (raw_jitter, smooth_jitter)
+    # ... while still following the drift (16 px right, 8 px down over the sequence).
+    drift = smooth_arr[-1] - smooth_arr[0]
+    assert abs(drift[0] - 0.4 * (n - 9)) < 4 and abs(drift[1] - 0.2 * (n - 9)) < 4
+    assert np.abs(smooth_arr[-1] - raw_arr[-1]).max() < 6  # small lag only
+
+
+def test_tracker_still_head_gives_still_crop(astronaut: np.ndarray, detector: FaceDetector) -> None:
+    rng = np.random.default_rng(7)
+    tracker = FaceTracker(out_size=64, detector=detector)
+    boxes = []
+    for _ in range(15):
+        noisy = np.clip(astronaut + rng.normal(0, 2.0, astronaut.shape), 0, 255).astype(np.uint8)
+        boxes.append(tracker.update(noisy)[1])
+    assert len(set(boxes[3:])) == 1  # bit-identical box, hence an identical crop of a still scene
+
+
+def test_tracker_relocks_on_jump(astronaut: np.ndarray, detector: FaceDetector) -> None:
+    tracker = FaceTracker(detector=detector)
+    canvas = np.full((512, 900, 3), 60, np.uint8)
+    left = canvas.copy()
+    left[:, :512] = astronaut
+    right = canvas.copy()
+    right[:, 388:] = astronaut
+    for _ in range(3):
+        _, before = tracker.update(left)
+    _, after = tracker.update(right)
+    assert before is not None and after is not None
+    assert after.cx - before.cx == pytest.approx(388.0, abs=8.0)  # snapped in one frame, no glide
+
+
+def test_tracker_keeps_box_when_face_is_lost(astronaut: np.ndarray, detector: FaceDetector) -> None:
+    tracker = FaceTracker(out_size=96, detector=detector)
+    grey = _grey(512, 512)
+    crop, box = tracker.update(grey)  # never seen a face: centred square of the short side, box None
+    assert box is None and crop.shape == (96, 96, 3)
+    assert not tracker.face_found and tracker.frames_without_face == 1
+    crop, box = tracker.update(astronaut)
+    assert box is not None and tracker.face_found
+    lost_crop, lost_box = tracker.update(grey)
+    assert lost_box == box  # the previous box is kept and returned
+    assert not tracker.face_found and tracker.frames_without_face == 2
+    assert lost_crop.shape == (96, 96, 3)
+    assert np.array_equal(lost_crop, box.crop(grey, 96))
+    tracker.reset()
+    assert tracker.update(grey)[1] is None
+
+
+def test_tracker_detect_every(astronaut: np.ndarray) -> None:
+    calls = 0
+
+    class CountingDetector(FaceDetector):
+        def detect(self, image_rgb: np.ndarray):  # type: ignore[override]
+            nonlocal calls
+            calls += 1
+            return super().detect(image_rgb)
+
+    with CountingDetector() as det, FaceTracker(detect_every=3, detector=det) as tracker:
+        for _ in range(7):
+            _, box = tracker.update(astronaut)
+            assert box is not None
+    assert calls == 3  # frames 0, 3 and 6
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def test_load_image_errors(tmp_path: Path) -> None:
+    with pytest.raises(MediaError, match="does not exist"):
+        load_image(tmp_path / "missing.png")
+    text = tmp_path / "notes.png"
+    text.write_text("this is not a picture\n" * 20)
+    with pytest.raises(MediaError, match="is not an image"):
+        load_image(text)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(MediaError, match=r"is not an image \(the file is empty\)"):
+        load_image(empty)
+    with pytest.raises(MediaError, match="directory"):
+        load_image(tmp_path)
+    video = tmp_path / "clip.mp4"
+    write_video(video, _levels(2), fps=25)
+    with pytest.raises(MediaError, match=r"clip\.mp4 is not an image"):
+        load_image(video)
+
+
+def test_load_image_channels_and_colour_order(tmp_path: Path) -> None:
+    gray = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (32, 1))
+    gray_path = tmp_path / "gray.png"
+    assert cv2.imwrite(str(gray_path), gray)
+    rgb = load_image(gray_path)
+    assert rgb.shape == (32, 64, 3) and rgb.dtype == np.uint8
+    assert np.array_equal(rgb[:, :, 0], gray) and np.array_equal(rgb[:, :, 2], gray)
+
+    bgr_red = np.zeros((8, 8, 3), np.uint8)
+    bgr_red[:, :, 2] = 255  # red in OpenCV's BGR order
+    red_path = tmp_path / "rött.jpg"  # non-ASCII name on purpose
+    assert cv2.imencode(".jpg", bgr_red)[1].tofile(str(red_path)) is None
+    red = load_image(red_path)
+    assert red[:, :, 0].mean() > 240 and red[:, :, 2].mean() < 15
+
+    bgra = np.zeros((4, 4, 4), np.uint8)
+    bgra[:, :, 0] = 255  # blue, fully transparent except one pixel
+    bgra[0, 0, 3] = 255
+    rgba_path = tmp_path / "alpha.png"
+    assert cv2.imwrite(str(rgba_path), bgra)
+    flat = load_image(rgba_path)
+    assert flat.shape == (4, 4, 3)
+    assert tuple(flat[0, 0]) == (0, 0, 255) and tuple(flat[2, 2]) == (255, 255, 255)
+
+
+# ----------------------------------------------------------------------------------------------- videos
+
+
+def _levels(n: int = 12, size: int = 64) -> list[np.ndarray]:
+    return [np.full((size, size, 3), 10 + 20 * i, np.uint8) for i in range(n)]
+
+
+def test_video_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "clip.mp4"  # parent created by the writer
+    frames = _levels()
+    with VideoWriter(path, fps=12.5) as writer:
+        for frame in frames:
+            writer.write(frame)
+    assert path.is_file() and writer.frames_written == 12
+    assert [p.name for p in path.parent.iterdir()] == ["clip.mp4"]  # no temporary file left
+
+    with VideoReader(path) as reader:
+        assert reader.fps == pytest.approx(12.5, abs=0.01)
+        assert reader.size == (64, 64)
+        assert reader.frame_count == 12
+        decoded = list(reader)
+        again = list(reader)  # iterating again restarts at the first frame
+    assert len(decoded) == 12 and len(again) == 12
+    assert all(f.shape == (64, 64, 3) and f.dtype == np.uint8 for f in decoded)
+    means = [float(f.mean()) for f in decoded]
+    assert all(b > a for a, b in itertools.pairwise(means)), means
+    assert abs(means[0] - 10) < 6 and abs(means[-1] - 230) < 6
+
+    frames2, fps = read_video(path, max_frames=5)
+    assert len(frames2) == 5 and fps == pytest.approx(12.5, abs=0.01)
+
+
+def test_write_video_replaces_existing_file_atomically(tmp_path: Path) -> None:
+    path = tmp_path / "out.mp4"
+    assert write_video(path, _levels(3), fps=25) == 3
+    first_size = path.stat().st_size
+    assert write_video(path, _levels(6), fps=25) == 6
+    assert path.stat().st_size != first_size
+    assert len(read_video(path)[0]) == 6
+
+
+def test_video_writer_rejects_other_frame_sizes(tmp_path: Path) -> None:
+    path = tmp_path / "sizes.mp4"
+    with pytest.raises(MediaError, match=r"32×32 but .* is 64×64"), VideoWriter(path) as writer:
+        writer.write(np.zeros((64, 64, 3), np.uint8))
+        writer.write(np.zeros((32, 32, 3), np.uint8))
+    assert not path.exists()
+
+
+def test_interrupted_writer_leaves_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "broken.mp4"
+    with pytest.raises(RuntimeError, match="boom"), VideoWriter(path, fps=25) as writer:
+        for frame in _levels(4):
+            writer.write(frame)
+        raise RuntimeError("boom")
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone too
+
+    # An existing video at the final path survives an interrupted rewrite untouched.
+    write_video(path, _levels(2), fps=25)
+    before = path.read_bytes()
+    with pytest.raises(KeyboardInterrupt), VideoWriter(path) as writer:
+        writer.write(_levels(1)[0])
+        raise KeyboardInterrupt
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["broken.mp4"]
+
+
+def test_writer_without_frames_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "nothing.mp4"
+    with pytest.raises(MediaError, match="no frames were written"):
+        write_video(path, [], fps=25)
+    assert not path.exists()
+
+
+def test_folder_of_frames(tmp_path: Path) -> None:
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    # Unpadded names on purpose: 2 must come before 10.
+    for index, level in zip((1, 2, 10, 11), (40, 80, 120, 160), strict=True):
+        assert cv2.imwrite(str(folder / f"frame_{index}.png"), np.full((20, 30, 3), level, np.uint8))
+    (folder / "readme.txt").write_text("ignored")
+    with VideoReader(folder) as reader:
+        assert reader.fps == 25.0 and reader.size == (30, 20) and reader.frame_count == 4
+        levels = [int(f[0, 0, 0]) for f in reader]
+    assert levels == [40, 80, 120, 160]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(MediaError, match="contains no frames"):
+        VideoReader(empty)
+
+
+def test_unreadable_videos(tmp_path: Path) -> None:
+    with pytest.raises(MediaError, match="does not exist"):
+        VideoReader(tmp_path / "missing.mp4")
+
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(np.random.default_rng(0).bytes(20_000))
+    with pytest.raises(MediaError, match="could not be read as a video"):
+        VideoReader(garbage)
+
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(MediaError, match="could not be read as a video"):
+        VideoReader(empty)
+
+    # A valid container with zero frames: an AVI whose writer was released before any write.
+    zero = tmp_path / "zero.avi"
+    writer = cv2.VideoWriter(str(zero), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 64))
+    assert writer.isOpened()
+    writer.release()
+    assert zero.stat().st_size > 0
+    with pytest.raises(MediaError, match="contains no frames"):
+        VideoReader(zero)
