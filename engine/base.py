@@ -1,0 +1,93 @@
+"""The engine interface every backend (PyTorch now; ONNX Runtime and TensorRT later) implements.
+
+A backend turns one cached source plus a stream of driving face crops into avatar frames. The source
+side is computed once in :meth:`Engine.set_source`; each driving frame then costs only the driving
+branch and the generator. Sessions carry their own source and relative-motion reference, so one engine
+serves many streams and :meth:`Engine.animate_batch` runs their latest frames in one call.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class EngineError(RuntimeError):
+    """A backend that cannot be created or used (missing weights, unsupported device, bad input)."""
+
+
+@dataclass
+class Session:
+    """One stream's state: the backend's cached source plus the relative-motion reference.
+
+    ``relative``: move the source by the driver's motion since a reference frame (the first frame after
+    creation or :meth:`reset_reference`) instead of copying absolute keypoints.
+    """
+
+    source: Any
+    relative: bool = False
+    reference: Any = None
+    scale: Any = None
+    source_depth: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
+
+    def reset_reference(self) -> None:
+        """Take the next driving frame as the new neutral pose (the "recalibrate" action)."""
+        self.reference = None
+        self.scale = None
+
+
+@dataclass
+class FrameResult:
+    """image: H×W×3 uint8 RGB avatar frame. driving_depth: H×W uint8 visualisation, when asked for."""
+
+    image: np.ndarray
+    driving_depth: np.ndarray | None = None
+
+
+class Engine(abc.ABC):
+    """Common API. Images are H×W×3 uint8 RGB face crops; other sizes are resized to ``image_size``."""
+
+    backend: str = "?"
+    image_size: int
+
+    def __init__(self) -> None:
+        self.session: Session | None = None
+
+    @abc.abstractmethod
+    def new_session(self, source_image: np.ndarray, relative: bool = False) -> Session:
+        """Build and return the cached source state for a new stream."""
+
+    @abc.abstractmethod
+    def animate_batch(
+        self, sessions: list[Session], frames: list[np.ndarray], return_depth: bool = False
+    ) -> list[FrameResult]:
+        """One driving frame per session, all in one batched call; results in the same order."""
+
+    def set_source(self, source_image: np.ndarray, relative: bool = False) -> Session:
+        """Cache ``source_image`` as this engine's default session (used by :meth:`animate`)."""
+        self.session = self.new_session(source_image, relative=relative)
+        return self.session
+
+    def animate(self, frame: np.ndarray, return_depth: bool = False) -> FrameResult:
+        """Animate the default session's source with one driving frame."""
+        if self.session is None:
+            raise EngineError("set_source() must be called before animate()")
+        return self.animate_batch([self.session], [frame], return_depth=return_depth)[0]
+
+    def reset_reference(self) -> None:
+        if self.session is not None:
+            self.session.reset_reference()
+
+
+def check_image(image: np.ndarray, what: str) -> np.ndarray:
+    """Validate an H×W×3 uint8 image with a message a caller can show as is."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", None)
+        raise EngineError(f"{what} must be an H×W×3 RGB array, got shape {shape}")
+    if image.dtype != np.uint8:
+        raise EngineError(f"{what} must be uint8, got {image.dtype}")
+    return image
