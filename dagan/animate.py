@@ -1,0 +1,133 @@
+"""Offline animation: a source photo driven by a video, written as an mp4 (``dagan animate``).
+
+Uses the same pieces as the live service: the shared face module crops the source and tracks the
+driver's face, and the engine caches the source once and runs only the per-frame path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, checkpoint_metadata
+from .face import FaceTracker, crop_source
+from .media import MediaError, VideoReader, VideoWriter, load_image
+
+DEFAULT_CHECKPOINT_ENV = "DAGAN_CHECKPOINT"
+# Where trained default weights will live once they ship with the repository.
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "dagan-default.safetensors"
+
+
+def resolve_checkpoint(checkpoint: str | None) -> Path:
+    """The checkpoint to use: the argument, then $DAGAN_CHECKPOINT, then the shipped default weights."""
+    if checkpoint:
+        return Path(checkpoint)
+    if os.environ.get(DEFAULT_CHECKPOINT_ENV):
+        return Path(os.environ[DEFAULT_CHECKPOINT_ENV])
+    if DEFAULT_CHECKPOINT.is_file():
+        return DEFAULT_CHECKPOINT
+    raise CheckpointError(
+        "no trained weights ship with this version yet, so there is no default model: pass --checkpoint PATH "
+        f"(or set ${DEFAULT_CHECKPOINT_ENV}); `dagan init-checkpoint` writes an UNTRAINED one that only "
+        "exercises the pipeline"
+    )
+
+
+def warn_if_untrained(path: Path) -> bool:
+    """Say loudly when a checkpoint holds random weights, so nobody mistakes its output for a result."""
+    if checkpoint_metadata(path).get("trained") == "false":
+        print(
+            f"warning: {path} holds UNTRAINED random weights: the video shows the pipeline running, "
+            "not a real avatar",
+            file=sys.stderr,
+        )
+        return True
+    return False
+
+
+def colorize_depth(depth_u8: np.ndarray) -> np.ndarray:
+    """H×W uint8 depth visualisation → H×W×3 RGB with a perceptual colour map."""
+    return cv2.cvtColor(cv2.applyColorMap(depth_u8, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+
+
+def compose_row(panels: list[np.ndarray], panel_size: int) -> np.ndarray:
+    """Side-by-side panels, each resized to panel_size² (nearest when enlarging small test models)."""
+    out = []
+    for p in panels:
+        if p.ndim == 2:
+            p = colorize_depth(p)
+        if p.shape[0] != panel_size:
+            interp = cv2.INTER_NEAREST if p.shape[0] < panel_size else cv2.INTER_AREA
+            p = cv2.resize(p, (panel_size, panel_size), interpolation=interp)
+        out.append(p)
+    return np.concatenate(out, axis=1)
+
+
+@dataclass
+class AnimateReport:
+    frames: int
+    lost_face_frames: int
+    out: Path
+    fps: float
+
+
+def animate_video(
+    source: str | Path,
+    driving: str | Path,
+    out: str | Path,
+    checkpoint: str | None = None,
+    relative: bool = False,
+    show_depth: bool = False,
+    device: str = "auto",
+    crop: bool = True,
+    max_frames: int | None = None,
+    progress: bool = True,
+) -> AnimateReport:
+    """Animate ``source`` with ``driving`` into ``out``; raises MediaError / NoFaceError / CheckpointError."""
+    from engine import create_engine
+
+    source_image = load_image(source)
+    ckpt = resolve_checkpoint(checkpoint)
+    reader = VideoReader(driving)  # fails early on a missing or unreadable video
+    with reader:
+        engine = create_engine(ckpt, device=device)
+        warn_if_untrained(ckpt)
+        size = engine.image_size
+        if crop:
+            source_crop, _ = crop_source(source_image, out_size=size)
+        else:
+            source_crop = cv2.resize(source_image, (size, size), interpolation=cv2.INTER_AREA)
+        session = engine.set_source(source_crop, relative=relative)
+        panel = max(size, 256)
+        tracker = FaceTracker(out_size=size) if crop else None
+        total = reader.frame_count if reader.frame_count and reader.frame_count > 0 else None
+        if max_frames is not None and total is not None:
+            total = min(total, max_frames)
+        frames = lost = 0
+        with VideoWriter(out, fps=reader.fps) as writer:
+            bar = tqdm(total=total, unit="frame", desc="animate", disable=not progress, file=sys.stderr)
+            for frame in reader:
+                if max_frames is not None and frames >= max_frames:
+                    break
+                if tracker is not None:
+                    driving_crop, _ = tracker.update(frame)
+                    lost += not tracker.face_found
+                else:
+                    driving_crop = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
+                result = engine.animate(driving_crop, return_depth=show_depth)
+                panels = [source_crop, driving_crop, result.image]
+                if show_depth and session.source_depth is not None and result.driving_depth is not None:
+                    panels += [session.source_depth, result.driving_depth]
+                writer.write(compose_row(panels, panel))
+                frames += 1
+                bar.update(1)
+            bar.close()
+            if frames == 0:
+                raise MediaError(f"{driving} contains no frames")
+    return AnimateReport(frames=frames, lost_face_frames=lost, out=Path(out), fps=reader.fps)
