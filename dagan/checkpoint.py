@@ -22,11 +22,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ConfigError, ModelConfig, config_from_dict
+from .errors import UserError
 
 FORMAT = "dagan-checkpoint/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unreadable, or does not fit the model it is loaded into."""
 
 

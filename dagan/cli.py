@@ -7,14 +7,16 @@ exit with status 2; a traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from .checkpoint import CheckpointError
-from .config import PRESETS, ConfigError
-from .face import NoFaceError
-from .media import MediaError
+from .config import PRESETS
+from .errors import UserError
 
-USER_ERRORS: tuple[type[Exception], ...] = (MediaError, NoFaceError, CheckpointError, ConfigError)
+# Sub-commands that live in other packages (training, export, server, ...): each module named here has
+# ``add_commands(subparsers)``; this keeps one ``dagan`` entry point without this file knowing them all.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _cmd_animate(args: argparse.Namespace) -> int:
@@ -143,16 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_bench)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from engine import EngineError
-
     try:
         return args.func(args)
-    except (*USER_ERRORS, EngineError) as exc:
+    except UserError as exc:
         print(f"dagan: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

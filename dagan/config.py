@@ -21,10 +21,12 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
+
 PRESETS = ("vox-256", "tiny")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or dict that does not match the schema; the message names the offending key."""
 
 

@@ -46,6 +46,8 @@ __all__ = [
 # full-range box spans roughly ear to ear and eyebrows-to-chin (plus a little forehead), so with 0.55 the
 # face box is 1 / (1 + 2 * 0.55) ≈ 48% of the crop width: the middle of the 45–55% that VoxCeleb crops
 # show, with the whole head, some hair and the neck inside the square.
+from .errors import UserError
+
 DEFAULT_MARGIN = 0.55
 # The detector box sits low on the head (it stops at the brows/forehead, not at the top of the hair), so
 # a crop centred on it cuts the hair and shows too much chest. Shifting the centre up by 10% of the face
@@ -73,7 +75,7 @@ _SHORT_RANGE_LIFT = 0.10
 _SHORT_RANGE_SCALE = 1.06
 
 
-class NoFaceError(ValueError):
+class NoFaceError(UserError, ValueError):
     """No face could be found where one is required (e.g. in the source photo)."""
 
     def __init__(self, message: str = "no face found in the image") -> None:

@@ -40,11 +40,13 @@ __all__ = [
 ]
 
 # Image files accepted as the frames of a folder-as-video (the dataset convention: one file per frame).
+from .errors import UserError
+
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_FPS = 25.0
 
 
-class MediaError(ValueError):
+class MediaError(UserError, ValueError):
     """A file that cannot be used as the requested medium; the message is one line meant for users."""
 
 

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from dagan.errors import UserError
 
-class EngineError(RuntimeError):
+
+class EngineError(UserError, RuntimeError):
     """A backend that cannot be created or used (missing weights, unsupported device, bad input)."""
 
 
