@@ -16,7 +16,7 @@ from .errors import UserError
 
 # Sub-commands that live in other packages (training, export, server, ...): each module named here has
 # ``add_commands(subparsers)``; this keeps one ``dagan`` entry point without this file knowing them all.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("vcam.cli",)
 
 
 def _cmd_animate(args: argparse.Namespace) -> int:

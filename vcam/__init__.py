@@ -1,0 +1,1 @@
+"""``dagan cam``: the avatar as a virtual camera for OBS, Zoom, Meet or Teams (local engine or remote)."""

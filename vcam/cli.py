@@ -1,0 +1,94 @@
+"""``dagan cam``: webcam → avatar → virtual camera, with a local engine or a remote ``dagan serve``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+from .pipeline import CamRunner, Controls
+
+
+def _camera_arg(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def _stdin_keys(controls: Controls) -> None:
+    """Terminal controls: type r / p / q and Enter (works without a preview window)."""
+    for line in sys.stdin:
+        controls.handle_key(line)
+        if controls.quit.is_set():
+            return
+
+
+def run_cam(args: argparse.Namespace, source=None, sink=None) -> int:
+    """Build sink, camera and animator from ``args``; ``source``/``sink`` can be injected (tests)."""
+    from dagan.media import load_image
+
+    from .io import OpenCVCamera, VirtualCameraSink
+
+    photo = load_image(args.source)
+    # Open the virtual camera first: a missing device is the most common problem and should be reported
+    # before minutes are spent loading models.
+    sink = sink or VirtualCameraSink(
+        args.width, args.height, args.fps, backend=args.vcam_backend, device=args.vcam_device
+    )
+    source = source or OpenCVCamera(args.camera, fps=args.fps)
+    if args.server:
+        from .remote import RemoteAnimator
+
+        animator = RemoteAnimator(
+            args.server, photo, relative=not args.absolute, verify_tls=not args.insecure
+        )
+    else:
+        from dagan.animate import resolve_checkpoint, warn_if_untrained
+        from engine import create_engine
+
+        from .pipeline import LocalAnimator
+
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        engine = create_engine(checkpoint, backend=args.backend, device=args.device)
+        warn_if_untrained(checkpoint)
+        animator = LocalAnimator(engine, photo, relative=not args.absolute, crop=not args.no_crop)
+    controls = Controls()
+    print(f"virtual camera ready ({sink.width}×{sink.height}); {Controls.HELP}", file=sys.stderr)
+    if sys.stdin is not None and sys.stdin.isatty():
+        threading.Thread(target=_stdin_keys, args=(controls,), daemon=True).start()
+    runner = CamRunner(source, sink, animator, controls=controls, preview=args.preview)
+    try:
+        stats = runner.run(max_frames=args.max_frames)
+    finally:
+        animator.close()
+        source.close()
+        sink.close()
+    print(
+        f"sent {stats.frames_out} frames ({stats.fps_out:.1f} fps), "
+        f"dropped {stats.dropped} stale camera frames",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cam", help="the avatar as a virtual camera for OBS / Zoom / Meet / Teams")
+    p.add_argument("--source", required=True, help="photo of the face to animate")
+    p.add_argument("--camera", type=_camera_arg, default=0, help="webcam index (default 0) or a video file")
+    p.add_argument(
+        "--server", help="use a remote `dagan serve` (https://host:port) instead of a local engine"
+    )
+    p.add_argument(
+        "--insecure", action="store_true", help="accept a self-signed TLS certificate (remote mode)"
+    )
+    p.add_argument("--backend", default="auto", help="local engine backend (auto, torch, ...)")
+    p.add_argument("--checkpoint", help="local model weights; default: $DAGAN_CHECKPOINT")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (local mode)")
+    p.add_argument("--absolute", action="store_true", help="absolute instead of relative motion transfer")
+    p.add_argument("--no-crop", action="store_true", help="camera frames are already face crops")
+    p.add_argument("--width", type=int, default=1280)
+    p.add_argument("--height", type=int, default=720)
+    p.add_argument("--fps", type=float, default=30.0)
+    p.add_argument("--vcam-backend", help="pyvirtualcam backend (v4l2loopback, obs, unitycapture)")
+    p.add_argument("--vcam-device", help="virtual camera device, e.g. /dev/video10")
+    p.add_argument("--preview", action="store_true", help="show a preview window (keys r, p, q)")
+    p.add_argument("--max-frames", type=int, help="stop after this many frames")
+    p.set_defaults(func=run_cam)

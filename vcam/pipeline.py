@@ -1,0 +1,223 @@
+"""The virtual-camera loop: camera → (latest frame wins) → animator → virtual camera.
+
+A capture thread keeps only the newest webcam frame; the processing loop always takes that newest frame,
+so when animation is slower than the camera, frames are dropped (and counted) instead of queueing, and
+latency never grows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .io import FrameSink, FrameSource, fit_frame
+
+log = logging.getLogger(__name__)
+
+
+class LatestSlot:
+    """A one-item mailbox: ``put`` replaces any unread item (counted in ``dropped``); ``get`` waits for
+    a new one. This is the latest-frame-wins rule in one place."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: object | None = None
+        self._fresh = False
+        self._closed = False
+        self.dropped = 0
+        self.put_count = 0
+
+    def put(self, item: object) -> None:
+        with self._cond:
+            if self._fresh:
+                self.dropped += 1
+            self._item, self._fresh = item, True
+            self.put_count += 1
+            self._cond.notify_all()
+
+    def get(self, timeout: float | None = None) -> object | None:
+        """The newest unread item, or None on timeout or after :meth:`close` with nothing unread."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._fresh or self._closed, timeout=timeout):
+                return None
+            if not self._fresh:
+                return None
+            self._fresh = False
+            return self._item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class Animator(Protocol):
+    """Turns one webcam frame into one avatar frame (or None while none is available yet)."""
+
+    def process(self, frame: np.ndarray) -> np.ndarray | None: ...
+
+    def recalibrate(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalAnimator:
+    """Animate with an engine on this machine: face tracking + cached source + per-frame path."""
+
+    def __init__(self, engine, source_image: np.ndarray, relative: bool = True, crop: bool = True) -> None:
+        import cv2
+
+        from dagan.face import FaceTracker, crop_source
+
+        size = engine.image_size
+        if crop:
+            source_crop, _ = crop_source(source_image, out_size=size)
+        else:
+            source_crop = cv2.resize(source_image, (size, size), interpolation=cv2.INTER_AREA)
+        self.engine = engine
+        self.engine.set_source(source_crop, relative=relative)
+        self.tracker = FaceTracker(out_size=size) if crop else None
+        self.size = size
+
+    def process(self, frame: np.ndarray) -> np.ndarray:
+        import cv2
+
+        if self.tracker is not None:
+            crop, _ = self.tracker.update(frame)
+        else:
+            crop = cv2.resize(frame, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        return self.engine.animate(crop).image
+
+    def recalibrate(self) -> None:
+        self.engine.reset_reference()
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+class Controls:
+    """User controls shared by the preview window keys and terminal input: r, p, q."""
+
+    HELP = (
+        "keys: r = recalibrate (take the current pose as neutral), p = pause/resume (real camera), q = quit"
+    )
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.quit = threading.Event()
+        self._recalibrate = threading.Event()
+
+    def handle_key(self, key: str) -> None:
+        key = key.strip().lower()[:1]
+        if key == "r":
+            self._recalibrate.set()
+        elif key == "p":
+            self.paused = not self.paused
+            log.info("paused" if self.paused else "resumed")
+        elif key == "q":
+            self.quit.set()
+
+    def take_recalibrate(self) -> bool:
+        if self._recalibrate.is_set():
+            self._recalibrate.clear()
+            return True
+        return False
+
+
+@dataclass
+class CamStats:
+    frames_in: int = 0
+    frames_out: int = 0
+    dropped: int = 0
+    passthrough: int = 0
+    seconds: float = 0.0
+
+    @property
+    def fps_out(self) -> float:
+        return self.frames_out / self.seconds if self.seconds > 0 else 0.0
+
+
+class CamRunner:
+    """Runs the loop until the camera ends, ``controls.quit`` is set, or a frame/time limit is reached."""
+
+    def __init__(
+        self,
+        source: FrameSource,
+        sink: FrameSink,
+        animator: Animator,
+        controls: Controls | None = None,
+        preview: bool = False,
+    ) -> None:
+        self.source, self.sink, self.animator = source, sink, animator
+        self.controls = controls or Controls()
+        self.preview = preview
+        self.slot = LatestSlot()
+        self.stats = CamStats()
+        self._last_avatar: np.ndarray | None = None
+
+    def _capture(self) -> None:
+        try:
+            while not self.controls.quit.is_set():
+                frame = self.source.read()
+                if frame is None:
+                    break
+                self.stats.frames_in += 1
+                self.slot.put(frame)
+        finally:
+            self.slot.close()
+
+    def step(self, frame: np.ndarray) -> np.ndarray:
+        """One camera frame → the frame sent to the virtual camera."""
+        if self.controls.take_recalibrate():
+            self.animator.recalibrate()
+        if self.controls.paused:
+            self.stats.passthrough += 1
+            out = frame
+        else:
+            avatar = self.animator.process(frame)
+            if avatar is not None:
+                self._last_avatar = avatar
+            # before the first avatar arrives (remote mode) show the real camera rather than nothing
+            out = self._last_avatar if self._last_avatar is not None else frame
+        return fit_frame(out, self.sink.width, self.sink.height)
+
+    def run(self, max_frames: int | None = None, max_seconds: float | None = None) -> CamStats:
+        capture = threading.Thread(target=self._capture, name="camera", daemon=True)
+        start = time.perf_counter()
+        capture.start()
+        try:
+            while not self.controls.quit.is_set():
+                if max_frames is not None and self.stats.frames_out >= max_frames:
+                    break
+                if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+                    break
+                frame = self.slot.get(timeout=0.5)
+                if frame is None:
+                    if not capture.is_alive():
+                        break  # camera ended and nothing is left
+                    continue
+                out = self.step(frame)
+                self.sink.send(out)
+                self.stats.frames_out += 1
+                if self.preview:
+                    self._show(out)
+        finally:
+            self.controls.quit.set()
+            capture.join(timeout=2.0)
+            self.stats.dropped = self.slot.dropped
+            self.stats.seconds = time.perf_counter() - start
+        return self.stats
+
+    def _show(self, frame: np.ndarray) -> None:
+        import cv2
+
+        cv2.imshow("DaGAN avatar (r recalibrate, p pause, q quit)", cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        key = cv2.waitKey(1) & 0xFF
+        if key != 0xFF:
+            self.controls.handle_key(chr(key))
