@@ -16,7 +16,10 @@ from .errors import UserError
 
 # Sub-commands that live in other packages (training, export, server, ...): each module named here has
 # ``add_commands(subparsers)``; this keeps one ``dagan`` entry point without this file knowing them all.
-COMMAND_MODULES: tuple[str, ...] = ("vcam.cli",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "vcam.cli",
+    "dagan.import_cli",
+)
 
 
 def _cmd_animate(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import yaml
 
 from .errors import UserError
 
-PRESETS = ("vox-256", "tiny")
+PRESETS = ("vox-256", "tiny", "fomm")
 
 
 class ConfigError(UserError, ValueError):
@@ -81,6 +81,9 @@ class AttentionConfig:
     qk_channels: int = 32
     # "auto": fused scaled_dot_product_attention; "math": the explicit softmax(QK^T)V formula.
     implementation: str = "auto"
+    # "none" is eq. 9 of the paper; the authors' released code applies ReLU to q, k and v ("relu"),
+    # which imported DaGAN checkpoints need.
+    activation: str = "none"
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class GeneratorConfig:
     num_down_blocks: int = 2
     num_bottleneck_blocks: int = 6
     estimate_occlusion_map: bool = True
+    # grid_sample convention of the feature and sparse-motion warps. True is what FOMM was trained with
+    # (PyTorch 1.0); the DaGAN release was trained under PyTorch >= 1.3, whose default is False.
+    warp_align_corners: bool = True
     dense_motion: DenseMotionConfig = field(default_factory=DenseMotionConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
@@ -236,6 +242,11 @@ def _check_semantics(cfg: ModelConfig) -> None:
         cfg.generator.attention.implementation in ("auto", "math"),
         "generator.attention.implementation",
         "must be 'auto' or 'math'",
+    )
+    need(
+        cfg.generator.attention.activation in ("none", "relu"),
+        "generator.attention.activation",
+        "must be 'none' or 'relu'",
     )
     need(cfg.generator.num_down_blocks >= 1, "generator.num_down_blocks", "must be >= 1")
     need(cfg.generator.dense_motion.kp_variance > 0, "generator.dense_motion.kp_variance", "must be > 0")

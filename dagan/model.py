@@ -110,6 +110,8 @@ class DaGAN(nn.Module):
             attention=gen.attention.enabled,
             qk_channels=gen.attention.qk_channels,
             attention_implementation=gen.attention.implementation,
+            attention_activation=gen.attention.activation,
+            warp_align_corners=gen.warp_align_corners,
         )
 
     # -- branches ---------------------------------------------------------------------------------

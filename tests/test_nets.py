@@ -212,3 +212,26 @@ def test_convex_hull_and_relative_motion():
     assert torch.allclose(same.value, kp_s.value) and torch.allclose(same.jacobian, kp_s.jacobian)
     moved = relative_keypoints(kp_s, Keypoints(square + 0.4, jac), kp_ref, scale)
     assert torch.allclose(moved.value - kp_s.value, torch.full_like(kp_s.value, 0.2))
+
+
+def test_reference_compatibility_switches(tiny_config):
+    """activation=relu and warp_align_corners=false (set by the DaGAN import) change the computation and
+    keep the cached path exact."""
+    src, drv = _inputs(64)
+    base = make_model(tiny_config)
+    relu = make_model(tiny_config.replace(**{"generator.attention.activation": "relu"}))
+    corners = make_model(tiny_config.replace(**{"generator.warp_align_corners": False}))
+    assert relu.generator.attention.relu and not corners.generator.warp_align_corners
+    assert not corners.generator.dense_motion_network.align_corners
+    with torch.no_grad():
+        ref = base(src, drv).prediction
+        for model in (relu, corners):
+            out = model(src, drv).prediction
+            assert (out - ref).abs().max() > 1e-5
+            assert (out - model.animate(model.encode_source(src), drv).prediction).abs().max() <= 1e-5
+    # the ReLU applies to q, k and v: with it, no query entry is negative
+    with torch.no_grad():
+        q = relu.generator.attention.project_query(torch.randn(1, 32, 16, 16))
+    assert q.min() >= 0
+    with pytest.raises(ValueError):
+        CrossModalAttention(8, 4, activation="gelu")

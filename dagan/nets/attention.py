@@ -36,7 +36,9 @@ class CrossModalAttention(nn.Module):
     :meth:`project_query` and cached). ``warped``: B×C×H×W F_w. Returns F_g: B×C×H×W.
     """
 
-    def __init__(self, channels: int, qk_channels: int = 32, implementation: str = "auto") -> None:
+    def __init__(
+        self, channels: int, qk_channels: int = 32, implementation: str = "auto", activation: str = "none"
+    ) -> None:
         super().__init__()
         self.query_conv = nn.Conv2d(channels, qk_channels, kernel_size=1)
         self.key_conv = nn.Conv2d(channels, qk_channels, kernel_size=1)
@@ -45,16 +47,22 @@ class CrossModalAttention(nn.Module):
         if implementation not in ("auto", "math"):
             raise ValueError(f"implementation must be 'auto' or 'math', got {implementation!r}")
         self.implementation = implementation
+        if activation not in ("none", "relu"):
+            raise ValueError(f"activation must be 'none' or 'relu', got {activation!r}")
+        self.relu = activation == "relu"
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x) if self.relu else x
 
     def project_query(self, depth_features: torch.Tensor) -> torch.Tensor:
         """B×C×H×W depth features → B×(H·W)×c queries (source-only: cacheable)."""
-        return self.query_conv(depth_features).flatten(2).transpose(1, 2)
+        return self._act(self.query_conv(depth_features)).flatten(2).transpose(1, 2)
 
     def attend(self, query: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
         """query B×N×c (from :meth:`project_query`), warped B×C×H×W → F_g B×C×H×W."""
         b, c, h, w = warped.shape
-        key = self.key_conv(warped).flatten(2).transpose(1, 2)  # B×N×c
-        value = self.value_conv(warped).flatten(2).transpose(1, 2)  # B×N×C
+        key = self._act(self.key_conv(warped)).flatten(2).transpose(1, 2)  # B×N×c
+        value = self._act(self.value_conv(warped)).flatten(2).transpose(1, 2)  # B×N×C
         fn = attention_math if self.implementation == "math" else attention_fused
         out = fn(query.to(value.dtype), key, value)  # B×N×C
         out = out.transpose(1, 2).reshape(b, c, h, w)

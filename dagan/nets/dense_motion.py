@@ -50,8 +50,10 @@ class DenseMotionNetwork(nn.Module):
         scale_factor: float = 0.25,
         kp_variance: float = 0.01,
         estimate_occlusion_map: bool = True,
+        align_corners: bool = True,
     ) -> None:
         super().__init__()
+        self.align_corners = align_corners
         self.num_kp = num_kp
         self.kp_variance = kp_variance
         self.hourglass = Hourglass(
@@ -94,7 +96,7 @@ class DenseMotionNetwork(nn.Module):
             motions.reshape(b * k1, h, w, 2),
             mode="bilinear",
             padding_mode="zeros",
-            align_corners=True,
+            align_corners=self.align_corners,
         ).view(b, k1, c, h, w)
 
         net_in = torch.cat([heat, deformed], dim=2).view(b, k1 * (c + 1), h, w)

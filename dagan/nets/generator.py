@@ -99,12 +99,16 @@ class DaGANGenerator(nn.Module):
         attention: bool = True,
         qk_channels: int = 32,
         attention_implementation: str = "auto",
+        attention_activation: str = "none",
+        warp_align_corners: bool = True,
     ) -> None:
         super().__init__()
+        self.warp_align_corners = warp_align_corners
         self.dense_motion_network = DenseMotionNetwork(
             num_kp=num_kp,
             num_channels=num_channels,
             estimate_occlusion_map=estimate_occlusion_map,
+            align_corners=warp_align_corners,
             **(dense_motion or {}),
         )
         self.image_encoder = _encoder(num_channels, block_expansion, max_features, num_down_blocks)
@@ -113,7 +117,9 @@ class DaGANGenerator(nn.Module):
         self.attention: CrossModalAttention | None = None
         if attention:
             self.depth_encoder = _encoder(1, block_expansion, max_features, num_down_blocks)
-            self.attention = CrossModalAttention(feat, qk_channels, attention_implementation)
+            self.attention = CrossModalAttention(
+                feat, qk_channels, attention_implementation, attention_activation
+            )
         self.bottleneck = nn.Sequential(
             *[ResBlock2d(feat, kernel_size=3, padding=1) for _ in range(num_bottleneck_blocks)]
         )
@@ -147,7 +153,11 @@ class DaGANGenerator(nn.Module):
         size = tuple(source.features.shape[2:])
         deformation = _resize_flow(motion.deformation, size)
         warped = F.grid_sample(
-            source.features, deformation, mode="bilinear", padding_mode="zeros", align_corners=True
+            source.features,
+            deformation,
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=self.warp_align_corners,
         )
         occlusion = None
         if motion.occlusion is not None:
