@@ -19,6 +19,7 @@ from .errors import UserError
 COMMAND_MODULES: tuple[str, ...] = (
     "vcam.cli",
     "dagan.import_cli",
+    "evaluation.cli",
 )
 
 

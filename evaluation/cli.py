@@ -1,0 +1,70 @@
+"""``dagan eval`` and ``dagan fetch-eval-assets`` (registered through ``COMMAND_MODULES`` in dagan/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, markdown_table, write_report
+
+    result = evaluate(
+        args.checkpoint,
+        args.data,
+        assets=args.assets,
+        use_identity=not args.no_identity,
+        max_videos=args.max_videos,
+        max_frames=args.max_frames,
+        frame_stride=args.frame_stride,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    out_dir = Path(args.out_dir)
+    json_path = Path(args.json) if args.json else out_dir / "eval.json"
+    md_path = Path(args.markdown) if args.markdown else out_dir / "eval.md"
+    write_report(result, json_path, md_path)
+    print(markdown_table(result), end="")
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from .assets import default_assets_dir, fetch_eval_assets
+
+    out = Path(args.dir) if args.dir else default_assets_dir()
+    written = fetch_eval_assets(out)
+    print(f"wrote {len(written)} files of @vladmandic/face-api 1.7.15 (MIT) to {out}")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="self-reenactment metrics (L1, PSNR, SSIM, AKD, PRMSE, AED, CSIM, ...) with baselines"
+    )
+    p.add_argument("--checkpoint", required=True, help="model weights (.safetensors)")
+    p.add_argument(
+        "--data", required=True, help="test folder: one sub-folder of frames or one video per clip"
+    )
+    p.add_argument("--out-dir", default="eval-output", help="where eval.json and eval.md are written")
+    p.add_argument("--json", help="JSON report path (default OUT_DIR/eval.json)")
+    p.add_argument("--markdown", help="markdown table path (default OUT_DIR/eval.md)")
+    p.add_argument(
+        "--assets",
+        help="face-api weights folder (default $DAGAN_EVAL_ASSETS, else ~/.cache/dagan/eval-assets)",
+    )
+    p.add_argument("--no-identity", action="store_true", help="skip AED, CSIM and expression agreement")
+    p.add_argument("--max-videos", type=int, help="evaluate only the first N videos")
+    p.add_argument("--max-frames", type=int, help="use at most N frames per video (after --frame-stride)")
+    p.add_argument("--frame-stride", type=int, default=1, help="use every K-th frame")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
+
+    p = subparsers.add_parser(
+        "fetch-eval-assets", help="data preparation: fetch face-api's identity/expression weights with npm"
+    )
+    p.add_argument("dir", nargs="?", help="target folder (default ~/.cache/dagan/eval-assets)")
+    p.set_defaults(func=_cmd_fetch)
