@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "vcam.cli",
     "dagan.import_cli",
     "evaluation.cli",
+    "dagan.synth.cli",
 )
 
 
@@ -150,8 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_bench)
 
+    unavailable = []
     for name in COMMAND_MODULES:
-        importlib.import_module(name).add_commands(sub)
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:  # an optional extra is not installed: keep every other command working
+            unavailable.append(f"{name} ({exc}; install the project's extras, see README)")
+            continue
+        module.add_commands(sub)
+    if unavailable:
+        parser.epilog = "commands not available here: " + "; ".join(unavailable)
     return parser
 
 

@@ -191,3 +191,12 @@ def test_demo_runs_offline(tmp_path, capsys):
     with VideoReader(tmp_path / "result.mp4") as r:
         frames = list(r)
     assert len(frames) == 4 and frames[0].shape == (256, 5 * 256, 3)
+
+
+def test_missing_optional_command_module_keeps_cli_working(monkeypatch):
+    import dagan.cli as cli
+
+    monkeypatch.setattr(cli, "COMMAND_MODULES", (*cli.COMMAND_MODULES, "no_such_package.cli"))
+    parser = cli.build_parser()
+    assert "no_such_package.cli" in parser.epilog
+    assert parser.parse_args(["init-checkpoint", "--out", "x"]).command == "init-checkpoint"
