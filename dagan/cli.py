@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "dagan.import_cli",
     "evaluation.cli",
     "dagan.synth.cli",
+    "training.cli",
 )
 
 

@@ -1,0 +1,439 @@
+"""Training: config, data, losses, both stages (loss goes down, depth is right, resume is exact, DDP keeps
+ranks identical) and dataset preparation. Everything runs on CPU on data the tests make themselves."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from synthetic_scenes import render_clip
+
+from dagan.config import ConfigError
+from dagan.media import write_video
+from dagan.samples import astronaut, driving_frames, grace_hopper
+from training import losses as L
+from training.config import load_train_config, parse_override
+from training.data import ConsecutiveFramesDataset, DatasetError, ResumableSampler, SourceDrivingDataset
+from training.trainer import Trainer, TrainingError, cleanup_distributed
+
+NO_AUGMENT = {"flip": False, "brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
+
+
+def _write_frames(folder: Path, frames: list[np.ndarray]) -> None:
+    folder.mkdir(parents=True)
+    for i, f in enumerate(frames):
+        cv2.imwrite(str(folder / f"{i:04d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+
+
+@pytest.fixture(scope="module")
+def face_root(tmp_path_factory) -> Path:
+    """Three short clips of real photos under smooth synthetic head motion (two frame folders, one mp4)."""
+    root = tmp_path_factory.mktemp("faces")
+    for split in ("train", "test"):
+        _write_frames(root / split / "astronaut", driving_frames(astronaut(), 16, size=64))
+        _write_frames(root / split / "hopper", driving_frames(grace_hopper(), 16, size=64, amplitude=0.7))
+        write_video(root / split / "astro-small.mp4", driving_frames(astronaut(), 12, size=64, amplitude=0.5))
+    return root
+
+
+def _cfg(root: Path, **extra):
+    data = {
+        "model": "tiny",
+        "data": {"root": str(root), "workers": 0, "repeats": 4},
+        "depth": {"steps": 30, "batch_size": 4, "lr": 5e-4},
+        "dagan": {"steps": 30, "batch_size": 4},
+        "checkpoint_every": 15,
+        "log_every": 5,
+        "image_every": 10,
+    }
+    cfg = load_train_config(data)
+    return cfg.replace(**extra) if extra else cfg
+
+
+def _first_last(history: list[dict[str, float]], n: int = 5) -> tuple[float, float]:
+    losses = [h["loss"] for h in history]
+    return float(np.mean(losses[:n])), float(np.mean(losses[-n:]))
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def test_config_defaults_are_the_papers_and_errors_name_the_key(tmp_path):
+    cfg = load_train_config(None)
+    w = cfg.dagan.weights
+    assert (w.perceptual, w.gan, w.equivariance_value, w.kp_distance) == (10.0, 1.0, 10.0, 10.0)
+    assert cfg.depth.ssim_alpha == 0.8 and cfg.dagan.kp_distance_threshold == 0.2
+    assert cfg.dagan.pyramid_scales == (1.0, 0.5, 0.25, 0.125) and cfg.model.name == "vox-256"
+    with pytest.raises(ConfigError, match=r"dagan\.weights\.perceptul"):
+        load_train_config({"dagan": {"weights": {"perceptul": 1}}})
+    with pytest.raises(ConfigError, match="precision"):
+        load_train_config({"precision": "fp8"})
+    with pytest.raises(ConfigError, match="model"):
+        load_train_config({"model": "no-such-preset"})
+    inline = load_train_config({"model": {"name": "x", "image_size": 64, "keypoints": {"num_kp": 5}}})
+    assert inline.model.keypoints.num_kp == 5
+    path = tmp_path / "t.yaml"
+    path.write_text(cfg.replace(**{"dagan.batch_size": 3}).to_yaml())
+    again = load_train_config(path, {"depth.lr": 1e-3, "model.keypoints.num_kp": 7})
+    assert again.dagan.batch_size == 3 and again.depth.lr == 1e-3 and again.model.keypoints.num_kp == 7
+    assert parse_override("dagan.pyramid_scales=[1, 0.5]") == ("dagan.pyramid_scales", [1, 0.5])
+    with pytest.raises(ConfigError):
+        parse_override("no-equals-sign")
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
+def test_datasets_read_folders_and_mp4_deterministically(face_root):
+    ds = SourceDrivingDataset(face_root, "train", 64, repeats=2, augment=load_train_config(None).data.augment)
+    assert len(ds) == 6 and {v.name for v in ds.videos} == {"astronaut", "hopper", "astro-small"}
+    mp4 = next(v for v in ds.videos if v.name == "astro-small")
+    assert mp4.num_frames == 12
+    item = ds[(3, 2)]
+    assert item["source"].shape == (3, 64, 64) and 0 <= float(item["source"].min()) <= 1
+    assert torch.equal(item["driving"], ds[(3, 2)]["driving"])  # pure function of (epoch, index)
+    assert not torch.equal(item["driving"], ds[(4, 2)]["driving"])
+    pairs = ConsecutiveFramesDataset(face_root, "train", 64, offsets=(-1, 1))
+    assert pairs[(0, 0)]["sources"].shape == (2, 3, 64, 64)
+    with pytest.raises(DatasetError, match="does not exist"):
+        SourceDrivingDataset(face_root, "val", 64)
+
+
+def test_sampler_resumes_mid_epoch_and_splits_ranks():
+    full = ResumableSampler(10, batch_size=2, seed=3)
+    it = iter(full)
+    keys = [next(it) for _ in range(30)]  # 3 epochs of 5 steps
+    resumed = iter(ResumableSampler(10, batch_size=2, seed=3, start_step=7))
+    assert [next(resumed) for _ in range(16)] == keys[14:]
+    r0 = ResumableSampler(10, 2, rank=0, world_size=2, seed=3).epoch_keys(0)
+    r1 = ResumableSampler(10, 2, rank=1, world_size=2, seed=3).epoch_keys(0)
+    assert len(r0) == len(r1) == 6 and {i for _, i in r0 + r1} == set(range(10))
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+def test_photometric_and_automask():
+    torch.manual_seed(0)
+    target = torch.rand(2, 3, 32, 32)
+    assert float(L.photometric_error(target, target).max()) < 1e-6
+    noisy = (target + 0.1 * torch.randn_like(target)).clamp(0, 1)
+    pe = L.photometric_error(noisy, target)
+    assert pe.shape == (2, 1, 32, 32) and float(pe.mean()) > 0.02
+    # The warp explains the left half, the unwarped source the right half: auto-masking drops the right.
+    warped = target.clone()
+    warped[..., 16:] = torch.rand(2, 3, 32, 16)
+    source = torch.rand_like(target)
+    source[..., 16:] = target[..., 16:]
+    loss, mask = L.reprojection_loss([warped], [source], target)
+    assert float(mask[..., 2:14].mean()) == 1.0 and float(mask[..., 18:30].mean()) == 0.0
+    assert float(loss) < 0.01
+    # Minimum reprojection picks, per pixel, the source that explains it.
+    other = target.clone()
+    other[..., :16] = torch.rand(2, 3, 32, 16)
+    loss_min, _ = L.reprojection_loss([warped, other], [source, source], target, automask=False)
+    loss_mean, _ = L.reprojection_loss(
+        [warped, other], [source, source], target, automask=False, min_reprojection=False
+    )
+    assert float(loss_min) < 0.01 < float(loss_mean)
+    flat = torch.full((1, 1, 16, 16), 0.5)
+    ramp = torch.linspace(0.1, 1, 16).view(1, 1, 1, 16).expand(1, 1, 16, 16)
+    image = torch.rand(1, 3, 16, 16)
+    assert float(L.edge_aware_smoothness(flat, image)) < 1e-6 < float(L.edge_aware_smoothness(ramp, image))
+
+
+def test_random_transform_is_consistent_with_its_warp_and_jacobian():
+    g = torch.Generator().manual_seed(0)
+    tr = L.RandomTransform(2, sigma_affine=0.05, sigma_tps=0.005, points=5, generator=g)
+    # An image whose channels are its own coordinates: warping it must give T(z) (bilinear is exact
+    # for linear functions away from the border).
+    h = w = 33
+    grid = torch.stack(
+        torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")[::-1]
+    )
+    warped = tr.transform_frame(grid[None].expand(2, -1, -1, -1).contiguous())
+    z = grid.permute(1, 2, 0).reshape(1, -1, 2).expand(2, -1, -1)
+    expected = tr.warp_coordinates(z).view(2, h, w, 2).permute(0, 3, 1, 2)
+    inner = (slice(None), slice(None), slice(6, -6), slice(6, -6))
+    assert torch.allclose(warped[inner], expected[inner], atol=1e-4)
+    assert not torch.allclose(expected, grid[None], atol=1e-3)  # it is not the identity
+    pts = torch.rand(2, 7, 2) * 1.6 - 0.8
+    jac = tr.jacobian(pts)
+    eps = 1e-3
+    for axis in range(2):
+        d = torch.zeros(2)
+        d[axis] = eps
+        fd = (tr.warp_coordinates(pts + d) - tr.warp_coordinates(pts - d)) / (2 * eps)
+        assert torch.allclose(jac[..., axis], fd, atol=1e-3)
+    # Keypoints that move exactly with the transform have zero equivariance loss; others do not.
+    kp_t = torch.rand(2, 5, 2) - 0.5
+    jac_t = torch.eye(2).expand(2, 5, 2, 2) * 1.2
+    kp = tr.warp_coordinates(kp_t)
+    value, jloss = L.equivariance_losses(kp, tr.jacobian(kp_t) @ jac_t, kp_t, jac_t, tr)
+    assert float(value) < 1e-6 and float(jloss) < 1e-5
+    value, _ = L.equivariance_losses(kp + 0.1, None, kp_t, None, tr)
+    assert abs(float(value) - 0.1) < 1e-5
+
+
+def test_keypoint_distance_loss_matches_eq13_and_has_a_gradient():
+    crowded = torch.zeros(1, 4, 2, requires_grad=True)
+    loss, eq13 = L.keypoint_distance_loss(crowded + torch.tensor([[0.0, 0.0], [0.05, 0], [0, 0.05], [1, 1]]))
+    # 6 of 12 ordered pairs are closer than 0.2 → eq. 13 mean (2 per close pair) = 1.0
+    assert abs(float(eq13) - 1.0) < 1e-6 and float(loss.detach()) > 0
+    loss.backward()
+    assert crowded.grad.abs().sum() > 0
+    spread = torch.tensor([[[-0.5, -0.5], [0.5, 0.5], [-0.5, 0.5]]])
+    loss, eq13 = L.keypoint_distance_loss(spread, 0.2)
+    assert float(loss) == 0.0 and float(eq13) == 0.0
+
+
+def test_vgg19_loader_takes_a_torchvision_state_dict_and_rejects_others(tmp_path):
+    torch.manual_seed(0)
+    net = L.VGG19Features()
+    state = dict(net.state_dict())
+    state["features.30.weight"] = torch.zeros(1)  # torchvision files go on past relu5_1 ...
+    state["classifier.0.weight"] = torch.zeros(2, 2)  # ... and hold the classifier: both ignored
+    path = tmp_path / "vgg19-test.pth"
+    torch.save(state, path)
+    loaded = L.load_vgg19(path)
+    x = torch.rand(1, 3, 32, 32)
+    assert all(torch.equal(a, b) for a, b in zip(loaded(x), net(x), strict=True))
+    loss = L.build_perceptual_loss(str(path), (1.0, 0.5))
+    assert isinstance(loss, L.PyramidPerceptualLoss)
+    assert float(loss(x, x)) == 0.0 and float(loss(x, torch.rand_like(x))) > 0
+    del state["features.0.weight"]
+    torch.save(state, path)
+    with pytest.raises(L.VGGWeightsError, match=r"features\.0\.weight"):
+        L.load_vgg19(path)
+    with pytest.raises(L.VGGWeightsError, match="do not exist"):
+        L.load_vgg19(tmp_path / "missing.pth")
+    sub = L.build_perceptual_loss("", (1.0, 0.5, 0.25))
+    assert "substitute" in sub.name and float(sub(x, x)) == 0.0 and float(sub(x, 1 - x)) > 0
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+@pytest.fixture(scope="module")
+def depth_run(face_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "depth"
+    result = Trainer("depth", _cfg(face_root), run_dir, progress=False).run()
+    return result
+
+
+def test_depth_stage_lowers_the_loss_and_writes_a_depth_checkpoint(depth_run):
+    from dagan.checkpoint import read_checkpoint
+
+    first, last = _first_last(depth_run.history)
+    print(f"\ndepth stage, tiny, 30 steps: loss {first:.4f} -> {last:.4f}")
+    assert last < 0.9 * first
+    _, tensors, meta = read_checkpoint(depth_run.weights)
+    assert meta["stage"] == "depth" and meta["step"] == "30"
+    assert any(k.startswith("depth_net.") for k in tensors) and any(
+        k.startswith("pose_net.") for k in tensors
+    )
+    assert (depth_run.run_dir / "config.yaml").is_file()
+    assert list((depth_run.run_dir / "tb").glob("events.out.tfevents.*"))
+
+
+def test_dagan_stage_lowers_the_loss_with_the_depth_net_frozen(depth_run, face_root, tmp_path, capfd):
+    from dagan.checkpoint import load_model, read_checkpoint
+
+    trainer = Trainer(
+        "dagan", _cfg(face_root), tmp_path / "dagan", depth_checkpoint=str(depth_run.weights), progress=False
+    )
+    _, depth_tensors, _ = read_checkpoint(depth_run.weights)
+    result = trainer.run()
+    assert "NO VGG19 WEIGHTS CONFIGURED" in capfd.readouterr().err
+    first, last = _first_last(result.history)
+    print(f"\ndagan stage, tiny, 30 steps: loss {first:.3f} -> {last:.3f}")
+    assert last < 0.85 * first
+    model = load_model(result.weights)
+    for k, v in model.depth_net.state_dict().items():  # frozen: exactly the depth stage's weights
+        assert torch.equal(v, depth_tensors[f"depth_net.{k}"]), k
+    _, tensors, meta = read_checkpoint(result.weights)
+    assert any(k.startswith("discriminator.") for k in tensors) and "substitute" in meta["perceptual_loss"]
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)).prediction
+    assert torch.isfinite(out).all()
+
+
+def test_dagan_stage_needs_a_depth_checkpoint(face_root, tmp_path):
+    with pytest.raises(TrainingError, match="--depth"):
+        Trainer("dagan", _cfg(face_root), tmp_path / "x", progress=False)
+
+
+def test_resume_after_an_interruption_continues_exactly(depth_run, face_root, tmp_path):
+    cfg = _cfg(face_root, **{"dagan.steps": 4, "checkpoint_every": 2})
+    depth = str(depth_run.weights)
+    full = Trainer("dagan", cfg, tmp_path / "a", depth_checkpoint=depth, progress=False, tensorboard=False)
+    uninterrupted = full.run()
+    part = Trainer("dagan", cfg, tmp_path / "b", depth_checkpoint=depth, progress=False, tensorboard=False)
+    assert part.run(stop_after=3).step == 3  # "killed" after step 3: step 3 is lost, step 2 was saved
+    with pytest.raises(TrainingError, match="--resume"):
+        Trainer("dagan", cfg, tmp_path / "b", depth_checkpoint=depth, progress=False).run()
+    resumed = Trainer("dagan", None, tmp_path / "b", resume=True, progress=False, tensorboard=False).run()
+    assert resumed.step == 4 and len(resumed.history) == 2
+    for a, b in zip(uninterrupted.history[2:], resumed.history, strict=True):
+        for key in ("loss", "discriminator", "perceptual", "equivariance_value"):
+            assert abs(a[key] - b[key]) <= 1e-6 * max(1.0, abs(a[key])), key
+    from dagan.checkpoint import read_checkpoint
+
+    _, ta, _ = read_checkpoint(uninterrupted.weights)
+    _, tb, _ = read_checkpoint(resumed.weights)
+    assert ta.keys() == tb.keys()
+    assert max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta) <= 1e-6
+
+
+def test_depth_training_recovers_the_depth_of_a_rendered_scene(tmp_path):
+    """Textured height-field scenes under known camera translation: after training, the predicted
+    disparity must rank pixels by nearness like the true depth does, on scenes it never saw."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    for k in range(12):
+        images, _ = render_clip(rng, frames=8)
+        _write_frames(tmp_path / "scene" / "train" / f"s{k}", images)
+    cfg = load_train_config(
+        {
+            "model": "tiny",
+            "data": {"root": str(tmp_path / "scene"), "workers": 0, "repeats": 10, "augment": NO_AUGMENT},
+            "depth": {"steps": 120, "batch_size": 4, "lr": 1e-3},
+            "checkpoint_every": 1000,
+        }
+    )
+    trainer = Trainer("depth", cfg, tmp_path / "run", progress=False, tensorboard=False)
+    net = trainer.stage.depth_net
+
+    def rank_correlation() -> float:
+        net.eval()
+        eval_rng = np.random.default_rng(123)
+        values = []
+        for _ in range(6):
+            images, depths = render_clip(eval_rng, frames=1)
+            x = torch.from_numpy(images[0]).permute(2, 0, 1)[None].float() / 255
+            with torch.no_grad():
+                disp = net(x)[0, 0].numpy()
+            values.append(spearmanr(disp.ravel(), -depths[0].ravel())[0])
+        return float(np.mean(values))
+
+    before = rank_correlation()
+    trainer.run()
+    after = rank_correlation()
+    print(f"\nrendered scene: Spearman(disparity, nearness) {before:.3f} untrained -> {after:.3f} trained")
+    assert after > 0.3 and after > before + 0.2
+
+
+# --------------------------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    cfg = _cfg(
+        Path(root), **{"depth.steps": 3, "dagan.steps": 3, "depth.batch_size": 2, "dagan.batch_size": 2}
+    )
+    try:
+        depth = Trainer("depth", cfg, Path(out) / "depth", progress=False, tensorboard=False)
+        d_hist = depth.run().history
+        gan = Trainer(
+            "dagan",
+            cfg,
+            Path(out) / "dagan",
+            depth_checkpoint=str(Path(out) / "depth" / "depth.safetensors"),
+            progress=False,
+            tensorboard=False,
+        )
+        g_hist = gan.run().history
+        params = {f"depth.{k}": p.detach().clone() for k, p in depth.stage.net.module.named_parameters()}
+        params.update(
+            {f"gen.{k}": p.detach().clone() for k, p in gan.stage.gen_net.module.named_parameters()}
+        )
+        params.update(
+            {f"disc.{k}": p.detach().clone() for k, p in gan.stage.disc_net.module.named_parameters()}
+        )
+        torch.save(
+            {"params": params, "losses": [h["loss"] for h in d_hist + g_hist]}, Path(out) / f"rank{rank}.pt"
+        )
+    finally:
+        cleanup_distributed()
+
+
+def test_ddp_two_cpu_processes_keep_identical_weights(face_root, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(face_root), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["params"].keys() == r1["params"].keys() and len(r0["params"]) > 100
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+    assert r0["losses"] != r1["losses"]  # the ranks trained on different samples
+    assert (tmp_path / "dagan" / "dagan.safetensors").is_file()
+
+
+# -------------------------------------------------------------------------------- prepare + CLI
+
+
+def test_prepare_splits_at_cuts_skips_broken_files_and_resumes(tmp_path, capsys):
+    from training.cli import add_commands
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    frames = driving_frames(astronaut(), 12, size=256, amplitude=0.6)
+    frames += driving_frames(grace_hopper(), 12, size=256, amplitude=0.6)  # a hard shot cut
+    write_video(raw / "talk.mp4", frames, fps=25)
+    (raw / "broken.mp4").write_bytes(b"\x00not a video" * 50)
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    argv = ["prepare", str(raw), str(tmp_path / "out"), "--size", "64", "--min-frames", "8", "--quiet"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    out = capsys.readouterr()
+    assert "1 processed" in out.out and "1 broken" in out.out and "wrote 2 clips" in out.out
+    assert "broken.mp4" in out.err
+    clips = sorted((tmp_path / "out" / "train").iterdir())
+    assert [c.name for c in clips] == ["talk_000", "talk_001"]
+    counts = [len(list(c.glob("*.png"))) for c in clips]
+    assert all(10 <= n <= 12 for n in counts) and sum(counts) <= 24
+    a = cv2.imread(str(clips[0] / "00000.png"))
+    b = cv2.imread(str(clips[0] / "00005.png"))
+    assert a.shape == (64, 64, 3) and np.abs(a.astype(int) - b).mean() > 2  # the head moves in the crop
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    assert "1 already done" in capsys.readouterr().out  # resumable: nothing redone
+    # The prepared folder is a valid training dataset.
+    assert len(SourceDrivingDataset(tmp_path / "out", "train", 64)) == 2
+
+
+def test_cli_train_depth_runs_and_resumes(face_root, tmp_path):
+    from training.cli import add_commands
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    run = tmp_path / "cli-run"
+    base = ["train", "depth", "--data", str(face_root), "--model", "tiny", "--run-dir", str(run), "--quiet"]
+    sets = ["--set", "data.workers=0", "--set", "checkpoint_every=1", "--batch-size", "2"]
+    args = parser.parse_args([*base, "--steps", "1", *sets])
+    assert args.func(args) == 0 and (run / "depth.safetensors").is_file()
+    args = parser.parse_args([*base, "--steps", "2", "--resume"])
+    assert args.func(args) == 0
+    assert '"step": 2' in (run / "latest.json").read_text()

@@ -1,0 +1,128 @@
+"""``dagan prepare`` and ``dagan train depth|dagan`` sub-commands (registered via dagan.cli.COMMAND_MODULES).
+
+Multi-GPU: ``torchrun --nproc_per_node N -m dagan.cli train dagan ...`` (multi-node: add torchrun's
+``--nnodes/--node_rank/--rdzv_endpoint``); the trainer reads torchrun's environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from dagan.config import PRESETS
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import prepare_dataset
+
+    report = prepare_dataset(
+        args.raw_dir,
+        args.out_root,
+        size=args.size,
+        min_frames=args.min_frames,
+        max_frames=args.max_frames,
+        split=args.split,
+        cut_threshold=args.cut_threshold,
+        progress=not args.quiet,
+    )
+    print(
+        f"{report.videos} videos: {report.processed} processed, {report.already_done} already done, "
+        f"{len(report.broken)} broken (skipped); wrote {report.clips} clips, {report.frames} frames "
+        f"into {args.out_root}"
+    )
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_train_config, parse_override
+    from .trainer import Trainer, cleanup_distributed
+
+    overrides = dict(parse_override(s) for s in args.set or [])
+    stage = args.stage
+    if args.model:
+        overrides["model"] = args.model
+    if args.steps is not None:
+        overrides[f"{stage}.steps"] = args.steps
+    if args.batch_size is not None:
+        overrides[f"{stage}.batch_size"] = args.batch_size
+    if args.precision:
+        overrides["precision"] = args.precision
+    if args.device:
+        overrides["device"] = args.device
+    model = overrides.pop("model", None)
+    run_dir = args.run_dir or str(Path("runs") / f"{stage}-{datetime.now():%Y%m%d-%H%M%S}")
+    if args.resume and not args.run_dir:
+        print("dagan: error: --resume needs --run-dir (the run folder to continue)", file=sys.stderr)
+        return 2
+    cfg = None
+    if not args.resume:
+        from .config import train_config_from_dict
+
+        base = load_train_config(args.config)
+        data = base.to_dict()
+        if model is not None:
+            data["model"] = model
+        cfg = train_config_from_dict(data)
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        overrides = {}
+    try:
+        trainer = Trainer(
+            stage,
+            cfg,
+            run_dir,
+            data_root=args.data,
+            depth_checkpoint=getattr(args, "depth", None),
+            resume=args.resume,
+            progress=not args.quiet,
+            overrides=overrides or None,
+        )
+        result = trainer.run()
+    finally:
+        cleanup_distributed()
+    if result.weights is not None:
+        print(f"wrote {result.weights} after {result.step} steps (run folder {result.run_dir})")
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("prepare", help="face-crop raw talking-head videos into a training dataset")
+    p.add_argument("raw_dir", metavar="RAW_VIDEOS_DIR", help="folder of videos (train/ and test/ kept)")
+    p.add_argument("out_root", metavar="OUT_ROOT", help="dataset root to write (OUT_ROOT/<split>/<clip>/)")
+    p.add_argument("--size", type=int, default=256, help="crop size in pixels (default 256)")
+    p.add_argument("--min-frames", type=int, default=32, help="drop clips shorter than this")
+    p.add_argument("--max-frames", type=int, default=1024, help="split longer clips")
+    p.add_argument(
+        "--split", default="train", choices=("train", "test"), help="split for videos outside train/ test/"
+    )
+    p.add_argument(
+        "--cut-threshold", type=float, default=0.5, help="histogram distance that marks a shot cut"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_prepare)
+
+    train = subparsers.add_parser("train", help="train the face depth net, then DaGAN")
+    stages = train.add_subparsers(dest="stage", required=True)
+    for stage, help_text in (
+        ("depth", "stage 1: self-supervised face depth (depth + pose/intrinsics nets)"),
+        ("dagan", "stage 2: keypoints + generator + discriminator, depth net frozen"),
+    ):
+        s = stages.add_parser(stage, help=help_text)
+        s.add_argument("--data", help="dataset root with train/<video> (default: data.root of the config)")
+        s.add_argument("--config", help="training config YAML (see docs/training.md); default: built-in")
+        s.add_argument(
+            "--model", help=f"model preset ({', '.join(PRESETS)}) or model YAML; overrides the config"
+        )
+        s.add_argument("--run-dir", help="run folder (default runs/<stage>-<time>)")
+        s.add_argument("--resume", action="store_true", help="continue the run in --run-dir exactly")
+        s.add_argument("--steps", type=int, help=f"total steps (overrides {stage}.steps)")
+        s.add_argument("--batch-size", type=int, help="per-process batch size")
+        s.add_argument("--precision", choices=("fp32", "bf16", "fp16"))
+        s.add_argument("--device", help="auto, cpu or cuda")
+        s.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
+        s.add_argument("--quiet", action="store_true", help="no progress bar")
+        if stage == "dagan":
+            s.add_argument("--depth", help="checkpoint from `dagan train depth` (F_d is loaded and frozen)")
+        s.set_defaults(func=_cmd_train)

@@ -1,0 +1,252 @@
+"""The training config: one YAML file for both stages, validated as strictly as the model config.
+
+It follows :mod:`dagan.config` exactly (frozen dataclasses, unknown keys and wrong types are errors naming
+the full key path) and reuses its validator. The ``model`` key holds the *model* config — a preset name
+(``vox-256``, ``tiny``), a path to a model YAML, or the model config inline — and is resolved with
+:func:`dagan.config.load_config`, so the same network definition ends up embedded in every checkpoint.
+
+Defaults are the paper's (λP = 10, λG = 1, λE = 10, λD = 10, Pe α = 0.8, keypoint distance threshold
+0.2, pyramid scales 256/128/64/32 for 256×256 images) and FOMM's where the paper defers to it
+(augmentation strengths, Adam β = (0.5, 0.999), lr 2e-4, TPS/affine transform scales).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dagan.config import ConfigError, ModelConfig, _build, _to_plain, load_config
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """FOMM-style augmentation, applied identically to every frame drawn from one video."""
+
+    flip: bool = True  # horizontal flip with probability 0.5
+    brightness: float = 0.1  # factor drawn from [1 − b, 1 + b]
+    contrast: float = 0.1
+    saturation: float = 0.1
+    hue: float = 0.1  # hue shift drawn from [−h, h] of a full turn
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = ""  # dataset root holding train/<video>/ and test/<video>/
+    repeats: int = 75  # each video is visited this many times per epoch (FOMM's num_repeats for vox)
+    workers: int = 2  # DataLoader worker processes per training process
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class DepthStageConfig:
+    """Stage 1: self-supervised face depth (paper §3.2) with monodepth2's loss machinery."""
+
+    steps: int = 100_000
+    batch_size: int = 12
+    lr: float = 1e-4
+    lr_milestones: tuple[int, ...] = ()  # steps at which the lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    # Frame offsets of the source frames relative to the target frame I_i; (1,) is the paper's pair
+    # (I_i, I_i+1); (-1, 1) adds I_i-1 so the per-pixel minimum reprojection can pick the unoccluded one.
+    source_offsets: tuple[int, ...] = (-1, 1)
+    ssim_alpha: float = 0.8  # paper eq. 5 (monodepth2 uses 0.85)
+    smoothness: float = 1e-3  # edge-aware smoothness weight (divided by 2^scale)
+    min_reprojection: bool = True  # per-pixel minimum over source frames (else the mean)
+    automask: bool = True  # ignore pixels that an unwarped source explains better (static pixels)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    perceptual: float = 10.0  # λP
+    gan: float = 1.0  # λG, LSGAN generator term
+    feature_matching: float = 10.0  # discriminator feature matching, per discriminator layer (FOMM)
+    equivariance_value: float = 10.0  # λE on keypoint positions (paper eq. 12)
+    equivariance_jacobian: float = 10.0  # λE on the local affine Jacobians (FOMM; 0 disables)
+    kp_distance: float = 10.0  # λD (paper eq. 13), applied to source and driving keypoints
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """Random transforms for the equivariance loss: affine + thin-plate spline (FOMM's scales)."""
+
+    sigma_affine: float = 0.05
+    sigma_tps: float = 0.005
+    points_tps: int = 5
+
+
+@dataclass(frozen=True)
+class DaganStageConfig:
+    """Stage 2: keypoint detector + generator + discriminator, depth net frozen (paper §3.5, eq. 10)."""
+
+    steps: int = 150_000
+    batch_size: int = 16
+    lr_generator: float = 2e-4
+    lr_kp_detector: float = 2e-4
+    lr_discriminator: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    lr_milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    weights: LossWeights = field(default_factory=LossWeights)
+    # Image pyramid of the perceptual loss, as fractions of image_size (256/128/64/32 at 256).
+    pyramid_scales: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)
+    # Local torchvision-format VGG19 weights (vgg19-dcbb9e9d.pth or a safetensors copy). Empty: no
+    # ImageNet VGG available, the documented substitute loss is used and training says so loudly.
+    vgg19_weights: str = ""
+    kp_distance_threshold: float = 0.2
+    transform: TransformConfig = field(default_factory=TransformConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    depth: DepthStageConfig = field(default_factory=DepthStageConfig)
+    dagan: DaganStageConfig = field(default_factory=DaganStageConfig)
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a gradient scaler)
+    grad_clip: float = 0.0  # max global gradient norm per optimizer; 0 disables clipping
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3  # older step checkpoints are deleted
+    log_every: int = 20  # TensorBoard scalars
+    image_every: int = 500  # TensorBoard image grids
+    device: str = "auto"  # auto | cpu | cuda (under torchrun each process takes cuda:LOCAL_RANK)
+    sync_batchnorm: bool = True  # SyncBatchNorm for multi-GPU runs (not available on CPU/gloo)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """Copy with dotted-path overrides, e.g. ``replace(**{"dagan.batch_size": 4})``."""
+        data = self.to_dict()
+        for dotted, value in changes.items():
+            _set_dotted(data, dotted, value)
+        return train_config_from_dict(data)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        if p not in node or not isinstance(node[p], dict):
+            raise ConfigError(f"unknown training config key: {dotted}")
+        node = node[p]
+    if leaf not in node:
+        raise ConfigError(f"unknown training config key: {dotted}")
+    node[leaf] = value
+
+
+def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Validate a plain dict (e.g. parsed YAML); missing keys take the defaults above."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"training config must be a mapping, got {type(data).__name__}")
+    data = dict(data)
+    model_source = data.pop("model", "vox-256")
+    if not isinstance(model_source, str | dict):
+        raise ConfigError("model: expected a preset name, a model YAML path or a mapping")
+    try:
+        model = load_config(model_source)
+    except ConfigError as exc:
+        raise ConfigError(f"model: {exc}") from exc
+    rest = _build(TrainConfig, data)
+    cfg = dataclasses.replace(rest, model=model)
+    _check_semantics(cfg)
+    return cfg
+
+
+def load_train_config(
+    source: str | Path | dict[str, Any] | None = None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """A training YAML path, a dict, or None (all defaults), then dotted ``overrides`` on top."""
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"training config {source} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: training config must be a mapping")
+    if overrides:
+        # Overrides of model.* keys need the model section as a full dict first.
+        if any(k.startswith("model.") for k in overrides):
+            data["model"] = load_config(data.get("model", "vox-256")).to_dict()
+        base = train_config_from_dict(data).to_dict()
+        for dotted, value in overrides.items():
+            _set_dotted(base, dotted, value)
+        data = base
+    return train_config_from_dict(data)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.path=value`` with the value parsed as YAML (``4``, ``1e-4``, ``true``, ``[1, 2]``, text)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key.strip(), value
+
+
+def _check_semantics(cfg: TrainConfig) -> None:
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    need(cfg.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
+    need(cfg.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+    need(cfg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+    need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+    need(cfg.log_every >= 1, "log_every", "must be >= 1")
+    need(cfg.image_every >= 1, "image_every", "must be >= 1")
+    need(cfg.data.repeats >= 1, "data.repeats", "must be >= 1")
+    need(cfg.data.workers >= 0, "data.workers", "must be >= 0")
+    a = cfg.data.augment
+    for key, v in (("brightness", a.brightness), ("contrast", a.contrast), ("saturation", a.saturation)):
+        need(0 <= v < 1, f"data.augment.{key}", "must be in [0, 1)")
+    need(0 <= a.hue <= 0.5, "data.augment.hue", "must be in [0, 0.5]")
+    d = cfg.depth
+    need(d.steps >= 1, "depth.steps", "must be >= 1")
+    need(d.batch_size >= 1, "depth.batch_size", "must be >= 1")
+    need(d.lr > 0, "depth.lr", "must be > 0")
+    need(0 <= d.ssim_alpha <= 1, "depth.ssim_alpha", "must be in [0, 1]")
+    need(d.smoothness >= 0, "depth.smoothness", "must be >= 0")
+    need(
+        len(d.source_offsets) >= 1 and all(o != 0 for o in d.source_offsets),
+        "depth.source_offsets",
+        "needs at least one non-zero frame offset",
+    )
+    g = cfg.dagan
+    need(g.steps >= 1, "dagan.steps", "must be >= 1")
+    need(g.batch_size >= 1, "dagan.batch_size", "must be >= 1")
+    for key in ("lr_generator", "lr_kp_detector", "lr_discriminator"):
+        need(getattr(g, key) > 0, f"dagan.{key}", "must be > 0")
+    need(0 <= g.beta1 < 1 and 0 <= g.beta2 < 1, "dagan.beta1", "betas must be in [0, 1)")
+    need(
+        len(g.pyramid_scales) >= 1 and all(0 < s <= 1 for s in g.pyramid_scales),
+        "dagan.pyramid_scales",
+        "needs scales in (0, 1]",
+    )
+    need(g.kp_distance_threshold >= 0, "dagan.kp_distance_threshold", "must be >= 0")
+    need(g.transform.points_tps >= 2, "dagan.transform.points_tps", "must be >= 2")
+    for key, value in dataclasses.asdict(g.weights).items():
+        need(value >= 0, f"dagan.weights.{key}", "must be >= 0")
+    for stage in ("depth", "dagan"):
+        ms = getattr(cfg, stage).lr_milestones
+        need(list(ms) == sorted(ms) and all(m > 0 for m in ms), f"{stage}.lr_milestones", "must increase")

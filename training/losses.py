@@ -1,0 +1,414 @@
+"""Losses of both training stages (paper eq. 5 and eq. 10–13, appendix A.1).
+
+Depth stage: photometric error Pe (SSIM + L1, α = 0.8), monodepth2's per-pixel minimum reprojection and
+auto-masking, edge-aware disparity smoothness.
+
+DaGAN stage: pyramid perceptual loss on VGG19 features (or a clearly named substitute when no local VGG19
+weights are configured), LSGAN + discriminator feature matching, equivariance under random affine +
+thin-plate-spline transforms, and the keypoint distance loss.
+
+Everything here computes in float32 even under autocast: SSIM's variance terms and small keypoint
+distances lose too much in half precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dagan.errors import UserError
+from dagan.nets.blocks import AntiAliasInterpolation2d, inverse_2x2, make_coordinate_grid
+
+# ==================================================================================== depth stage
+
+
+def ssim_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(1 − SSIM)/2 per pixel: B×C×H×W, B×C×H×W → B×C×H×W in [0, 1].
+
+    3×3 local statistics over a reflection-padded image (the monodepth2 formulation), so the map keeps
+    the input size and border pixels are not dragged down by zero padding.
+    """
+    c1, c2 = 0.01**2, 0.03**2
+    x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    y = F.pad(y, (1, 1, 1, 1), mode="reflect")
+    mu_x, mu_y = F.avg_pool2d(x, 3, 1), F.avg_pool2d(y, 3, 1)
+    sigma_x = F.avg_pool2d(x * x, 3, 1) - mu_x**2
+    sigma_y = F.avg_pool2d(y * y, 3, 1) - mu_y**2
+    sigma_xy = F.avg_pool2d(x * y, 3, 1) - mu_x * mu_y
+    num = (2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)
+    den = (mu_x**2 + mu_y**2 + c1) * (sigma_x + sigma_y + c2)
+    return torch.clamp((1 - num / den) / 2, 0, 1)
+
+
+def photometric_error(pred: torch.Tensor, target: torch.Tensor, alpha: float = 0.8) -> torch.Tensor:
+    """Pe = α·(1 − SSIM)/2 + (1 − α)·|pred − target| (paper eq. 5), averaged over channels → B×1×H×W.
+
+    The paper writes α(1 − SSIM); the /2 maps the dissimilarity to [0, 1] like the L1 term, as in
+    monodepth2 [4] which the paper follows. α = 0.8 is the paper's value (monodepth2 uses 0.85).
+    """
+    pred, target = pred.float(), target.float()
+    l1 = (pred - target).abs().mean(1, keepdim=True)
+    return alpha * ssim_distance(pred, target).mean(1, keepdim=True) + (1 - alpha) * l1
+
+
+def reprojection_loss(
+    warped: Sequence[torch.Tensor],
+    sources: Sequence[torch.Tensor],
+    target: torch.Tensor,
+    alpha: float = 0.8,
+    min_reprojection: bool = True,
+    automask: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """monodepth2's photometric objective for one scale; returns (loss scalar, B×1×H×W mask of pixels used).
+
+    warped: each source frame inverse-warped into the target view, sources: the unwarped source frames,
+    target: I_i (all B×3×H×W). Per pixel, the minimum error over the warped sources is taken (a pixel
+    occluded in one neighbour is usually visible in the other) or the mean when ``min_reprojection`` is
+    off. Auto-masking adds the *unwarped* sources as candidates: a pixel they explain better than any
+    warp (a static background, a face moving with the camera) is ignored instead of pushing the depth to
+    infinity. A tiny random offset on the identity errors breaks exact ties, as in monodepth2.
+    """
+    errors = torch.cat([photometric_error(w, target, alpha) for w in warped], dim=1)  # B×S×H×W
+    reproj = errors.min(dim=1, keepdim=True)[0] if min_reprojection else errors.mean(1, keepdim=True)
+    if not automask:
+        return reproj.mean(), torch.ones_like(reproj)
+    identity = torch.cat([photometric_error(s, target, alpha) for s in sources], dim=1)
+    noise = torch.randn(identity.shape, generator=generator, dtype=identity.dtype) * 1e-5
+    identity = identity + noise.to(identity.device)
+    identity_min = identity.min(dim=1, keepdim=True)[0]
+    combined = torch.cat([identity_min, reproj], dim=1)
+    best, which = combined.min(dim=1, keepdim=True)
+    return best.mean(), (which == 1).float()
+
+
+def edge_aware_smoothness(disp: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Edge-aware smoothness of a disparity map B×1×H×W given the image B×3×H×W (scalar).
+
+    The disparity is first divided by its per-image mean, so the loss cannot be lowered by shrinking
+    the whole depth range; its gradients are penalised except across image edges (weight exp(−|∂I|)).
+    """
+    disp = disp.float()
+    image = image.float()
+    disp = disp / (disp.mean(dim=(2, 3), keepdim=True) + 1e-7)
+    gdx = (disp[..., :, :-1] - disp[..., :, 1:]).abs()
+    gdy = (disp[..., :-1, :] - disp[..., 1:, :]).abs()
+    gix = (image[..., :, :-1] - image[..., :, 1:]).abs().mean(1, keepdim=True)
+    giy = (image[..., :-1, :] - image[..., 1:, :]).abs().mean(1, keepdim=True)
+    return (gdx * torch.exp(-gix)).mean() + (gdy * torch.exp(-giy)).mean()
+
+
+# ============================================================================== perceptual loss
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's vgg19 "features" layout up to relu5_1 (index 29): channel counts of the convs, "M" = pool.
+_VGG19_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512)
+# Outputs taken after relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 (indices in ``features``), as FOMM.
+_VGG19_TAPS = (1, 6, 11, 20, 29)
+
+
+class VGG19Features(nn.Module):
+    """VGG19 (Simonyan & Zisserman) up to relu5_1: B×3×H×W in [0, 1] → 5 feature maps.
+
+    Maps: relu1_1 B×64×H×W, relu2_1 B×128×H/2×W/2, relu3_1 B×256×H/4×W/4, relu4_1 B×512×H/8×W/8,
+    relu5_1 B×512×H/16×W/16. ``features`` is an ``nn.Sequential`` with torchvision's indices, so a
+    torchvision ``vgg19`` state dict loads by name (``features.0.weight`` …); the classifier and the
+    layers after relu5_1 are not built. The net is frozen: it only measures, it is never trained.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for item in _VGG19_LAYOUT:
+            if item == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(in_ch, int(item), kernel_size=3, padding=1), nn.ReLU(inplace=False)]
+                in_ch = int(item)
+        self.features = nn.Sequential(*layers)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = (x - self.mean) / self.std
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in _VGG19_TAPS:
+                out.append(x)
+        return out
+
+
+class VGGWeightsError(UserError, ValueError):
+    """The configured VGG19 weights file is missing or is not a torchvision-format VGG19."""
+
+
+def load_vgg19(path: str | Path) -> VGG19Features:
+    """VGG19 features with weights from a LOCAL torchvision-format file (``.pth`` state dict as
+    torchvision saves it, e.g. vgg19-dcbb9e9d.pth, or a ``.safetensors`` with the same keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VGGWeightsError(f"VGG19 weights {path} do not exist (dagan.vgg19_weights in the config)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unreadable file is the user's to fix
+        raise VGGWeightsError(f"{path} could not be read as VGG19 weights ({exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    net = VGG19Features()
+    expected = net.state_dict()
+    problems = []
+    for key, value in expected.items():
+        if key not in state:
+            problems.append(f"missing {key}")
+        elif tuple(state[key].shape) != tuple(value.shape):
+            problems.append(f"{key} has shape {list(state[key].shape)}, VGG19 needs {list(value.shape)}")
+    if problems:
+        raise VGGWeightsError(f"{path} is not a torchvision VGG19 state dict: " + "; ".join(problems[:4]))
+    net.load_state_dict({k: state[k] for k in expected}, strict=True)
+    return net.eval()
+
+
+class ImagePyramid(nn.Module):
+    """B×C×H×W → {scale: anti-aliased downscaled image} for each scale (1, 0.5, 0.25, 0.125 …)."""
+
+    def __init__(self, scales: Sequence[float], channels: int = 3) -> None:
+        super().__init__()
+        self.scales = tuple(float(s) for s in scales)
+        self.downs = nn.ModuleList(AntiAliasInterpolation2d(channels, s) for s in self.scales)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [down(x) for down in self.downs]
+
+
+class PyramidPerceptualLoss(nn.Module):
+    """L_P (paper eq. 11): Σ over pyramid scales, Σ over VGG19 taps of mean |φ(G_i) − φ(R_i)|.
+
+    prediction, target: B×3×H×W in [0, 1] → scalar. Target features carry no gradient.
+    """
+
+    name = "vgg19-pyramid"
+
+    def __init__(self, vgg: VGG19Features, scales: Sequence[float]) -> None:
+        super().__init__()
+        self.vgg = vgg
+        self.pyramid = ImagePyramid(scales)
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = prediction.new_zeros((), dtype=torch.float32)
+        for p, t in zip(self.pyramid(prediction.float()), self.pyramid(target.float()), strict=True):
+            with torch.no_grad():
+                t_feats = self.vgg(t)
+            for pf, tf in zip(self.vgg(p), t_feats, strict=True):
+                total = total + (pf.float() - tf.float()).abs().mean()
+        return total
+
+
+class PixelPyramidSubstituteLoss(nn.Module):
+    """SUBSTITUTE for L_P when no ImageNet VGG19 weights are available ("pixel-pyramid-l1-grad").
+
+    Σ over the same pyramid scales of mean |R − G| + mean |∂x R − ∂x G| + mean |∂y R − ∂y G|. The
+    gradient terms keep some of the edge sensitivity a perceptual loss gives, but this is NOT a
+    perceptual loss: it has no learned features and expect blurrier results than with VGG19. It is
+    deterministic and needs no download; the trainer announces it at start and records its name in
+    every checkpoint (``perceptual_loss`` metadata).
+    """
+
+    name = "pixel-pyramid-l1-grad (substitute: no VGG19 weights configured)"
+
+    def __init__(self, scales: Sequence[float]) -> None:
+        super().__init__()
+        self.pyramid = ImagePyramid(scales)
+
+    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        total = prediction.new_zeros((), dtype=torch.float32)
+        for p, t in zip(self.pyramid(prediction.float()), self.pyramid(target.float()), strict=True):
+            total = total + (p - t).abs().mean()
+            total = total + ((p[..., :, 1:] - p[..., :, :-1]) - (t[..., :, 1:] - t[..., :, :-1])).abs().mean()
+            total = total + ((p[..., 1:, :] - p[..., :-1, :]) - (t[..., 1:, :] - t[..., :-1, :])).abs().mean()
+        return total
+
+
+def build_perceptual_loss(vgg19_weights: str, scales: Sequence[float]) -> nn.Module:
+    """VGG19 pyramid loss when a weights path is given, else the named substitute (the caller warns)."""
+    if vgg19_weights:
+        return PyramidPerceptualLoss(load_vgg19(vgg19_weights), scales)
+    return PixelPyramidSubstituteLoss(scales)
+
+
+# ======================================================================================= GAN loss
+
+
+def lsgan_generator_loss(fake_scores: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Least-squares GAN, generator side: mean (1 − D(fake))², summed over discriminator scales."""
+    return sum(((1 - s.float()) ** 2).mean() for s in fake_scores)
+
+
+def lsgan_discriminator_loss(
+    real_scores: Sequence[torch.Tensor], fake_scores: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Least-squares GAN, discriminator side: mean (1 − D(real))² + D(fake)², summed over scales."""
+    return sum(
+        ((1 - r.float()) ** 2).mean() + (f.float() ** 2).mean()
+        for r, f in zip(real_scores, fake_scores, strict=True)
+    )
+
+
+def feature_matching_loss(
+    real_features: Sequence[Sequence[torch.Tensor]], fake_features: Sequence[Sequence[torch.Tensor]]
+) -> torch.Tensor:
+    """pix2pixHD feature matching: Σ over scales and discriminator layers of mean |D_l(real) − D_l(fake)|,
+    the real side detached (it is a target for the generator)."""
+    total = 0.0
+    for reals, fakes in zip(real_features, fake_features, strict=True):
+        for r, f in zip(reals, fakes, strict=True):
+            total = total + (r.detach().float() - f.float()).abs().mean()
+    return total
+
+
+# ================================================================================== equivariance
+
+
+class RandomTransform:
+    """A random smooth warp T of the [-1, 1] image plane: affine + thin-plate spline (per batch item).
+
+    T(z) = A z + b + Σ_k w_k φ(|z − c_k|), φ(r) = r² log r, with A = I + N(0, σ_affine) (2×2), b ~ N(0,
+    σ_affine), control points c_k on a ``points × points`` grid over [-1, 1] and 2-D weights w_k ~ N(0,
+    σ_tps). T maps a position in the transformed image to the position in the original image it
+    shows, i.e. I_T(z) = I(T(z)), which is what ``grid_sample`` needs; a keypoint x of I therefore
+    appears in I_T at the z with T(z) = x, and equivariance asks T(kp(I_T)) = kp(I).
+
+    All parameters are drawn from ``generator`` so that a training step is reproducible on resume.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        sigma_affine: float = 0.05,
+        sigma_tps: float = 0.005,
+        points: int = 5,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        noise = torch.randn(batch, 2, 3, generator=generator) * sigma_affine
+        self.affine = (noise + torch.eye(2, 3)).to(device)  # B×2×3
+        self.control_points = make_coordinate_grid(points, points).view(-1, 2).to(device)  # P×2
+        self.control_params = (torch.randn(batch, points * points, 2, generator=generator) * sigma_tps).to(
+            device
+        )  # B×P×2
+
+    def warp_coordinates(self, coords: torch.Tensor) -> torch.Tensor:
+        """coords B×N×2 (x, y) → T(coords) B×N×2."""
+        coords = coords.float()
+        a, b = self.affine[:, :, :2], self.affine[:, :, 2]
+        out = coords @ a.transpose(1, 2) + b[:, None]
+        diff = coords[:, :, None, :] - self.control_points[None, None]  # B×N×P×2
+        r2 = (diff**2).sum(-1)
+        phi = 0.5 * r2 * torch.log(r2 + 1e-9)  # r² log r
+        return out + phi @ self.control_params
+
+    def jacobian(self, coords: torch.Tensor) -> torch.Tensor:
+        """dT/dz at coords B×N×2 → B×N×2×2 (analytic: A + Σ_k w_k (2 log r_k + 1)(z − c_k)ᵀ)."""
+        coords = coords.float()
+        diff = coords[:, :, None, :] - self.control_points[None, None]  # B×N×P×2
+        r2 = (diff**2).sum(-1)
+        coef = torch.log(r2 + 1e-9) + 1.0  # 2 log r + 1
+        # Σ_k w_k ⊗ coef_k diff_k : B×N×2×2 with [i, j] = Σ_k w_k,i coef_k diff_k,j
+        tps = torch.einsum("bpi,bnp,bnpj->bnij", self.control_params, coef, diff)
+        return self.affine[:, None, :, :2] + tps
+
+    def transform_frame(self, image: torch.Tensor) -> torch.Tensor:
+        """I_T(z) = I(T(z)) for B×C×H×W images (grid in the keypoints' align_corners=True frame)."""
+        b, _, h, w = image.shape
+        grid = make_coordinate_grid(h, w, like=image.float()).view(1, h * w, 2).expand(b, -1, -1)
+        warped = self.warp_coordinates(grid).view(b, h, w, 2)
+        return F.grid_sample(
+            image, warped.to(image.dtype), mode="bilinear", padding_mode="reflection", align_corners=True
+        )
+
+
+def equivariance_losses(
+    kp_value: torch.Tensor,
+    kp_jacobian: torch.Tensor | None,
+    kp_t_value: torch.Tensor,
+    kp_t_jacobian: torch.Tensor | None,
+    transform: RandomTransform,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Equivariance (paper eq. 12, FOMM): keypoints of I vs keypoints of I_T mapped back by T.
+
+    kp_value B×K×2 (of I), kp_t_value B×K×2 (of I_T), Jacobians B×K×2×2 or None. Returns
+    (mean |x − T(x_T)|, mean |1 − J⁻¹ · dT(x_T) · J_T| or None without Jacobians). The value term is
+    the mean rather than eq. 12's sum over K, so its scale does not depend on the number of keypoints.
+    """
+    value = (kp_value.float() - transform.warp_coordinates(kp_t_value)).abs().mean()
+    if kp_jacobian is None or kp_t_jacobian is None:
+        return value, None
+    mapped = transform.jacobian(kp_t_value) @ kp_t_jacobian.float()  # B×K×2×2
+    product = inverse_2x2(kp_jacobian.float()) @ mapped
+    eye = torch.eye(2, dtype=product.dtype, device=product.device)
+    return value, (eye - product).abs().mean()
+
+
+def keypoint_distance_loss(
+    kp_value: torch.Tensor, threshold: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keypoint distance loss L_D (paper eq. 13) for keypoints B×K×2; returns (loss, eq. 13 value).
+
+    Eq. 13 charges 1 − sign(‖x_i − x_j‖₁ − α) per pair i ≠ j: 2 for a pair closer than α, 0 otherwise.
+    A sign has zero gradient everywhere, so optimised as written it would never move a keypoint. The
+    returned loss is its hinge form, 2·max(0, 1 − ‖x_i − x_j‖₁/α): equal to eq. 13 at distance 0 and
+    from α on, linear in between, so it pushes crowded pairs apart. Both are averaged over pairs and
+    batch (eq. 13 sums; the mean keeps the scale independent of K). The second value is eq. 13 itself
+    (no gradient), for logging.
+    """
+    kp = kp_value.float()
+    k = kp.shape[1]
+    if k < 2:
+        zero = kp.new_zeros(())
+        return zero, zero
+    dist = (kp[:, :, None, :] - kp[:, None, :, :]).abs().sum(-1)  # B×K×K, L1
+    off_diag = ~torch.eye(k, dtype=torch.bool, device=kp.device)
+    dist = dist[:, off_diag]  # B×K(K−1)
+    hinge = 2.0 * torch.clamp(1.0 - dist / max(threshold, 1e-12), min=0.0)
+    with torch.no_grad():
+        sign_form = (1.0 - torch.sign(dist - threshold)).mean()
+    return hinge.mean(), sign_form
+
+
+def gradient_norm(parameters) -> float:
+    """Global L2 norm of the gradients (for logging when clipping is off)."""
+    norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+__all__ = [
+    "ImagePyramid",
+    "PixelPyramidSubstituteLoss",
+    "PyramidPerceptualLoss",
+    "RandomTransform",
+    "VGG19Features",
+    "VGGWeightsError",
+    "build_perceptual_loss",
+    "edge_aware_smoothness",
+    "equivariance_losses",
+    "feature_matching_loss",
+    "keypoint_distance_loss",
+    "load_vgg19",
+    "lsgan_discriminator_loss",
+    "lsgan_generator_loss",
+    "photometric_error",
+    "reprojection_loss",
+    "ssim_distance",
+]
