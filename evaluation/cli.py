@@ -30,6 +30,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_depth(args: argparse.Namespace) -> int:
+    import json
+
+    from .depth_gt import evaluate_depth, markdown
+
+    result = evaluate_depth(args.checkpoint, args.data, frame_stride=args.frame_stride)
+    print(markdown(result), end="")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def _cmd_fetch(args: argparse.Namespace) -> int:
     from .assets import default_assets_dir, fetch_eval_assets
 
@@ -62,6 +75,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
+
+    p = subparsers.add_parser(
+        "eval-depth", help="predicted vs ground-truth depth on `dagan synth` clips (scale-invariant)"
+    )
+    p.add_argument("--checkpoint", required=True, help="a depth-stage or full checkpoint")
+    p.add_argument("--data", required=True, help="folder of synth clips (e.g. ROOT/test)")
+    p.add_argument("--frame-stride", type=int, default=4)
+    p.add_argument("--json", help="also write the result as JSON")
+    p.set_defaults(func=_cmd_eval_depth)
 
     p = subparsers.add_parser(
         "fetch-eval-assets", help="data preparation: fetch face-api's identity/expression weights with npm"
