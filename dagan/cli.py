@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "evaluation.cli",
     "dagan.synth.cli",
     "training.cli",
+    "export.cli",
 )
 
 

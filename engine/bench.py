@@ -1,16 +1,31 @@
-"""Per-frame latency benchmark: cached engine path vs. the uncached full forward, same run, same machine.
+"""``dagan bench``: per-frame latency and multi-stream throughput of every backend available here.
 
-Reports median and p99 latency and frames per second, and names the machine, so every performance figure
-in the docs can be reproduced with ``dagan bench``. Weights do not change the cost of a forward pass, so
-presets can be timed without trained weights (randomly initialised, and the report says so).
+For each model it reports, in one run on one machine (named in the output):
+
+- the cached PyTorch path vs. the uncached full forward (the source branch recomputed every frame, as
+  the reference DaGAN demo does), so the cache's speedup is a measured ratio;
+- for each available backend × precision (torch fp32 / fp16 / fp16+channels_last+CUDA graphs on a GPU,
+  onnxruntime, tensorrt): p50/p99 latency and fps at batch 1, then throughput at batch 1, 2, 4, 8, 16, 32
+  (frames/s and how many concurrent 30-fps streams that is), and peak memory;
+- the FLOPs of the per-frame path (and of the uncached forward), so fps can be set against a device's
+  peak FLOP/s.
+
+Weights do not change the cost of a forward pass, so presets are timed with random weights (the report
+says so). The JSON written with ``--json`` holds everything printed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import platform
+import resource
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +58,25 @@ def machine_description(device: torch.device) -> dict[str, str | int]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = str(torch.version.cuda)
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+        info["driver"] = _nvidia_driver()
+    for mod in ("onnxruntime", "tensorrt"):
+        with contextlib.suppress(ImportError):
+            info[mod] = __import__(mod).__version__
     return info
+
+
+def _nvidia_driver() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return "unknown"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=False,
+        )  # fmt: skip
+        return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _stats(samples_s: list[float]) -> dict[str, float]:
@@ -106,30 +139,189 @@ def bench_model(model: DaGAN, label: str, frames: int = 20, warmup: int = 3, dev
     return result
 
 
-def run_bench(
-    presets: list[str], checkpoint: str | None, frames: int, warmup: int, device: str, out: str | None
-) -> list[dict]:
-    results = []
-    if checkpoint:
-        results.append(
-            bench_model(load_model(checkpoint), f"checkpoint {checkpoint}", frames, warmup, device)
+BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+def count_flops(model: DaGAN) -> dict[str, float]:
+    """FLOPs (2 × multiply-accumulates of convolutions, matmuls and attention, as counted by
+    ``torch.utils.flop_counter``; element-wise ops are not counted) of one frame at batch 1."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from export.graphs import FrameGraph, example_inputs
+
+    model = model.to("cpu", torch.float32).eval()
+    feed = example_inputs(model, "frame", batch=1)
+    size = model.config.image_size
+    out = {}
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as fc:
+            FrameGraph(model)(*feed.values())
+        out["per_frame_gflops"] = fc.get_total_flops() / 1e9
+        with FlopCounterMode(display=False) as fc:
+            model.encode_source(torch.rand(1, 3, size, size))
+        out["source_encode_gflops"] = fc.get_total_flops() / 1e9
+        with FlopCounterMode(display=False) as fc:
+            model(torch.rand(1, 3, size, size), torch.rand(1, 3, size, size))
+        out["uncached_forward_gflops"] = fc.get_total_flops() / 1e9
+    return out
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def _variants(device: torch.device) -> list[tuple[str, str, dict]]:
+    """(backend, precision, options) worth timing on this device, from the installed runtimes."""
+    import importlib.util
+
+    out: list[tuple[str, str, dict]] = [("torch", "fp32", {})]
+    if device.type == "cuda":
+        out += [("torch", "fp16", {}), ("torch", "fp16", {"channels_last": True, "cuda_graphs": True})]
+    if importlib.util.find_spec("onnxruntime") is not None:
+        out.append(("onnxruntime", "fp32", {}))
+    if device.type == "cuda" and importlib.util.find_spec("tensorrt") is not None:
+        out.append(("tensorrt", "fp16", {}))
+    return out
+
+
+def _make_engine(model, backend, precision, options, device, workdir: Path):
+    if backend == "torch":
+        return TorchEngine(model, device=device, precision=precision, **options)
+    onnx_dir = workdir / "onnx"
+    if not (onnx_dir / "manifest.json").is_file():
+        from export.onnx_export import export_model
+
+        export_model(model, onnx_dir, progress=False)
+    if backend == "onnxruntime":
+        from .onnx_backend import OnnxRuntimeEngine
+
+        return OnnxRuntimeEngine(onnx_dir, device=device, precision=precision)
+    from .trt_backend import TensorRTEngine
+
+    return TensorRTEngine.from_path(
+        onnx_dir, device=device, precision=precision, max_batch=max(BATCHES), cache_dir=workdir
+    )
+
+
+def bench_backend(engine, frames: int, warmup: int, batches: tuple[int, ...], device: torch.device) -> dict:
+    """Latency at batch 1 and throughput at each batch size (B sessions, one frame each per call)."""
+    size = engine.image_size
+    rng = np.random.default_rng(1)
+    sources = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(4)]
+    drivers = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(4)]
+    engine.set_source(sources[0])
+    i = [0]
+
+    def one() -> None:
+        engine.animate(drivers[i[0] % 4])
+        i[0] += 1
+
+    result = {"latency": _stats(_time(one, frames, warmup, device)), "throughput": []}
+    for b in batches:
+        sessions = [engine.new_session(sources[k % 4]) for k in range(b)]
+        batch_frames = [drivers[k % 4] for k in range(b)]
+        reps = max(2, math.ceil(frames / b))  # about ``frames`` frames per batch size, at least 2 calls
+        samples = _time(lambda s=sessions, f=batch_frames: engine.animate_batch(s, f), reps, 1, device)
+        ms = statistics.median(samples) * 1000
+        fps = b * 1000 / ms
+        result["throughput"].append(
+            {
+                "batch": b,
+                "batch_ms": ms,
+                "fps": fps,
+                "streams_30fps": int(fps // 30),
+                "realtime": ms <= 1000 / 30,  # can each stream of the batch get 30 fps at this size?
+            }
         )
+    result["peak_memory_mb"] = _peak_memory_mb(device)
+    return result
+
+
+def run_bench(
+    presets: list[str],
+    checkpoint: str | None,
+    frames: int,
+    warmup: int,
+    device: str,
+    out: str | None,
+    backends: list[str] | None = None,
+    batches: tuple[int, ...] | None = None,
+) -> list[dict]:
+    """Benchmark each model on every available backend. ``backends`` / ``batches`` restrict the sweep
+    (also from the environment: ``DAGAN_BENCH_BACKENDS=torch,onnxruntime``, ``DAGAN_BENCH_BATCHES=1,4``)."""
+    if backends is None and os.environ.get("DAGAN_BENCH_BACKENDS"):
+        backends = os.environ["DAGAN_BENCH_BACKENDS"].split(",")
+    if batches is None:
+        env = os.environ.get("DAGAN_BENCH_BATCHES")
+        batches = tuple(int(x) for x in env.split(",")) if env else BATCHES
+    models: list[tuple[str, DaGAN]] = []
+    if checkpoint:
+        models.append((f"checkpoint {checkpoint}", load_model(checkpoint)))
     for name in presets:
         torch.manual_seed(0)
-        label = f"preset {name} (random init: latency does not depend on weights)"
-        results.append(bench_model(DaGAN(load_config(name)), label, frames, warmup, device))
-    for r in results:
-        m = r["machine"]
-        where = f"{m['device']} ({m.get('gpu', m['cpu'])})"
-        print(f"{r['model']}: {r['parameters'] / 1e6:.2f} M parameters on {where}")
-        for mode in ("cached", "uncached"):
-            s = r[mode]
-            print(
-                f"  {mode:9s} median {s['median_ms']:8.1f} ms   p99 {s['p99_ms']:8.1f} ms   "
-                f"{s['fps']:7.2f} fps   ({s['frames']} frames)"
-            )
-        print(f"  cache speedup (median): {r['speedup']:.2f}x")
+        models.append(
+            (f"preset {name} (random init: latency does not depend on weights)", DaGAN(load_config(name)))
+        )
+    results = []
+    for label, model in models:
+        flops = count_flops(model)
+        r = bench_model(model, label, frames, warmup, device)
+        r["flops"] = flops
+        dev = torch.device(r["machine"]["device"])
+        r["backends"], r["errors"] = [], {}
+        with tempfile.TemporaryDirectory(prefix="dagan-bench-") as tmp:
+            for backend, precision, options in _variants(dev):
+                if backends and backend not in backends:
+                    continue
+                name = f"{backend} {precision}" + "".join(f" +{k}" for k in options)
+                try:
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    engine = _make_engine(model, backend, precision, options, str(dev), Path(tmp))
+                    entry = {"name": name, "backend": backend, "precision": precision, "options": options}
+                    entry.update(bench_backend(engine, frames, warmup, batches, dev))
+                    r["backends"].append(entry)
+                    del engine
+                except Exception as exc:  # one backend failing must not hide the others' numbers
+                    r["errors"][name] = f"{type(exc).__name__}: {exc}"
+        _print(r)
+        results.append(r)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=2))
     return results
+
+
+def _print(r: dict) -> None:
+    m = r["machine"]
+    where = (
+        f"{m['device']} ({m.get('gpu', m['cpu'])}, {m['cpu_count']} CPUs, torch {m['torch_threads']} threads)"
+    )
+    f = r["flops"]
+    print(f"{r['model']}: {r['parameters'] / 1e6:.2f} M parameters on {where}")
+    print(
+        f"  FLOPs per frame: {f['per_frame_gflops']:.2f} G cached path, {f['uncached_forward_gflops']:.2f} G "
+        f"uncached forward (source encode {f['source_encode_gflops']:.2f} G)"
+    )
+    for mode in ("cached", "uncached"):
+        s = r[mode]
+        print(
+            f"  torch {mode:9s} median {s['median_ms']:8.1f} ms   p99 {s['p99_ms']:8.1f} ms   "
+            f"{s['fps']:7.2f} fps   ({s['frames']} frames)"
+        )
+    print(f"  cache speedup (median): {r['speedup']:.2f}x")
+    for b in r["backends"]:
+        s = b["latency"]
+        print(
+            f"  {b['name']:40s} p50 {s['median_ms']:8.1f} ms  p99 {s['p99_ms']:8.1f} ms  "
+            f"{s['fps']:7.2f} fps  peak {b['peak_memory_mb']:.0f} MB"
+        )
+        row = "  ".join(
+            f"B{t['batch']}: {t['fps']:.1f} fps/{t['streams_30fps']} str" for t in b["throughput"]
+        )
+        print(f"    throughput  {row}")
+    for name, err in r["errors"].items():
+        print(f"  {name}: not measured ({err})")

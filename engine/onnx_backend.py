@@ -1,0 +1,303 @@
+"""ONNX Runtime backend, and the graph-engine logic it shares with the TensorRT backend.
+
+A graph backend runs the exported graphs (:mod:`export.graphs`): ``source_encoder`` once per source, and
+per frame the fused ``frame`` graph (driving depth → keypoints → relative transfer → generator). Relative
+motion needs a reference pose per stream; that is the only time the separate ``depth`` and ``keypoints``
+graphs run (the first frame of a relative stream and after :meth:`~engine.base.Session.reset_reference`),
+because the movement scale comes from a convex hull, which is host code. Doing the transfer itself inside
+the frame graph (rather than running keypoints → host → generator each frame) keeps the steady state at
+one call per batch, with the per-stream reference kept as ordinary input tensors: no host round trip for
+the keypoints, and absolute and relative streams can share a batch.
+
+Pre/post-processing (uint8 HWC ↔ float CHW) is done with torch on the runner's device, as in the PyTorch
+backend; on CUDA the ONNX Runtime runner binds torch buffers directly (I/O binding), so a frame moves
+only its input image to the device and its output image back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from dagan.nets.keypoints import Keypoints
+
+from .base import Engine, EngineError, FrameResult, Session
+from .torch_backend import (
+    depth_to_images,
+    ensure_references,
+    images_to_tensor,
+    motion_inputs,
+    resolve_device,
+    tensor_to_images,
+)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
+
+
+def io_shapes(specs: list[dict[str, Any]], batch: int) -> dict[str, tuple[int, ...]]:
+    """Manifest tensor specs (shape with ``"batch"`` first) → concrete shapes for a batch size."""
+    out = {}
+    for spec in specs:
+        shape = spec["shape"]
+        if shape[0] != "batch" or not all(isinstance(d, int) for d in shape[1:]):
+            raise EngineError(f"tensor {spec['name']!r} has shape {shape}; expected ['batch', int, ...]")
+        out[spec["name"]] = (batch, *shape[1:])
+    return out
+
+
+class GraphRunner(Protocol):
+    """Runs one named graph on tensors that live on ``device``."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def run(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+class GraphEngine(Engine):
+    """The engine API over a :class:`GraphRunner` and an export manifest."""
+
+    def __init__(self, manifest: dict[str, Any], runner: GraphRunner) -> None:
+        super().__init__()
+        self.manifest = manifest
+        self.runner = runner
+        self.device = runner.device
+        self.image_size = int(manifest["image_size"])
+        graphs = manifest["graphs"]
+        for needed in ("source_encoder", "frame", "keypoints"):
+            if needed not in graphs:
+                raise EngineError(f"the export has no {needed!r} graph; re-run `dagan export onnx`")
+        self.frame_inputs = [s["name"] for s in graphs["frame"]["inputs"]]
+        self.cached = [
+            n for n in self.frame_inputs if n.startswith(("source_", "motion_")) and n != "motion_scale"
+        ]
+        self.jacobian = "kp_reference_jacobian" in self.frame_inputs
+        self.num_kp = int(manifest["config"]["keypoints"]["num_kp"])
+        self.kp_inputs = [s["name"] for s in graphs["keypoints"]["inputs"]]
+        self._batch_key: tuple[Session, ...] = ()
+        self._batch_cached: dict[str, torch.Tensor] = {}
+
+    def _to_tensor(self, images: list[np.ndarray], what: str) -> torch.Tensor:
+        return images_to_tensor(images, what, self.device, self.runner.dtype, self.image_size)
+
+    def new_session(self, source_image: np.ndarray, relative: bool = False) -> Session:
+        with torch.inference_mode():
+            out = self.runner.run(
+                "source_encoder", {"source": self._to_tensor([source_image], "source image")}
+            )
+        depth = out.get("source_depth")
+        depth_vis = depth_to_images(depth)[0] if depth is not None else None
+        return Session(source=out, relative=relative, source_depth=depth_vis)
+
+    def driving_keypoints(self, driving: torch.Tensor) -> Keypoints:
+        """B×3×H×W → keypoints via the depth and keypoint graphs (used for relative references)."""
+        feed = {"image": driving}
+        if "depth" in self.kp_inputs:
+            feed["depth"] = self.runner.run("depth", {"image": driving})["depth"]
+        out = self.runner.run("keypoints", feed)
+        return Keypoints(out["kp_value"], out.get("kp_jacobian"))
+
+    def _cached_batch(self, sessions: list[Session]) -> dict[str, torch.Tensor]:
+        """The sessions' cached tensors stacked along the batch; reused while the session list is the
+        same (the multi-stream steady state), so a frame does not re-copy every source's features."""
+        key = tuple(sessions)
+        if len(key) != len(self._batch_key) or any(
+            a is not b for a, b in zip(key, self._batch_key, strict=False)
+        ):
+            if len(sessions) == 1:
+                self._batch_cached = {n: sessions[0].source[n] for n in self.cached}
+            else:
+                self._batch_cached = {n: torch.cat([s.source[n] for s in sessions]) for n in self.cached}
+            self._batch_key = key
+        return self._batch_cached
+
+    def animate_batch(
+        self, sessions: list[Session], frames: list[np.ndarray], return_depth: bool = False
+    ) -> list[FrameResult]:
+        if len(sessions) != len(frames):
+            raise EngineError(f"animate_batch got {len(sessions)} sessions but {len(frames)} frames")
+        if not sessions:
+            return []
+        for s in sessions:
+            if not isinstance(s.source, dict):
+                raise EngineError(
+                    f"session was created by another backend; this is the {self.backend} engine"
+                )
+        with torch.inference_mode():
+            driving = self._to_tensor(frames, "driving frame")
+            ensure_references(
+                sessions,
+                driving,
+                self.driving_keypoints,
+                lambda s: Keypoints(s.source["source_kp_value"], s.source.get("source_kp_jacobian")),
+            )
+            feed = {"driving": driving, **self._cached_batch(sessions)}
+            feed.update(motion_inputs(sessions, self.num_kp, self.jacobian, self.device, self.runner.dtype))
+            out = self.runner.run("frame", {n: feed[n] for n in self.frame_inputs})
+        images = tensor_to_images(out["prediction"])
+        depth_d = out.get("driving_depth")
+        depths = depth_to_images(depth_d) if (return_depth and depth_d is not None) else [None] * len(images)
+        return [FrameResult(img, dep) for img, dep in zip(images, depths, strict=True)]
+
+
+def choose_providers(device: torch.device, available: list[str], tensorrt: bool = False) -> list[str]:
+    """Execution providers in preference order for a device (CPU always last as the fallback)."""
+    if device.type == "cpu":
+        return ["CPUExecutionProvider"]
+    wanted = (["TensorrtExecutionProvider"] if tensorrt else []) + ["CUDAExecutionProvider"]
+    chosen = [p for p in wanted if p in available]
+    if not chosen:
+        raise EngineError(
+            "onnxruntime here has no CUDA execution provider (install onnxruntime-gpu) — use device 'cpu'"
+        )
+    return [*chosen, "CPUExecutionProvider"]
+
+
+class OrtRunner:
+    """onnxruntime sessions for each graph; numpy hand-off on CPU, torch-buffer I/O binding on CUDA."""
+
+    def __init__(
+        self,
+        onnx_dir: str | Path,
+        manifest: dict[str, Any],
+        device: torch.device,
+        threads: int | None = None,
+        tensorrt: bool = False,
+        fp16: bool = False,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.device = device
+        self.dtype = torch.float32
+        self.manifest = manifest
+        self.providers = choose_providers(device, ort.get_available_providers(), tensorrt)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        provider_options: list[dict[str, Any]] = []
+        for p in self.providers:
+            if p == "TensorrtExecutionProvider":
+                cache = str(Path(onnx_dir) / "ort-trt-cache")
+                provider_options.append(
+                    {"trt_fp16_enable": fp16, "trt_engine_cache_enable": True, "trt_engine_cache_path": cache}
+                )
+            elif p == "CUDAExecutionProvider":
+                provider_options.append({"device_id": device.index or 0})
+            else:
+                provider_options.append({})
+        self.sessions = {}
+        for graph, entry in manifest["graphs"].items():
+            if graph == "generator":
+                continue  # the frame graph contains it; the standalone graph is for other runtimes
+            self.sessions[graph] = ort.InferenceSession(
+                str(Path(onnx_dir) / entry["file"]),
+                opts,
+                providers=self.providers,
+                provider_options=provider_options,
+            )
+        self.provider = self.sessions["frame"].get_providers()[0]
+
+    def run(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        sess = self.sessions[graph]
+        outputs = self.manifest["graphs"][graph]["outputs"]
+        if self.device.type == "cpu":
+            res = sess.run(None, {k: v.detach().contiguous().numpy() for k, v in inputs.items()})
+            return {spec["name"]: torch.from_numpy(r) for spec, r in zip(outputs, res, strict=True)}
+        batch = next(iter(inputs.values())).shape[0]
+        binding = sess.io_binding()
+        keep = []
+        for name, t in inputs.items():
+            t = t.contiguous()
+            keep.append(t)
+            binding.bind_input(name, "cuda", self.device.index or 0, np.float32, list(t.shape), t.data_ptr())
+        result = {}
+        for name, shape in io_shapes(outputs, batch).items():
+            buf = torch.empty(shape, device=self.device, dtype=torch.float32)
+            binding.bind_output(name, "cuda", self.device.index or 0, np.float32, list(shape), buf.data_ptr())
+            result[name] = buf
+        sess.run_with_iobinding(binding)
+        return result
+
+
+class OnnxRuntimeEngine(GraphEngine):
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        onnx_dir: str | Path,
+        device: str = "auto",
+        precision: str = "fp32",
+        threads: int | None = None,
+        tensorrt_provider: bool | None = None,
+    ) -> None:
+        from export.onnx_export import read_manifest
+
+        if precision not in ("fp32", "fp16"):
+            raise EngineError(f"precision must be fp32 or fp16, got {precision!r}")
+        dev = _ort_device(device)
+        trt = bool(tensorrt_provider) if tensorrt_provider is not None else precision == "fp16"
+        if precision == "fp16" and dev.type == "cpu":
+            raise EngineError("onnxruntime fp16 needs its TensorRT provider on a GPU; use fp32 on the CPU")
+        manifest = read_manifest(onnx_dir)
+        runner = OrtRunner(onnx_dir, manifest, dev, threads=threads, tensorrt=trt, fp16=precision == "fp16")
+        if precision == "fp16" and runner.provider != "TensorrtExecutionProvider":
+            raise EngineError(
+                "onnxruntime fp16 needs the TensorRT execution provider, which is not available"
+            )
+        super().__init__(manifest, runner)
+        self.precision = precision
+        self.provider = runner.provider
+
+
+def _ort_device(device: str) -> torch.device:
+    if device == "auto":
+        import onnxruntime as ort
+
+        gpu = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+        return torch.device("cuda" if gpu else "cpu")
+    return resolve_device(device)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DAGAN_CACHE", Path.home() / ".cache" / "dagan"))
+
+
+def onnx_dir_for(checkpoint: str | Path, cache_dir: str | Path | None = None, progress: bool = False) -> Path:
+    """An ONNX export of ``checkpoint``: the path itself if it is an export directory, else a cached
+    export keyed by the checkpoint's SHA-256 (exported on first use, locally — nothing is downloaded)."""
+    from export.onnx_export import export_onnx, file_sha256, read_manifest
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        read_manifest(path)
+        return path
+    if not path.is_file():
+        raise EngineError(f"checkpoint not found: {path}")
+    cached = cached_onnx_dir(path, cache_dir)
+    if cached is not None:
+        return cached
+    out = Path(cache_dir or default_cache_dir()) / "onnx" / file_sha256(path)[:16]
+    export_onnx(path, out, progress=progress)
+    return out
+
+
+def cached_onnx_dir(checkpoint: str | Path, cache_dir: str | Path | None = None) -> Path | None:
+    """The cached export of ``checkpoint`` if one exists and matches its SHA-256, else None."""
+    from export.onnx_export import ExportError, file_sha256, read_manifest
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        return None
+    sha = file_sha256(path)
+    out = Path(cache_dir or default_cache_dir()) / "onnx" / sha[:16]
+    try:
+        return out if read_manifest(out).get("checkpoint_sha256") == sha else None
+    except ExportError:  # missing or broken cache entry: not ready
+        return None
