@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "dagan.synth.cli",
     "training.cli",
     "export.cli",
+    "server.cli",
 )
 
 

@@ -17,10 +17,11 @@ from helpers import make_model
 
 from dagan.cli import main
 from dagan.config import load_config
+from dagan.latest import LatestSlot
 from dagan.samples import astronaut, driving_frames, grace_hopper
 from engine.torch_backend import TorchEngine
 from vcam.io import IterableSource, MemorySink, VirtualCameraMissing, VirtualCameraSink, fit_frame
-from vcam.pipeline import CamRunner, Controls, LatestSlot, LocalAnimator
+from vcam.pipeline import CamRunner, Controls, LocalAnimator
 
 
 class PacedSource(IterableSource):
@@ -136,9 +137,12 @@ def test_latest_frame_wins_when_animation_is_slow():
 def test_latest_slot():
     slot = LatestSlot()
     assert slot.get(timeout=0.01) is None
-    slot.put(1)
-    slot.put(2)
-    assert slot.get(timeout=0.01) == 2 and slot.dropped == 1
+    assert slot.put(1) is False
+    assert slot.put(2) is True  # overwrote an unread item
+    assert slot.pending
+    assert slot.get(timeout=0.01) == 2 and slot.dropped == 1 and not slot.pending
+    slot.put(3)
+    assert slot.take() == 3 and slot.take() is None
     assert slot.get(timeout=0.01) is None
     slot.close()
     assert slot.get(timeout=1.0) is None

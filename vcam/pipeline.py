@@ -15,45 +15,11 @@ from typing import Protocol
 
 import numpy as np
 
+from dagan.latest import LatestSlot
+
 from .io import FrameSink, FrameSource, fit_frame
 
 log = logging.getLogger(__name__)
-
-
-class LatestSlot:
-    """A one-item mailbox: ``put`` replaces any unread item (counted in ``dropped``); ``get`` waits for
-    a new one. This is the latest-frame-wins rule in one place."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._item: object | None = None
-        self._fresh = False
-        self._closed = False
-        self.dropped = 0
-        self.put_count = 0
-
-    def put(self, item: object) -> None:
-        with self._cond:
-            if self._fresh:
-                self.dropped += 1
-            self._item, self._fresh = item, True
-            self.put_count += 1
-            self._cond.notify_all()
-
-    def get(self, timeout: float | None = None) -> object | None:
-        """The newest unread item, or None on timeout or after :meth:`close` with nothing unread."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._fresh or self._closed, timeout=timeout):
-                return None
-            if not self._fresh:
-                return None
-            self._fresh = False
-            return self._item
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
 
 
 class Animator(Protocol):
@@ -157,7 +123,7 @@ class CamRunner:
         self.source, self.sink, self.animator = source, sink, animator
         self.controls = controls or Controls()
         self.preview = preview
-        self.slot = LatestSlot()
+        self.slot: LatestSlot[np.ndarray] = LatestSlot()
         self.stats = CamStats()
         self._last_avatar: np.ndarray | None = None
 

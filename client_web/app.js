@@ -1,0 +1,213 @@
+// DaGAN live avatar: browser client (no build step). Talks to the server's JSON API and WebRTC.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  source: $("source"), file: $("file"), drop: $("drop"), sample: $("sample"),
+  local: $("local"), avatar: $("avatar"), start: $("start"), stop: $("stop"),
+  recalibrate: $("recalibrate"), depth: $("depth"), state: $("state"), stats: $("stats"),
+  message: $("message"), untrained: $("untrained"),
+};
+
+// Exposed for debugging and for the browser test.
+const state = (window.dagan = {
+  config: null, photo: null, sessionId: null, pc: null, channel: null, camera: null,
+  serverMs: null, framesFromServer: 0, noFaceFrames: 0, statsPrev: null, timer: null,
+});
+
+function show(text, kind = "info") {
+  ui.message.textContent = text;
+  ui.message.className = "banner" + (kind === "error" ? " error" : "");
+  ui.message.hidden = !text;
+}
+
+function setState(text) { ui.state.textContent = text; }
+
+class ApiError extends Error {
+  constructor(status, code, message) { super(message); this.status = status; this.code = code; }
+}
+
+async function api(method, path, body, headers = {}) {
+  const res = await fetch(path, { method, body, headers });
+  if (res.ok) return res.status === 204 ? null : res.json();
+  let info = { error: "http_error", message: `${method} ${path} failed (${res.status})` };
+  try { info = await res.json(); } catch (_) { /* not JSON */ }
+  throw new ApiError(res.status, info.error, info.message);
+}
+
+// What a person should read for each refusal (the server's message adds the details).
+function explain(err) {
+  if (err instanceof ApiError) {
+    if (err.code === "server_busy") return "Server busy: every session slot is in use. Please try again in a minute.";
+    if (err.code === "no_face") return "No face found in the photo. Choose a photo with one clearly visible, frontal face.";
+    return err.message;
+  }
+  if (err && (err.name === "NotAllowedError" || err.name === "SecurityError"))
+    return "Camera permission denied. Allow camera access for this page (address bar → site settings) and press Start again.";
+  if (err && (err.name === "NotFoundError" || err.name === "OverconstrainedError"))
+    return "No camera found. Connect a webcam and press Start again.";
+  if (err && err.name === "NotReadableError") return "The camera is in use by another application.";
+  return String(err && err.message ? err.message : err);
+}
+
+// ------------------------------------------------------------------------------------------ photo
+function setPhoto(blob) {
+  state.photo = blob;
+  ui.source.src = URL.createObjectURL(blob);
+  ui.start.disabled = !!state.pc;
+  if (state.sessionId) uploadPhoto().catch((e) => show(explain(e), "error"));
+}
+
+async function loadSample() {
+  const res = await fetch("/api/sample-source");
+  if (!res.ok) throw new Error("could not load the sample photo");
+  setPhoto(await res.blob());
+}
+
+async function uploadPhoto() {
+  const form = new FormData();
+  form.append("file", state.photo, state.photo.name || "photo.jpg");
+  await api("PUT", `/api/sessions/${state.sessionId}/source`, form);
+  show("");
+}
+
+ui.file.addEventListener("change", () => { if (ui.file.files[0]) setPhoto(ui.file.files[0]); });
+ui.sample.addEventListener("click", () => loadSample().catch((e) => show(explain(e), "error")));
+ui.drop.addEventListener("dragover", (e) => { e.preventDefault(); ui.drop.classList.add("over"); });
+ui.drop.addEventListener("dragleave", () => ui.drop.classList.remove("over"));
+ui.drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  ui.drop.classList.remove("over");
+  const f = e.dataTransfer.files[0];
+  if (f) setPhoto(f);
+});
+
+// ------------------------------------------------------------------------------------------- call
+function waitForIce(pc, ms = 3000) {
+  // The server takes one offer with every candidate in it (no trickle ICE).
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => { if (pc.iceGatheringState === "complete") { pc.removeEventListener("icegatheringstatechange", done); resolve(); } };
+    pc.addEventListener("icegatheringstatechange", done);
+    setTimeout(resolve, ms);
+  });
+}
+
+function onServerMessage(ev) {
+  let msg;
+  try { msg = JSON.parse(ev.data); } catch (_) { return; }
+  if (msg.type === "frame") {
+    state.framesFromServer += 1;
+    state.serverMs = state.serverMs === null ? msg.server_ms : 0.9 * state.serverMs + 0.1 * msg.server_ms;
+    state.noFaceFrames = msg.face ? 0 : state.noFaceFrames + 1;
+    if (state.noFaceFrames === 15) show("No face found in the camera picture: face the camera, with enough light.");
+    if (msg.face && ui.message.textContent.startsWith("No face found in the camera")) show("");
+  } else if (msg.type === "recalibrated") {
+    setState("recalibrated: your current pose is the neutral one");
+  } else if (msg.type === "error") {
+    show(msg.message, "error");
+  }
+}
+
+async function start() {
+  ui.start.disabled = true;
+  show("");
+  try {
+    setState("starting camera…");
+    state.camera = await navigator.mediaDevices.getUserMedia({ video: { width: 640, height: 480 }, audio: false });
+    ui.local.srcObject = state.camera;
+
+    setState("creating session…");
+    const session = await api("POST", "/api/sessions", JSON.stringify({ show_depth: ui.depth.checked }),
+      { "Content-Type": "application/json" });
+    state.sessionId = session.id;
+    setState("uploading photo…");
+    await uploadPhoto();
+
+    setState("connecting…");
+    const pc = (state.pc = new RTCPeerConnection({ iceServers: state.config.ice_servers }));
+    state.channel = pc.createDataChannel("control");
+    state.channel.onmessage = onServerMessage;
+    for (const track of state.camera.getVideoTracks()) pc.addTrack(track, state.camera);
+    pc.ontrack = (ev) => { ui.avatar.srcObject = ev.streams[0] || new MediaStream([ev.track]); };
+    pc.onconnectionstatechange = () => {
+      setState(pc.connectionState);
+      if (pc.connectionState === "failed") show("The connection to the server failed (network or firewall). Press Start to retry.", "error");
+    };
+    await pc.setLocalDescription(await pc.createOffer());
+    await waitForIce(pc);
+    const answer = await api("POST", `/api/sessions/${state.sessionId}/offer`,
+      JSON.stringify({ sdp: pc.localDescription.sdp, type: "offer" }), { "Content-Type": "application/json" });
+    await pc.setRemoteDescription(answer);
+    ui.stop.disabled = false;
+    ui.recalibrate.disabled = false;
+    state.timer = setInterval(updateStats, 1000);
+  } catch (err) {
+    show(explain(err), "error");
+    await stop(false);
+  }
+}
+
+async function stop(clearMessage = true) {
+  clearInterval(state.timer);
+  state.timer = null;
+  if (state.pc) state.pc.close();
+  if (state.camera) state.camera.getTracks().forEach((t) => t.stop());
+  if (state.sessionId) {
+    const id = state.sessionId;
+    state.sessionId = null;
+    fetch(`/api/sessions/${id}`, { method: "DELETE", keepalive: true }).catch(() => {});
+  }
+  Object.assign(state, { pc: null, channel: null, camera: null, statsPrev: null });
+  ui.local.srcObject = null;
+  ui.avatar.srcObject = null;
+  ui.start.disabled = !state.photo;
+  ui.stop.disabled = true;
+  ui.recalibrate.disabled = true;
+  setState("idle");
+  if (clearMessage) show("");
+}
+
+function send(msg) {
+  if (state.channel && state.channel.readyState === "open") state.channel.send(JSON.stringify(msg));
+}
+
+// fps from the decoded-frame counter, round trip from the ICE candidate pair (RTCP-based).
+async function updateStats() {
+  if (!state.pc) return;
+  const report = await state.pc.getStats();
+  let frames = null, rtt = null;
+  report.forEach((s) => {
+    if (s.type === "inbound-rtp" && s.kind === "video") frames = s.framesDecoded;
+    if (s.type === "candidate-pair" && s.nominated && s.state === "succeeded" && s.currentRoundTripTime !== undefined)
+      rtt = s.currentRoundTripTime;
+  });
+  const now = performance.now();
+  let fps = null;
+  if (frames !== null && state.statsPrev) fps = (frames - state.statsPrev.frames) / ((now - state.statsPrev.t) / 1000);
+  if (frames !== null) state.statsPrev = { frames, t: now };
+  const f = (v, d, unit) => (v === null || v === undefined ? "–" : v.toFixed(d) + unit);
+  ui.stats.textContent = `fps: ${f(fps, 1, "")}   round trip: ${f(rtt === null ? null : rtt * 1000, 0, " ms")}` +
+    `   server: ${f(state.serverMs, 0, " ms")} per frame`;
+}
+
+ui.start.addEventListener("click", start);
+ui.stop.addEventListener("click", () => stop());
+ui.recalibrate.addEventListener("click", () => send({ type: "recalibrate" }));
+ui.depth.addEventListener("change", () => send({ type: "show_depth", value: ui.depth.checked }));
+window.addEventListener("pagehide", () => {
+  if (state.sessionId) fetch(`/api/sessions/${state.sessionId}`, { method: "DELETE", keepalive: true });
+});
+
+(async function init() {
+  try {
+    state.config = await api("GET", "/api/config");
+    ui.untrained.hidden = !state.config.untrained;
+    if (!navigator.mediaDevices || !window.RTCPeerConnection)
+      show("This browser cannot use the camera here: open the page over https:// or on localhost.", "error");
+    await loadSample();
+    setState("ready: press Start camera");
+  } catch (err) {
+    show(explain(err), "error");
+  }
+})();

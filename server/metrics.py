@@ -1,0 +1,141 @@
+"""Prometheus text exposition (format 0.0.4) for the service, without a client library.
+
+The handful of series the service exports are updated from the event loop and the inference worker, so
+every update takes one lock; rendering copies under the same lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Seconds. Per-frame server latency on CPU is tens of milliseconds for the tiny preset and a few hundred
+# for the reference size, so the buckets span 5 ms to 2.5 s.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _fmt(value: float) -> str:
+    if value == float("inf"):
+        return "+Inf"
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
+
+
+class Histogram:
+    """Cumulative-bucket histogram; ``observe`` is O(log buckets)."""
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.buckets = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.buckets) + 1)  # last = +Inf overflow
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out, running = [], 0
+        for bound, n in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            running += n
+            out.append(f'{name}_bucket{{le="{_fmt(bound)}"}} {running}')
+        out.append(f"{name}_sum {_fmt(self.sum)}")
+        out.append(f"{name}_count {self.count}")
+        return out
+
+
+class Metrics:
+    """The service's counters. ``active_sessions`` is read live from a callback at render time."""
+
+    def __init__(self, backend: str, image_size: int, device: str, untrained: bool) -> None:
+        self._lock = threading.Lock()
+        self.info = {
+            "backend": backend,
+            "image_size": str(image_size),
+            "device": device,
+            "untrained": str(untrained).lower(),
+        }
+        self.active_sessions: Callable[[], int] = lambda: 0
+        self.max_sessions = 0
+        self.sessions_created = 0
+        self.sessions_rejected = 0
+        self.frames_in = 0
+        self.frames_out = 0
+        self.dropped = {"input": 0, "output": 0}
+        self.errors = 0
+        self.frame_latency = Histogram(LATENCY_BUCKETS)
+        self.inference = Histogram(LATENCY_BUCKETS)
+        self.batch = Histogram(BATCH_BUCKETS)
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + amount)
+
+    def drop(self, stage: str) -> None:
+        with self._lock:
+            self.dropped[stage] += 1
+
+    def observe_batch(self, size: int, infer_s: float) -> None:
+        with self._lock:
+            self.batch.observe(size)
+            self.inference.observe(infer_s)
+
+    def observe_frame(self, latency_s: float) -> None:
+        with self._lock:
+            self.frames_out += 1
+            self.frame_latency.observe(latency_s)
+
+    def render(self) -> str:
+        with self._lock:
+            labels = ",".join(f'{k}="{_escape(v)}"' for k, v in self.info.items())
+            lines = [
+                "# HELP dagan_engine_info The inference engine this server runs (value is always 1).",
+                "# TYPE dagan_engine_info gauge",
+                f"dagan_engine_info{{{labels}}} 1",
+                "# HELP dagan_active_sessions Sessions currently registered (connected or waiting).",
+                "# TYPE dagan_active_sessions gauge",
+                f"dagan_active_sessions {self.active_sessions()}",
+                "# HELP dagan_max_sessions Configured session cap; one more is answered 503.",
+                "# TYPE dagan_max_sessions gauge",
+                f"dagan_max_sessions {self.max_sessions}",
+                "# HELP dagan_sessions_created_total Sessions created since start.",
+                "# TYPE dagan_sessions_created_total counter",
+                f"dagan_sessions_created_total {self.sessions_created}",
+                "# HELP dagan_sessions_rejected_total Session requests refused because the server was full.",
+                "# TYPE dagan_sessions_rejected_total counter",
+                f"dagan_sessions_rejected_total {self.sessions_rejected}",
+                "# HELP dagan_frames_in_total Webcam frames received from peers.",
+                "# TYPE dagan_frames_in_total counter",
+                f"dagan_frames_in_total {self.frames_in}",
+                "# HELP dagan_frames_out_total Avatar frames handed to peers' outgoing tracks.",
+                "# TYPE dagan_frames_out_total counter",
+                f"dagan_frames_out_total {self.frames_out}",
+                "# HELP dagan_frames_dropped_total Frames replaced by a newer one before being used "
+                "(latest-frame-wins); stage=input: before inference, stage=output: before encoding.",
+                "# TYPE dagan_frames_dropped_total counter",
+                *(f'dagan_frames_dropped_total{{stage="{k}"}} {v}' for k, v in self.dropped.items()),
+                "# HELP dagan_worker_errors_total Frames or batches that failed in the inference worker.",
+                "# TYPE dagan_worker_errors_total counter",
+                f"dagan_worker_errors_total {self.errors}",
+                "# HELP dagan_frame_latency_seconds Server time per frame: webcam frame decoded to avatar "
+                "frame ready for encoding (queueing, face crop, inference, composition).",
+                "# TYPE dagan_frame_latency_seconds histogram",
+                *self.frame_latency.lines("dagan_frame_latency_seconds"),
+                "# HELP dagan_inference_seconds Duration of one batched engine call.",
+                "# TYPE dagan_inference_seconds histogram",
+                *self.inference.lines("dagan_inference_seconds"),
+                "# HELP dagan_batch_size Sessions animated together in one engine call.",
+                "# TYPE dagan_batch_size histogram",
+                *self.batch.lines("dagan_batch_size"),
+            ]
+        return "\n".join(lines) + "\n"

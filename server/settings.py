@@ -1,0 +1,106 @@
+"""Server configuration: one frozen dataclass, filled from CLI flags and ``DAGAN_*`` environment variables.
+
+Limits live here (not scattered as constants) so tests can shrink the timeouts and the session cap, and
+the documented defaults in docs/server.md are the ones the code uses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dagan.errors import UserError
+
+CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
+
+
+class SettingsError(UserError, ValueError):
+    """A server option that cannot be used as given (bad ICE server list, impossible limit)."""
+
+
+@dataclass(frozen=True)
+class IceServer:
+    """One STUN/TURN server, passed both to the server's peer connections and to the browser."""
+
+    urls: tuple[str, ...]
+    username: str | None = None
+    credential: str | None = None
+
+    def to_browser(self) -> dict:
+        """The ``RTCIceServer`` dictionary the browser's ``RTCPeerConnection`` takes."""
+        out: dict = {"urls": list(self.urls)}
+        if self.username is not None:
+            out["username"] = self.username
+        if self.credential is not None:
+            out["credential"] = self.credential
+        return out
+
+
+def parse_ice_servers(text: str | None, username: str | None = None, credential: str | None = None):
+    """ICE servers from a comma-separated URL list or a JSON list of ``RTCIceServer`` objects.
+
+    ``"stun:stun.example.org:3478,turn:turn.example.org:3478"`` gives one server per URL, all sharing
+    ``username``/``credential`` (TURN needs them; STUN ignores them). A JSON list such as
+    ``[{"urls": "turn:host", "username": "u", "credential": "p"}]`` sets them per server.
+    """
+    if not text or not text.strip():
+        return ()
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SettingsError(f"ICE servers: invalid JSON ({err.msg} at character {err.pos})") from err
+        out = []
+        for item in items:
+            if not isinstance(item, dict) or "urls" not in item:
+                raise SettingsError('ICE servers: each JSON entry needs "urls", e.g. {"urls": "stun:host"}')
+            urls = item["urls"]
+            urls = (urls,) if isinstance(urls, str) else tuple(urls)
+            out.append(IceServer(urls, item.get("username"), item.get("credential")))
+    else:
+        out = [IceServer((u.strip(),), username, credential) for u in text.split(",") if u.strip()]
+    for server in out:
+        for url in server.urls:
+            if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
+                raise SettingsError(f"ICE server URL {url!r} must start with stun:, stuns:, turn: or turns:")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything ``create_app`` needs besides the engine. Defaults match docs/server.md."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Live sessions at once; one more gets 503. Each costs a face tracker, a cached source and a share of
+    # every batched engine call, so the cap is what keeps latency bounded on a given machine.
+    max_sessions: int = 8
+    ice_servers: tuple[IceServer, ...] = ()
+    # Local addresses offered as ICE host candidates (None: every non-loopback interface, aioice's default).
+    # ("127.0.0.1",) keeps media on loopback: same-machine use and the tests.
+    ice_host_addresses: tuple[str, ...] | None = None
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_image_side: int = 4096
+    # A session that never connects a peer (or lost it) is freed after this long.
+    idle_timeout_s: float = 60.0
+    # A connected peer that sends no video frame for this long has vanished: its session is freed.
+    peer_timeout_s: float = 8.0
+    # Side of the avatar video sent back (the model's own size is upscaled to it; never downscaled).
+    output_size: int = 256
+    relative: bool = True
+    client_dir: Path = field(default=CLIENT_DIR)
+    # True when the engine runs randomly initialised weights: the page and /healthz say so loudly.
+    untrained: bool = False
+    cleanup_interval_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1:
+            raise SettingsError(f"max sessions must be at least 1, got {self.max_sessions}")
+        if not 0 < self.port < 65536 and self.port != 0:
+            raise SettingsError(f"port must be in 1..65535, got {self.port}")
+        if not (Path(self.client_dir) / "index.html").is_file():
+            raise SettingsError(f"{self.client_dir} has no index.html: point --client-dir at client_web/")
+        if self.output_size < 16 or self.output_size % 2:
+            raise SettingsError(f"output size must be an even number of pixels >= 16, got {self.output_size}")

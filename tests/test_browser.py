@@ -1,0 +1,192 @@
+"""The real browser client in headless Chromium against the real server, with a fake webcam.
+
+The webcam is Chromium's fake capture device playing a .y4m file the test writes (a real face moving).
+Chromium comes from Debian's ``chromium`` package (CI installs it; never downloaded at run time); without
+/usr/bin/chromium or the ``playwright`` package the test is skipped with the reason. ICE is pinned to
+127.0.0.1 on both ends, so media never leaves the loopback interface.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from helpers import make_model
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
+)
+
+
+def write_y4m(path: Path, frames: list[np.ndarray], fps: int = 25) -> None:
+    """Raw YUV 4:2:0 video, the format Chromium's --use-file-for-fake-video-capture reads."""
+    h, w = frames[0].shape[:2]
+    with open(path, "wb") as f:
+        f.write(f"YUV4MPEG2 W{w} H{h} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        for frame in frames:
+            f.write(b"FRAME\n")
+            f.write(cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420).tobytes())
+
+
+class ServerThread:
+    """uvicorn on 127.0.0.1 with a free port, in a background thread (the browser API here is blocking)."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+
+AVATAR_SIZE = "[document.getElementById('avatar').videoWidth, document.getElementById('avatar').videoHeight]"
+SAMPLE_READY = (
+    "document.getElementById('source').naturalWidth === 512 && !document.getElementById('start').disabled"
+)
+AVATAR_PIXELS = """() => {
+  const v = document.getElementById('avatar');
+  const c = document.createElement('canvas');
+  c.width = v.videoWidth; c.height = v.videoHeight;
+  const g = c.getContext('2d');
+  g.drawImage(v, 0, 0);
+  return Array.from(g.getImageData(0, 0, c.width, c.height).data);
+}"""
+
+
+def avatar_frame(page) -> np.ndarray:
+    w, h = page.evaluate(AVATAR_SIZE)
+    return np.array(page.evaluate(AVATAR_PIXELS), np.uint8).reshape(h, w, 4)[..., :3]
+
+
+def test_page_streams_an_avatar(tmp_path, grace_hopper):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package")
+    from dagan.config import load_config
+    from dagan.samples import driving_frames
+    from engine.torch_backend import TorchEngine
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    camera = tmp_path / "camera.y4m"
+    write_y4m(camera, driving_frames(grace_hopper, num_frames=50, size=240))
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((300, 300, 3), 128, np.uint8)).save(grey)
+    engine = TorchEngine(make_model(load_config("tiny")), device="cpu")
+    settings = ServerSettings(max_sessions=1, ice_host_addresses=("127.0.0.1",))
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-video-capture={camera}",
+        # Keep WebRTC on loopback: offer 127.0.0.1 candidates, real addresses instead of mDNS names.
+        "--allow-loopback-in-peer-connection",
+        "--disable-features=WebRtcHideLocalIpsWithMdns",
+    ]
+    screenshot = tmp_path / "browser.png"
+    with ServerThread(create_app(settings, engine)) as base, sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=flags
+        )
+        try:
+            page = context.new_page()
+            page.goto(base + "/")
+            # The sample photo loads by itself and enables Start.
+            page.wait_for_function(SAMPLE_READY, timeout=15_000)
+            page.check("#depth")  # avatar with the depth map beside it
+            page.click("#start")
+            page.wait_for_function(
+                "(() => { const v = document.getElementById('avatar');"
+                " return v.videoWidth > 0 && v.currentTime > 1 && !v.paused; })()",
+                timeout=30_000,
+            )
+            assert page.locator("#message").is_hidden(), page.inner_text("#message")
+            assert page.evaluate("document.getElementById('local').videoWidth") == 240
+            size = page.evaluate(AVATAR_SIZE)
+            assert size == [512, 256], size
+            frame = avatar_frame(page)
+            avatar, depth = frame[:, :256].astype(np.float32), frame[:, 256:].astype(np.float32)
+            assert avatar.mean() > 40, "avatar half is black"  # the tiny random model gives a flat grey
+            assert depth.std() > 20, "depth panel is blank"
+            # The video keeps playing: the depth of a moving face changes from frame to frame.
+            time.sleep(0.5)
+            later = avatar_frame(page)
+            assert later.shape == frame.shape and np.abs(later[:, 256:].astype(np.float32) - depth).mean() > 3
+            # Live stats come from getStats.
+            page.wait_for_function(
+                "!document.getElementById('stats').textContent.startsWith('fps: –')", timeout=5_000
+            )
+            assert "round trip" in page.inner_text("#stats")
+
+            page.screenshot(path=str(screenshot), full_page=True)
+            box = page.locator("#avatar").bounding_box()
+
+            # The depth switch goes over the data channel: the avatar video becomes square again.
+            page.uncheck("#depth")
+            page.wait_for_function("document.getElementById('avatar').videoWidth === 256", timeout=10_000)
+            page.click("#recalibrate")
+            page.wait_for_function("document.getElementById('state').textContent.startsWith('recalibrated')")
+
+            # A second viewer while the only slot is taken: "server busy".
+            other = context.new_page()
+            other.goto(base + "/")
+            other.wait_for_function("!document.getElementById('start').disabled", timeout=15_000)
+            other.click("#start")
+            other.wait_for_selector("#message:has-text('Server busy')", timeout=10_000)
+            assert other.locator("#start").is_enabled()
+
+            # The first viewer stops; the second picks a photo without a face: "no face found".
+            page.click("#stop")
+            page.wait_for_function("document.getElementById('state').textContent === 'idle'")
+            other.set_input_files("#file", str(grey))
+            other.click("#start")
+            other.wait_for_selector("#message:has-text('No face found in the photo')", timeout=15_000)
+
+            # A person who refuses the camera: the browser rejects getUserMedia with NotAllowedError (the
+            # fake-UI flag always grants, so the refusal is injected at that one call).
+            denied = context.new_page()
+            denied.add_init_script(
+                "navigator.mediaDevices.getUserMedia = () => "
+                "Promise.reject(new DOMException('Permission denied', 'NotAllowedError'));"
+            )
+            denied.goto(base + "/")
+            denied.wait_for_function(SAMPLE_READY, timeout=15_000)
+            denied.click("#start")
+            denied.wait_for_selector("#message:has-text('Camera permission denied')", timeout=5_000)
+            assert denied.evaluate("window.dagan.sessionId") is None  # no session was reserved
+        finally:
+            context.close()
+
+    shot = np.asarray(Image.open(screenshot).convert("RGB")).astype(np.float32)
+    assert shot.shape[0] > 300 and shot.shape[1] > 600
+    assert shot.std() > 20, "screenshot is blank"
+    x, y, w, h = (round(box[k]) for k in ("x", "y", "width", "height"))
+    shown = shot[y : y + h, x : x + w]
+    assert shown.size and shown.std() > 15, "the avatar video shows nothing in the screenshot"
+    # Keep a copy next to the test output for people looking at CI artifacts.
+    shutil.copy(screenshot, tmp_path / "avatar-page.png")

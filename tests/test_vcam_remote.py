@@ -1,0 +1,149 @@
+"""Remote mode of `dagan cam` against the real in-process server (uvicorn on loopback): avatars come back
+through WebRTC, the client reconnects when the server restarts, and the session is freed on close."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import uvicorn
+from helpers import make_model
+
+from dagan.config import load_config
+from dagan.samples import astronaut, driving_frames, grace_hopper
+from engine.torch_backend import TorchEngine
+from server.app import create_app
+from server.settings import ServerSettings
+from vcam.io import MemorySink
+from vcam.pipeline import CamRunner
+from vcam.remote import RemoteAnimator, RemoteError
+
+
+class ServerThread:
+    """uvicorn in a thread with its own event loop, as a separate host would be."""
+
+    def __init__(self, engine, port: int) -> None:
+        self.app = create_app(ServerSettings(ice_host_addresses=("127.0.0.1",), output_size=128), engine)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.server.install_signal_handlers = lambda: None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.server.started
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+    def live_sessions(self) -> int:
+        return len(self.app.state.service.registry)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pump(animator: RemoteAnimator, frames, until, timeout: float) -> None:
+    """Feed camera frames at ~20 fps until ``until()`` holds."""
+    deadline = time.monotonic() + timeout
+    i = 0
+    while not until():
+        assert time.monotonic() < deadline, f"timed out; last error: {animator.last_error}"
+        animator.process(frames[i % len(frames)])
+        i += 1
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return TorchEngine(make_model(load_config("tiny")), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return driving_frames(grace_hopper(), num_frames=24, size=240)
+
+
+def test_remote_avatar_reconnect_and_cleanup(engine, frames):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with ServerThread(engine, port) as server:
+        animator = RemoteAnimator(url, astronaut(), reconnect_delay=0.2, max_reconnect_delay=0.5)
+        try:
+            _pump(animator, frames, lambda: animator.avatars_received >= 5, timeout=60)
+            avatar = animator.process(frames[0])
+            assert avatar is not None and avatar.shape == (128, 128, 3)
+            assert animator.connections == 1 and server.live_sessions() == 1
+            # the camera loop with a sink: frames go out at the camera's pace, avatars fill the sink
+            sink = MemorySink(160, 90)
+
+            class Paced:
+                fps = 20.0
+
+                def __init__(self):
+                    self.i = 0
+
+                def read(self):
+                    time.sleep(0.05)
+                    self.i += 1
+                    return frames[self.i % len(frames)] if self.i < 30 else None
+
+                def close(self):
+                    pass
+
+            stats = CamRunner(Paced(), sink, animator).run()
+            assert stats.frames_out == len(sink.frames) >= 10
+            # the sink shows the avatar (square, letterboxed), not the 4:3-ish camera frame
+            assert sink.frames[-1][:, :30].max() == 0 and sink.frames[-1][:, 40:120].mean() > 10
+            animator.recalibrate()
+        finally:
+            before_close = server.live_sessions()
+            animator.close()
+        deadline = time.monotonic() + 10
+        while server.live_sessions() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert before_close == 1 and server.live_sessions() == 0  # hang-up frees the session
+
+    # server restart: the client reconnects by itself (new session, photo uploaded again)
+    animator = RemoteAnimator(url, astronaut(), reconnect_delay=0.2, max_reconnect_delay=0.5)
+    try:
+        with ServerThread(engine, port):
+            _pump(animator, frames, lambda: animator.avatars_received >= 3, timeout=60)
+        first = animator.avatars_received
+        with ServerThread(engine, port):
+            _pump(
+                animator,
+                frames,
+                lambda: animator.connections >= 2 and animator.avatars_received > first + 3,
+                90,
+            )
+    finally:
+        animator.close()
+
+
+def test_remote_refusal_is_reported(engine, frames):
+    port = _free_port()
+    with ServerThread(engine, port):
+        grey = np.full((200, 200, 3), 128, np.uint8)  # no face: the server answers 422
+        animator = RemoteAnimator(f"http://127.0.0.1:{port}", grey, reconnect_delay=5)
+        try:
+            deadline = time.monotonic() + 20
+            while animator.last_error is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert animator.last_error is not None and "422" in animator.last_error
+            assert animator.avatars_received == 0
+        finally:
+            animator.close()
+    assert issubclass(RemoteError, Exception)

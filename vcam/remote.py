@@ -1,0 +1,231 @@
+"""Remote mode of ``dagan cam``: a WebRTC client of ``dagan serve``, so a laptop without a GPU can use a
+server's. The webcam goes up as a video track; the avatar track comes back and is written to the virtual
+camera. Both directions keep only the newest frame, and the client reconnects (new session, source
+uploaded again) whenever the connection fails or the server restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from typing import Any
+
+import cv2
+import numpy as np
+
+from dagan.errors import UserError
+from dagan.latest import LatestSlot
+
+log = logging.getLogger(__name__)
+
+
+class RemoteError(UserError):
+    """The server refused the session or the photo (busy, no face, bad URL)."""
+
+
+def _camera_track_class():
+    from aiortc import VideoStreamTrack
+    from av import VideoFrame
+
+    class CameraTrack(VideoStreamTrack):
+        """Sends the newest webcam frame at the track's own clock (no queue: stale frames are skipped)."""
+
+        def __init__(self, slot: LatestSlot[np.ndarray]) -> None:
+            super().__init__()
+            self.slot = slot
+            self.last: np.ndarray | None = None
+
+        async def recv(self) -> VideoFrame:
+            pts, time_base = await self.next_timestamp()
+            frame = self.slot.take()
+            while frame is None and self.last is None:
+                await asyncio.sleep(0.005)
+                frame = self.slot.take()
+            if frame is not None:
+                self.last = frame
+            out = VideoFrame.from_ndarray(self.last, format="rgb24")
+            out.pts, out.time_base = pts, time_base
+            return out
+
+    return CameraTrack
+
+
+class RemoteAnimator:
+    """The :class:`~vcam.pipeline.Animator` interface over a remote server.
+
+    ``process`` never waits for the network: it posts the frame and returns the newest avatar received so
+    far (None until the first one), so the camera loop keeps its pace whatever the round-trip time.
+    """
+
+    def __init__(
+        self,
+        server: str,
+        photo: np.ndarray,
+        relative: bool = True,
+        verify_tls: bool = True,
+        reconnect_delay: float = 1.0,
+        max_reconnect_delay: float = 10.0,
+    ) -> None:
+        ok, jpeg = cv2.imencode(
+            ".jpg", cv2.cvtColor(photo, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
+        )
+        if not ok:
+            raise RemoteError("could not encode the source photo as JPEG")
+        self.server = server.rstrip("/")
+        self.photo_jpeg = jpeg.tobytes()
+        self.relative = relative
+        self.verify_tls = verify_tls
+        self.reconnect_delay = reconnect_delay
+        self.max_reconnect_delay = max_reconnect_delay
+        self.outgoing: LatestSlot[np.ndarray] = LatestSlot()
+        self._avatar: np.ndarray | None = None
+        self._avatar_lock = threading.Lock()
+        self.avatars_received = 0
+        self.connections = 0
+        self.last_error: str | None = None
+        self._channel: Any = None
+        self._closing = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="webrtc", daemon=True)
+        self._thread.start()
+        self._task = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+
+    # -- Animator interface -------------------------------------------------------------------------
+    def process(self, frame: np.ndarray) -> np.ndarray | None:
+        self.outgoing.put(frame)
+        with self._avatar_lock:
+            return self._avatar
+
+    def recalibrate(self) -> None:
+        self._loop.call_soon_threadsafe(self._send_control, "recalibrate")
+
+    def close(self) -> None:
+        """Hang up (the server frees the session) and stop the network thread."""
+        self._closing = True
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=15)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    async def _shutdown(self) -> None:
+        """Cancel every task of the network loop and let their clean-up (pc.close, DELETE) finish."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def wait_for_avatar(self, timeout: float) -> bool:
+        """Block until the first avatar frame arrived (for start-up messages and tests)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.avatars_received:
+                return True
+            time.sleep(0.02)
+        return False
+
+    # -- connection -------------------------------------------------------------------------------
+    def _send_control(self, message: str) -> None:
+        channel = self._channel
+        if channel is not None and getattr(channel, "readyState", "") == "open":
+            channel.send(message)
+
+    async def _run(self) -> None:
+        delay = self.reconnect_delay
+        while not self._closing:
+            try:
+                await self._session_once()
+                delay = self.reconnect_delay  # a session that ran resets the back-off
+            except asyncio.CancelledError:
+                raise
+            except RemoteError as exc:
+                self.last_error = str(exc)
+                log.error("server refused the session: %s", exc)
+            except Exception as exc:  # network errors, server restarts: retry
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("connection to %s lost (%s); reconnecting in %.1f s", self.server, exc, delay)
+            if self._closing:
+                return
+            await asyncio.sleep(delay)
+            delay = min(self.max_reconnect_delay, delay * 2)
+
+    async def _session_once(self) -> None:
+        import httpx
+        from aiortc import RTCPeerConnection, RTCSessionDescription
+
+        async with httpx.AsyncClient(base_url=self.server, verify=self.verify_tls, timeout=30) as http:
+            resp = await http.post("/api/sessions", json={"relative": self.relative})
+            _raise_for(resp)
+            sid = resp.json()["id"]
+            pc = RTCPeerConnection()
+            receivers: list[asyncio.Future] = []
+            try:
+                resp = await http.put(
+                    f"/api/sessions/{sid}/source",
+                    files={"file": ("source.jpg", self.photo_jpeg, "image/jpeg")},
+                )
+                _raise_for(resp)
+                self._channel = pc.createDataChannel("control")
+                pc.addTrack(_camera_track_class()(self.outgoing))
+                done = asyncio.Event()
+
+                @pc.on("track")
+                def on_track(track: Any) -> None:
+                    if track.kind == "video":
+                        receivers.append(asyncio.ensure_future(self._receive(track, done)))
+
+                @pc.on("connectionstatechange")
+                async def on_state() -> None:
+                    if pc.connectionState in ("failed", "closed"):
+                        done.set()
+
+                await pc.setLocalDescription(await pc.createOffer())
+                resp = await http.post(
+                    f"/api/sessions/{sid}/offer",
+                    json={"sdp": pc.localDescription.sdp, "type": pc.localDescription.type},
+                )
+                _raise_for(resp)
+                await pc.setRemoteDescription(RTCSessionDescription(**resp.json()))
+                self.connections += 1
+                log.info("connected to %s (session %s)", self.server, sid)
+                await done.wait()
+            finally:
+                self._channel = None
+                await pc.close()
+                for task in receivers:
+                    task.cancel()
+                with contextlib.suppress(Exception):
+                    await http.delete(f"/api/sessions/{sid}")
+            raise ConnectionError("the avatar stream ended")
+
+    async def _receive(self, track: Any, done: asyncio.Event) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        try:
+            while True:
+                frame = await track.recv()
+                image = frame.to_ndarray(format="rgb24")
+                with self._avatar_lock:
+                    self._avatar = image
+                self.avatars_received += 1
+        except MediaStreamError:
+            pass
+        finally:
+            done.set()
+
+
+def _raise_for(resp: Any) -> None:
+    """Turn the server's JSON errors into one readable line (they carry a ``message``)."""
+    if resp.status_code < 400:
+        return
+    try:
+        body = resp.json()
+        message = body.get("message") or body.get("detail") or body
+    except ValueError:
+        message = resp.text[:200]
+    error = RemoteError if resp.status_code in (413, 415, 422, 503) else ConnectionError
+    raise error(f"{resp.request.method} {resp.request.url.path}: HTTP {resp.status_code}: {message}")
