@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Container entry point: make sure engines for *this* GPU exist in the cache volume, then serve.
+
+TensorRT engines are specific to the GPU model and the TensorRT version that built them, and building
+takes minutes, so they are cached in a named volume under a key made of (GPU model, TensorRT version,
+checkpoint digest). The first start builds (ONNX export, then FP16 engines) into a temporary folder that
+is renamed into place only when complete; later starts find the key and reuse it; a new GPU, a new
+TensorRT or new weights give a new key and a rebuild. A file lock keeps two replicas from building the
+same key at once. The CPU profile caches the ONNX export the same way (key ``cpu-onnxruntime``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+READY = "READY.json"
+
+
+def log(msg: str) -> None:
+    print(f"[entrypoint] {msg}", file=sys.stderr, flush=True)
+
+
+def probe_gpu() -> str | None:
+    """Name of GPU 0 (``nvidia-smi``), or None when no NVIDIA GPU is visible."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    name = out.stdout.strip().splitlines()[0].strip() if out.returncode == 0 and out.stdout.strip() else ""
+    return name or None
+
+
+def probe_tensorrt() -> str | None:
+    try:
+        import tensorrt  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return str(tensorrt.__version__)
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def cache_key(gpu: str | None, trt_version: str | None, digest: str) -> str:
+    """Folder name for one (GPU model, TensorRT version, weights) combination; filesystem-safe."""
+    base = "cpu-onnxruntime" if gpu is None or trt_version is None else f"{gpu}-trt{trt_version}"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("_")
+    return f"{slug}-{digest}"
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_engines(
+    cache_root: Path,
+    checkpoint: Path,
+    gpu: str | None,
+    trt_version: str | None,
+    build: Callable[[Path, Path], None],
+) -> tuple[Path, bool]:
+    """Return (folder with the engines for this machine, whether it was built now).
+
+    ``build(checkpoint, out_dir)`` fills ``out_dir``; it runs only when no complete folder exists for the
+    key. A build that fails or is killed leaves only a ``.building`` folder, removed on the next start.
+    """
+    digest = file_digest(checkpoint)
+    key = cache_key(gpu, trt_version, digest)
+    final = cache_root / key
+    with locked(cache_root / ".lock"):
+        if (final / READY).is_file():
+            log(f"reusing cached engines {final}")
+            return final, False
+        for stale in cache_root.glob(".*.building-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        if final.exists():  # incomplete (no READY marker): never trust it
+            shutil.rmtree(final)
+        tmp = cache_root / f".{key}.building-{os.getpid()}"
+        tmp.mkdir(parents=True)
+        what = f"{gpu or 'CPU'} (TensorRT {trt_version or 'n/a'})"
+        log(f"building engines for {what} into {final}; this takes minutes")
+        start = time.time()
+        try:
+            build(checkpoint, tmp)
+            info = {
+                "gpu": gpu,
+                "tensorrt": trt_version,
+                "checkpoint": str(checkpoint),
+                "checkpoint_sha256_16": digest,
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "build_seconds": round(time.time() - start, 1),
+            }
+            (tmp / READY).write_text(json.dumps(info, indent=2))
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log(f"engines ready in {time.time() - start:.0f} s")
+        return final, True
+
+
+def build_with_cli(checkpoint: Path, out_dir: Path, tensorrt: bool, max_batch: int) -> None:
+    """ONNX export (always) and FP16 TensorRT engines (GPU) with the project's own commands."""
+    onnx_dir = out_dir / "onnx"
+    subprocess.run(
+        ["dagan", "export", "onnx", "--checkpoint", str(checkpoint), "--out", str(onnx_dir)], check=True
+    )
+    if tensorrt:
+        subprocess.run(
+            [
+                "dagan",
+                "export",
+                "trt",
+                "--onnx",
+                str(onnx_dir),
+                "--out",
+                str(out_dir / "trt"),
+                "--fp16",
+                "--max-batch",
+                str(max_batch),
+            ],
+            check=True,
+        )
+
+
+def serve_command(backend: str, engine_dir: Path, extra: list[str]) -> list[str]:
+    """The ``dagan serve`` invocation for the engines in ``engine_dir``."""
+    if backend == "tensorrt":
+        return ["dagan", "serve", "--backend", "tensorrt", "--engine-dir", str(engine_dir / "trt"), *extra]
+    return ["dagan", "serve", "--backend", "onnxruntime", "--engine-dir", str(engine_dir / "onnx"), *extra]
+
+
+def main(argv: list[str]) -> int:
+    checkpoint = Path(os.environ.get("DAGAN_CHECKPOINT", "/weights/dagan.safetensors"))
+    cache_root = Path(os.environ.get("DAGAN_ENGINE_CACHE", "/engines"))
+    wanted = os.environ.get("DAGAN_BACKEND", "auto")
+    max_batch = int(os.environ.get("DAGAN_MAX_BATCH", "8"))
+    if not checkpoint.is_file():
+        log(f"no weights at {checkpoint}: mount a checkpoint there or set DAGAN_CHECKPOINT (see README)")
+        return 2
+    gpu, trt_version = probe_gpu(), probe_tensorrt()
+    use_trt = wanted in ("auto", "tensorrt") and gpu is not None and trt_version is not None
+    if wanted == "tensorrt" and not use_trt:
+        log(f"DAGAN_BACKEND=tensorrt but GPU={gpu!r}, TensorRT={trt_version!r}: is the NVIDIA runtime on?")
+        return 2
+    engine_dir, _ = ensure_engines(
+        cache_root,
+        checkpoint,
+        gpu if use_trt else None,
+        trt_version if use_trt else None,
+        lambda ckpt, out: build_with_cli(ckpt, out, use_trt, max_batch),
+    )
+    cmd = serve_command("tensorrt" if use_trt else "onnxruntime", engine_dir, argv)
+    log("exec " + " ".join(cmd))
+    os.execvp(cmd[0], cmd)
+    return 0  # pragma: no cover - exec does not return
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
