@@ -154,8 +154,19 @@ def build_with_cli(checkpoint: Path, out_dir: Path, tensorrt: bool, max_batch: i
 def serve_command(backend: str, engine_dir: Path, extra: list[str]) -> list[str]:
     """The ``dagan serve`` invocation for the engines in ``engine_dir``."""
     if backend == "tensorrt":
-        return ["dagan", "serve", "--backend", "tensorrt", "--engine-dir", str(engine_dir / "trt"), *extra]
-    return ["dagan", "serve", "--backend", "onnxruntime", "--engine-dir", str(engine_dir / "onnx"), *extra]
+        trt_dir = str(engine_dir / "trt")
+        return [
+            "dagan",
+            "serve",
+            "--backend",
+            "tensorrt",
+            "--precision",
+            "fp16",
+            "--checkpoint",
+            trt_dir,
+            *extra,
+        ]
+    return ["dagan", "serve", "--backend", "onnxruntime", "--checkpoint", str(engine_dir / "onnx"), *extra]
 
 
 def main(argv: list[str]) -> int:

@@ -47,7 +47,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--host", help="interface to listen on (env DAGAN_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="TCP port (env DAGAN_PORT, default 8000)")
-    p.add_argument("--backend", help="engine backend: auto or torch (env DAGAN_BACKEND, default auto)")
+    p.add_argument(
+        "--backend",
+        help="engine backend: auto, torch, onnxruntime or tensorrt (env DAGAN_BACKEND, default auto)",
+    )
     p.add_argument(
         "--checkpoint",
         help="weights (.safetensors) or engine dir (env DAGAN_CHECKPOINT, default: the shipped weights)",
