@@ -85,6 +85,12 @@ class Engine(abc.ABC):
             self.session.reset_reference()
 
 
+def check_batch(sessions: list[Session], frames: list[np.ndarray]) -> None:
+    """One frame per session, or a clear error (every backend's ``animate_batch`` starts with this)."""
+    if len(sessions) != len(frames):
+        raise EngineError(f"animate_batch got {len(sessions)} sessions but {len(frames)} frames")
+
+
 def check_image(image: np.ndarray, what: str) -> np.ndarray:
     """Validate an H×W×3 uint8 image with a message a caller can show as is."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:

@@ -26,7 +26,7 @@ import torch
 
 from dagan.nets.keypoints import Keypoints
 
-from .base import Engine, EngineError, FrameResult, Session
+from .base import Engine, EngineError, FrameResult, Session, check_batch
 from .torch_backend import (
     depth_to_images,
     ensure_references,
@@ -119,8 +119,7 @@ class GraphEngine(Engine):
     def animate_batch(
         self, sessions: list[Session], frames: list[np.ndarray], return_depth: bool = False
     ) -> list[FrameResult]:
-        if len(sessions) != len(frames):
-            raise EngineError(f"animate_batch got {len(sessions)} sessions but {len(frames)} frames")
+        check_batch(sessions, frames)
         if not sessions:
             return []
         for s in sessions:

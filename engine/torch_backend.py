@@ -24,7 +24,7 @@ from dagan.keypoint_ops import movement_scale, relative_keypoints
 from dagan.model import DaGAN, SourceState
 from dagan.nets.keypoints import Keypoints
 
-from .base import Engine, EngineError, FrameResult, Session, check_image
+from .base import Engine, EngineError, FrameResult, Session, check_batch, check_image
 
 
 def resolve_device(device: str) -> torch.device:
@@ -197,8 +197,7 @@ class TorchEngine(Engine):
     def animate_batch(
         self, sessions: list[Session], frames: list[np.ndarray], return_depth: bool = False
     ) -> list[FrameResult]:
-        if len(sessions) != len(frames):
-            raise EngineError(f"animate_batch got {len(sessions)} sessions but {len(frames)} frames")
+        check_batch(sessions, frames)
         if not sessions:
             return []
         driving = self._to_tensor(frames, "driving frame")

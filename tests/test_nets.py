@@ -12,7 +12,7 @@ from dagan.model import DaGAN
 from dagan.nets.attention import CrossModalAttention, attention_fused, attention_math
 from dagan.nets.blocks import AntiAliasInterpolation2d, Hourglass, inverse_2x2, make_coordinate_grid
 from dagan.nets.dense_motion import DenseMotionNetwork
-from dagan.nets.discriminator import MultiScaleDiscriminator
+from dagan.nets.discriminator import discriminator_from_config
 from dagan.nets.keypoints import Keypoints
 
 
@@ -46,13 +46,7 @@ def test_every_net_shape(preset):
         assert out.generator.occlusion.shape == (1, 1, fs, fs)
         ms = int(s * cfg.generator.dense_motion.scale_factor)
         assert out.generator.mask.shape == (1, k + 1, ms, ms)
-        disc = MultiScaleDiscriminator(
-            scales=cfg.discriminator.scales,
-            block_expansion=cfg.discriminator.block_expansion,
-            max_features=cfg.discriminator.max_features,
-            num_blocks=cfg.discriminator.num_blocks,
-            spectral_norm=cfg.discriminator.spectral_norm,
-        ).eval()
+        disc = discriminator_from_config(cfg.discriminator).eval()
         feats, scores = disc(out.prediction)[1.0]
         assert len(feats) == cfg.discriminator.num_blocks and scores.shape[1] == 1
         if preset == "vox-256":

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from dagan.checkpoint import CheckpointError, atomic_write, load_into, read_checkpoint, save_checkpoint
 from dagan.errors import UserError
 from dagan.model import DaGAN
-from dagan.nets.discriminator import MultiScaleDiscriminator
+from dagan.nets.discriminator import discriminator_from_config
 from dagan.nets.pose import PoseNet, inverse_warp, transformation_matrix
 
 from . import losses as L
@@ -359,14 +359,7 @@ class DaganStage(Stage):
                 _, tensors, _ = read_checkpoint(depth_checkpoint)
                 load_into(self.model.depth_net, tensors, "depth_net.", depth_checkpoint)
             self.model.depth_net.eval().requires_grad_(False)
-        dc = m.discriminator
-        self.discriminator = MultiScaleDiscriminator(
-            scales=dc.scales,
-            block_expansion=dc.block_expansion,
-            max_features=dc.max_features,
-            num_blocks=dc.num_blocks,
-            spectral_norm=dc.spectral_norm,
-        ).to(device)
+        self.discriminator = discriminator_from_config(m.discriminator).to(device)
         self.perceptual = L.build_perceptual_loss(g.vgg19_weights, g.pyramid_scales).to(device)
         self.batch_size, self.total_steps = g.batch_size, g.steps
         self.gen_net = self._wrap(_GeneratorObjective(self.model, self.discriminator, self.perceptual, cfg))

@@ -82,5 +82,16 @@ class MultiScaleDiscriminator(nn.Module):
         return {s: self.discs[_key(s)](self.downs[_key(s)](image)) for s in self.scales}
 
 
+def discriminator_from_config(cfg) -> MultiScaleDiscriminator:
+    """The discriminator described by a :class:`dagan.config.DiscriminatorConfig` (training builds it)."""
+    return MultiScaleDiscriminator(
+        scales=cfg.scales,
+        block_expansion=cfg.block_expansion,
+        max_features=cfg.max_features,
+        num_blocks=cfg.num_blocks,
+        spectral_norm=cfg.spectral_norm,
+    )
+
+
 def _key(scale: float) -> str:
     return f"disc_{scale:g}".replace(".", "_")
