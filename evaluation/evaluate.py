@@ -298,16 +298,20 @@ def evaluate(
     acc = {m: _Accumulator() for m in METHODS}
     n_frames = 0
     clips = [(v, _read_frames(v, size, max_frames, frame_stride)) for v in videos]
-    bar = tqdm(total=sum(len(f) for _, f in clips), desc="eval", unit="frame", disable=not progress)
+    bar = tqdm(
+        total=sum(max(0, len(f) - 1) for _, f in clips), desc="eval", unit="frame", disable=not progress
+    )
     with torch.no_grad():
         for _video, frames in clips:
             if not frames:
                 continue
-            source = frames[0]
+            # The first frame is the source; it is not scored, since reconstructing the source itself is
+            # trivial and would give "output = source" a perfect (100 dB) frame in every clip.
+            source, driving = frames[0], frames[1:]
             f_source = _analyse([source], analyzer)[0]
             state = model.encode_source(_to_tensor([source], dev))
-            for start in range(0, len(frames), batch_size):
-                truth = frames[start : start + batch_size]
+            for start in range(0, len(driving), batch_size):
+                truth = driving[start : start + batch_size]
                 batch_state = state if len(truth) == 1 else type(state).cat([state] * len(truth))
                 outputs = _to_uint8(model.animate(batch_state, _to_tensor(truth, dev)).prediction)
                 f_truth = _analyse(truth, analyzer)

@@ -117,7 +117,9 @@ def test_eval_returns_every_metric_without_identity_assets(tiny_eval_set, tmp_pa
     monkeypatch.setenv("DAGAN_EVAL_ASSETS", str(tmp_path / "no-assets"))
     ckpt, test = tiny_eval_set
     result = evaluate(ckpt, test, progress=False)
-    assert result["videos"] == 2 and result["frames"] == 7
+    # 4 + 3 frames, minus each clip's first frame (the source, which is not scored)
+    assert result["videos"] == 2 and result["frames"] == 5
+    assert result["metrics"]["source_copy"]["psnr"] < 100  # the source frame itself is not among them
     assert set(result["metrics"]) == set(METHODS)
     for method in METHODS:
         values = result["metrics"][method]
@@ -157,7 +159,7 @@ def test_eval_cli_and_errors(tiny_eval_set, tmp_path, monkeypatch, capsys):
     )  # fmt: skip
     assert code == 0
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert report["videos"] == 1 and report["frames"] == 2
+    assert report["videos"] == 1 and report["frames"] == 1
     assert "| dagan |" in capsys.readouterr().out
     assert main(["eval", "--checkpoint", str(ckpt), "--data", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
