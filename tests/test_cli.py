@@ -43,6 +43,14 @@ def grace_module():
     return grace_hopper()
 
 
+@pytest.fixture
+def no_default_weights(monkeypatch, tmp_path):
+    """As on an install without the bundled weights."""
+    import dagan.animate
+
+    monkeypatch.setattr(dagan.animate, "DEFAULT_CHECKPOINT", tmp_path / "missing.safetensors")
+
+
 @pytest.fixture(autouse=True)
 def _no_env_checkpoint(monkeypatch):
     monkeypatch.delenv("DAGAN_CHECKPOINT", raising=False)
@@ -134,7 +142,7 @@ def test_empty_driving(inputs, tmp_path, capsys):
         _bad(inputs, tmp_path, capsys, "", driving=bad)
 
 
-def test_checkpoint_problems(inputs, tmp_path, capsys):
+def test_checkpoint_problems(inputs, tmp_path, capsys, no_default_weights):
     _bad(inputs, tmp_path, capsys, "does not exist", checkpoint=tmp_path / "nope.safetensors")
     _bad(inputs, tmp_path, capsys, "no trained weights", checkpoint=None)
     # weights of one config under the embedded config of another: the loader names the tensors
@@ -184,10 +192,10 @@ def test_bad_config_is_one_line(tmp_path, capsys):
     assert code == 2 and "keypoints.num_kp" in err and "Traceback" not in err
 
 
-def test_demo_runs_offline(tmp_path, capsys):
+def test_demo_without_weights_says_untrained(tmp_path, capsys, no_default_weights):
     code, out, err = _run(["demo", "--out-dir", str(tmp_path), "--frames", "4", "--device", "cpu"], capsys)
     assert code == 0, err
-    assert "UNTRAINED" in out  # no trained weights ship yet, and the demo says so
+    assert "UNTRAINED" in out  # without trained weights the demo runs random ones, and says so
     with VideoReader(tmp_path / "result.mp4") as r:
         frames = list(r)
     assert len(frames) == 4 and frames[0].shape == (256, 5 * 256, 3)
@@ -200,3 +208,17 @@ def test_missing_optional_command_module_keeps_cli_working(monkeypatch):
     parser = cli.build_parser()
     assert "no_such_package.cli" in parser.epilog
     assert parser.parse_args(["init-checkpoint", "--out", "x"]).command == "init-checkpoint"
+
+
+def test_bundled_weights_are_the_default(tmp_path, capsys):
+    """The repository ships trained weights, and every command uses them when no checkpoint is given."""
+    from dagan.animate import DEFAULT_CHECKPOINT, resolve_checkpoint
+
+    assert resolve_checkpoint(None) == DEFAULT_CHECKPOINT and DEFAULT_CHECKPOINT.is_file()
+    meta = checkpoint_metadata(DEFAULT_CHECKPOINT)
+    assert meta["trained"] == "true" and int(meta["steps"]) > 0
+    code, out, err = _run(["demo", "--out-dir", str(tmp_path), "--frames", "3", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "UNTRAINED" not in out + err
+    with VideoReader(tmp_path / "result.mp4") as r:
+        assert len(list(r)) == 3
