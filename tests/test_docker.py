@@ -170,7 +170,10 @@ def test_dockerfiles(name):
         assert (ROOT / copied).exists(), f"{name} copies {copied}, which does not exist"
     # runtime images carry no training extras
     assert "training" not in re.findall(r"^COPY\s+(\S+)", text, re.M)
-    assert "[serve,export]" in text and "train" not in text.split('pip install ".[')[1].split("]")[0]
+    extras = re.search(r'pip install "\.\[([a-z,]+)\]"', text).group(1).split(",")
+    assert "serve" in extras and "export" in extras and "train" not in extras and "test" not in extras
+    if name == "Dockerfile":  # the GPU image takes onnxruntime-gpu, never the CPU wheel on top of it
+        assert "ort" not in extras and "onnxruntime-gpu" in text
 
 
 def test_dockerignore_keeps_context_small():
