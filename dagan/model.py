@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import DepthConfig, ModelConfig
 from .nets.depth import FaceDepthNet
 from .nets.generator import DaGANGenerator, GeneratorOutput, SourceFeatures
 from .nets.keypoints import KeypointDetector, Keypoints
@@ -66,6 +66,17 @@ class Animation(NamedTuple):
     generator: GeneratorOutput
 
 
+def build_depth_net(d: DepthConfig) -> FaceDepthNet:
+    """The face depth net F_d described by the ``depth`` section of a config."""
+    return FaceDepthNet(
+        width=d.encoder_width,
+        decoder_channels=list(d.decoder_channels),
+        scales=list(d.scales),
+        min_depth=d.min_depth,
+        max_depth=d.max_depth,
+    )
+
+
 class DaGAN(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -74,14 +85,7 @@ class DaGAN(nn.Module):
         self.needs_depth = kp.use_depth or gen.attention.enabled
         self.depth_net: FaceDepthNet | None = None
         if self.needs_depth:
-            d = config.depth
-            self.depth_net = FaceDepthNet(
-                width=d.encoder_width,
-                decoder_channels=list(d.decoder_channels),
-                scales=list(d.scales),
-                min_depth=d.min_depth,
-                max_depth=d.max_depth,
-            )
+            self.depth_net = build_depth_net(config.depth)
         self.kp_detector = KeypointDetector(
             in_channels=4 if kp.use_depth else 3,
             num_kp=kp.num_kp,

@@ -18,19 +18,19 @@ from scipy.stats import spearmanr
 from dagan.checkpoint import CheckpointError, read_checkpoint
 from dagan.errors import UserError
 from dagan.media import load_image
+from dagan.model import build_depth_net
 from dagan.nets.depth import FaceDepthNet, disp_to_depth
 
 
 def load_depth_net(checkpoint: str | Path) -> tuple[FaceDepthNet, float, float]:
     """The depth net of any checkpoint that has ``depth_net.*`` (depth-stage or full model)."""
     cfg, tensors, _ = read_checkpoint(checkpoint)
-    d = cfg.depth
-    net = FaceDepthNet(d.encoder_width, list(d.decoder_channels), list(d.scales), d.min_depth, d.max_depth)
+    net = build_depth_net(cfg.depth)
     state = {k[len("depth_net.") :]: v for k, v in tensors.items() if k.startswith("depth_net.")}
     if not state:
         raise CheckpointError(f"{checkpoint} has no depth_net.* tensors")
     net.load_state_dict(state)
-    return net.eval(), d.min_depth, d.max_depth
+    return net.eval(), cfg.depth.min_depth, cfg.depth.max_depth
 
 
 def si_log_error(pred: np.ndarray, gt: np.ndarray) -> float:
