@@ -119,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="photo of the face to animate")
     p.add_argument("--driving", required=True, help="driving video (mp4/avi/...) or a folder of frames")
     p.add_argument("--out", required=True, help="output .mp4 (source | driving | result [| depths])")
-    p.add_argument("--checkpoint", help="model weights (.safetensors); default: $DAGAN_CHECKPOINT")
+    p.add_argument(
+        "--checkpoint",
+        help="model weights (.safetensors); default: $DAGAN_CHECKPOINT, then the bundled weights",
+    )
     p.add_argument("--relative", action="store_true", help="transfer motion relative to the first frame")
     p.add_argument("--show-depth", action="store_true", help="append source and driving depth maps")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -133,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="animate a sample portrait with a generated driving video (offline)")
     p.add_argument("--out-dir", default="demo-output", help="where source, driving and result are written")
     p.add_argument(
-        "--checkpoint", help="model weights; default: $DAGAN_CHECKPOINT, else untrained tiny weights"
+        "--checkpoint",
+        help="model weights; default: $DAGAN_CHECKPOINT, then the bundled weights, else untrained tiny",
     )
     p.add_argument("--frames", type=int, default=50)
     p.add_argument("--device", default="auto")

@@ -80,7 +80,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--insecure", action="store_true", help="accept a self-signed TLS certificate (remote mode)"
     )
     p.add_argument("--backend", default="auto", help="local engine backend (auto, torch, ...)")
-    p.add_argument("--checkpoint", help="local model weights; default: $DAGAN_CHECKPOINT")
+    p.add_argument(
+        "--checkpoint", help="local model weights; default: $DAGAN_CHECKPOINT, then the bundled weights"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (local mode)")
     p.add_argument("--absolute", action="store_true", help="absolute instead of relative motion transfer")
     p.add_argument("--no-crop", action="store_true", help="camera frames are already face crops")
