@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, checkpoint_metadata
-from .face import FaceTracker, crop_source
+from .face import DrivingCropper, source_crop
 from .media import MediaError, VideoReader, VideoWriter, load_image
 
 DEFAULT_CHECKPOINT_ENV = "DAGAN_CHECKPOINT"
@@ -99,13 +99,10 @@ def animate_video(
         engine = create_engine(ckpt, device=device)
         warn_if_untrained(ckpt)
         size = engine.image_size
-        if crop:
-            source_crop, _ = crop_source(source_image, out_size=size)
-        else:
-            source_crop = cv2.resize(source_image, (size, size), interpolation=cv2.INTER_AREA)
-        session = engine.set_source(source_crop, relative=relative)
+        source_face = source_crop(source_image, size, crop)
+        session = engine.set_source(source_face, relative=relative)
         panel = max(size, 256)
-        tracker = FaceTracker(out_size=size) if crop else None
+        cropper = DrivingCropper(size, crop)
         total = reader.frame_count if reader.frame_count and reader.frame_count > 0 else None
         if max_frames is not None and total is not None:
             total = min(total, max_frames)
@@ -115,13 +112,10 @@ def animate_video(
             for frame in reader:
                 if max_frames is not None and frames >= max_frames:
                     break
-                if tracker is not None:
-                    driving_crop, _ = tracker.update(frame)
-                    lost += not tracker.face_found
-                else:
-                    driving_crop = cv2.resize(frame, (size, size), interpolation=cv2.INTER_AREA)
+                driving_crop = cropper(frame)
+                lost += not cropper.face_found
                 result = engine.animate(driving_crop, return_depth=show_depth)
-                panels = [source_crop, driving_crop, result.image]
+                panels = [source_face, driving_crop, result.image]
                 if show_depth and session.source_depth is not None and result.driving_depth is not None:
                     panels += [session.source_depth, result.driving_depth]
                 writer.write(compose_row(panels, panel))

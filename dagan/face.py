@@ -562,6 +562,45 @@ class FaceTracker:
         self.close()
 
 
+# ------------------------------------------------------------------------------------ entry points
+
+
+def source_crop(image_rgb: np.ndarray, out_size: int, crop: bool = True) -> np.ndarray:
+    """The source photo as the model sees it: the face crop, or (``crop=False``, inputs that already are
+    face crops) a plain resize."""
+    if crop:
+        return crop_source(image_rgb, out_size=out_size)[0]
+    return cv2.resize(
+        _as_rgb_uint8(image_rgb, "source image"), (out_size, out_size), interpolation=cv2.INTER_AREA
+    )
+
+
+class DrivingCropper:
+    """Driving frames → out_size² crops with the smoothed tracker, or a plain resize with ``crop=False``.
+
+    ``face_found`` says whether the last frame had a face (always True without cropping), so callers can
+    count lost faces the same way whichever mode they run in.
+    """
+
+    def __init__(self, out_size: int, crop: bool = True) -> None:
+        self.out_size = out_size
+        self.tracker = FaceTracker(out_size=out_size) if crop else None
+
+    @property
+    def face_found(self) -> bool:
+        return self.tracker is None or self.tracker.face_found
+
+    def __call__(self, frame_rgb: np.ndarray) -> np.ndarray:
+        if self.tracker is not None:
+            return self.tracker.update(frame_rgb)[0]
+        size = (self.out_size, self.out_size)
+        return cv2.resize(frame_rgb, size, interpolation=cv2.INTER_AREA)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+
+
 # ------------------------------------------------------------------------------------------ landmarks
 
 _local = threading.local()

@@ -36,35 +36,20 @@ class LocalAnimator:
     """Animate with an engine on this machine: face tracking + cached source + per-frame path."""
 
     def __init__(self, engine, source_image: np.ndarray, relative: bool = True, crop: bool = True) -> None:
-        import cv2
+        from dagan.face import DrivingCropper, source_crop
 
-        from dagan.face import FaceTracker, crop_source
-
-        size = engine.image_size
-        if crop:
-            source_crop, _ = crop_source(source_image, out_size=size)
-        else:
-            source_crop = cv2.resize(source_image, (size, size), interpolation=cv2.INTER_AREA)
         self.engine = engine
-        self.engine.set_source(source_crop, relative=relative)
-        self.tracker = FaceTracker(out_size=size) if crop else None
-        self.size = size
+        self.engine.set_source(source_crop(source_image, engine.image_size, crop), relative=relative)
+        self.cropper = DrivingCropper(engine.image_size, crop)
 
     def process(self, frame: np.ndarray) -> np.ndarray:
-        import cv2
-
-        if self.tracker is not None:
-            crop, _ = self.tracker.update(frame)
-        else:
-            crop = cv2.resize(frame, (self.size, self.size), interpolation=cv2.INTER_AREA)
-        return self.engine.animate(crop).image
+        return self.engine.animate(self.cropper(frame)).image
 
     def recalibrate(self) -> None:
         self.engine.reset_reference()
 
     def close(self) -> None:
-        if self.tracker is not None:
-            self.tracker.close()
+        self.cropper.close()
 
 
 class Controls:
