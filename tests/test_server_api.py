@@ -11,12 +11,9 @@ import cv2
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import make_model
 from PIL import Image
 
 from dagan.checkpoint import CheckpointError
-from dagan.config import load_config
-from engine.torch_backend import TorchEngine
 from server.app import create_app
 from server.settings import IceServer, ServerSettings, SettingsError, parse_ice_servers
 
@@ -24,15 +21,8 @@ MB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def engine() -> TorchEngine:
-    return TorchEngine(make_model(load_config("tiny")), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def photo(astronaut) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR))
-    assert ok
-    return buf.tobytes()
+def photo(astronaut_jpeg) -> bytes:
+    return astronaut_jpeg
 
 
 def png(width: int, height: int, value: int = 128) -> bytes:

@@ -28,30 +28,15 @@ import pytest
 import uvicorn
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
-from helpers import make_model
 
-from dagan.config import load_config
 from dagan.face import crop_source
 from dagan.samples import driving_frames
 from engine.base import Engine
-from engine.torch_backend import TorchEngine
 from server.app import create_app
 from server.settings import ServerSettings
 
 FPS = 25
 TICK = 90_000 // FPS  # RTP ticks between two driving frames
-
-
-@pytest.fixture(scope="module")
-def engine() -> TorchEngine:
-    return TorchEngine(make_model(load_config("tiny")), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def photo_jpeg(astronaut) -> bytes:
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR))
-    assert ok
-    return buf.tobytes()
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +238,7 @@ def replay(engine: Engine, photo: np.ndarray, frames: list[np.ndarray], size: in
     return [compose(r.image, r.driving_depth, size).astype(np.float32) for r in results]
 
 
-def test_avatar_follows_the_moving_face_and_session_is_freed(engine, photo_jpeg, face_frames, astronaut):
+def test_avatar_follows_the_moving_face_and_session_is_freed(engine, astronaut_jpeg, face_frames, astronaut):
     """Still → moving → still, with the depth panel on (128 px panels to save CPU).
 
     Each phase lasts until enough avatar frames made from it came back, so a slow or busy machine gets
@@ -282,7 +267,7 @@ def test_avatar_follows_the_moving_face_and_session_is_freed(engine, photo_jpeg,
     async def scenario():
         async with running_server(loopback_settings(output_size=128), engine) as (service, client):
             track = DrivingTrack(face_frames, schedule)
-            peer = await connect(client, photo_jpeg, track, show_depth=True)
+            peer = await connect(client, astronaut_jpeg, track, show_depth=True)
             for _ in range(2):
                 await wait_until(lambda: len(made_from(peer, bounds[-1] + settle, None)) >= 12, 30)
                 bounds.append(track.i)
@@ -380,12 +365,12 @@ def test_avatar_follows_the_moving_face_and_session_is_freed(engine, photo_jpeg,
     assert metric(after, "dagan_worker_errors_total") == 0  # hang-ups mid-round included
 
 
-def test_slow_engine_drops_frames_instead_of_queueing(engine, photo_jpeg, face_frames):
+def test_slow_engine_drops_frames_instead_of_queueing(engine, astronaut_jpeg, face_frames):
     slow = SlowEngine(engine, delay_s=0.2)
 
     async def scenario():
         async with running_server(loopback_settings(), slow) as (service, client):
-            peer = await connect(client, photo_jpeg, DrivingTrack(face_frames, lambda i: i))
+            peer = await connect(client, astronaut_jpeg, DrivingTrack(face_frames, lambda i: i))
             await wait_until(lambda: len(peer.messages) >= 12, 20)
             metrics = (await client.get("/metrics")).text
             await hang_up(peer)
@@ -409,7 +394,7 @@ def test_slow_engine_drops_frames_instead_of_queueing(engine, photo_jpeg, face_f
     assert statistics.median(lat[-4:]) < statistics.median(lat[:4]) + 0.3, lat
 
 
-def test_vanished_peer_is_cleaned_up(engine, photo_jpeg, face_frames):
+def test_vanished_peer_is_cleaned_up(engine, astronaut_jpeg, face_frames):
     """A peer that stops sending without hanging up (crashed tab, lost network) is freed by the timeout."""
 
     async def scenario():
@@ -430,7 +415,7 @@ def test_vanished_peer_is_cleaned_up(engine, photo_jpeg, face_frames):
                 return await original()
 
             track.recv = recv
-            peer = await connect(client, photo_jpeg, track)
+            peer = await connect(client, astronaut_jpeg, track)
             await wait_until(lambda: len(peer.received) > 3, 10)
             freed_in = await wait_until(lambda: len(service.registry) == 0, 6)
             await wait_until(lambda: service.worker.tracked_sessions == 0, 3)
@@ -440,14 +425,14 @@ def test_vanished_peer_is_cleaned_up(engine, photo_jpeg, face_frames):
     assert asyncio.run(scenario()) < 6
 
 
-def test_eight_concurrent_sessions(engine, photo_jpeg, face_frames):
+def test_eight_concurrent_sessions(engine, astronaut_jpeg, face_frames):
     n = 8
     small = [cv2.resize(f, (96, 96)) for f in face_frames]
 
     async def scenario():
         async with running_server(loopback_settings(max_sessions=n), engine) as (service, client):
             peers = await asyncio.gather(
-                *(connect(client, photo_jpeg, DrivingTrack(small, lambda i: i, fps=10)) for _ in range(n))
+                *(connect(client, astronaut_jpeg, DrivingTrack(small, lambda i: i, fps=10)) for _ in range(n))
             )
             await wait_until(lambda: all(len(p.received) >= 5 for p in peers), 20)
             busy = await client.post("/api/sessions", json={})
@@ -473,15 +458,15 @@ def test_eight_concurrent_sessions(engine, photo_jpeg, face_frames):
 
 
 def test_offer_that_is_not_webrtc_video_is_refused_without_disturbing_a_live_session(
-    engine, photo_jpeg, face_frames
+    engine, astronaut_jpeg, face_frames
 ):
     async def scenario():
         async with running_server(loopback_settings(max_sessions=2), engine) as (_, client):
-            peer = await connect(client, photo_jpeg, DrivingTrack(face_frames, lambda i: i))
+            peer = await connect(client, astronaut_jpeg, DrivingTrack(face_frames, lambda i: i))
             await wait_until(lambda: len(peer.received) > 3, 10)
             r = await client.post("/api/sessions", json={})
             other = r.json()["id"]
-            await client.put(f"/api/sessions/{other}/source", files={"file": ("p.jpg", photo_jpeg)})
+            await client.put(f"/api/sessions/{other}/source", files={"file": ("p.jpg", astronaut_jpeg)})
             # An audio-only offer from a real peer connection: well-formed SDP but nothing to animate.
             pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
             pc.createDataChannel("x")
@@ -507,13 +492,13 @@ def test_offer_that_is_not_webrtc_video_is_refused_without_disturbing_a_live_ses
     assert still_flowing > 3
 
 
-def test_camera_without_a_face_shows_the_photo_at_rest(engine, photo_jpeg, astronaut):
+def test_camera_without_a_face_shows_the_photo_at_rest(engine, astronaut_jpeg, astronaut):
     """Until the camera shows a face the viewer sees the photo itself, and the side channel says why."""
     empty_room = [np.full((160, 160, 3), 90, np.uint8)]
 
     async def scenario():
         async with running_server(loopback_settings(output_size=128), engine) as (_, client):
-            peer = await connect(client, photo_jpeg, DrivingTrack(empty_room, lambda i: 0))
+            peer = await connect(client, astronaut_jpeg, DrivingTrack(empty_room, lambda i: 0))
             await wait_until(
                 lambda: sum(peer.message_for(p) is not None for p, _, _ in peer.received) >= 5, 20
             )

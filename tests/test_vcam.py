@@ -13,13 +13,10 @@ import cv2
 import numpy as np
 import pytest
 import pyvirtualcam
-from helpers import make_model
 
 from dagan.cli import main
-from dagan.config import load_config
 from dagan.latest import LatestSlot
 from dagan.samples import astronaut, driving_frames, grace_hopper
-from engine.torch_backend import TorchEngine
 from vcam.io import IterableSource, MemorySink, VirtualCameraMissing, VirtualCameraSink, fit_frame
 from vcam.pipeline import CamRunner, Controls, LocalAnimator
 
@@ -52,11 +49,6 @@ class FakeBackend:
 
     def native_fourcc(self):
         return None
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return TorchEngine(make_model(load_config("tiny")), device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,8 @@ import time
 import numpy as np
 import pytest
 import uvicorn
-from helpers import make_model
 
-from dagan.config import load_config
 from dagan.samples import astronaut, driving_frames, grace_hopper
-from engine.torch_backend import TorchEngine
 from server.app import create_app
 from server.settings import ServerSettings
 from vcam.io import MemorySink
@@ -64,11 +61,6 @@ def _pump(animator: RemoteAnimator, frames, until, timeout: float) -> None:
         animator.process(frames[i % len(frames)])
         i += 1
         time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return TorchEngine(make_model(load_config("tiny")), device="cpu")
 
 
 @pytest.fixture(scope="module")
