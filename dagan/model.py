@@ -44,6 +44,8 @@ def _tree_map(obj, fn):
         return None
     if isinstance(obj, torch.Tensor):
         return fn(obj)
+    if type(obj) is tuple:  # a plain tuple field (the generator's skip maps), not a NamedTuple
+        return tuple(_tree_map(v, fn) for v in obj)
     return type(obj)(*(_tree_map(v, fn) for v in obj))
 
 
@@ -53,6 +55,8 @@ def _tree_cat(items: list):
         return None
     if isinstance(first, torch.Tensor):
         return torch.cat(items, dim=0)
+    if type(first) is tuple:
+        return tuple(_tree_cat([it[i] for it in items]) for i in range(len(first)))
     return type(first)(*(_tree_cat([it[i] for it in items]) for i in range(len(first))))
 
 
@@ -116,6 +120,7 @@ class DaGAN(nn.Module):
             attention_implementation=gen.attention.implementation,
             attention_activation=gen.attention.activation,
             warp_align_corners=gen.warp_align_corners,
+            warped_skips=gen.warped_skips,
         )
 
     # -- branches ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ feature map, N = h·w attention positions, c query channels, m×m the dense-moti
   kp_jacobian B×K×2×2.
 - ``source_encoder``: source B×3×H×W → everything cached per source photo: source_depth, source_kp_value,
   source_kp_jacobian, source_features B×C×h×w, source_query B×N×c, motion_image B×3×m×m,
-  motion_heatmap B×K×m×m.
+  motion_heatmap B×K×m×m, and with ``generator.warped_skips`` source_skip<l> B×C_l×H/2^l×W/2^l.
 - ``generator``: the cached tensors + kp_driving_value/jacobian → prediction B×3×H×W (dense motion, warp,
   occlusion, attention, decoder): rendering from keypoints the caller already has.
 - ``frame``: the whole per-frame path in one graph: driving B×3×H×W + the cached tensors + each item's
@@ -49,6 +49,13 @@ def has_query(model: DaGAN) -> bool:
     return model.generator.attention is not None
 
 
+def skip_names(model: DaGAN) -> list[str]:
+    """``source_skip<l>`` for each warped encoder level (generator.warped_skips), level 0 first."""
+    if not model.generator.warped_skips:
+        return []
+    return [f"source_skip{level}" for level in range(model.config.generator.num_down_blocks)]
+
+
 def cached_names(model: DaGAN) -> list[str]:
     """Names of the per-source tensors the generator needs, in graph-input order."""
     names = ["source_kp_value"]
@@ -57,7 +64,7 @@ def cached_names(model: DaGAN) -> list[str]:
     names.append("source_features")
     if has_query(model):
         names.append("source_query")
-    return [*names, "motion_image", "motion_heatmap"]
+    return [*names, "motion_image", "motion_heatmap", *skip_names(model)]
 
 
 def _kp_names(model: DaGAN, prefix: str) -> list[str]:
@@ -97,6 +104,8 @@ def flatten_state(state: SourceState) -> dict[str, torch.Tensor]:
         out["source_query"] = state.features.query
     out["motion_image"] = state.features.motion.image
     out["motion_heatmap"] = state.features.motion.heatmap
+    for level, skip in enumerate(state.features.skips):
+        out[f"source_skip{level}"] = skip
     return out
 
 
@@ -104,7 +113,10 @@ def unflatten_cached(t: dict[str, torch.Tensor]) -> tuple[Keypoints, SourceFeatu
     """{name: tensor} → (source keypoints, generator source features)."""
     kp = Keypoints(t["source_kp_value"], t.get("source_kp_jacobian"))
     motion = MotionSourceCache(t["motion_image"], t["motion_heatmap"])
-    return kp, SourceFeatures(t["source_features"], t.get("source_query"), motion)
+    skips = []
+    while f"source_skip{len(skips)}" in t:
+        skips.append(t[f"source_skip{len(skips)}"])
+    return kp, SourceFeatures(t["source_features"], t.get("source_query"), motion, tuple(skips))
 
 
 def transfer_relative(

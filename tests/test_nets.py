@@ -21,7 +21,7 @@ def _inputs(size: int, batch: int = 1, seed: int = 1):
     return torch.rand(batch, 3, size, size, generator=g), torch.rand(batch, 3, size, size, generator=g)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "vox-256"])
+@pytest.mark.parametrize("preset", ["tiny", "live-128", "vox-256"])
 def test_every_net_shape(preset):
     cfg = load_config(preset)
     model = make_model(cfg)
@@ -53,7 +53,7 @@ def test_every_net_shape(preset):
             assert scores.shape == (1, 1, 26, 26)  # paper Fig. 11h
 
 
-@pytest.mark.parametrize("preset", ["tiny", "vox-256"])
+@pytest.mark.parametrize("preset", ["tiny", "live-128", "vox-256"])
 def test_cached_path_equals_uncached_forward(preset):
     cfg = load_config(preset)
     model = make_model(cfg)
@@ -67,6 +67,35 @@ def test_cached_path_equals_uncached_forward(preset):
     assert err <= 1e-5, err
     assert torch.equal(cached.prediction, cached_again.prediction)
     assert torch.allclose(full.kp_driving.value, cached.kp_driving.value, atol=1e-6)
+
+
+def test_warped_skips_carry_the_photo_through_the_motion():
+    """live-128's skip maps: one per encoder level, each reaching the output, each warped by the motion."""
+    cfg = load_config("live-128")
+    model = make_model(cfg)
+    src, _ = _inputs(cfg.image_size)
+    with torch.no_grad():
+        state = model.encode_source(src)
+        skips = state.features.skips
+        assert [tuple(t.shape) for t in skips] == [(1, 16, 128, 128), (1, 32, 64, 64)]
+        base = model.render(state, state.kp).prediction
+        for level in range(len(skips)):
+            poked = list(skips)
+            poked[level] = poked[level] + 1.0
+            feats = state.features._replace(skips=tuple(poked))
+            out = model.generator.decode(feats, state.kp, state.kp).prediction
+            assert (out - base).abs().max() > 1e-4, f"skip level {level} does not reach the output"
+        # a pure shift of every keypoint shifts the full-resolution skip by the same flow
+        moved = Keypoints(state.kp.value + 0.25, state.kp.jacobian)
+        motion = model.generator.dense_motion_network(state.features.motion, moved, state.kp)
+        warped = model.generator._warp(skips[0], motion.deformation, None)
+        flow = torch.nn.functional.interpolate(
+            motion.deformation.permute(0, 3, 1, 2), size=(128, 128), mode="bilinear", align_corners=False
+        ).permute(0, 2, 3, 1)
+        ref = torch.nn.functional.grid_sample(skips[0], flow, align_corners=True)
+        assert torch.allclose(warped, ref, atol=1e-6)
+        assert (warped - skips[0]).abs().mean() > 1e-3
+    assert not load_config("vox-256").generator.warped_skips  # the published layout stays
 
 
 def test_output_follows_driving_keypoints(tiny_model):
