@@ -23,7 +23,7 @@ import yaml
 
 from .errors import UserError
 
-PRESETS = ("vox-256", "tiny", "fomm")
+PRESETS = ("vox-256", "tiny", "fomm", "live-128")
 
 
 class ConfigError(UserError, ValueError):
@@ -96,6 +96,9 @@ class GeneratorConfig:
     # grid_sample convention of the feature and sparse-motion warps. True is what FOMM was trained with
     # (PyTorch 1.0); the DaGAN release was trained under PyTorch >= 1.3, whose default is False.
     warp_align_corners: bool = True
+    # Also warp the image encoder's higher-resolution maps and feed them to the decoder (U-Net skips
+    # through the motion); off = the paper's / reference generator, which published checkpoints need.
+    warped_skips: bool = False
     dense_motion: DenseMotionConfig = field(default_factory=DenseMotionConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
@@ -132,18 +135,25 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         """Copy with dotted-path overrides, e.g. ``replace(**{"generator.attention.enabled": False})``."""
-        data = self.to_dict()
-        for dotted, value in changes.items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for p in parents:
-                if p not in node or not isinstance(node[p], dict):
-                    raise ConfigError(f"unknown config key: {dotted}")
-                node = node[p]
-            if leaf not in node:
-                raise ConfigError(f"unknown config key: {dotted}")
-            node[leaf] = value
-        return config_from_dict(data)
+        return config_from_dict(set_dotted(self.to_dict(), changes))
+
+
+def set_dotted(data: dict[str, Any], changes: dict[str, Any], kind: str = "config") -> dict[str, Any]:
+    """Set each dotted key of ``changes`` (``"generator.attention.enabled"``) in the plain dict ``data``
+    (changed in place and returned). Only existing keys may be set, so a typo is a :class:`ConfigError`
+    naming it (``unknown <kind> key: ...``) instead of a silently ignored setting. The one dotted-override
+    implementation, shared by :meth:`ModelConfig.replace` and the training config."""
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            if p not in node or not isinstance(node[p], dict):
+                raise ConfigError(f"unknown {kind} key: {dotted}")
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(f"unknown {kind} key: {dotted}")
+        node[leaf] = value
+    return data
 
 
 def _to_plain(obj: Any) -> Any:
