@@ -5,6 +5,11 @@ photo (decoded, size-checked and face-cropped off the event loop; the engine cac
 ``POST /api/sessions/{id}/offer`` exchanges SDP (non-trickle: the answer carries all ICE candidates), and
 media flows until ``DELETE``, a hang-up, or the peer going silent. Every refusal is a JSON body
 ``{"error": code, "message": text, "status": http_status}`` so the page can show the message as is.
+
+Everything an untrusted client can send is bounded before it is parsed (docs/security.md): request bodies
+and headers by :class:`server.guard.RequestGuard` and the uvicorn protocol, photos by their header before
+decoding and by a cap on concurrent decodes, offers by their size and media count, data-channel messages
+by their size; every failure is a 4xx JSON error and never touches other sessions.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dagan.face import NoFaceError, crop_source
 from engine import Engine
 
+from .guard import RequestGuard, TokenBucket, ice_servers_for
 from .metrics import CONTENT_TYPE, Metrics
 from .sessions import LiveSession, OutputFrame, ServerBusyError, SessionNotFoundError, SessionRegistry
 from .settings import ServerSettings
@@ -61,6 +68,12 @@ class SessionOptions(BaseModel):
     show_depth: bool = Field(False, description="send the driving depth map beside the avatar")
 
 
+class IceServerInfo(BaseModel):
+    urls: list[str]
+    username: str | None = None
+    credential: str | None = None
+
+
 class SessionInfo(BaseModel):
     id: str
     relative: bool
@@ -72,11 +85,21 @@ class SessionInfo(BaseModel):
     frames_out: int
 
 
-class SourceInfo(BaseModel):
-    id: str
+class NewSession(SessionInfo):
+    ice_servers: list[IceServerInfo] = Field(
+        description="RTCIceServer list for this session's peer connection; TURN credentials in it are "
+        "minted for this session and expire (TURN REST API)"
+    )
+
+
+class CheckedSource(BaseModel):
     width: int = Field(description="uploaded photo width in pixels")
     height: int
     face_box: dict[str, float] = Field(description="square crop around the face: cx, cy, size (pixels)")
+
+
+class SourceInfo(CheckedSource):
+    id: str
 
 
 class SdpMessage(BaseModel):
@@ -91,20 +114,52 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------------ images
 
 
+#: Formats Pillow may try (JPEG includes the MPO files many phones write). Fewer parsers, less attack surface.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+def _too_large(width: int, height: int, max_side: int) -> ApiError:
+    return ApiError(
+        413,
+        "image_too_large",
+        f"the photo is {width}×{height} pixels; the limit is {max_side}×{max_side}, please scale it down",
+    )
+
+
+def _to_rgb(image: Any) -> np.ndarray:
+    """Any Pillow mode → H×W×3 uint8. 16-bit and 32-bit grey are scaled to 8 bits first: Pillow's own
+    conversion clips them (a 16-bit photo comes out almost all white)."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
+
+
 def decode_upload(data: bytes, max_side: int) -> np.ndarray:
     """Uploaded bytes → H×W×3 uint8 RGB, refusing non-images (415) and oversized pictures (413).
 
     The size is read from the header before any pixel is decoded, so a small file that claims
-    60000×60000 pixels is refused without allocating them. EXIF orientation is applied, as phone photos
+    60000×60000 pixels is refused without allocating them (Pillow's own decompression-bomb refusal, which
+    it raises while opening such a file, is the same 413). EXIF orientation is applied, as phone photos
     are often stored sideways.
     """
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise ApiError(415, "not_an_image", "the uploaded file is empty; choose a photo (JPEG, PNG or WebP)")
     try:
-        image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the side limit decides
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as err:
+        raise ApiError(
+            413, "image_too_large", f"the photo has far too many pixels; the limit is {max_side}×{max_side}"
+        ) from err
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
         raise ApiError(
             415,
             "not_an_image",
@@ -112,17 +167,23 @@ def decode_upload(data: bytes, max_side: int) -> np.ndarray:
         ) from err
     width, height = image.size
     if width > max_side or height > max_side:
-        raise ApiError(
-            413,
-            "image_too_large",
-            f"the photo is {width}×{height} pixels; the limit is {max_side}×{max_side}, please scale it down",
-        )
+        raise _too_large(width, height, max_side)
     try:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        rgb = np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            if image.width > max_side or image.height > max_side:  # pragma: no cover - transposes only
+                raise _too_large(image.width, image.height, max_side)
+            rgb = _to_rgb(image)
+    except ApiError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise _too_large(width, height, max_side) from err
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, TypeError) as err:
         raise ApiError(415, "not_an_image", "the image file is corrupt or truncated") from err
+    except MemoryError as err:  # pragma: no cover - the side limit keeps decodes well below this
+        raise _too_large(width, height, max_side) from err
     if rgb.shape[0] < 16 or rgb.shape[1] < 16:
         raise ApiError(
             422, "no_face", f"the photo is only {rgb.shape[1]}×{rgb.shape[0]} pixels: no face fits"
@@ -142,6 +203,59 @@ def sample_source_jpeg() -> bytes:
     if not ok:  # pragma: no cover - cv2 always encodes a valid uint8 image
         raise RuntimeError("could not encode the sample photo")
     return buf.tobytes()
+
+
+# -------------------------------------------------------------------------------------------- offers
+
+_CONTROL_CHARS = {chr(c) for c in range(32)} - {"\r", "\n", "\t"} | {"\x7f"}
+
+
+def check_sdp(sdp: str, max_media: int) -> None:
+    """Cheap checks before aiortc parses an offer: SDP text, a video section, a bounded media count.
+
+    Each m= section costs aiortc a transceiver with its own ICE and DTLS transports (UDP sockets), so a
+    64 KB offer with hundreds of them must not get that far.
+    """
+    if not sdp.lstrip().startswith("v=0"):
+        raise ApiError(400, "bad_sdp", "malformed SDP offer: it must start with v=0 and offer a video track")
+    if any(ch in _CONTROL_CHARS for ch in sdp):
+        raise ApiError(400, "bad_sdp", "malformed SDP offer: it contains control characters")
+    media = [line for line in sdp.splitlines() if line.startswith("m=")]
+    if not any(line.startswith("m=video ") for line in media):
+        raise ApiError(400, "bad_sdp", "malformed SDP offer: it must offer a video track (m=video)")
+    if len(media) > max_media:
+        raise ApiError(
+            400, "bad_sdp", f"the SDP offer has {len(media)} media sections; at most {max_media} are accepted"
+        )
+
+
+async def close_quietly(pc: Any) -> None:
+    """Close a peer connection that may be half-built (a refused offer) without ever raising.
+
+    aiortc's ``close`` can fail part-way on a connection whose remote description was rejected mid-way;
+    the transports it did create are then stopped one by one so no UDP socket is left open.
+    """
+    pc.remove_all_listeners()  # its "closed" state must not end the session it failed to join
+    try:
+        await asyncio.wait_for(pc.close(), 5)
+        return
+    except Exception as err:
+        log.debug("closing a half-built peer connection: %s: %s", type(err).__name__, err)
+    for transceiver in list(getattr(pc, "_RTCPeerConnection__transceivers", [])):
+        for part in (transceiver.sender, transceiver.receiver):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(part.stop(), 2)
+        dtls = transceiver.sender.transport if transceiver.sender else None
+        with contextlib.suppress(Exception):
+            if dtls is not None:
+                await asyncio.wait_for(dtls.stop(), 2)
+                await asyncio.wait_for(dtls.transport.stop(), 2)
+    sctp = getattr(pc, "_RTCPeerConnection__sctp", None)
+    if sctp is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(sctp.stop(), 2)
+            await asyncio.wait_for(sctp.transport.stop(), 2)
+            await asyncio.wait_for(sctp.transport.transport.stop(), 2)
 
 
 # ------------------------------------------------------------------------------------------- service
@@ -164,6 +278,8 @@ class AvatarService:
         self.metrics.max_sessions = settings.max_sessions
         self.worker = InferenceWorker(engine, self.registry, self.metrics, settings.output_size)
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.session_limiter = TokenBucket(settings.sessions_per_minute, settings.session_burst)
+        self._decodes: asyncio.Semaphore | None = None
         self._stack = contextlib.ExitStack()
         self._background: set[asyncio.Task] = set()
         self._sample: bytes | None = None
@@ -171,6 +287,7 @@ class AvatarService:
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self._decodes = asyncio.Semaphore(self.settings.max_concurrent_decodes)
         self._stack.enter_context(host_candidates(self.settings.ice_host_addresses))
         self.worker.start()
         self._spawn(self._cleanup_loop())
@@ -191,8 +308,16 @@ class AvatarService:
         return task
 
     # -- sessions ----------------------------------------------------------------------------------
-    def create_session(self, options: SessionOptions) -> LiveSession:
+    def create_session(self, options: SessionOptions, client: str = "?") -> LiveSession:
         relative = self.settings.relative if options.relative is None else options.relative
+        wait = self.session_limiter.take(client)
+        if wait > 0:
+            self.metrics.add("sessions_rejected")
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"too many new sessions from this address; try again in {max(1, round(wait))} s",
+            )
         try:
             session = self.registry.create(relative=relative, show_depth=options.show_depth)
         except ServerBusyError as err:
@@ -208,12 +333,38 @@ class AvatarService:
         except SessionNotFoundError as err:
             raise ApiError(404, "session_not_found", str(err)) from err
 
+    async def decode_and_crop(self, data: bytes) -> tuple[np.ndarray, np.ndarray, Any]:
+        """Decode the photo and find its face, at most ``max_concurrent_decodes`` at once.
+
+        A decoded 4096² photo and the face search on it take ~150 MB for a moment; without the bound,
+        a dozen parallel uploads took 2 GB. The slot is held until the thread is really done, even if
+        the request is cancelled meanwhile (a thread cannot be interrupted).
+        """
+        side = self.settings.max_image_side
+
+        def work() -> tuple[np.ndarray, np.ndarray, Any]:
+            rgb = decode_upload(data, side)
+            try:
+                crop, box = crop_source(rgb, self.engine.image_size)
+            except NoFaceError as err:
+                raise ApiError(422, "no_face", str(err)) from err
+            return rgb, crop, box
+
+        assert self._decodes is not None, "the service is not started"
+        async with self._decodes:
+            job = asyncio.ensure_future(asyncio.to_thread(work))
+            try:
+                return await asyncio.shield(job)
+            except asyncio.CancelledError:
+                await asyncio.wait([job])
+                raise
+
+    async def check_source(self, data: bytes) -> CheckedSource:
+        rgb, _, box = await self.decode_and_crop(data)
+        return CheckedSource(width=rgb.shape[1], height=rgb.shape[0], face_box=box.to_dict())
+
     async def set_source(self, session: LiveSession, data: bytes) -> SourceInfo:
-        rgb = await asyncio.to_thread(decode_upload, data, self.settings.max_image_side)
-        try:
-            crop, box = await asyncio.to_thread(crop_source, rgb, self.engine.image_size)
-        except NoFaceError as err:
-            raise ApiError(422, "no_face", str(err)) from err
+        rgb, crop, box = await self.decode_and_crop(data)
 
         def build() -> None:  # on the worker thread: the engine is only ever used there
             engine_session = self.engine.new_session(crop, relative=session.relative)
@@ -238,11 +389,11 @@ class AvatarService:
             )
         if session.pc is not None:
             raise ApiError(409, "already_connected", "this session already has a peer; create a new session")
-        if not offer.sdp.lstrip().startswith("v=0") or "m=video" not in offer.sdp:
-            raise ApiError(
-                400, "bad_sdp", "malformed SDP offer: it must start with v=0 and offer a video track"
-            )
-        ice = [RTCIceServer(list(s.urls), s.username, s.credential) for s in self.settings.ice_servers]
+        check_sdp(offer.sdp, self.settings.max_sdp_media)
+        ice = [
+            RTCIceServer(list(s.urls), s.username, s.credential)
+            for s in ice_servers_for(self.settings, f"server-{session.id}")
+        ]
         # iceServers must be a list, never None: aiortc falls back to a public STUN server on None.
         pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
         session.pc = pc
@@ -261,19 +412,23 @@ class AvatarService:
                 raise ValueError("no video media section")
             pc.addTrack(session.output)
             await pc.setLocalDescription(await pc.createAnswer())
-        except ApiError:
-            raise
         except Exception as err:
-            log.info("session %s: offer refused: %s", session.id, err)
+            log.info("session %s: offer refused: %s: %s", session.id, type(err).__name__, err)
             session.pc = None
-            session.output.stop()
+            if session.output is not None:
+                session.output.stop()
             session.output = None
             session.connected_at = None
-            pc.remove_all_listeners()  # its "closed" state must not end the session it failed to join
-            await pc.close()
-            raise ApiError(
-                400, "bad_sdp", f"malformed or unsupported SDP offer ({err or type(err).__name__})"
-            ) from err
+            await close_quietly(pc)
+            if session.closed:
+                raise ApiError(404, "session_not_found", f"session {session.id!r} ended") from err
+            if isinstance(err, ApiError):
+                raise
+            text = " ".join(str(err).split())[:120] or type(err).__name__
+            raise ApiError(400, "bad_sdp", f"malformed or unsupported SDP offer ({text})") from err
+        if session.closed:  # deleted while the answer was made: close_session already ran without it
+            await close_quietly(pc)
+            raise ApiError(404, "session_not_found", f"session {session.id!r} ended during the offer")
         return SdpMessage(sdp=pc.localDescription.sdp, type="answer")
 
     def _wire(self, session: LiveSession, pc: Any) -> None:
@@ -302,23 +457,53 @@ class AvatarService:
                 self._spawn(self.close_session(sid, f"connection {pc.connectionState}"))
 
     def handle_message(self, session: LiveSession, message: Any) -> None:
-        """Control messages from the page: ``recalibrate`` and ``{"type": "show_depth", "value": bool}``."""
-        import json
+        """Control messages from the page: ``recalibrate`` and ``{"type": "show_depth", "value": bool}``.
 
-        if isinstance(message, bytes):
-            message = message.decode("utf-8", "replace")
+        Runs inside aiortc's SCTP receive path, where an exception would end the whole connection, so
+        nothing escapes: an oversized, undecodable or unknown message gets one short error reply that
+        never repeats what was sent.
+        """
         try:
-            data = json.loads(message) if message.lstrip().startswith("{") else {"type": message.strip()}
-        except json.JSONDecodeError:
-            data = {"type": None}
-        kind = data.get("type")
+            error = self._control(session, message)
+        except Exception:  # pragma: no cover - _control handles every input; this guards the DTLS loop
+            log.exception("session %s: control message failed", session.id)
+            error = ("bad_message", "the control message could not be handled")
+        if error is not None:
+            code, text = error
+            send_json(session.channel, {"type": "error", "error": code, "message": text})
+
+    def _control(self, session: LiveSession, message: Any) -> tuple[str, str] | None:
+        limit = self.settings.max_message_bytes
+        if not isinstance(message, (str, bytes)):
+            return ("bad_message", "control messages are text")
+        size = len(message) if isinstance(message, bytes) else len(message.encode("utf-8", "replace"))
+        if len(message) > limit or size > limit:
+            return ("message_too_large", f"control messages are limited to {limit} bytes")
+        if isinstance(message, bytes):
+            try:
+                message = message.decode("utf-8")
+            except UnicodeDecodeError:
+                return ("bad_message", "control messages must be UTF-8 text")
+        text = message.strip()
+        if text.startswith("{"):
+            try:
+                data = json.loads(text)
+            except (ValueError, RecursionError):
+                return ("bad_message", "the control message is not valid JSON")
+        else:
+            data = {"type": text}
+        kind = data.get("type") if isinstance(data, dict) else None
         if kind == "recalibrate":
             session.recalibrate = True
             send_json(session.channel, {"type": "recalibrated"})
-        elif kind == "show_depth":
-            session.show_depth = bool(data.get("value", True))
-        else:
-            send_json(session.channel, {"type": "error", "message": f"unknown control message {message!r}"})
+            return None
+        if kind == "show_depth":
+            value = data.get("value", True)
+            if not isinstance(value, bool):
+                return ("bad_message", 'show_depth needs "value": true or false')
+            session.show_depth = value
+            return None
+        return ("unknown_message", 'unknown control message; known types: "recalibrate", "show_depth"')
 
     def _on_input(self, dropped: bool) -> None:
         self.metrics.add("frames_in")
@@ -360,8 +545,7 @@ class AvatarService:
         if session.output is not None:
             session.output.stop()
         if session.pc is not None:
-            with contextlib.suppress(Exception):
-                await session.pc.close()
+            await close_quietly(session.pc)
         session.input.clear()
         session.engine_session = session.source_crop = session.channel = session.pc = None
         session.tasks.clear()
@@ -410,10 +594,16 @@ def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
         title="DaGAN live avatar",
         version="0.1.0",
         description="Animate a photo with a webcam over WebRTC. Errors are JSON bodies "
-        '`{"error": code, "message": text, "status": http_status}`.',
+        '`{"error": code, "message": text, "status": http_status}`. With an access token set, every '
+        "`/api` route and `/metrics` need `Authorization: Bearer <token>` (docs/security.md).",
         lifespan=lifespan,
+        # Swagger UI loads its scripts from a CDN: only on request (--docs), never by default.
+        docs_url="/docs" if settings.docs else None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url="/docs/oauth2-redirect" if settings.docs else None,
     )
     app.state.service = service
+    app.add_middleware(RequestGuard, settings=settings)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -447,7 +637,8 @@ def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
     @app.get("/api/config", summary="What the page needs: ICE servers, model size, limits")
     async def config() -> dict:
         return {
-            "ice_servers": [s.to_browser() for s in settings.ice_servers],
+            # TURN credentials here are minted per request and expire; a session gets its own.
+            "ice_servers": [s.to_browser() for s in ice_servers_for(settings, "config")],
             "max_sessions": settings.max_sessions,
             "relative": settings.relative,
             "untrained": settings.untrained,
@@ -456,6 +647,8 @@ def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
             "output_size": settings.output_size,
             "max_upload_bytes": settings.max_upload_bytes,
             "max_image_side": settings.max_image_side,
+            "max_message_bytes": settings.max_message_bytes,
+            "access_token_required": bool(settings.access_token),
         }
 
     @app.get(
@@ -471,12 +664,15 @@ def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
     @app.post(
         "/api/sessions",
         status_code=201,
-        response_model=SessionInfo,
-        summary="Reserve a session slot",
-        responses=_errors(400, 503),
+        response_model=NewSession,
+        summary="Reserve a session slot (and get its ICE servers)",
+        responses=_errors(400, 401, 403, 413, 429, 503),
     )
-    async def create_session(options: SessionOptions | None = None) -> dict:
-        return service.create_session(options or SessionOptions()).info()
+    async def create_session(request: Request, options: SessionOptions | None = None) -> dict:
+        client = request.client.host if request.client else "?"
+        session = service.create_session(options or SessionOptions(), client)
+        ice = [s.to_browser() for s in ice_servers_for(settings, session.id)]
+        return {**session.info(), "ice_servers": ice}
 
     @app.get(
         "/api/sessions/{session_id}",
@@ -491,7 +687,7 @@ def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
         "/api/sessions/{session_id}/source",
         response_model=SourceInfo,
         summary="Upload the photo to animate (multipart field 'file'); replaces the previous one",
-        responses=_errors(400, 404, 413, 415, 422),
+        responses=_errors(400, 401, 404, 413, 415, 422, 503),
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -509,22 +705,44 @@ def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
     )
     async def put_source(session_id: str, request: Request) -> SourceInfo:
         session = service.get(session_id)
+        return await service.set_source(session, await read_photo(request))
+
+    @app.post(
+        "/api/source-check",
+        response_model=CheckedSource,
+        summary="Check a photo (multipart field 'file') without a session: decodable, in limits, a face",
+        responses=_errors(400, 401, 413, 415, 422, 503),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"file": {"type": "string", "format": "binary"}},
+                            "required": ["file"],
+                        }
+                    }
+                },
+            }
+        },
+    )
+    async def source_check(request: Request) -> CheckedSource:
+        return await service.check_source(await read_photo(request))
+
+    async def read_photo(request: Request) -> bytes:
+        """The 'file' field of a multipart upload. The guard has already read the body into memory
+        within the upload limit, so parsing it never waits on the network."""
         limit = settings.max_upload_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit + 64 * 1024:
-            raise ApiError(
-                413,
-                "file_too_large",
-                f"the upload is {int(length) / 2**20:.1f} MB; the limit is {limit / 2**20:g} MB",
-            )
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise ApiError(
                 415, "not_multipart", "send the photo as multipart/form-data in a field named 'file'"
             )
         try:
-            form = await request.form(max_files=1, max_fields=4)
+            form = await request.form(max_files=1, max_fields=4, max_part_size=64 * 1024)
         except Exception as err:
-            raise ApiError(400, "bad_request", f"could not parse the multipart upload ({err})") from err
+            text = " ".join(str(err).split())[:120] or type(err).__name__
+            raise ApiError(400, "bad_request", f"could not parse the multipart upload ({text})") from err
         try:
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
@@ -534,7 +752,7 @@ def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
             await form.close()
         if len(data) > limit:
             raise ApiError(413, "file_too_large", f"the photo is over the {limit / 2**20:g} MB limit")
-        return await service.set_source(session, data)
+        return data
 
     @app.post(
         "/api/sessions/{session_id}/offer",

@@ -88,8 +88,48 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "codecs and face tracking need the rest)",
     )
     p.add_argument("--client-dir", help="serve the browser client from this folder (env DAGAN_CLIENT_DIR)")
+    g = p.add_argument_group("exposure beyond localhost (docs/security.md)")
+    g.add_argument(
+        "--access-token",
+        help="require this bearer token on every /api route and /metrics; 'random' makes one and prints it "
+        "(env DAGAN_ACCESS_TOKEN). The page takes it from its address: http://HOST:PORT/#token=TOKEN",
+    )
+    g.add_argument(
+        "--allowed-hosts",
+        help="comma-separated host names the server answers to, e.g. avatar.example.org (env "
+        "DAGAN_ALLOWED_HOSTS; default: loopback names when bound to loopback, else any)",
+    )
+    g.add_argument(
+        "--allowed-origins",
+        help="comma-separated other web origins allowed to call the API (env DAGAN_ALLOWED_ORIGINS)",
+    )
+    g.add_argument(
+        "--turn-urls",
+        help="TURN server URLs using coturn's REST API secret, e.g. turn:turn.example.org:3478 "
+        "(env DAGAN_TURN_URLS)",
+    )
+    g.add_argument(
+        "--turn-secret",
+        help="coturn's static-auth-secret: credentials are minted per session (env DAGAN_TURN_SECRET)",
+    )
+    g.add_argument(
+        "--turn-ttl", type=int, help="TURN credential lifetime in seconds (env DAGAN_TURN_TTL, 21600)"
+    )
+    g.add_argument(
+        "--sessions-per-minute",
+        type=float,
+        help="new sessions per client address per minute after a burst of 10 "
+        "(env DAGAN_SESSIONS_PER_MINUTE, 20)",
+    )
+    g.add_argument(
+        "--docs", action="store_true", help="serve Swagger UI at /docs (it loads scripts from a CDN)"
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_cmd_serve)
+
+
+def _list(text: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (text or "").split(",") if x.strip())
 
 
 def settings_from_args(args: argparse.Namespace, untrained: bool = False) -> ServerSettings:
@@ -97,6 +137,19 @@ def settings_from_args(args: argparse.Namespace, untrained: bool = False) -> Ser
     defaults = ServerSettings()
     hosts = args.ice_host_addresses or _env("DAGAN_ICE_HOST_ADDRESSES")
     client_dir = args.client_dir or _env("DAGAN_CLIENT_DIR")
+    token = args.access_token or _env("DAGAN_ACCESS_TOKEN")
+    if token == "random":
+        from .guard import new_token
+
+        token = args.access_token = new_token()  # the same token when called again after loading weights
+    allowed_hosts = _list(args.allowed_hosts or _env("DAGAN_ALLOWED_HOSTS"))
+    rate = args.sessions_per_minute
+    if rate is None:
+        text = _env("DAGAN_SESSIONS_PER_MINUTE")
+        try:
+            rate = float(text) if text is not None else defaults.sessions_per_minute
+        except ValueError as err:
+            raise SettingsError(f"$DAGAN_SESSIONS_PER_MINUTE must be a number, got {text!r}") from err
     return ServerSettings(
         host=args.host or _env("DAGAN_HOST", defaults.host),
         port=args.port if args.port is not None else _env_int("DAGAN_PORT", defaults.port),
@@ -119,7 +172,47 @@ def settings_from_args(args: argparse.Namespace, untrained: bool = False) -> Ser
         relative=not args.absolute,
         untrained=untrained,
         client_dir=Path(client_dir) if client_dir else defaults.client_dir,
+        access_token=token,
+        allowed_hosts=allowed_hosts or None,
+        allowed_origins=_list(args.allowed_origins or _env("DAGAN_ALLOWED_ORIGINS")),
+        turn_urls=_list(args.turn_urls or _env("DAGAN_TURN_URLS")),
+        turn_secret=args.turn_secret or _env("DAGAN_TURN_SECRET"),
+        turn_ttl_s=args.turn_ttl
+        if args.turn_ttl is not None
+        else _env_int("DAGAN_TURN_TTL", defaults.turn_ttl_s),
+        sessions_per_minute=rate,
+        docs=args.docs,
     )
+
+
+EXPOSED_BANNER = """\
+################################################################################
+#  WARNING: listening on {host}, beyond this machine, WITHOUT an access token.
+#  Anyone who can reach this port can use the service, fill every session slot
+#  and spend its GPU. Start it with --access-token random (or DAGAN_ACCESS_TOKEN)
+#  and see docs/security.md for TLS and TURN.
+################################################################################"""
+
+
+def exposure_warnings(settings: ServerSettings, tls: bool) -> list[str]:
+    """What ``dagan serve`` prints about how exposed this configuration is (empty: nothing to say)."""
+    from .guard import is_loopback
+
+    out = []
+    if not is_loopback(settings.host):
+        if not settings.access_token:
+            out.append(EXPOSED_BANNER.format(host=settings.host))
+        if not tls:
+            out.append(
+                "note: browsers allow the camera only on https:// or localhost, and without TLS the token "
+                "travels in clear text; use --ssl-certfile/--ssl-keyfile or a TLS reverse proxy"
+            )
+    if settings.ice_servers and any(s.credential for s in settings.ice_servers):
+        out.append(
+            "note: --ice-credential is handed to every client as it is; prefer --turn-secret "
+            "(time-limited TURN credentials per session)"
+        )
+    return out
 
 
 def build_engine(args: argparse.Namespace):
@@ -172,6 +265,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .app import create_app
+    from .guard import uvicorn_config
 
     settings_from_args(args)  # fail on bad flags before loading any weights
     _set_torch_threads(
@@ -190,18 +284,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         f"up to {settings.max_sessions} sessions; open {scheme}://{shown}:{settings.port}/",
         file=sys.stderr,
     )
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not args.ssl_certfile:
+    if settings.access_token:
         print(
-            "note: browsers allow the camera only on https:// or localhost; use --ssl-certfile/--ssl-keyfile "
-            "or a TLS reverse proxy for other machines",
+            f"access token required; the page's address is {scheme}://{shown}:{settings.port}/#token="
+            f"{settings.access_token}",
             file=sys.stderr,
         )
-    uvicorn.run(
+    for line in exposure_warnings(settings, tls=bool(args.ssl_certfile)):
+        print(line, file=sys.stderr)
+    config = uvicorn_config(
         app,
-        host=settings.host,
-        port=settings.port,
+        settings,
         log_level=args.log_level,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
     )
+    uvicorn.Server(config).run()
     return 0

@@ -94,6 +94,30 @@ class ServerSettings:
     # True when the engine runs randomly initialised weights: the page and /healthz say so loudly.
     untrained: bool = False
     cleanup_interval_s: float = 0.5
+    # -- exposure beyond localhost (docs/security.md lists every limit and why) -----------------------
+    # Bearer token every /api route, /metrics and the page's calls need (None: no token, localhost use).
+    access_token: str | None = None
+    # Host names the server answers to (None: the loopback names when bound to loopback, else any).
+    allowed_hosts: tuple[str, ...] | None = None
+    # Other web origins allowed to call the API from a browser (the page's own origin always is).
+    allowed_origins: tuple[str, ...] = ()
+    # Session creations per client address: a burst, then this many a minute (429 beyond).
+    sessions_per_minute: float = 20.0
+    session_burst: int = 10
+    max_json_bytes: int = 64 * 1024  # any non-upload request body (an SDP offer is 2-10 KB)
+    max_concurrent_decodes: int = 2  # photos decoded and face-searched at once (each up to ~150 MB)
+    max_pending_uploads: int = 8  # uploads being received or waiting for a decode (503 beyond)
+    max_message_bytes: int = 4096  # one data-channel control message
+    max_sdp_media: int = 4  # m= sections in one offer
+    header_timeout_s: float = 10.0  # request line + headers must arrive within this
+    body_timeout_s: float = 60.0  # a whole request body must arrive within this
+    shutdown_timeout_s: float = 5.0  # open requests get this long after SIGTERM
+    max_connections: int = 256  # open HTTP connections (503 beyond)
+    # TURN REST API (coturn use-auth-secret): URLs and the shared secret; credentials expire after ttl.
+    turn_urls: tuple[str, ...] = ()
+    turn_secret: str | None = None
+    turn_ttl_s: int = 6 * 3600
+    docs: bool = False  # serve /docs (Swagger UI, scripts from a CDN); /openapi.json is always there
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -104,3 +128,12 @@ class ServerSettings:
             raise SettingsError(f"{self.client_dir} has no index.html: point --client-dir at client_web/")
         if self.output_size < 16 or self.output_size % 2:
             raise SettingsError(f"output size must be an even number of pixels >= 16, got {self.output_size}")
+        if bool(self.turn_urls) != bool(self.turn_secret):
+            raise SettingsError("TURN needs both --turn-urls and --turn-secret (coturn's static-auth-secret)")
+        for url in self.turn_urls:
+            if not url.startswith(("turn:", "turns:")):
+                raise SettingsError(f"TURN URL {url!r} must start with turn: or turns:")
+        if self.turn_ttl_s < 60:
+            raise SettingsError(f"TURN credential lifetime must be at least 60 s, got {self.turn_ttl_s}")
+        if self.access_token is not None and len(self.access_token) < 8:
+            raise SettingsError("the access token must be at least 8 characters long")

@@ -18,6 +18,7 @@ from server.app import create_app
 from server.settings import IceServer, ServerSettings, SettingsError, parse_ice_servers
 
 MB = 1024 * 1024
+BASE = "http://127.0.0.1:8000"  # a loopback-bound server answers only to loopback host names
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def png(width: int, height: int, value: int = 128) -> bytes:
 @pytest.fixture
 def client(engine):
     settings = ServerSettings(max_sessions=2, ice_host_addresses=("127.0.0.1",))
-    with TestClient(create_app(settings, engine)) as c:
+    with TestClient(create_app(settings, engine), base_url=BASE) as c:
         yield c
 
 
@@ -127,7 +128,7 @@ def test_bad_session_options(client):
 
 def test_idle_session_is_freed(engine):
     settings = ServerSettings(idle_timeout_s=0.3, cleanup_interval_s=0.05, ice_host_addresses=("127.0.0.1",))
-    with TestClient(create_app(settings, engine)) as client:
+    with TestClient(create_app(settings, engine), base_url=BASE) as client:
         sid = new_session(client)
         deadline = time.monotonic() + 5
         while client.get(f"/api/sessions/{sid}").status_code == 200:
@@ -325,7 +326,9 @@ def test_openapi_lists_the_routes(client):
     assert "503" in paths["/api/sessions"]["post"]["responses"]
     assert "ErrorBody" in spec["components"]["schemas"]
     assert "text/plain" in paths["/metrics"]["get"]["responses"]["200"]["content"]
-    assert client.get("/docs").status_code == 200
+    # Swagger UI loads third-party scripts: off unless asked for (docs=True / --docs).
+    assert_error(client.get("/docs"), 404, "not_found")
+    assert "/api/source-check" in paths and "429" in paths["/api/sessions"]["post"]["responses"]
 
 
 # ------------------------------------------------------------------------------------------------ CLI

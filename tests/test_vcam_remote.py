@@ -1,5 +1,7 @@
 """Remote mode of `dagan cam` against the real in-process server (uvicorn on loopback): avatars come back
-through WebRTC, the client reconnects when the server restarts, and the session is freed on close."""
+through WebRTC, the client reconnects when the server restarts, and the session is freed on close. The
+server requires an access token, which the client sends; its ICE servers are the server's, never a
+public default; and its reconnect back-off starts again after a session that worked."""
 
 from __future__ import annotations
 
@@ -17,14 +19,17 @@ from server.app import create_app
 from server.settings import ServerSettings
 from vcam.io import MemorySink
 from vcam.pipeline import CamRunner
-from vcam.remote import RemoteAnimator, RemoteError
+from vcam.remote import RemoteAnimator, RemoteError, rtc_configuration, split_token
+
+TOKEN = "test-token-0123456789"
 
 
 class ServerThread:
     """uvicorn in a thread with its own event loop, as a separate host would be."""
 
     def __init__(self, engine, port: int) -> None:
-        self.app = create_app(ServerSettings(ice_host_addresses=("127.0.0.1",), output_size=128), engine)
+        settings = ServerSettings(ice_host_addresses=("127.0.0.1",), output_size=128, access_token=TOKEN)
+        self.app = create_app(settings, engine)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None
@@ -72,9 +77,14 @@ def test_remote_avatar_reconnect_and_cleanup(engine, frames):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with ServerThread(engine, port) as server:
-        animator = RemoteAnimator(url, astronaut(), reconnect_delay=0.2, max_reconnect_delay=0.5)
+        animator = RemoteAnimator(
+            url + f"/#token={TOKEN}", astronaut(), reconnect_delay=0.2, max_reconnect_delay=0.5
+        )
+        assert (animator.server, animator.token) == (url, TOKEN)
         try:
             _pump(animator, frames, lambda: animator.avatars_received >= 5, timeout=60)
+            # The server's ICE list (none: loopback), not aiortc's public STUN default.
+            assert animator.ice_servers == []
             avatar = animator.process(frames[0])
             assert avatar is not None and avatar.shape == (128, 128, 3)
             assert animator.connections == 1 and server.live_sessions() == 1
@@ -109,7 +119,7 @@ def test_remote_avatar_reconnect_and_cleanup(engine, frames):
         assert before_close == 1 and server.live_sessions() == 0  # hang-up frees the session
 
     # server restart: the client reconnects by itself (new session, photo uploaded again)
-    animator = RemoteAnimator(url, astronaut(), reconnect_delay=0.2, max_reconnect_delay=0.5)
+    animator = RemoteAnimator(url, astronaut(), reconnect_delay=0.2, max_reconnect_delay=0.5, token=TOKEN)
     try:
         with ServerThread(engine, port):
             _pump(animator, frames, lambda: animator.avatars_received >= 3, timeout=60)
@@ -129,7 +139,7 @@ def test_remote_refusal_is_reported(engine, frames):
     port = _free_port()
     with ServerThread(engine, port):
         grey = np.full((200, 200, 3), 128, np.uint8)  # no face: the server answers 422
-        animator = RemoteAnimator(f"http://127.0.0.1:{port}", grey, reconnect_delay=5)
+        animator = RemoteAnimator(f"http://127.0.0.1:{port}", grey, reconnect_delay=5, token=TOKEN)
         try:
             deadline = time.monotonic() + 20
             while animator.last_error is None and time.monotonic() < deadline:
@@ -138,4 +148,49 @@ def test_remote_refusal_is_reported(engine, frames):
             assert animator.avatars_received == 0
         finally:
             animator.close()
+        # Without the token: 401, reported as a refusal (not retried quickly as a network error).
+        animator = RemoteAnimator(f"http://127.0.0.1:{port}", astronaut(), reconnect_delay=5)
+        try:
+            deadline = time.monotonic() + 20
+            while animator.last_error is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert animator.last_error is not None and "401" in animator.last_error
+        finally:
+            animator.close()
     assert issubclass(RemoteError, Exception)
+
+
+def test_remote_ice_configuration_is_the_servers():
+    config = rtc_configuration(
+        [{"urls": "turn:t.example:3478", "username": "1700000000:s", "credential": "c"}, {"bad": 1}]
+    )
+    assert [(s.urls, s.username, s.credential) for s in config.iceServers] == [
+        (["turn:t.example:3478"], "1700000000:s", "c")
+    ]
+    assert rtc_configuration([]).iceServers == []  # a list: aiortc's None would mean Google's STUN
+    assert split_token("https://h:8000/#token=abc") == ("https://h:8000", "abc")
+    assert split_token("https://h:8000/") == ("https://h:8000", None)
+
+
+def test_backoff_starts_again_after_a_good_session(monkeypatch):
+    """Failures double the wait; a session that delivered avatars resets it to the first step."""
+    monkeypatch.delenv("DAGAN_ACCESS_TOKEN", raising=False)
+    script = ["fail", "fail", "fail", "good", "fail", "fail"]
+
+    class Scripted(RemoteAnimator):
+        async def _session_once(self) -> None:
+            await asyncio.sleep(0)
+            if not script:
+                await asyncio.sleep(3600)
+            if script.pop(0) == "good":
+                self._good_session = True  # what receiving an avatar frame sets
+            raise ConnectionError("scripted")
+
+    animator = Scripted("http://127.0.0.1:9", astronaut(), reconnect_delay=0.01, max_reconnect_delay=1.0)
+    try:
+        deadline = time.monotonic() + 10
+        while len(animator.delays) < 6 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert list(animator.delays) == [0.01, 0.02, 0.04, 0.01, 0.02, 0.04]
+    finally:
+        animator.close()

@@ -2,16 +2,24 @@
 server's. The webcam goes up as a video track; the avatar track comes back and is written to the virtual
 camera. Both directions keep only the newest frame, and the client reconnects (new session, source
 uploaded again) whenever the connection fails or the server restarts.
+
+The peer connection uses exactly the ICE servers the server hands out (``/api/config``, and the
+session's own time-limited TURN credentials), never aiortc's public default STUN server. A server with
+an access token gets it as ``Authorization: Bearer``: from ``token=``, ``$DAGAN_ACCESS_TOKEN`` or the
+URL's fragment (``https://host:8000/#token=...``, the same link the page uses).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import os
 import threading
 import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import cv2
 import numpy as np
@@ -23,7 +31,35 @@ log = logging.getLogger(__name__)
 
 
 class RemoteError(UserError):
-    """The server refused the session or the photo (busy, no face, bad URL)."""
+    """The server refused the session or the photo (busy, no face, bad URL, wrong access token)."""
+
+
+def split_token(server: str) -> tuple[str, str | None]:
+    """``https://host:8000/#token=abc`` → (``https://host:8000``, ``abc``); no fragment: (url, None)."""
+    parts = urlsplit(server)
+    token = parse_qs(parts.fragment).get("token", [None])[0]
+    base = urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
+    return base.rstrip("/"), token
+
+
+def rtc_configuration(ice_servers: list[dict]) -> Any:
+    """An ``RTCConfiguration`` with exactly these servers: a list, never None (aiortc's None means a
+    public Google STUN server, which a client of a private server must not contact)."""
+    from aiortc import RTCConfiguration, RTCIceServer
+
+    servers = []
+    for item in ice_servers:
+        if not isinstance(item, dict) or "urls" not in item:
+            continue
+        urls = item["urls"]
+        servers.append(
+            RTCIceServer(
+                urls=[urls] if isinstance(urls, str) else list(urls),
+                username=item.get("username"),
+                credential=item.get("credential"),
+            )
+        )
+    return RTCConfiguration(iceServers=servers)
 
 
 def _camera_track_class():
@@ -68,13 +104,15 @@ class RemoteAnimator:
         verify_tls: bool = True,
         reconnect_delay: float = 1.0,
         max_reconnect_delay: float = 10.0,
+        token: str | None = None,
     ) -> None:
         ok, jpeg = cv2.imencode(
             ".jpg", cv2.cvtColor(photo, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
         )
         if not ok:
             raise RemoteError("could not encode the source photo as JPEG")
-        self.server = server.rstrip("/")
+        self.server, url_token = split_token(server)
+        self.token = token or url_token or os.environ.get("DAGAN_ACCESS_TOKEN") or None
         self.photo_jpeg = jpeg.tobytes()
         self.relative = relative
         self.verify_tls = verify_tls
@@ -86,6 +124,9 @@ class RemoteAnimator:
         self.avatars_received = 0
         self.connections = 0
         self.last_error: str | None = None
+        self.ice_servers: list[dict] | None = None  # what the last peer connection was configured with
+        self.delays: collections.deque[float] = collections.deque(maxlen=32)  # back-off waits, newest last
+        self._good_session = False
         self._channel: Any = None
         self._closing = False
         self._loop = asyncio.new_event_loop()
@@ -137,9 +178,9 @@ class RemoteAnimator:
     async def _run(self) -> None:
         delay = self.reconnect_delay
         while not self._closing:
+            self._good_session = False
             try:
                 await self._session_once()
-                delay = self.reconnect_delay  # a session that ran resets the back-off
             except asyncio.CancelledError:
                 raise
             except RemoteError as exc:
@@ -150,6 +191,9 @@ class RemoteAnimator:
                 log.warning("connection to %s lost (%s); reconnecting in %.1f s", self.server, exc, delay)
             if self._closing:
                 return
+            if self._good_session:  # avatars came back: the next failure starts the back-off again
+                delay = self.reconnect_delay
+            self.delays.append(delay)
             await asyncio.sleep(delay)
             delay = min(self.max_reconnect_delay, delay * 2)
 
@@ -157,11 +201,20 @@ class RemoteAnimator:
         import httpx
         from aiortc import RTCPeerConnection, RTCSessionDescription
 
-        async with httpx.AsyncClient(base_url=self.server, verify=self.verify_tls, timeout=30) as http:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        async with httpx.AsyncClient(
+            base_url=self.server, verify=self.verify_tls, timeout=30, headers=headers
+        ) as http:
+            resp = await http.get("/api/config")
+            _raise_for(resp)
+            ice = resp.json().get("ice_servers", [])
             resp = await http.post("/api/sessions", json={"relative": self.relative})
             _raise_for(resp)
-            sid = resp.json()["id"]
-            pc = RTCPeerConnection()
+            session = resp.json()
+            sid = session["id"]
+            # The session's list carries TURN credentials minted for it; the config's is the fallback.
+            self.ice_servers = session.get("ice_servers", ice)
+            pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
             receivers: list[asyncio.Future] = []
             try:
                 resp = await http.put(
@@ -212,6 +265,7 @@ class RemoteAnimator:
                 with self._avatar_lock:
                     self._avatar = image
                 self.avatars_received += 1
+                self._good_session = True
         except MediaStreamError:
             pass
         finally:
@@ -227,5 +281,5 @@ def _raise_for(resp: Any) -> None:
         message = body.get("message") or body.get("detail") or body
     except ValueError:
         message = resp.text[:200]
-    error = RemoteError if resp.status_code in (413, 415, 422, 503) else ConnectionError
+    error = RemoteError if resp.status_code in (401, 403, 413, 415, 422, 429, 503) else ConnectionError
     raise error(f"{resp.request.method} {resp.request.url.path}: HTTP {resp.status_code}: {message}")
