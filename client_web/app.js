@@ -12,8 +12,23 @@ const ui = {
 // Exposed for debugging and for the browser test.
 const state = (window.dagan = {
   config: null, photo: null, sessionId: null, pc: null, channel: null, camera: null,
-  serverMs: null, framesFromServer: 0, noFaceFrames: 0, statsPrev: null, timer: null,
+  serverMs: null, framesFromServer: 0, noFaceFrames: 0, statsPrev: null, timer: null, stateTimer: null,
+  checking: 0,
 });
+const EMPTY_STATS = "fps: –   round trip: –   server: –";
+
+// The access token (servers started with --access-token): given once in the link as #token=..., kept
+// for this tab only, and removed from the address bar so it is not bookmarked or shared by accident.
+const token = (() => {
+  const match = /(?:^|[#&])token=([^&]+)/.exec(location.hash);
+  if (match) {
+    try { sessionStorage.setItem("dagan-token", decodeURIComponent(match[1])); } catch (_) { /* private mode */ }
+    history.replaceState(null, "", location.pathname + location.search);
+    return decodeURIComponent(match[1]);
+  }
+  try { return sessionStorage.getItem("dagan-token"); } catch (_) { return null; }
+})();
+const auth = () => (token ? { Authorization: `Bearer ${token}` } : {});
 
 function show(text, kind = "info") {
   ui.message.textContent = text;
@@ -28,7 +43,7 @@ class ApiError extends Error {
 }
 
 async function api(method, path, body, headers = {}) {
-  const res = await fetch(path, { method, body, headers });
+  const res = await fetch(path, { method, body, headers: { ...auth(), ...headers } });
   if (res.ok) return res.status === 204 ? null : res.json();
   let info = { error: "http_error", message: `${method} ${path} failed (${res.status})` };
   try { info = await res.json(); } catch (_) { /* not JSON */ }
@@ -40,6 +55,8 @@ function explain(err) {
   if (err instanceof ApiError) {
     if (err.code === "server_busy") return "Server busy: every session slot is in use. Please try again in a minute.";
     if (err.code === "no_face") return "No face found in the photo. Choose a photo with one clearly visible, frontal face.";
+    if (err.code === "unauthorized")
+      return "This server needs an access token: open the link you were given (it ends in #token=…).";
     return err.message;
   }
   if (err && (err.name === "NotAllowedError" || err.name === "SecurityError"))
@@ -51,16 +68,55 @@ function explain(err) {
 }
 
 // ------------------------------------------------------------------------------------------ photo
+function showPhoto(blob) {
+  if (ui.source.src.startsWith("blob:")) URL.revokeObjectURL(ui.source.src);
+  if (blob) ui.source.src = URL.createObjectURL(blob);
+  else ui.source.removeAttribute("src");
+}
+
 function setPhoto(blob) {
   state.photo = blob;
-  ui.source.src = URL.createObjectURL(blob);
-  ui.start.disabled = !!state.pc;
-  if (state.sessionId) uploadPhoto().catch((e) => show(explain(e), "error"));
+  showPhoto(blob);
+  ui.start.disabled = !!state.pc || !blob;
+  if (state.sessionId && blob) uploadPhoto().catch((e) => show(explain(e), "error"));
+}
+
+// A chosen photo is checked before it replaces the current one (size here, then decoding and the face
+// on the server), so a bad photo is reported at once, not after the camera and a session were started.
+async function choosePhoto(file) {
+  const limit = state.config ? state.config.max_upload_bytes : Infinity;
+  const refuse = (text) => {
+    state.photo = null;
+    showPhoto(null);
+    ui.file.value = "";
+    ui.start.disabled = true;
+    show(text, "error");
+  };
+  if (file.size > limit)
+    return refuse(`The photo is ${(file.size / 2 ** 20).toFixed(1)} MB; the limit is ${limit / 2 ** 20} MB.`);
+  if (file.type && !file.type.startsWith("image/")) return refuse("That file is not an image: choose a JPEG, PNG or WebP photo.");
+  const ticket = ++state.checking;
+  ui.start.disabled = true;
+  show("Checking the photo…");
+  try {
+    const form = new FormData();
+    form.append("file", file, file.name || "photo.jpg");
+    await api("POST", "/api/source-check", form);
+    if (ticket !== state.checking) return; // a newer choice replaced this one
+    show("");
+    setPhoto(file);
+  } catch (err) {
+    if (ticket === state.checking) refuse(explain(err));
+  }
 }
 
 async function loadSample() {
-  const res = await fetch("/api/sample-source");
-  if (!res.ok) throw new Error("could not load the sample photo");
+  const res = await fetch("/api/sample-source", { headers: auth() });
+  if (!res.ok) {
+    let info = {};
+    try { info = await res.json(); } catch (_) { /* not JSON */ }
+    throw new ApiError(res.status, info.error || "http_error", info.message || "could not load the sample photo");
+  }
   setPhoto(await res.blob());
 }
 
@@ -71,7 +127,7 @@ async function uploadPhoto() {
   show("");
 }
 
-ui.file.addEventListener("change", () => { if (ui.file.files[0]) setPhoto(ui.file.files[0]); });
+ui.file.addEventListener("change", () => { if (ui.file.files[0]) choosePhoto(ui.file.files[0]); });
 ui.sample.addEventListener("click", () => loadSample().catch((e) => show(explain(e), "error")));
 ui.drop.addEventListener("dragover", (e) => { e.preventDefault(); ui.drop.classList.add("over"); });
 ui.drop.addEventListener("dragleave", () => ui.drop.classList.remove("over"));
@@ -79,7 +135,7 @@ ui.drop.addEventListener("drop", (e) => {
   e.preventDefault();
   ui.drop.classList.remove("over");
   const f = e.dataTransfer.files[0];
-  if (f) setPhoto(f);
+  if (f) choosePhoto(f);
 });
 
 // ------------------------------------------------------------------------------------------- call
@@ -104,6 +160,8 @@ function onServerMessage(ev) {
     if (msg.face && ui.message.textContent.startsWith("No face found in the camera")) show("");
   } else if (msg.type === "recalibrated") {
     setState("recalibrated: your current pose is the neutral one");
+    clearTimeout(state.stateTimer);  // back to the connection state after a moment
+    state.stateTimer = setTimeout(() => { if (state.pc) setState(state.pc.connectionState); }, 2500);
   } else if (msg.type === "error") {
     show(msg.message, "error");
   }
@@ -125,7 +183,8 @@ async function start() {
     await uploadPhoto();
 
     setState("connecting…");
-    const pc = (state.pc = new RTCPeerConnection({ iceServers: state.config.ice_servers }));
+    // The session's ICE list carries TURN credentials minted for it (they expire); the config's is a fallback.
+    const pc = (state.pc = new RTCPeerConnection({ iceServers: session.ice_servers || state.config.ice_servers }));
     state.channel = pc.createDataChannel("control");
     state.channel.onmessage = onServerMessage;
     for (const track of state.camera.getVideoTracks()) pc.addTrack(track, state.camera);
@@ -150,15 +209,17 @@ async function start() {
 
 async function stop(clearMessage = true) {
   clearInterval(state.timer);
+  clearTimeout(state.stateTimer);
   state.timer = null;
   if (state.pc) state.pc.close();
   if (state.camera) state.camera.getTracks().forEach((t) => t.stop());
   if (state.sessionId) {
     const id = state.sessionId;
     state.sessionId = null;
-    fetch(`/api/sessions/${id}`, { method: "DELETE", keepalive: true }).catch(() => {});
+    fetch(`/api/sessions/${id}`, { method: "DELETE", keepalive: true, headers: auth() }).catch(() => {});
   }
-  Object.assign(state, { pc: null, channel: null, camera: null, statsPrev: null });
+  Object.assign(state, { pc: null, channel: null, camera: null, statsPrev: null, serverMs: null, framesFromServer: 0, noFaceFrames: 0 });
+  ui.stats.textContent = EMPTY_STATS;
   ui.local.srcObject = null;
   ui.avatar.srcObject = null;
   ui.start.disabled = !state.photo;
@@ -174,8 +235,10 @@ function send(msg) {
 
 // fps from the decoded-frame counter, round trip from the ICE candidate pair (RTCP-based).
 async function updateStats() {
-  if (!state.pc) return;
-  const report = await state.pc.getStats();
+  const pc = state.pc;
+  if (!pc) return;
+  const report = await pc.getStats();
+  if (pc !== state.pc) return; // stopped while the stats were gathered: keep them cleared
   let frames = null, rtt = null;
   report.forEach((s) => {
     if (s.type === "inbound-rtp" && s.kind === "video") frames = s.framesDecoded;
@@ -196,7 +259,7 @@ ui.stop.addEventListener("click", () => stop());
 ui.recalibrate.addEventListener("click", () => send({ type: "recalibrate" }));
 ui.depth.addEventListener("change", () => send({ type: "show_depth", value: ui.depth.checked }));
 window.addEventListener("pagehide", () => {
-  if (state.sessionId) fetch(`/api/sessions/${state.sessionId}`, { method: "DELETE", keepalive: true });
+  if (state.sessionId) fetch(`/api/sessions/${state.sessionId}`, { method: "DELETE", keepalive: true, headers: auth() });
 });
 
 (async function init() {

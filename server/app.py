@@ -15,6 +15,7 @@ by their size; every failure is a 4xx JSON error and never touches other session
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -36,6 +37,7 @@ from engine import Engine
 
 from .guard import RequestGuard, TokenBucket, ice_servers_for
 from .metrics import CONTENT_TYPE, Metrics
+from .pipeline import instrument_codecs
 from .sessions import LiveSession, OutputFrame, ServerBusyError, SessionNotFoundError, SessionRegistry
 from .settings import ServerSettings
 from .tracks import AvatarTrack, consume_input, host_candidates, send_json
@@ -276,10 +278,24 @@ class AvatarService:
         )
         self.metrics.active_sessions = lambda: len(self.registry)
         self.metrics.max_sessions = settings.max_sessions
-        self.worker = InferenceWorker(engine, self.registry, self.metrics, settings.output_size)
+        self.metrics.replica = settings.replica_id
+        self.worker = InferenceWorker(
+            engine,
+            self.registry,
+            self.metrics,
+            settings.output_size,
+            pool_size=settings.media_threads,
+            detect_every=settings.detect_every,
+            detect_processes=settings.detect_processes,
+        )
         self.loop: asyncio.AbstractEventLoop | None = None
         self.session_limiter = TokenBucket(settings.sessions_per_minute, settings.session_burst)
-        self._decodes: asyncio.Semaphore | None = None
+        # Photos are decoded and face-searched on their own few threads: that bounds how many run at once,
+        # and only these threads' malloc arenas ever hold a big decoded picture (with asyncio's shared
+        # executor every one of its threads kept hundreds of MB after a burst of uploads).
+        self._decode_pool = concurrent.futures.ThreadPoolExecutor(
+            settings.max_concurrent_decodes, thread_name_prefix="decode"
+        )
         self._stack = contextlib.ExitStack()
         self._background: set[asyncio.Task] = set()
         self._sample: bytes | None = None
@@ -287,8 +303,8 @@ class AvatarService:
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self._decodes = asyncio.Semaphore(self.settings.max_concurrent_decodes)
         self._stack.enter_context(host_candidates(self.settings.ice_host_addresses))
+        instrument_codecs()  # decode/encode stage timers (server.pipeline)
         self.worker.start()
         self._spawn(self._cleanup_loop())
 
@@ -299,6 +315,7 @@ class AvatarService:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await asyncio.to_thread(self.worker.stop)
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
         self._stack.close()
 
     def _spawn(self, coro: Any) -> asyncio.Task:
@@ -336,9 +353,9 @@ class AvatarService:
     async def decode_and_crop(self, data: bytes) -> tuple[np.ndarray, np.ndarray, Any]:
         """Decode the photo and find its face, at most ``max_concurrent_decodes`` at once.
 
-        A decoded 4096² photo and the face search on it take ~150 MB for a moment; without the bound,
-        a dozen parallel uploads took 2 GB. The slot is held until the thread is really done, even if
-        the request is cancelled meanwhile (a thread cannot be interrupted).
+        A decoded 4096² photo and the face search on it take ~200 MB for a moment; without the bound,
+        a dozen parallel uploads took 2 GB. The bound is the decode pool's size, so it holds even for a
+        request cancelled meanwhile (its thread runs to the end but no other one starts).
         """
         side = self.settings.max_image_side
 
@@ -350,14 +367,7 @@ class AvatarService:
                 raise ApiError(422, "no_face", str(err)) from err
             return rgb, crop, box
 
-        assert self._decodes is not None, "the service is not started"
-        async with self._decodes:
-            job = asyncio.ensure_future(asyncio.to_thread(work))
-            try:
-                return await asyncio.shield(job)
-            except asyncio.CancelledError:
-                await asyncio.wait([job])
-                raise
+        return await asyncio.get_running_loop().run_in_executor(self._decode_pool, work)
 
     async def check_source(self, data: bytes) -> CheckedSource:
         rgb, _, box = await self.decode_and_crop(data)
@@ -530,6 +540,7 @@ class AvatarService:
                 "batch": item.batch,
                 "face": item.face,
                 "dropped": session.input.dropped,
+                "stages": getattr(item, "stages", None),  # wall ms per server stage (server.pipeline)
             },
         )
 
@@ -668,9 +679,14 @@ def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
         summary="Reserve a session slot (and get its ICE servers)",
         responses=_errors(400, 401, 403, 413, 429, 503),
     )
-    async def create_session(request: Request, options: SessionOptions | None = None) -> dict:
+    async def create_session(
+        request: Request, response: Response, options: SessionOptions | None = None
+    ) -> dict:
         client = request.client.host if request.client else "?"
         session = service.create_session(options or SessionOptions(), client)
+        # A load balancer learns the session's owner from these (deploy/haproxy.cfg: stick store-response).
+        response.headers["X-Dagan-Session"] = session.id
+        response.headers["X-Dagan-Replica"] = settings.replica_id
         ice = [s.to_browser() for s in ice_servers_for(settings, session.id)]
         return {**session.info(), "ice_servers": ice}
 

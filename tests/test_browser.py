@@ -91,7 +91,8 @@ def test_page_streams_an_avatar(tmp_path, grace_hopper):
     grey = tmp_path / "grey.png"
     Image.fromarray(np.full((300, 300, 3), 128, np.uint8)).save(grey)
     engine = TorchEngine(make_model(load_config("tiny")), device="cpu")
-    settings = ServerSettings(max_sessions=1, ice_host_addresses=("127.0.0.1",))
+    token = "browser-test-token"  # the page takes it from its link (#token=) and sends it on every call
+    settings = ServerSettings(max_sessions=1, ice_host_addresses=("127.0.0.1",), access_token=token)
     flags = [
         "--headless",
         "--no-sandbox",
@@ -110,12 +111,33 @@ def test_page_streams_an_avatar(tmp_path, grace_hopper):
     ]
     screenshot = tmp_path / "browser.png"
     with ServerThread(create_app(settings, engine)) as base, sync_api.sync_playwright() as pw:
+        # The page's CSP (script-src 'self') also forbids the eval that Playwright's wait_for_function
+        # polls with, so this context bypasses it; the strict context below checks the page under it.
+        strict = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=flags)
+        try:
+            csp_page = strict.new_page()
+            violations: list[str] = []
+            csp_page.on(
+                "console", lambda m: violations.append(m.text) if "Content Security" in m.text else None
+            )
+            csp_page.goto(base + f"/#token={token}")
+            deadline = time.monotonic() + 15
+            while not csp_page.evaluate(SAMPLE_READY):  # evaluate goes through DevTools, not eval
+                assert time.monotonic() < deadline, csp_page.inner_text("#message")
+                time.sleep(0.1)
+            assert not violations, violations
+        finally:
+            strict.close()
         context = pw.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=flags
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=flags,
+            bypass_csp=True,
         )
         try:
             page = context.new_page()
-            page.goto(base + "/")
+            page.goto(base + f"/#token={token}")
             # The sample photo loads by itself and enables Start.
             page.wait_for_function(SAMPLE_READY, timeout=15_000)
             page.check("#depth")  # avatar with the depth map beside it
@@ -151,21 +173,39 @@ def test_page_streams_an_avatar(tmp_path, grace_hopper):
             page.wait_for_function("document.getElementById('avatar').videoWidth === 256", timeout=10_000)
             page.click("#recalibrate")
             page.wait_for_function("document.getElementById('state').textContent.startsWith('recalibrated')")
+            # ...and the status line goes back to the connection state.
+            page.wait_for_function(
+                "document.getElementById('state').textContent === 'connected'", timeout=6_000
+            )
+            assert "token" not in page.url  # the token was taken out of the address bar
+
+            # Without the token link the page says what is missing.
+            stranger = context.new_page()
+            stranger.goto(base + "/")
+            stranger.wait_for_selector("#message:has-text('needs an access token')", timeout=10_000)
+            stranger.close()
 
             # A second viewer while the only slot is taken: "server busy".
             other = context.new_page()
-            other.goto(base + "/")
+            other.goto(base + f"/#token={token}")
             other.wait_for_function("!document.getElementById('start').disabled", timeout=15_000)
             other.click("#start")
             other.wait_for_selector("#message:has-text('Server busy')", timeout=10_000)
             assert other.locator("#start").is_enabled()
 
-            # The first viewer stops; the second picks a photo without a face: "no face found".
+            # The first viewer stops: the stats are cleared. The second picks a photo without a face: it
+            # is refused on selection (before any camera or session) and not kept.
             page.click("#stop")
             page.wait_for_function("document.getElementById('state').textContent === 'idle'")
+            assert page.inner_text("#stats").startswith("fps: –")
             other.set_input_files("#file", str(grey))
-            other.click("#start")
             other.wait_for_selector("#message:has-text('No face found in the photo')", timeout=15_000)
+            assert other.locator("#start").is_disabled()
+            assert (
+                other.evaluate("window.dagan.photo") is None
+                and other.evaluate("window.dagan.sessionId") is None
+            )
+            assert not other.get_attribute("#source", "src")
 
             # A person who refuses the camera: the browser rejects getUserMedia with NotAllowedError (the
             # fake-UI flag always grants, so the refusal is injected at that one call).
@@ -174,7 +214,7 @@ def test_page_streams_an_avatar(tmp_path, grace_hopper):
                 "navigator.mediaDevices.getUserMedia = () => "
                 "Promise.reject(new DOMException('Permission denied', 'NotAllowedError'));"
             )
-            denied.goto(base + "/")
+            denied.goto(base + f"/#token={token}")
             denied.wait_for_function(SAMPLE_READY, timeout=15_000)
             denied.click("#start")
             denied.wait_for_selector("#message:has-text('Camera permission denied')", timeout=5_000)
