@@ -198,27 +198,45 @@ class FaceBox:
         half = self.size / 2
         return (self.cx - half, self.cy - half, self.cx + half, self.cy + half)
 
-    def crop(self, image: np.ndarray, out_size: int) -> np.ndarray:
+    def fit(self, image_shape: Sequence[int]) -> FaceBox:
+        """This box moved (never resized: the face keeps its scale) to where it crops the most image.
+
+        Along each axis (``image_shape`` is H, W, ...) a box that fits inside the image is shifted inside
+        it, so a face near the border gives a crop of real pixels instead of padding; a box longer than
+        the image side is shifted only until it covers that whole side, so the unavoidable padding is as
+        small as it can be and the face stays as central as the image allows.
+        """
+        h, w = int(image_shape[0]), int(image_shape[1])
+        cx, cy = _fit_axis(self.cx, self.size, w), _fit_axis(self.cy, self.size, h)
+        return self if (cx, cy) == (self.cx, self.cy) else FaceBox(cx, cy, self.size)
+
+    def crop(self, image: np.ndarray, out_size: int, fit: bool = True) -> np.ndarray:
         """Cut the box out of an H×W×3 uint8 image and resample it to out_size×out_size.
 
-        Parts of the box outside the image are filled by edge replication, so faces near the border
-        still give a full crop with the face where the model expects it (black bars would be read by
-        the network as part of the scene). Resampling is one ``cv2.warpAffine``; ``warpAffine`` has
-        no area filter, so when shrinking it first samples bilinearly to an integer multiple k of
-        out_size that is at least the box's resolution (no aliasing, sub-pixel exact) and then
-        averages k×k blocks with ``INTER_AREA`` — the same result as an area resize of a sub-pixel
-        crop. Enlarging is plain bilinear.
+        With ``fit`` (the default, what every entry point uses) the box is first moved inside the image
+        by :meth:`fit`. Whatever part of the box is still outside the image (a box larger than the image
+        side, or any box with ``fit=False``) is filled by :func:`_fill_outside`: a smooth, blurred
+        continuation of the colours near the edge, with no streaks (edge replication smeared the last
+        row of pixels across the padding, and hair or a collar became stripes) and no hard bars (black
+        bars would be read by the network as part of the scene).
+
+        Resampling is one ``cv2.warpAffine``; ``warpAffine`` has no area filter, so when shrinking it
+        first samples bilinearly to an integer multiple k of out_size that is at least the box's
+        resolution (no aliasing, sub-pixel exact) and then averages k×k blocks with ``INTER_AREA`` —
+        the same result as an area resize of a sub-pixel crop. Enlarging is plain bilinear.
         """
         image = _as_rgb_uint8(image)
         out_size = int(out_size)
         if out_size < 1:
             raise ValueError(f"out_size must be positive, got {out_size}")
-        ratio = self.size / out_size  # source pixels per output pixel
+        box = self.fit(image.shape) if fit else self
+        ratio = box.size / out_size  # source pixels per output pixel
         k = max(1, math.ceil(ratio - 1e-6))
         inter = out_size * k
-        step = self.size / inter  # source pixels per intermediate pixel (≤ 1 when shrinking)
-        x0, y0 = self.cx - self.size / 2, self.cy - self.size / 2
-        # Inverse map (output pixel index -> source pixel index), sampling at pixel centres.
+        step = box.size / inter  # source pixels per intermediate pixel (≤ 1 when shrinking)
+        x0, y0 = box.cx - box.size / 2, box.cy - box.size / 2
+        # Inverse map (output pixel index -> source pixel index), sampling at pixel centres. Replicating
+        # the border only matters within half a pixel of the edge; farther out _fill_outside replaces it.
         matrix = np.array(
             [[step, 0.0, x0 + 0.5 * step - 0.5], [0.0, step, y0 + 0.5 * step - 0.5]], dtype=np.float64
         )
@@ -231,6 +249,11 @@ class FaceBox:
         )
         if k > 1:
             out = cv2.resize(out, (out_size, out_size), interpolation=cv2.INTER_AREA)
+        h, w = image.shape[:2]
+        inside_x = _coverage(x0, ratio, out_size, w)
+        inside_y = _coverage(y0, ratio, out_size, h)
+        if inside_x.min() < 1.0 or inside_y.min() < 1.0:
+            out = _fill_outside(out, inside_y[:, None] * inside_x[None, :], image)
         return out
 
     def to_dict(self) -> dict[str, float]:
@@ -240,6 +263,67 @@ class FaceBox:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FaceBox:
         return cls(cx=float(data["cx"]), cy=float(data["cy"]), size=float(data["size"]))
+
+
+def _fit_axis(centre: float, size: float, side: int) -> float:
+    """:meth:`FaceBox.fit` along one axis: the centre clamped so that the box lies inside [0, side]
+    (box no longer than the side) or covers all of it (box longer than the side)."""
+    half = size / 2
+    lo, hi = (half, side - half) if size <= side else (side - half, half)
+    return min(max(centre, lo), hi)
+
+
+def _coverage(start: float, step: float, n: int, side: int) -> np.ndarray:
+    """Per output pixel along one axis, the fraction of its footprint [start + i·step, start + (i+1)·step)
+    that lies inside the image [0, side]: 1 inside, 0 in the padding, in between on the edge pixel."""
+    lo = start + step * np.arange(n, dtype=np.float64)
+    return np.clip((np.minimum(lo + step, side) - np.maximum(lo, 0.0)) / step, 0.0, 1.0)
+
+
+_FILL_SIDE = 64  # finest level of _fill_outside's pyramid, in pixels
+
+
+def _fill_outside(crop: np.ndarray, inside: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Replace the parts of ``crop`` outside the image (``inside`` = per-pixel coverage in [0, 1]) by a
+    smooth continuation of the colours inside: a push-pull fill, as out-of-focus background looks.
+
+    Push: halve the coverage-weighted image and the coverage again and again (area averages), so every
+    coarse pixel holds the mean colour of the image pixels under it. Pull: from the coarsest level up,
+    each level keeps its own mean where it has image pixels and takes the upsampled coarser level where
+    it has none. Near the edge the padding is thus the local colour of a few pixels inside, farther out
+    an ever wider average: no edge detail is smeared outwards (no streaks), no mirror image of the face
+    appears (as reflection padding gives), and there is no seam. ``image`` gives the colour of a box
+    entirely outside it (nothing inside the crop to continue): its mean.
+    """
+    weight = inside.astype(np.float32)
+    if float(weight.max()) <= 0.0:
+        return np.broadcast_to(image.reshape(-1, 3).mean(axis=0).round().astype(np.uint8), crop.shape).copy()
+    h, w = weight.shape
+    # cv2 arithmetic throughout: numpy broadcasting made this 3-5x slower (it runs per padded frame).
+    colour, cover = cv2.multiply(crop.astype(np.float32), cv2.merge([weight] * 3)), weight
+    levels = []
+    while True:
+        # The fill is smooth, so its finest level need not be the crop's: it starts at <= _FILL_SIDE px.
+        if max(cover.shape) <= _FILL_SIDE:
+            levels.append((colour, cover))
+        if max(cover.shape) <= 1:
+            break
+        size = (max(1, (cover.shape[1] + 1) // 2), max(1, (cover.shape[0] + 1) // 2))
+        colour = cv2.resize(colour, size, interpolation=cv2.INTER_AREA)
+        cover = cv2.resize(cover, size, interpolation=cv2.INTER_AREA)
+    colour, cover = levels[-1]
+    filled = cv2.divide(colour, cv2.merge([np.maximum(cover, 1e-6)] * 3))
+    for colour, cover in reversed(levels[:-1]):
+        up = cv2.resize(filled, (cover.shape[1], cover.shape[0]), interpolation=cv2.INTER_LINEAR)
+        # Own mean colour where a pixel covers image, the coarser estimate where it covers none; the
+        # coverage is boosted (×4, capped) so partly covered pixels keep their own image colour.
+        own = np.minimum(cover * 4.0, 1.0)
+        mean = cv2.divide(colour, cv2.merge([np.maximum(cover, 1e-6)] * 3))
+        filled = cv2.blendLinear(mean, up, own, 1.0 - own)
+    if filled.shape[:2] != (h, w):
+        filled = cv2.resize(filled, (w, h), interpolation=cv2.INTER_LINEAR)
+    filled = np.clip(filled + 0.5, 0, 255).astype(np.uint8)
+    return cv2.blendLinear(crop, filled, weight, 1.0 - weight)
 
 
 @dataclass(frozen=True)
@@ -281,9 +365,10 @@ def square_box(
 
     side = max(w, h) · (1 + 2·margin), centred on the face box and moved up by ``lift``·h so the hair
     is in and the chest mostly out (see :data:`DEFAULT_MARGIN` and :data:`HEAD_LIFT` for the values).
-    The box is not pushed inside the image: moving it would move the face off-centre, which the
-    animation model would read as head motion; :meth:`FaceBox.crop` pads instead. Only the centre is
-    clamped to the image (``image_shape`` is H, W, ...) to reject nonsense boxes.
+    The box returned is face-centred even where it runs past the image (a tracker smooths these boxes,
+    and moving them would move the face); :meth:`FaceBox.crop` moves it inside the image when it cuts
+    (:meth:`FaceBox.fit`) and fills what is still outside without streaks. Only the centre is clamped
+    to the image (``image_shape`` is H, W, ...) to reject nonsense boxes.
     """
     x0, y0, x1, y1 = (float(v) for v in (bbox.bbox if isinstance(bbox, Detection) else bbox))
     w, h = x1 - x0, y1 - y0
@@ -384,8 +469,10 @@ def crop_source(
 ) -> tuple[np.ndarray, FaceBox]:
     """Crop the largest face of a source photo the VoxCeleb way; returns (crop, box).
 
-    Raises :class:`NoFaceError` when there is no face: animating a photo without one produces garbage,
-    so it must fail loudly before any model runs.
+    ``box`` is the region cut: the face box moved inside the photo where it fits (:meth:`FaceBox.fit`;
+    a face near the edge is then off-centre, but every pixel is the photo's own), with the face's scale
+    unchanged. Raises :class:`NoFaceError` when there is no face: animating a photo without one produces
+    garbage, so it must fail loudly before any model runs.
     """
     image = _as_rgb_uint8(image_rgb, "source image")
     if detector is None:
@@ -398,7 +485,7 @@ def crop_source(
             "no face found in the source image; use a photo with one clearly visible, roughly frontal, "
             "well-lit face"
         )
-    box = square_box(detections[0], image.shape, margin)
+    box = square_box(detections[0], image.shape, margin).fit(image.shape)
     return box.crop(image, out_size), box
 
 
@@ -470,6 +557,8 @@ class FaceTracker:
         self._box: FaceBox | None = None  # output box (smoothed + dead zone)
         self._frame_shape: tuple[int, int] | None = None
         self._since_detection = 0
+        self._last_detected: FaceBox | None = None  # the last detector box (before prediction)
+        self._velocity = (0.0, 0.0)  # target motion per frame between the last two detections
         self.face_found = False
         self.frames_without_face = 0
 
@@ -525,31 +614,54 @@ class FaceTracker:
     def update(self, frame_rgb: np.ndarray) -> tuple[np.ndarray, FaceBox | None]:
         """Process one frame; returns (out_size×out_size crop, box or None if no face was ever seen)."""
         frame = _as_rgb_uint8(frame_rgb, "frame")
-        shape = (frame.shape[0], frame.shape[1])
+        box = self.locate(frame)
+        if box is None:
+            h, w = frame.shape[:2]
+            return FaceBox(w / 2, h / 2, float(min(w, h))).crop(frame, self.out_size), None
+        return box.crop(frame, self.out_size), box
+
+    def locate(self, frame_rgb: np.ndarray) -> FaceBox | None:
+        """The detect/track half of :meth:`update`: the output box for this frame, without cropping
+        (None until a face has been seen), so a caller can time or do the crop itself.
+
+        With ``detect_every`` = k > 1 the detector runs on every k-th frame only; in between, the
+        target box is moved by the velocity seen between the last two detections (a constant-velocity
+        prediction: free, and it keeps a turning head inside the crop between detections instead of
+        letting the crop lag by up to k frames). A relock (jump) resets the velocity.
+        """
+        shape = (frame_rgb.shape[0], frame_rgb.shape[1])
         if shape != self._frame_shape:  # a new camera/resolution: old coordinates are meaningless
             self.reset()
             self._frame_shape = shape
 
         run_detector = self._target is None or self._since_detection + 1 >= self.detect_every
         if run_detector:
+            frames = self._since_detection + 1
             self._since_detection = 0
-            detection = self._pick(self._detector.detect(frame))
+            detection = self._pick(self._detector.detect(_as_rgb_uint8(frame_rgb, "frame")))
             if detection is None:
                 self.face_found = False
                 self.frames_without_face += 1
-                if self._box is None:
-                    h, w = shape
-                    fallback = FaceBox(w / 2, h / 2, float(min(w, h)))
-                    return fallback.crop(frame, self.out_size), None
-                return self._box.crop(frame, self.out_size), self._box
+                self._velocity, self._last_detected = (0.0, 0.0), None
+                return self._box
             self.face_found = True
-            self._target = square_box(detection, frame.shape, self.margin)
+            target = square_box(detection, frame_rgb.shape, self.margin)
+            last = self._last_detected
+            if self.detect_every > 1 and last is not None:
+                vx, vy = (target.cx - last.cx) / frames, (target.cy - last.cy) / frames
+                fast = math.hypot(vx, vy) * self.detect_every > self.relock * target.size
+                self._velocity = (0.0, 0.0) if fast else (vx, vy)
+            self._last_detected = self._target = target
         else:
             self._since_detection += 1
+            vx, vy = self._velocity
+            if vx or vy:
+                assert self._target is not None
+                t = self._target
+                self._target = FaceBox(t.cx + vx, t.cy + vy, t.size)
         assert self._target is not None
         self._advance(self._target)
-        assert self._box is not None
-        return self._box.crop(frame, self.out_size), self._box
+        return self._box
 
     def close(self) -> None:
         if self._own_detector:
@@ -579,7 +691,9 @@ class DrivingCropper:
     """Driving frames → out_size² crops with the smoothed tracker, or a plain resize with ``crop=False``.
 
     ``face_found`` says whether the last frame had a face (always True without cropping), so callers can
-    count lost faces the same way whichever mode they run in.
+    count lost faces the same way whichever mode they run in. Like every crop, the tracker's box is moved
+    inside the frame where it fits and padded without streaks where it does not (:meth:`FaceBox.crop`);
+    the tracker itself keeps smoothing the face-centred box.
     """
 
     def __init__(self, out_size: int, crop: bool = True) -> None:

@@ -6,9 +6,16 @@ every update takes one lock; rendering copies under the same lock.
 
 from __future__ import annotations
 
+import resource
 import threading
+import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
+
+#: The window of the "recent" gauges an autoscaler reads (frame time, per-session fps).
+RECENT_S = 5.0
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -76,6 +83,11 @@ class Metrics:
         self.frame_latency = Histogram(LATENCY_BUCKETS)
         self.inference = Histogram(LATENCY_BUCKETS)
         self.batch = Histogram(BATCH_BUCKETS)
+        # For an autoscaler and the server benchmark (docs/deployment-scale.md).
+        self.replica = "?"
+        self.stage_clock: Any = None  # server.pipeline.StageClock, set by the worker
+        self.worker_busy: Callable[[], float] = lambda: 0.0  # engine seconds so far
+        self._recent: deque[tuple[float, float]] = deque(maxlen=20_000)  # (sent time, server seconds)
 
     def add(self, name: str, amount: int = 1) -> None:
         with self._lock:
@@ -94,6 +106,62 @@ class Metrics:
         with self._lock:
             self.frames_out += 1
             self.frame_latency.observe(latency_s)
+            self._recent.append((time.monotonic(), latency_s))
+
+    def recent(self) -> tuple[float, float]:
+        """(mean server seconds per frame, avatar fps per active session) over the last ``RECENT_S``."""
+        cutoff = time.monotonic() - RECENT_S
+        with self._lock:
+            window = [lat for t, lat in self._recent if t >= cutoff]
+        active = max(1, self.active_sessions())
+        mean = sum(window) / len(window) if window else 0.0
+        return mean, len(window) / RECENT_S / active
+
+    def _scaling_lines(self) -> list[str]:
+        """Series an autoscaler needs (capacity, load, frame time) and the per-stage CPU accounting."""
+        frame_s, fps = self.recent()
+        active = self.active_sessions()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        lines = [
+            "# HELP dagan_replica_info This server process's replica id (value is always 1).",
+            "# TYPE dagan_replica_info gauge",
+            f'dagan_replica_info{{replica="{_escape(self.replica)}"}} 1',
+            "# HELP dagan_free_sessions Session slots still free (max_sessions - active_sessions).",
+            "# TYPE dagan_free_sessions gauge",
+            f"dagan_free_sessions {max(0, self.max_sessions - active)}",
+            "# HELP dagan_frame_seconds_recent Mean server time per avatar frame over the last 5 s.",
+            "# TYPE dagan_frame_seconds_recent gauge",
+            f"dagan_frame_seconds_recent {_fmt(round(frame_s, 6))}",
+            "# HELP dagan_session_fps_recent Avatar frames per second per active session, last 5 s.",
+            "# TYPE dagan_session_fps_recent gauge",
+            f"dagan_session_fps_recent {_fmt(round(fps, 3))}",
+            "# HELP dagan_engine_busy_seconds_total Seconds spent in engine calls (rate = utilisation).",
+            "# TYPE dagan_engine_busy_seconds_total counter",
+            f"dagan_engine_busy_seconds_total {_fmt(round(self.worker_busy(), 6))}",
+            "# HELP process_cpu_seconds_total User and system CPU time of this process.",
+            "# TYPE process_cpu_seconds_total counter",
+            f"process_cpu_seconds_total {_fmt(round(usage.ru_utime + usage.ru_stime, 6))}",
+        ]
+        if self.stage_clock is not None:
+            totals = self.stage_clock.snapshot()
+            lines += [
+                "# HELP dagan_stage_seconds_total Time spent per pipeline stage (clock=wall|cpu; cpu is "
+                "the working thread's CPU time; infer is split evenly over a batch's frames).",
+                "# TYPE dagan_stage_seconds_total counter",
+            ]
+            for stage, t in totals.items():
+                lines.append(
+                    f'dagan_stage_seconds_total{{stage="{stage}",clock="wall"}} {_fmt(round(t.wall_s, 6))}'
+                )
+                lines.append(
+                    f'dagan_stage_seconds_total{{stage="{stage}",clock="cpu"}} {_fmt(round(t.cpu_s, 6))}'
+                )
+            lines += [
+                "# HELP dagan_stage_frames_total Stream-frames (calls) per pipeline stage.",
+                "# TYPE dagan_stage_frames_total counter",
+                *(f'dagan_stage_frames_total{{stage="{stage}"}} {t.calls}' for stage, t in totals.items()),
+            ]
+        return lines
 
     def render(self) -> str:
         with self._lock:
@@ -138,4 +206,5 @@ class Metrics:
                 "# TYPE dagan_batch_size histogram",
                 *self.batch.lines("dagan_batch_size"),
             ]
+        lines += self._scaling_lines()  # outside the lock: it reads the registry and the stage clock
         return "\n".join(lines) + "\n"

@@ -1,12 +1,21 @@
-"""The inference worker: one thread that owns the engine and every session's face tracker.
+"""The inference worker: one thread that owns the engine, fed by a pool that prepares every session's frames.
 
-Each round it takes the newest webcam frame of every live session (older ones were already dropped by
-the latest-frame-wins slots), crops the face with that session's :class:`dagan.face.FaceTracker`, and runs
-all crops through a single ``engine.animate_batch`` call, so N viewers cost one batched forward pass
-rather than N. Results go back to each session's :class:`~server.tracks.AvatarTrack`.
+A webcam frame goes through three hand-overs, each one frame deep (latest-frame-wins, so delay never
+grows when the machine is slower than the cameras):
+
+1. the session's input slot (filled by the event loop) → a **preparation** job on the
+   :class:`~server.pipeline.MediaPool` (YUV → RGB, face detection every ``detect_every`` frames with
+   prediction in between, crop), at most one in flight per session, started as soon as a frame is there
+   and the previous prepared frame was taken by the engine, so preparation overlaps the engine call;
+2. the session's ready slot → **one batched** ``engine.animate_batch`` call for every session with a
+   prepared frame, on this worker's thread (it waits up to ``batch_wait_s`` for preparations already in
+   flight, so frames that arrive together are inferred together);
+3. a **compose** job on the pool (avatar scaled, depth beside it, RGB → YUV) → the session's outgoing
+   track, guarded by a per-session sequence number so an older frame never overwrites a newer one.
 
 Everything that uses the engine runs on this thread (source encoding too, via :meth:`InferenceWorker.call`),
-so a backend never sees concurrent calls and the asyncio event loop never waits for a model.
+so a backend never sees concurrent calls and the asyncio event loop never waits for a model. Each stage
+is timed into :data:`server.pipeline.CLOCK` (``dagan_stage_seconds_total`` on /metrics).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -28,6 +38,16 @@ from dagan.face import FaceTracker
 from engine import Engine
 
 from .metrics import Metrics
+from .pipeline import (
+    CLOCK,
+    Lane,
+    MediaPool,
+    Prepared,
+    ProcessDetectorPool,
+    StageClock,
+    prepare,
+    rgb_to_video_frame,
+)
 from .sessions import LiveSession, OutputFrame, SessionRegistry
 
 log = logging.getLogger("dagan.server")
@@ -45,25 +65,66 @@ def compose(avatar: np.ndarray, depth: np.ndarray | None, size: int) -> np.ndarr
     return np.ascontiguousarray(out)
 
 
-class InferenceWorker:
-    """Runs the engine off the event loop. Start once, ``wake`` on every new frame, ``stop`` at shutdown."""
+@dataclass
+class TimedOutputFrame(OutputFrame):
+    """An output frame with the wall ms of each server stage it went through (the per-frame message)."""
 
-    def __init__(self, engine: Engine, registry: SessionRegistry, metrics: Metrics, output_size: int) -> None:
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+class InferenceWorker:
+    """Runs the engine off the event loop. Start once, ``wake`` on every new frame, ``stop`` at shutdown.
+
+    ``pool_size``: threads for the per-session media work (0: one per core). ``detect_every``: run the
+    face detector on every k-th frame of a session. ``detect_processes``: > 0 runs detection in that many
+    worker processes instead of the pool threads. ``batch_wait_s``: how long a batch may wait for
+    preparations already in flight.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        registry: SessionRegistry,
+        metrics: Metrics,
+        output_size: int,
+        *,
+        pool_size: int = 0,
+        detect_every: int = 1,
+        detect_processes: int = 0,
+        batch_wait_s: float = 0.004,
+        clock: StageClock = CLOCK,
+    ) -> None:
+        from .pipeline import default_pool_size
+
         self.engine = engine
         self.registry = registry
         self.metrics = metrics
         self.output_size = output_size
+        self.pool_size = pool_size if pool_size > 0 else default_pool_size()
+        self.detect_every = max(1, int(detect_every))
+        self.detect_processes = max(0, int(detect_processes))
+        self.batch_wait_s = batch_wait_s
+        self.clock = clock
         self._cond = threading.Condition()
         self._kick = False
         self._stop = False
         self._jobs: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
-        self._trackers: dict[str, FaceTracker] = {}
+        self._lanes: dict[str, Lane] = {}
+        self._lanes_lock = threading.RLock()
         self._thread: threading.Thread | None = None
+        self._pool: MediaPool | None = None
+        self._detectors: ProcessDetectorPool | None = None
         self.rounds = 0
+        self.busy_s = 0.0  # seconds the worker spent in engine calls (saturation, on /metrics)
+        metrics.stage_clock = clock
+        metrics.worker_busy = lambda: self.busy_s
 
     # -- control (any thread) ----------------------------------------------------------------------
     def start(self) -> None:
         self._stop = False
+        self._pool = MediaPool(self.pool_size)
+        if self.detect_processes:
+            self._detectors = ProcessDetectorPool(self.detect_processes, self.clock)
         self._thread = threading.Thread(target=self._run, name="dagan-inference", daemon=True)
         self._thread.start()
 
@@ -74,8 +135,27 @@ class InferenceWorker:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        with self._lanes_lock:
+            for lane in self._lanes.values():
+                lane.tracker.close()
+            self._lanes.clear()
+        if self._detectors is not None:
+            self._detectors.close()
+            self._detectors = None
 
     def wake(self) -> None:
+        """A frame arrived or a session changed: start preparations now, and let the thread look."""
+        if not self._stop and self._pool is not None:
+            try:
+                self._schedule()
+            except Exception:  # scheduling must never break the event loop's frame callback
+                log.exception("could not schedule frame preparation")
+        self._kick_thread()
+
+    def _kick_thread(self) -> None:
         with self._cond:
             self._kick = True
             self._cond.notify()
@@ -97,7 +177,66 @@ class InferenceWorker:
     @property
     def tracked_sessions(self) -> int:
         """Sessions whose face tracker is alive (freed within one round after a session ends)."""
-        return len(self._trackers)
+        with self._lanes_lock:
+            return len(self._lanes)
+
+    # -- preparation (event loop, pool callbacks, worker thread) -------------------------------------
+    def _new_tracker(self) -> FaceTracker:
+        detector = self._detectors.detector() if self._detectors is not None else None
+        return FaceTracker(out_size=self.engine.image_size, detect_every=self.detect_every, detector=detector)
+
+    def _schedule(self) -> None:
+        """Free the lanes of ended sessions; start a preparation for every idle lane with a new frame."""
+        pool = self._pool
+        if pool is None:
+            return
+        live = self.registry.snapshot()
+        with self._lanes_lock:
+            live_ids = {s.id for s in live}
+            for sid in [sid for sid in self._lanes if sid not in live_ids]:
+                lane = self._lanes.pop(sid)
+                with lane.lock:
+                    lane.dead = True
+                    idle = not lane.busy
+                if idle:
+                    lane.tracker.close()
+            for session in live:
+                if session.closed or session.engine_session is None or session.output is None:
+                    continue
+                if session.source_crop is None:
+                    continue
+                lane = self._lanes.get(session.id)
+                if lane is None:
+                    lane = self._lanes[session.id] = Lane(self._new_tracker())
+                with lane.lock:
+                    if lane.busy or lane.ready is not None:
+                        continue  # one in flight, or the engine has not taken the last one yet
+                    item = session.input.take()
+                    if item is None:
+                        continue
+                    lane.busy = True
+                    lane.seq += 1
+                    seq = lane.seq
+                pool.submit(self._prepare, lane, session, item, seq)
+
+    def _prepare(self, lane: Lane, session: LiveSession, item: Any, seq: int) -> None:
+        try:
+            prepared = prepare(lane, item, seq, self.engine.image_size, self.clock)
+        except Exception:
+            log.exception("session %s: could not read or crop a frame", session.id)
+            self.metrics.add("errors")
+            with lane.lock:
+                lane.busy = False
+            return
+        finally:
+            with lane.lock:
+                dead = lane.dead
+            if dead:
+                lane.tracker.close()
+        if dead:
+            return
+        lane.put_ready(prepared)
+        self.wake()  # the engine may take it now; this lane may take the frame that came meanwhile
 
     # -- the thread --------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -116,101 +255,102 @@ class InferenceWorker:
                     except BaseException as exc:
                         future.set_exception(exc)
             try:
+                self._schedule()
                 self._round()
             except Exception:  # never let one bad round kill the service
                 log.exception("inference round failed")
                 self.metrics.add("errors")
-        for tracker in self._trackers.values():
-            tracker.close()
-        self._trackers.clear()
         with self._cond:
             for _, future in self._jobs:
                 future.cancel()
             self._jobs.clear()
 
-    def _tracker(self, session_id: str) -> FaceTracker:
-        tracker = self._trackers.get(session_id)
-        if tracker is None:
-            tracker = self._trackers[session_id] = FaceTracker(out_size=self.engine.image_size)
-        return tracker
-
     def _round(self) -> None:
-        live = self.registry.snapshot()
-        live_ids = {s.id for s in live}
-        for sid in [sid for sid in self._trackers if sid not in live_ids]:
-            self._trackers.pop(sid).close()
-
-        batch: list[
-            tuple[LiveSession, Any, Any, Any, bool]
-        ] = []  # session, input, engine session, track, face
-        crops: list[np.ndarray] = []
-        for session in live:
+        pool = self._pool
+        if pool is None:
+            return
+        with self._lanes_lock:
+            pending = any(lane.busy for lane in self._lanes.values())
+        if pending and self.batch_wait_s > 0:
+            pool.wait_idle(self.batch_wait_s)  # let preparations in flight join this batch
+        batch: list[tuple[LiveSession, Lane, Prepared, Any]] = []
+        for session in self.registry.snapshot():
+            with self._lanes_lock:
+                lane = self._lanes.get(session.id)
+            if lane is None:
+                continue
             # One read of each field the event loop may clear at any moment (a hang-up mid-round).
             engine_session, source_crop, output = session.engine_session, session.source_crop, session.output
             if session.closed or engine_session is None or source_crop is None or output is None:
                 continue
-            item = session.input.take()
-            if item is None:
+            prepared = lane.take_ready()
+            if prepared is None:
                 continue
-            try:
-                rgb = item.frame.to_ndarray(format="rgb24")
-                tracker = self._tracker(session.id)
-                crop, box = tracker.update(rgb)
-            except Exception:
-                log.exception("session %s: could not read or crop a frame", session.id)
-                self.metrics.add("errors")
-                continue
-            face = tracker.face_found
-            session.face_missing = 0 if face else session.face_missing + 1
-            if box is None:
+            session.face_missing = 0 if prepared.face else session.face_missing + 1
+            if prepared.crop is None:
                 # No face seen yet on this camera: show the photo at rest instead of animating a random
                 # crop, and keep the relative-motion reference for the first frame that has a face.
-                self._send(session, output, item, source_crop, None, False, 0.0, 0)
+                pool.submit(self._post, session, lane, output, prepared, source_crop, None, 0.0, 0)
                 continue
             if session.recalibrate:
                 session.recalibrate = False
                 engine_session.reset_reference()
-            batch.append((session, item, engine_session, output, face))
-            crops.append(crop)
+            batch.append((session, lane, prepared, engine_session))
         if not batch:
             return
+        self._schedule()  # the slots just emptied: the next frames are prepared during inference
 
         want_depth = any(s.show_depth for s, *_ in batch)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
-            results = self.engine.animate_batch([b[2] for b in batch], crops, return_depth=want_depth)
+            results = self.engine.animate_batch(
+                [b[3] for b in batch], [b[2].crop for b in batch], return_depth=want_depth
+            )
         except Exception:
             log.exception("engine.animate_batch failed for %d session(s)", len(batch))
             self.metrics.add("errors", len(batch))
             return
-        infer_s = time.perf_counter() - t0
-        self.metrics.observe_batch(len(batch), infer_s)
+        infer_s, infer_cpu = time.perf_counter() - t0, time.thread_time() - c0
+        n = len(batch)
+        self.clock.add("infer", infer_s, infer_cpu, calls=n)
+        self.busy_s += infer_s
+        self.metrics.observe_batch(n, infer_s)
         self.rounds += 1
-        for (session, item, _, output, face), result in zip(batch, results, strict=True):
-            self._send(session, output, item, result.image, result.driving_depth, face, infer_s, len(batch))
+        for (session, lane, prepared, _), result in zip(batch, results, strict=True):
+            prepared.stages["infer"] = round(infer_s * 1000 / n, 3)
+            output = session.output
+            if output is None:
+                continue
+            pool.submit(
+                self._post, session, lane, output, prepared, result.image, result.driving_depth, infer_s, n
+            )
 
-    def _send(
+    def _post(
         self,
         session: LiveSession,
+        lane: Lane,
         output: Any,
-        item: Any,
+        prepared: Prepared,
         image: np.ndarray,
         depth: np.ndarray | None,
-        face: bool,
         infer_s: float,
         batch: int,
     ) -> None:
-        import av
-
+        """compose + RGB → YUV on a pool thread, then hand the frame to the session's track."""
         show_depth = session.show_depth
         depth = depth if show_depth else None
         if show_depth and depth is None:
             depth = np.zeros(image.shape[:2], np.uint8)  # keep the frame size stable until depth exists
         try:
-            frame = av.VideoFrame.from_ndarray(compose(image, depth, self.output_size), format="rgb24")
-            frame = frame.reformat(format="yuv420p")  # the encoder's format, converted here, not on the loop
+            with self.clock.timed("compose", prepared.stages):
+                frame = rgb_to_video_frame(compose(image, depth, self.output_size))
         except Exception:
             log.exception("session %s: could not compose an output frame", session.id)
             self.metrics.add("errors")
             return
-        output.deliver(OutputFrame(frame, item.pts, item.arrived, face, infer_s, batch))
+        if not lane.claim_delivery(prepared.seq):
+            return  # a newer frame of this session was delivered first
+        item = prepared.item
+        output.deliver(
+            TimedOutputFrame(frame, item.pts, item.arrived, prepared.face, infer_s, batch, prepared.stages)
+        )
