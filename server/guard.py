@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -293,6 +294,10 @@ class RequestGuard:
                 return
             except _Disconnected:
                 return
+            except asyncio.CancelledError:  # graceful-shutdown deadline: say so instead of uvicorn's 500
+                with contextlib.suppress(Exception):
+                    await refuse(503, "shutting_down", "the server is shutting down; try again in a moment")
+                raise
             if over:
                 if upload:
                     text = f"the upload is over the {s.max_upload_bytes / 2**20:g} MB limit"

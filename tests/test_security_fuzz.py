@@ -577,8 +577,10 @@ def test_shutdown_does_not_wait_for_a_trickling_upload(engine):
         server.server.should_exit = True  # what SIGTERM does
         server.thread.join(15)
         took = time.monotonic() - t0
+        status, body = read_response(s)  # told why, not left hanging or given a 500
         s.close()
         assert not server.thread.is_alive() and took < 5, f"shutdown took {took:.1f} s"
+        assert status == 503 and body["error"] == "shutting_down", body
 
 
 # ------------------------------------------------------------------------------ hostile data channel
