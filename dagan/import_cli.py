@@ -22,7 +22,16 @@ def _cmd_import(args: argparse.Namespace) -> int:
         if any(p is not None for p in depth):
             raise CheckpointImportError("--fomm takes no depth files: FOMM has no depth network")
         release, paths = "fomm", [args.fomm]
-    report = import_release(release, paths, args.out, allow_partial=args.allow_partial, seed=args.seed)
+    align = None if args.align_corners is None else args.align_corners == "true"
+    report = import_release(
+        release,
+        paths,
+        args.out,
+        allow_partial=args.allow_partial,
+        seed=args.seed,
+        config=args.config,
+        align_corners=align,
+    )
     print(report.summary())
     print(f"wrote {args.out}")
     return 0
@@ -44,6 +53,20 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--fomm", metavar="VOX_CKPT", help="FOMM vox-256 / vox-adv-256 checkpoint (vox-cpk.pth.tar)"
     )
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
+    p.add_argument(
+        "--config",
+        metavar="CONFIG",
+        help="model size of the checkpoint: the YAML the authors' code trained it with (their "
+        "config/*.yaml, read for model_params and frame_shape), one of our config YAMLs, or a preset; "
+        "default: the release's published size (vox-256 / fomm)",
+    )
+    p.add_argument(
+        "--align-corners",
+        choices=("true", "false"),
+        help="grid_sample convention the checkpoint was trained with; default: DaGAN false (PyTorch "
+        ">= 1.3), FOMM true (its published weights were trained on PyTorch 1.0). FOMM models you "
+        "trained yourself on PyTorch >= 1.3 need false",
+    )
     p.add_argument(
         "--allow-partial",
         action="store_true",

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .checkpoint import save_checkpoint
-from .config import ModelConfig, load_config
+from .config import PRESETS, ConfigError, ModelConfig, config_from_dict, load_config
 from .errors import UserError
 
 
@@ -133,6 +133,9 @@ class SourceSpec:
     label: str
     groups: Mapping[str, tuple[Rule, ...]]
     skipped: Mapping[str, str] = field(default_factory=dict)
+    # What the file holds (a key of ``_KINDS``) and the ``dagan import`` option that takes it.
+    kind: str = ""
+    flag: str = ""
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,8 @@ DAGAN_RELEASE = ReleaseSpec(
                 "optimizer_kp_detector": _OPTIMIZER,
                 "epoch": _EPOCH,
             },
+            kind="dagan checkpoint",
+            flag="--dagan",
         ),
         SourceSpec(
             "depth encoder",
@@ -172,8 +177,10 @@ DAGAN_RELEASE = ReleaseSpec(
                 "width": "training input width, saved for prediction time",
                 "use_stereo": "monodepth2 training flag",
             },
+            kind="depth encoder",
+            flag="--depth-encoder",
         ),
-        SourceSpec("depth decoder", {"": DEPTH_DECODER_RULES}),
+        SourceSpec("depth decoder", {"": DEPTH_DECODER_RULES}, kind="depth decoder", flag="--depth-decoder"),
     ),
     license="CC BY-NC 4.0 (DaGAN, non-commercial); depth network derived from monodepth2 (non-commercial)",
     config_overrides=(
@@ -198,6 +205,8 @@ FOMM_RELEASE = ReleaseSpec(
                 "optimizer_kp_detector": _OPTIMIZER,
                 "epoch": _EPOCH,
             },
+            kind="fomm checkpoint",
+            flag="--fomm",
         ),
     ),
     license="FOMM checkpoints: published for non-commercial research use (trained on VoxCeleb)",
@@ -207,6 +216,172 @@ RELEASES: dict[str, ReleaseSpec] = {r.name: r for r in (DAGAN_RELEASE, FOMM_RELE
 
 # Wrapper prefix added by (Distributed)DataParallel when a wrapped model's state dict was saved.
 _WRAPPER_PREFIX = "module."
+
+
+# --------------------------------------------------------------------------------------------------
+# The model size: a preset, our YAML, or the authors' own YAML
+# --------------------------------------------------------------------------------------------------
+
+# The authors' config sections and the keys of each that we translate. A key outside these lists is
+# refused (it would build a network we do not implement); ``_REFERENCE_DEFAULTS`` are the reference
+# constructors' defaults for optional keys, which differ from our schema's (e.g. scale_factor=1).
+_REFERENCE_KEYS: dict[str, tuple[str, ...]] = {
+    "common_params": ("num_kp", "num_channels", "estimate_jacobian"),
+    "kp_detector_params": (
+        "temperature",
+        "block_expansion",
+        "max_features",
+        "scale_factor",
+        "num_blocks",
+        "single_jacobian_map",
+        "pad",
+    ),
+    "generator_params": (
+        "block_expansion",
+        "max_features",
+        "num_down_blocks",
+        "num_bottleneck_blocks",
+        "estimate_occlusion_map",
+        "dense_motion_params",
+    ),
+    "dense_motion_params": ("block_expansion", "max_features", "num_blocks", "scale_factor", "kp_variance"),
+    "discriminator_params": ("scales", "block_expansion", "max_features", "num_blocks", "sn", "use_kp"),
+}
+_REFERENCE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "common_params": {"num_channels": 3, "estimate_jacobian": False},
+    "kp_detector_params": {"scale_factor": 1, "single_jacobian_map": False, "pad": 0},
+    "generator_params": {"estimate_occlusion_map": False},
+    "dense_motion_params": {"scale_factor": 1, "kp_variance": 0.01},
+    "discriminator_params": {"scales": [1], "sn": False},
+}
+_REFERENCE_REQUIRED: dict[str, tuple[str, ...]] = {
+    "common_params": ("num_kp",),
+    "kp_detector_params": ("temperature", "block_expansion", "max_features", "num_blocks"),
+    "generator_params": ("block_expansion", "max_features", "num_down_blocks", "num_bottleneck_blocks"),
+    "dense_motion_params": ("block_expansion", "max_features", "num_blocks"),
+}
+
+
+def _reference_section(params: Mapping[str, Any], section: str, where: str) -> dict[str, Any]:
+    raw = params.get(section)
+    if raw is None and section in ("common_params", "kp_detector_params", "generator_params"):
+        raise CheckpointImportError(f"{where}: model_params has no {section}")
+    raw = dict(raw or {})
+    unknown = sorted(set(raw) - set(_REFERENCE_KEYS[section]))
+    if unknown:
+        raise CheckpointImportError(
+            f"{where}: {section}.{unknown[0]} has no counterpart in our networks (known here: "
+            f"{', '.join(_REFERENCE_KEYS[section])}); this importer supports the paper's generator and "
+            "keypoint detector only"
+        )
+    missing = [k for k in _REFERENCE_REQUIRED.get(section, ()) if k not in raw]
+    if missing:
+        raise CheckpointImportError(f"{where}: {section} lacks {', '.join(missing)}")
+    return {**_REFERENCE_DEFAULTS.get(section, {}), **raw}
+
+
+def reference_config(
+    data: Mapping[str, Any], release: str | ReleaseSpec, name: str = "imported", where: str = "config"
+) -> ModelConfig:
+    """Our config for a model the authors' code builds from its YAML (``model_params`` and frame shape).
+
+    Users train their own sizes with the authors' code; this reads the same YAML their training used,
+    so the widths, depths and keypoint count of the file need not be typed again. What the YAML cannot
+    say comes from the release's preset: the depth network (a fixed ResNet18 in DaGAN's code) and the
+    attention width, which DaGAN's code derives as bottleneck channels / 8.
+    """
+    spec = RELEASES[release] if isinstance(release, str) else release
+    params = data.get("model_params")
+    if not isinstance(params, Mapping):
+        raise CheckpointImportError(f"{where}: no model_params mapping (not one of the authors' configs)")
+    common = _reference_section(params, "common_params", where)
+    kp = _reference_section(params, "kp_detector_params", where)
+    gen = _reference_section(params, "generator_params", where)
+    dm = _reference_section(gen, "dense_motion_params", f"{where}: generator_params")
+    disc = _reference_section(params, "discriminator_params", where)
+    if common["num_channels"] != 3:
+        raise CheckpointImportError(
+            f"{where}: num_channels {common['num_channels']}: only RGB (3) is supported"
+        )
+    if kp["single_jacobian_map"] or kp["pad"] != 0:
+        raise CheckpointImportError(
+            f"{where}: kp_detector_params single_jacobian_map/pad are not supported (the published "
+            "models use the defaults, False and 0)"
+        )
+    frame = data.get("frame_shape") or (data.get("dataset_params") or {}).get("frame_shape")
+    base = load_config(spec.preset)
+    if frame is not None:
+        if len(frame) < 2 or frame[0] != frame[1]:
+            raise CheckpointImportError(f"{where}: frame_shape {frame}: only square frames are supported")
+        image_size = int(frame[0])
+    else:
+        image_size = base.image_size
+    feat = min(int(gen["max_features"]), int(gen["block_expansion"]) * 2 ** int(gen["num_down_blocks"]))
+    out = base.to_dict()
+    out["name"] = name
+    out["image_size"] = image_size
+    out["keypoints"].update(
+        num_kp=common["num_kp"],
+        estimate_jacobian=common["estimate_jacobian"],
+        temperature=kp["temperature"],
+        block_expansion=kp["block_expansion"],
+        max_features=kp["max_features"],
+        num_blocks=kp["num_blocks"],
+        scale_factor=kp["scale_factor"],
+    )
+    g = out["generator"]
+    g.update(
+        block_expansion=gen["block_expansion"],
+        max_features=gen["max_features"],
+        num_down_blocks=gen["num_down_blocks"],
+        num_bottleneck_blocks=gen["num_bottleneck_blocks"],
+        estimate_occlusion_map=gen["estimate_occlusion_map"],
+    )
+    g["dense_motion"].update(
+        block_expansion=dm["block_expansion"],
+        max_features=dm["max_features"],
+        num_blocks=dm["num_blocks"],
+        scale_factor=dm["scale_factor"],
+        kp_variance=dm["kp_variance"],
+    )
+    if g["attention"]["enabled"]:
+        g["attention"]["qk_channels"] = max(1, feat // 8)  # DaGAN's AttnModule: in_dim // 8
+    out["discriminator"].update(
+        scales=[float(s) for s in disc["scales"]],
+        block_expansion=disc.get("block_expansion", out["discriminator"]["block_expansion"]),
+        max_features=disc.get("max_features", out["discriminator"]["max_features"]),
+        num_blocks=disc.get("num_blocks", out["discriminator"]["num_blocks"]),
+    )
+    try:
+        return config_from_dict(out)
+    except ConfigError as exc:
+        raise CheckpointImportError(f"{where}: {exc}") from exc
+
+
+def resolve_import_config(config: str | Path | ModelConfig | None, release: str | ReleaseSpec) -> ModelConfig:
+    """The model an import fills: the release's preset (``None``), a preset name, one of our YAML
+    configs, or the authors' own training YAML (recognised by its ``model_params`` section)."""
+    spec = RELEASES[release] if isinstance(release, str) else release
+    if config is None:
+        return load_config(spec.preset)
+    if isinstance(config, ModelConfig):
+        return config
+    if str(config) in PRESETS:
+        return load_config(str(config))
+    path = Path(config)
+    if not path.is_file():
+        raise CheckpointImportError(
+            f"--config {config}: neither a preset ({', '.join(PRESETS)}) nor a YAML file"
+        )
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CheckpointImportError(f"{path}: not valid YAML ({exc})") from exc
+    if isinstance(data, Mapping) and "model_params" in data:
+        return reference_config(data, spec, name=path.stem, where=str(path))
+    return load_config(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -359,7 +534,11 @@ def _entries(spec: SourceSpec, obj: Any, report: ImportReport) -> list[Row]:
     for group, rules in spec.groups.items():
         state = obj.get(group)
         if not isinstance(state, Mapping):
-            present = ", ".join(repr(k) for k in obj) or "nothing"
+            keys = list(obj)
+            present = ", ".join(repr(k) for k in keys[:6]) + (
+                f", ... ({len(keys)} in all)" if len(keys) > 6 else ""
+            )
+            present = present or "nothing"
             raise CheckpointImportError(
                 f"{spec.label}: no '{group}' state dict in the file (it holds {present}); "
                 f"is this the right file for {spec.label}?"
@@ -409,11 +588,118 @@ def _hints(release: ReleaseSpec, report: ImportReport) -> list[str]:
         hints.append("this looks like a DaGAN checkpoint: import it with --dagan and the two depth files")
     if release.name == "dagan" and any(ours.startswith("generator.attention.") for ours, _ in report.missing):
         hints.append("this looks like a FOMM checkpoint (no depth-aware attention): import it with --fomm")
+    if report.mismatched:
+        hints.append(
+            f"{len(report.mismatched)} tensors have other shapes than the '{report.config_name}' model: the "
+            "checkpoint was trained at another size; pass --config with the YAML the authors' code trained "
+            "it with (their config/*.yaml), or a preset / one of our configs"
+        )
     if release.name == "dagan" and any("layer4.2." in ref for ref, _, _ in report.unexpected):
         hints.append(
             "the depth encoder is a deeper ResNet (e.g. the ResNet50 face-depth model); ours: ResNet18"
         )
     return hints
+
+
+# What each kind of file is, as a user would name it (used in the wrong-file messages).
+_KINDS: dict[str, str] = {
+    "dagan checkpoint": "a DaGAN training checkpoint ('generator' + 'kp_detector' state dicts)",
+    "fomm checkpoint": "a FOMM training checkpoint ('generator' + 'kp_detector' state dicts)",
+    "depth encoder": "the DaGAN depth encoder (encoder.pth: a ResNet18 state dict)",
+    "depth decoder": "the DaGAN depth decoder (depth.pth)",
+    "generator": "a bare generator state dict",
+    "kp_detector": "a bare keypoint-detector state dict",
+}
+_MODEL_GROUPS = ("generator", "kp_detector")
+
+
+def file_kind(obj: Any) -> str | None:
+    """Which reference file ``obj`` (a loaded file) looks like, by its entry names; None if unknown.
+
+    Used before the name mapping, so a file passed to the wrong option gets one sentence saying what
+    it is instead of hundreds of "unexpected"/"missing" lines.
+    """
+    if not isinstance(obj, Mapping):
+        return None
+    keys = [k for k in obj if isinstance(k, str)]
+    if any(isinstance(obj.get(g), Mapping) for g in _MODEL_GROUPS):
+        gen = obj.get("generator")
+        names = [str(k).removeprefix(_WRAPPER_PREFIX) for k in gen] if isinstance(gen, Mapping) else []
+        if any(n.startswith(("AttnModule.", "src_first.", "src_down_blocks.")) for n in names):
+            return "dagan checkpoint"
+        if any(n.startswith("bottleneck.r") for n in names) and not any(
+            n.startswith(("decoder.", "G_middle")) for n in names
+        ):
+            return "fomm checkpoint"
+        return "checkpoint"  # some other generator: the name mapping reports what does not fit
+    names = [k.removeprefix(_WRAPPER_PREFIX) for k in keys if isinstance(obj[k], torch.Tensor)]
+    if not names:
+        return None
+
+    def share(prefixes: tuple[str, ...]) -> float:
+        return sum(n.startswith(prefixes) for n in names) / len(names)
+
+    if share(("encoder.conv1.", "encoder.bn1.", "encoder.layer", "encoder.fc.")) > 0.9:
+        return "depth encoder"
+    if share(("decoder.",)) > 0.9 and any(n.startswith("decoder.0.conv.conv.") for n in names):
+        return "depth decoder"
+    if share(("predictor.", "kp.", "jacobian.", "down.")) > 0.9:
+        return "kp_detector"
+    if any(n.startswith("dense_motion_network.") for n in names) and any(
+        n.startswith("final.") for n in names
+    ):
+        return "generator"
+    return None
+
+
+def _describe(obj: Any) -> str:
+    """A short account of a file that is not what was expected: its kind, or a few of its keys."""
+    kind = file_kind(obj)
+    if kind is not None:
+        return _KINDS[kind]
+    if not isinstance(obj, Mapping):
+        return f"a {type(obj).__name__}, not a dict"
+    keys = list(obj)
+    tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
+    shown = ", ".join(repr(k) for k in keys[:4]) + (", ..." if len(keys) > 4 else "")
+    what = f"a state dict of {tensors} tensors" if tensors == len(keys) and keys else f"{len(keys)} entries"
+    return f"{what} of an unknown model ({shown})"
+
+
+def _check_file_kinds(spec: ReleaseSpec, loaded: Sequence[Any]) -> None:
+    """Refuse files passed to the wrong option (or bare state dicts) with a short message and a fix."""
+    kinds = [file_kind(obj) for obj in loaded]
+    by_kind = {s.kind: s for s in spec.sources}
+    wrong = [
+        (s, obj, k)
+        for s, obj, k in zip(spec.sources, loaded, kinds, strict=True)
+        if s.kind and k != s.kind and not (k == "checkpoint" and s.kind.endswith("checkpoint"))
+    ]
+    if not wrong:
+        return
+    labels = {s.kind for s, _, _ in wrong}
+    if {"depth encoder", "depth decoder"} <= labels and {k for _, _, k in wrong} == labels:
+        raise CheckpointImportError(
+            "the --depth-encoder file is the depth decoder and the --depth-decoder file is the encoder: "
+            "swap the two (encoder.pth is the encoder, depth.pth the decoder)"
+        )
+    lines = []
+    for s, obj, kind in wrong:
+        line = f"{s.label} ({s.flag}): this file is {_describe(obj)}, not {_KINDS[s.kind]}"
+        if kind in by_kind:
+            line += f"; pass it with {by_kind[kind].flag}"
+        elif kind in ("dagan checkpoint", "fomm checkpoint"):
+            other = "--dagan (with the two depth files)" if kind == "dagan checkpoint" else "--fomm"
+            line += f"; import it with {other}"
+        elif kind in _MODEL_GROUPS or (kind is None and s.kind.endswith("checkpoint")):
+            line += (
+                ". The importer reads the training checkpoint the authors publish, which holds the "
+                "'generator' and 'kp_detector' state dicts together; if you saved bare state dicts, "
+                "save them as torch.save({'generator': G.state_dict(), 'kp_detector': KP.state_dict()}, "
+                "PATH) and import that"
+            )
+        lines.append(line)
+    raise CheckpointImportError("; ".join(lines) if len(lines) == 1 else "\n  " + "\n  ".join(lines))
 
 
 def import_state_dicts(
@@ -422,29 +708,38 @@ def import_state_dicts(
     *,
     allow_partial: bool = False,
     seed: int = 0,
+    config: str | Path | ModelConfig | None = None,
+    align_corners: bool | None = None,
 ) -> ImportResult:
     """Map already-loaded reference files (in ``release.sources`` order) onto our model's state dict.
 
     Raises :class:`CheckpointImportError` listing every missing, unexpected and mis-shaped tensor unless
     ``allow_partial``; then those stay as our seeded random initialisation and the report lists them.
+    ``config`` is the model size (see :func:`resolve_import_config`); default: the release's preset.
+    ``align_corners`` overrides the release's grid_sample convention (e.g. a FOMM model trained under
+    PyTorch >= 1.3, whose default is False, unlike the published FOMM weights).
     """
     from .model import DaGAN
 
     spec = RELEASES[release] if isinstance(release, str) else release
     if len(loaded) != len(spec.sources):
         raise ValueError(f"{spec.name} needs {len(spec.sources)} files, got {len(loaded)}")
-    config = load_config(spec.preset)
+    _check_file_kinds(spec, loaded)
+    config = resolve_import_config(config, spec)
     report = ImportReport(release=spec.name, config_name=config.name)
     num_kp = _infer_num_kp(spec, loaded)
     if num_kp is not None and num_kp != config.keypoints.num_kp:
         default = config.keypoints.num_kp
-        report.notes.append(f"the checkpoint has {num_kp} keypoints (preset default {default})")
+        report.notes.append(f"the checkpoint has {num_kp} keypoints (the config says {default})")
         config = config.replace(**{"keypoints.num_kp": num_kp})
     if spec.config_overrides:
         config = config.replace(**dict(spec.config_overrides))
         report.notes += [
             f"config set to match the reference code: {k} = {v}" for k, v in spec.config_overrides
         ]
+    if align_corners is not None and align_corners != config.generator.warp_align_corners:
+        config = config.replace(**{"generator.warp_align_corners": align_corners})
+        report.notes.append(f"generator.warp_align_corners = {align_corners} (as asked)")
     report.notes += [f"known difference from the reference at run time: {d}" for d in spec.known_differences]
 
     torch.manual_seed(seed)
@@ -516,11 +811,15 @@ def import_release(
     *,
     allow_partial: bool = False,
     seed: int = 0,
+    config: str | Path | ModelConfig | None = None,
+    align_corners: bool | None = None,
 ) -> ImportReport:
     """Load the release's files (weights only), map them and write our checkpoint to ``out``."""
     spec = RELEASES[release]
     loaded = [load_reference_file(p) for p in paths]
-    result = import_state_dicts(spec, loaded, allow_partial=allow_partial, seed=seed)
+    result = import_state_dicts(
+        spec, loaded, allow_partial=allow_partial, seed=seed, config=config, align_corners=align_corners
+    )
     metadata = {
         "trained": "true",
         "imported_from": spec.name,

@@ -241,18 +241,50 @@ def test_problems_are_reported_in_full_and_allow_partial_lists_what_stayed_rando
         ref.trace({"w": result.state_dict["generator.final.weight"]})
 
 
-def test_wrong_files_get_a_hint(dagan_release):
-    _, (ckpt, encoder, decoder), _, _ = dagan_release
+def test_wrong_files_get_a_short_message_with_the_fix(dagan_release, tmp_path, capsys):
+    """A file passed to the wrong option is named in one sentence, not hundreds of mismatch lines."""
+    _, (ckpt, encoder, decoder), paths, _ = dagan_release
     fomm_like = {
         "generator": {
             k: v for k, v in ckpt["generator"].items() if "AttnModule" not in k and "src_" not in k
         },
         "kp_detector": ckpt["kp_detector"],
     }
-    with pytest.raises(CheckpointImportError, match="looks like a FOMM checkpoint"):
+    with pytest.raises(CheckpointImportError, match=r"FOMM training checkpoint.*import it with --fomm"):
         import_state_dicts("dagan", [fomm_like, encoder, decoder])
-    with pytest.raises(CheckpointImportError, match="no 'generator' state dict"):
+    with pytest.raises(CheckpointImportError, match=r"DaGAN training checkpoint.*import it with --dagan"):
+        import_state_dicts("fomm", [ckpt])
+    with pytest.raises(CheckpointImportError, match=r"depth encoder.*pass it with --depth-encoder"):
         import_state_dicts("dagan", [encoder, encoder, decoder])
+
+    # swapped depth files: one line that says so (the mapping would list ~300 mismatches)
+    swapped = ["--depth-encoder", str(paths[2]), "--depth-decoder", str(paths[1])]
+    code = main(["import", "--dagan", str(paths[0]), *swapped, "--out", str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "swap the two" in err and len(err) < 300, err
+    assert not (tmp_path / "x.safetensors").exists()
+
+    # bare state dicts (the generator alone, with or without the DDP prefix): short, with the fix
+    bare = tmp_path / "generator.pth"
+    torch.save(ckpt["generator"], bare)
+    depth = ["--depth-encoder", str(paths[1]), "--depth-decoder", str(paths[2])]
+    code = main(["import", "--dagan", str(bare), *depth, "--out", str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "bare generator state dict" in err and "torch.save({'generator'" in err
+    assert len(err) < 600, len(err)  # was one 11,498-character line of keys
+    for kp_only in (ckpt["kp_detector"], {"w1": torch.zeros(2), "w2": torch.zeros(3)}):
+        with pytest.raises(CheckpointImportError) as exc:
+            import_state_dicts("fomm", [kp_only])
+        assert len(str(exc.value)) < 600 and "'generator' and 'kp_detector' state dicts" in str(exc.value)
+    with pytest.raises(CheckpointImportError, match=r"state dict of 2 tensors of an unknown model \('w1'"):
+        import_state_dicts("fomm", [{"w1": torch.zeros(2), "w2": torch.zeros(3)}])
+
+
+def test_a_checkpoint_of_another_size_points_at_config(dagan_release):
+    _, loaded, _, _ = dagan_release
+    with pytest.raises(CheckpointImportError) as exc:
+        import_state_dicts("dagan", list(loaded), config="tiny")
+    assert "mis-shaped" in str(exc.value) and "pass --config" in str(exc.value)
 
 
 def test_fomm_vox256_through_the_cli(tmp_path, capsys):
@@ -309,3 +341,125 @@ def test_loading_never_runs_pickled_code(tmp_path):
     junk.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointImportError, match="not a readable PyTorch checkpoint"):
         load_reference_file(junk)
+
+
+# The model section of the authors' vox-adv-256.yaml with the widths of a smaller model a user trained.
+AUTHORS_YAML = """
+dataset_params:
+  frame_shape: [128, 128, 3]
+model_params:
+  common_params:
+    num_kp: 15
+    num_channels: 3
+    estimate_jacobian: True
+  kp_detector_params:
+     temperature: 0.1
+     block_expansion: 16
+     max_features: 256
+     scale_factor: 0.25
+     num_blocks: 5
+  generator_params:
+    block_expansion: 32
+    max_features: 256
+    num_down_blocks: 2
+    num_bottleneck_blocks: 6
+    estimate_occlusion_map: True
+    dense_motion_params:
+      block_expansion: 32
+      max_features: 512
+      num_blocks: 5
+      scale_factor: 0.25
+  discriminator_params:
+    scales: [1]
+    block_expansion: 32
+    max_features: 512
+    num_blocks: 4
+    use_kp: True
+train_params:
+  num_epochs: 150
+"""
+
+
+def test_import_config_reads_the_authors_yaml(tmp_path):
+    import yaml
+
+    from dagan.importer import reference_config, resolve_import_config
+
+    path = tmp_path / "my-vox-128.yaml"
+    path.write_text(AUTHORS_YAML)
+    cfg = resolve_import_config(path, "dagan")
+    assert cfg.name == "my-vox-128" and cfg.image_size == 128
+    assert (cfg.keypoints.num_kp, cfg.keypoints.block_expansion, cfg.keypoints.max_features) == (15, 16, 256)
+    assert cfg.keypoints.estimate_jacobian and cfg.keypoints.use_depth
+    g = cfg.generator
+    assert (g.block_expansion, g.max_features, g.dense_motion.max_features) == (32, 256, 512)
+    assert g.attention.qk_channels == 128 // 8  # DaGAN's AttnModule: bottleneck channels / 8
+    # what the YAML cannot say comes from the release's preset (the fixed ResNet18 depth net)
+    assert cfg.depth == load_config("vox-256").depth
+    fomm = resolve_import_config(path, "fomm")
+    assert not fomm.generator.attention.enabled and not fomm.keypoints.use_depth
+
+    # the reference constructors' defaults for optional keys (not our schema's)
+    data = yaml.safe_load(AUTHORS_YAML)
+    del data["model_params"]["kp_detector_params"]["scale_factor"]
+    del data["model_params"]["common_params"]["estimate_jacobian"]
+    cfg = reference_config(data, "fomm")
+    assert cfg.keypoints.scale_factor == 1.0 and not cfg.keypoints.estimate_jacobian
+
+    # our own YAML and presets pass through unchanged
+    ours = tmp_path / "ours.yaml"
+    ours.write_text(load_config("tiny").to_yaml())
+    assert resolve_import_config(ours, "dagan") == load_config("tiny")
+    assert resolve_import_config("fomm", "dagan") == load_config("fomm")
+    assert resolve_import_config(None, "fomm") == load_config("fomm")
+
+    bad = yaml.safe_load(AUTHORS_YAML)
+    bad["model_params"]["generator_params"]["use_spade"] = True
+    with pytest.raises(CheckpointImportError, match=r"generator_params\.use_spade has no counterpart"):
+        reference_config(bad, "dagan")
+    del bad["model_params"]["generator_params"]
+    with pytest.raises(CheckpointImportError, match="no generator_params"):
+        reference_config(bad, "dagan")
+    with pytest.raises(CheckpointImportError, match="neither a preset"):
+        resolve_import_config(tmp_path / "absent.yaml", "dagan")
+
+
+def test_import_with_config_and_align_corners_through_the_cli(tmp_path, capsys):
+    """A FOMM checkpoint of another size imports with --config; --align-corners overrides the default."""
+    from dagan.importer import resolve_import_config
+
+    path = tmp_path / "my-vox-128.yaml"
+    path.write_text(AUTHORS_YAML)
+    cfg = resolve_import_config(path, "fomm")
+    torch.manual_seed(0)
+    from dagan.model import DaGAN
+
+    ours = DaGAN(cfg).state_dict()
+    # write our tensors back in FOMM's layout through the (inverse of the) explicit table
+    ckpt = {"generator": {}, "kp_detector": {}}
+    for name, t in ours.items():
+        group, _, rest = name.partition(".")
+        rest = rest.replace("image_encoder.", "").replace("bottleneck.", "bottleneck.r")
+        ckpt[group][rest] = t
+    file = tmp_path / "my-fomm.pth.tar"
+    torch.save(ckpt, file)
+    out = tmp_path / "my-fomm.safetensors"
+    assert main(["import", "--fomm", str(file), "--config", str(path), "--out", str(out)]) == 0
+    assert "warp_align_corners" not in capsys.readouterr().out
+    got, tensors, _ = read_checkpoint(out)
+    assert got == cfg and got.generator.warp_align_corners is True
+    assert all(torch.equal(tensors[k], v) for k, v in ours.items())
+    args = [
+        "import",
+        "--fomm",
+        str(file),
+        "--config",
+        str(path),
+        "--align-corners",
+        "false",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert "warp_align_corners = False (as asked)" in capsys.readouterr().out
+    assert read_checkpoint(out)[0].generator.warp_align_corners is False
