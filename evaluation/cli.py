@@ -7,8 +7,10 @@ from pathlib import Path
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, markdown_table, write_report
+    from .evaluate import EvalDataError, evaluate, markdown_table, write_report
 
+    if args.relative and args.mode not in (None, "relative"):
+        raise EvalDataError("--relative is short for --mode relative; give one of them")
     result = evaluate(
         args.checkpoint,
         args.data,
@@ -19,6 +21,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         frame_stride=args.frame_stride,
         batch_size=args.batch_size,
         device=args.device,
+        backend=args.backend,
+        precision=args.precision,
+        mode="relative" if args.relative else (args.mode or "both"),
+        threads=args.threads,
         progress=not args.quiet,
     )
     out_dir = Path(args.out_dir)
@@ -56,7 +62,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval", help="self-reenactment metrics (L1, PSNR, SSIM, AKD, PRMSE, AED, CSIM, ...) with baselines"
     )
-    p.add_argument("--checkpoint", required=True, help="model weights (.safetensors)")
+    p.add_argument(
+        "--checkpoint",
+        help="model weights (.safetensors; an export/engine directory for onnxruntime/tensorrt); "
+        "default: $DAGAN_CHECKPOINT, then the bundled weights",
+    )
     p.add_argument(
         "--data", required=True, help="test folder: one sub-folder of frames or one video per clip"
     )
@@ -73,6 +83,23 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--frame-stride", type=int, default=1, help="use every K-th frame")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnxruntime", "tensorrt"),
+        help="inference engine to measure (the deployed path); default torch",
+    )
+    p.add_argument(
+        "--precision", default="fp32", choices=("fp32", "fp16"), help="engine precision (fp16: GPU only)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=("absolute", "relative", "both"),
+        help="motion transfer: absolute keypoints (the paper's protocol), relative to the source frame "
+        "(the server's default), or both as two rows of one report (default)",
+    )
+    p.add_argument("--relative", action="store_true", help="short for --mode relative")
+    p.add_argument("--threads", type=int, help="torch (and onnxruntime) CPU threads; default one per core")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
 

@@ -2,7 +2,11 @@
 
 Protocol (FOMM / DaGAN reconstruction): for every test video the first frame is the source and every
 frame (every ``frame_stride``-th) is both the driving frame and the ground truth; the model animates the
-source with absolute driving keypoints, and each output is compared with its ground-truth frame.
+source, and each output is compared with its ground-truth frame. The model runs through the inference
+engine (any backend and precision, so deployed quality is measured), with absolute driving keypoints
+(row ``dagan``) and/or relative motion, the server's default, whose reference pose is the first driving
+frame as in a call (row ``dagan_relative``). With the source frame itself as the reference, relative
+motion would equal absolute motion exactly (kp_ref = kp_s), so that would measure nothing new.
 
 In the same run, with the same frames and the same metric code:
 
@@ -50,7 +54,8 @@ __all__ = [
     "write_report",
 ]
 
-METHODS = ("dagan", "source_copy", "driving_copy")
+# Every row a report can have; a run has the rows of its modes plus both baselines.
+METHODS = ("dagan", "dagan_relative", "source_copy", "driving_copy")
 METRIC_KEYS = (
     "l1",
     "psnr",
@@ -232,25 +237,42 @@ def _read_frames(path: Path, size: int, max_frames: int | None, stride: int) -> 
     return frames
 
 
-def _to_tensor(frames: list[np.ndarray], device: torch.device) -> torch.Tensor:
-    return (
-        torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).to(device=device, dtype=torch.float32) / 255.0
-    )
+MODES = ("absolute", "relative")
+# The result row of each animation mode ("dagan" keeps its name from the absolute-only reports).
+MODE_METHODS = {"absolute": "dagan", "relative": "dagan_relative"}
 
 
-def _to_uint8(batch: torch.Tensor) -> list[np.ndarray]:
-    arr = (batch.clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return list(arr)
+def _modes(mode: str) -> tuple[str, ...]:
+    if mode == "both":
+        return MODES
+    if mode not in MODES:
+        raise EvalDataError(f"--mode must be absolute, relative or both, got {mode!r}")
+    return (mode,)
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def _engine(
+    checkpoint: str | os.PathLike[str] | None,
+    backend: str,
+    device: str,
+    precision: str,
+    threads: int | None,
+):
+    """The deployed inference path for ``checkpoint`` (default: $DAGAN_CHECKPOINT, then the bundled
+    weights), with torch (and onnxruntime) limited to ``threads`` CPU threads when given."""
+    from dagan.animate import resolve_checkpoint
+    from engine import create_engine
+
+    path = resolve_checkpoint(str(checkpoint) if checkpoint is not None else None)
+    if threads is not None:
+        if threads < 1:
+            raise EvalDataError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    options = {"threads": threads} if backend == "onnxruntime" and threads is not None else {}
+    return path, create_engine(path, backend=backend, device=device, precision=precision, **options)
 
 
 def evaluate(
-    checkpoint: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str] | None,
     data: str | os.PathLike[str],
     *,
     assets: str | os.PathLike[str] | None = None,
@@ -260,25 +282,40 @@ def evaluate(
     frame_stride: int = 1,
     batch_size: int = 8,
     device: str = "auto",
+    backend: str = "torch",
+    precision: str = "fp32",
+    mode: str = "both",
+    threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the self-reenactment protocol; returns a JSON-ready dict (``metrics[method][key]``, counts,
-    notes). ``assets`` given explicitly must exist; otherwise missing assets make the identity metrics
-    ``null`` with a note. ``use_identity=False`` skips them on purpose."""
-    from tqdm import tqdm
+    """Run the self-reenactment protocol through the inference engine; returns a JSON-ready dict
+    (``metrics[method][key]``, counts, notes).
 
-    from dagan.checkpoint import load_model
+    The model's frames come from :func:`engine.create_engine` (``backend``/``precision``, e.g.
+    onnxruntime or TensorRT fp16), fed the uint8 frames a client would send and returning the uint8
+    frames a user sees, so what is scored is what is deployed, rounded by the engine's one conversion.
+    ``mode``: ``absolute``, ``relative`` (the server's default: the first driving frame is the
+    reference pose) or ``both`` (one row each, beside the same baselines). ``assets`` given explicitly
+    must exist; otherwise missing assets make the identity metrics ``null`` with a note.
+    ``use_identity=False`` skips them on purpose."""
+    from tqdm import tqdm
 
     if frame_stride < 1 or batch_size < 1:
         raise EvalDataError("--frame-stride and --batch-size must be >= 1")
+    modes = _modes(mode)
     videos = find_videos(data)[:max_videos] if max_videos else find_videos(data)
-    dev = _resolve_device(device)
-    model = load_model(checkpoint, map_location=str(dev))
-    size = int(model.config.image_size)
+    path, engine = _engine(checkpoint, backend, device, precision, threads)
+    size = int(engine.image_size)
     notes: list[str] = [
         "landmark metrics use mediapipe 0.10.21 face-mesh landmarks; expression features are geometric "
         "(mediapipe 0.10.21 has no offline blendshapes)"
     ]
+    if "relative" in modes:
+        notes.append(
+            "dagan_relative: relative motion as the server runs it: the first driving frame (the clip's "
+            "second used frame) is the reference pose, with movement-scale adaptation; reference_pose "
+            "scores the output at that pose against the source frame"
+        )
     analyzer: FaceAnalyzer | None = None
     folder: Path | None = None
     if use_identity:
@@ -289,39 +326,52 @@ def evaluate(
                 "(run dagan fetch-eval-assets)"
             )
         else:
-            analyzer = FaceAnalyzer(folder, device=dev)
+            analyzer = FaceAnalyzer(folder, device=_resolve_device(device))
             if analyzer.expression is None:
                 notes.append("expression_agreement is null: face_expression_model not in the assets folder")
     else:
         notes.append("aed, csim and expression_agreement are null: identity metrics were switched off")
 
-    acc = {m: _Accumulator() for m in METHODS}
+    methods = [MODE_METHODS[m] for m in modes] + ["source_copy", "driving_copy"]
+    acc = {m: _Accumulator() for m in methods}
+    reference_pose: dict[str, list[float]] = {"l1": [], "psnr": [], "ssim": []}
     n_frames = 0
     clips = [(v, _read_frames(v, size, max_frames, frame_stride)) for v in videos]
     bar = tqdm(
         total=sum(max(0, len(f) - 1) for _, f in clips), desc="eval", unit="frame", disable=not progress
     )
-    with torch.no_grad():
-        for _video, frames in clips:
-            if not frames:
-                continue
-            # The first frame is the source; it is not scored, since reconstructing the source itself is
-            # trivial and would give "output = source" a perfect (100 dB) frame in every clip.
-            source, driving = frames[0], frames[1:]
-            f_source = _analyse([source], analyzer)[0]
-            state = model.encode_source(_to_tensor([source], dev))
-            for start in range(0, len(driving), batch_size):
-                truth = driving[start : start + batch_size]
-                batch_state = state if len(truth) == 1 else type(state).cat([state] * len(truth))
-                outputs = _to_uint8(model.animate(batch_state, _to_tensor(truth, dev)).prediction)
-                f_truth = _analyse(truth, analyzer)
+    for _video, frames in clips:
+        if not frames:
+            continue
+        # The first frame is the source; it is not scored, since reconstructing the source itself is
+        # trivial and would give "output = source" a perfect (100 dB) frame in every clip.
+        source, driving = frames[0], frames[1:]
+        f_source = _analyse([source], analyzer)
+        f_source = f_source[0]
+        sessions = {m: engine.new_session(source, relative=m == "relative") for m in modes}
+        for start in range(0, len(driving), batch_size):
+            truth = driving[start : start + batch_size]
+            f_truth = _analyse(truth, analyzer)
+            for m, session in sessions.items():
+                if session.relative and session.reference is None:
+                    # As in a call: the first driving frame is the reference pose, where the output
+                    # should be the source itself (scored against it as reference_pose).
+                    first = engine.animate_batch([session], truth[:1])[0].image
+                    reference_pose["l1"].append(M.l1(first, source))
+                    reference_pose["psnr"].append(M.psnr(first, source))
+                    reference_pose["ssim"].append(M.ssim(first, source))
+                    rest = engine.animate_batch([session] * (len(truth) - 1), truth[1:]) if truth[1:] else []
+                    outputs = [first] + [r.image for r in rest]
+                else:
+                    outputs = [r.image for r in engine.animate_batch([session] * len(truth), truth)]
                 f_out = _analyse(outputs, analyzer, fallback=f_truth)
                 for k in range(len(truth)):
-                    acc["dagan"].add(outputs[k], truth[k], f_out[k], f_truth[k], f_source)
-                    acc["source_copy"].add(source, truth[k], f_source, f_truth[k], f_source)
-                    acc["driving_copy"].add(truth[k], truth[k], f_truth[k], f_truth[k], f_source)
-                n_frames += len(truth)
-                bar.update(len(truth))
+                    acc[MODE_METHODS[m]].add(outputs[k], truth[k], f_out[k], f_truth[k], f_source)
+            for k in range(len(truth)):
+                acc["source_copy"].add(source, truth[k], f_source, f_truth[k], f_source)
+                acc["driving_copy"].add(truth[k], truth[k], f_truth[k], f_truth[k], f_source)
+            n_frames += len(truth)
+            bar.update(len(truth))
     bar.close()
     summaries = {m: a.summary() for m, a in acc.items()}
     for method, values in summaries.items():
@@ -330,9 +380,13 @@ def evaluate(
                 f"{method}: akd, prmse and expression_feature_error are null: mediapipe found no face in any "
                 "of its outputs (landmark_missing_rate = 1)"
             )
-    return {
-        "checkpoint": str(checkpoint),
+    result = {
+        "checkpoint": str(path),
         "data": str(data),
+        "backend": engine.backend,
+        "precision": precision,
+        "modes": list(modes),
+        "threads": threads,
         "videos": len(clips),
         "frames": n_frames,
         "frame_stride": frame_stride,
@@ -341,6 +395,15 @@ def evaluate(
         "metrics": summaries,
         "notes": notes,
     }
+    if reference_pose["psnr"]:
+        result["reference_pose"] = {k: float(np.mean(v)) for k, v in reference_pose.items()}
+    return result
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 # ------------------------------------------------------------------------------------------- reports
@@ -362,12 +425,22 @@ def markdown_table(result: dict[str, Any]) -> str:
     rows = [head, rule]
     for method, values in result["metrics"].items():
         rows.append(f"| {method} | " + " | ".join(_fmt(k, values.get(k)) for k in keys) + " |")
+    engine = f"{result.get('backend', 'torch')} {result.get('precision', 'fp32')}"
     lines = [
         f"Self-reenactment on {result['videos']} videos, {result['frames']} frames ({result['data']}), "
-        f"checkpoint {result['checkpoint']}.",
+        f"checkpoint {result['checkpoint']}, engine {engine}.",
         "",
         *rows,
         "",
+    ]
+    pose = result.get("reference_pose")
+    if pose:
+        lines += [
+            "At the reference pose (relative, driven by the source frame itself): "
+            f"PSNR {pose['psnr']:.2f} dB, L1 {pose['l1']:.4f}, SSIM {pose['ssim']:.3f} against the source.",
+            "",
+        ]
+    lines += [
         *(f"- {note}" for note in result.get("notes", [])),
     ]
     return "\n".join(lines) + "\n"

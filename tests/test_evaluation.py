@@ -186,3 +186,80 @@ def test_eval_with_identity_assets(tiny_eval_set, tmp_path):
     assert 0.8 < drv["csim"] <= 1.0
     for key in ("aed", "csim"):
         assert math.isfinite(result["metrics"]["dagan"][key])
+
+
+def test_eval_scores_the_engine_output_in_both_modes(tiny_eval_set, monkeypatch, tmp_path):
+    """The model rows are exactly the engine's uint8 frames (absolute, and relative to the source
+    frame), recomputed here with the engine directly; the baselines do not depend on the mode."""
+    from engine import create_engine
+    from evaluation.evaluate import _read_frames, evaluate, find_videos, markdown_table
+
+    monkeypatch.setenv("DAGAN_EVAL_ASSETS", str(tmp_path / "no-assets"))
+    ckpt, test = tiny_eval_set
+    both = evaluate(ckpt, test, use_identity=False, mode="both", batch_size=2, progress=False)
+    absolute = evaluate(ckpt, test, use_identity=False, mode="absolute", progress=False)
+    assert set(both["metrics"]) == {"dagan", "dagan_relative", "source_copy", "driving_copy"}
+    assert set(absolute["metrics"]) == {"dagan", "source_copy", "driving_copy"}
+    assert both["backend"] == "torch" and both["modes"] == ["absolute", "relative"]
+    assert both["metrics"]["dagan"] == pytest.approx(absolute["metrics"]["dagan"])  # batch size 2 vs 8
+    assert both["metrics"]["source_copy"] == absolute["metrics"]["source_copy"]
+
+    engine = create_engine(ckpt, backend="torch", device="cpu")
+    l1 = {"absolute": [], "relative": []}
+    psnr_at_reference = []
+    for video in find_videos(test):
+        frames = _read_frames(video, engine.image_size, None, 1)
+        for mode in l1:
+            # as a call runs: the first driving frame becomes the relative reference
+            session = engine.new_session(frames[0], relative=mode == "relative")
+            outputs = [engine.animate_batch([session], [truth])[0].image for truth in frames[1:]]
+            l1[mode] += [M.l1(out, truth) for out, truth in zip(outputs, frames[1:], strict=True)]
+            if mode == "relative":
+                psnr_at_reference.append(M.psnr(outputs[0], frames[0]))
+    assert both["metrics"]["dagan"]["l1"] == pytest.approx(np.mean(l1["absolute"]), rel=1e-6)
+    assert both["metrics"]["dagan_relative"]["l1"] == pytest.approx(np.mean(l1["relative"]), rel=1e-6)
+    assert both["metrics"]["dagan"]["l1"] != both["metrics"]["dagan_relative"]["l1"]
+    assert both["reference_pose"]["psnr"] == pytest.approx(np.mean(psnr_at_reference))
+    assert "reference_pose" not in absolute
+    assert "At the reference pose" in markdown_table(both) and "engine torch fp32" in markdown_table(both)
+    with pytest.raises(Exception, match="--mode must be"):
+        evaluate(ckpt, test, mode="sideways", progress=False)
+
+
+def test_eval_cli_defaults_to_the_bundled_weights_and_takes_threads(tiny_eval_set, tmp_path, monkeypatch):
+    import torch
+
+    from dagan.cli import main
+
+    ckpt, test = tiny_eval_set
+    monkeypatch.setenv("DAGAN_CHECKPOINT", str(ckpt))  # resolve_checkpoint: env, then the bundled file
+    before = torch.get_num_threads()
+    try:
+        args = ["eval", "--data", str(test), "--out-dir", str(tmp_path), "--no-identity", "--quiet"]
+        assert main([*args, "--max-videos", "1", "--max-frames", "2", "--relative", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["checkpoint"] == str(ckpt) and report["modes"] == ["relative"] and report["threads"] == 1
+    assert set(report["metrics"]) == {"dagan_relative", "source_copy", "driving_copy"}
+    assert main([*args, "--relative", "--mode", "absolute"]) == 2
+    assert main([*args, "--threads", "0"]) == 2
+
+
+def test_eval_through_onnxruntime_matches_torch(tiny_eval_set, tmp_path, monkeypatch):
+    """--backend onnxruntime scores the exported graphs: the same protocol, values within rounding of
+    the torch backend's."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from evaluation.evaluate import evaluate
+
+    monkeypatch.setenv("DAGAN_CACHE", str(tmp_path / "cache"))  # the export lands here, not in ~/.cache
+    ckpt, test = tiny_eval_set
+    kw = dict(use_identity=False, mode="both", max_videos=1, progress=False, device="cpu")
+    ort = evaluate(ckpt, test, backend="onnxruntime", **kw)
+    ref = evaluate(ckpt, test, backend="torch", **kw)
+    assert ort["backend"] == "onnxruntime"
+    for row in ("dagan", "dagan_relative"):
+        assert ort["metrics"][row]["l1"] == pytest.approx(ref["metrics"][row]["l1"], abs=2e-3)
+        assert ort["metrics"][row]["psnr"] == pytest.approx(ref["metrics"][row]["psnr"], abs=0.3)
