@@ -291,6 +291,105 @@ def test_resume_after_an_interruption_continues_exactly(depth_run, face_root, tm
     assert max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta) <= 1e-6
 
 
+def _stale_temp_files(run: Path) -> list[Path]:
+    """Temporary files as dagan.checkpoint.atomic_write leaves them when the process is killed mid-write."""
+    ck = run / "checkpoints"
+    return [
+        ck / ".step-00000002.safetensors.k3j2h1xq.tmp",
+        ck / ".step-00000002.state.pt.ab_12345.tmp",
+        run / ".latest.json.zz9abcde.tmp",
+        run / ".config.yaml.qwertyui.tmp",
+        run / ".run.json.0a1b2c3d.tmp",
+    ]
+
+
+def test_start_and_resume_remove_temp_files_of_killed_saves(face_root, tmp_path, capfd):
+    from training.run_dir import RunDir
+
+    run = tmp_path / "run"
+    cfg = _cfg(face_root, **{"depth.steps": 2, "depth.batch_size": 2, "checkpoint_every": 1})
+    # A kill mid-save before the first start: a fresh start cleans the folder too.
+    for p in _stale_temp_files(run):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a file")
+    keep = [run / "notes.tmp", run / "checkpoints" / ".keep", run / "checkpoints" / "step-x.safetensors.tmp"]
+    for p in keep:
+        p.write_bytes(b"not ours")
+    assert Trainer("depth", cfg, run, progress=False, tensorboard=False).run(stop_after=1).step == 1
+    assert not any(p.exists() for p in _stale_temp_files(run)) and all(p.exists() for p in keep)
+    assert "removed 5 temporary file(s)" in capfd.readouterr().err
+    rd = RunDir(run)
+    complete = {p: p.read_bytes() for p in (rd.weights_path(1), rd.state_path(1))}
+    # Killed while saving step 2: its temporary files are there, latest.json still names step 1.
+    for p in _stale_temp_files(run):
+        p.write_bytes(b"half a file")
+    assert rd.latest() == 1
+    resumed = Trainer("depth", None, run, resume=True, progress=False, tensorboard=False).run()
+    assert resumed.step == 2 and rd.latest() == 2
+    assert not any(p.exists() for p in _stale_temp_files(run)) and all(p.exists() for p in keep)
+    assert all(p.read_bytes() == data for p, data in complete.items())  # the complete pair is untouched
+    # The cleaner only ever matches atomic_write's temporary names, never a complete file.
+    assert rd.clean_stale_temp() == []
+    assert rd.weights_path(2).is_file() and rd.state_path(2).is_file() and rd.config_file.is_file()
+
+
+def test_half_made_run_folders_give_one_clear_line(depth_run, face_root, tmp_path, capsys):
+    from dagan.cli import main
+    from training.run_dir import RunDir
+
+    def resume_error(run: Path, stage: str = "depth") -> str:
+        with pytest.raises(TrainingError) as info:
+            Trainer(stage, None, run, resume=True, progress=False, tensorboard=False)
+        message = str(info.value)
+        assert "\n" not in message and str(run) in message
+        return message
+
+    cfg = _cfg(face_root)
+    text = cfg.to_yaml()
+    # Killed between the two files (the old order wrote config.yaml first, the new one run.json first).
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.yaml").write_text(text)
+    assert "half-made" in (m := resume_error(tmp_path / "a")) and "without --resume" in m
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "run.json").write_text('{"stage": "depth"}')
+    assert "half-made" in (m := resume_error(tmp_path / "b")) and "without --resume" in m
+    # Killed before either file, or never created; a corrupt run.json; checkpoints without run.json.
+    (tmp_path / "c").mkdir()
+    assert "not a run folder" in resume_error(tmp_path / "c")
+    assert "does not exist" in resume_error(tmp_path / "nowhere")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.yaml").write_text(text)
+    (tmp_path / "d" / "run.json").write_text('{"stage": "dep')
+    assert "unreadable" in resume_error(tmp_path / "d")
+    (tmp_path / "d" / "run.json").unlink()
+    (tmp_path / "d" / "latest.json").write_text('{"step": 15}')
+    assert "holds checkpoints" in resume_error(tmp_path / "d")
+    # The CLI prints it as one line and exits 2, no traceback.
+    assert main(["train", "depth", "--resume", "--run-dir", str(tmp_path / "a"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dagan: error: --resume:") and "half-made" in err and "\n" not in err
+    # Doing what it says works: a fresh start takes the half-made folder over.
+    fresh = Trainer("depth", cfg, tmp_path / "a", progress=False, tensorboard=False)
+    fresh._prepare_run_dir()
+    info = RunDir(tmp_path / "a").read_run_info("depth")
+    assert info["stage"] == "depth" and info["data_root"] == str(face_root)
+
+    # A dagan run killed after its folder was made but before its first checkpoint resumes from step 0
+    # with the depth checkpoint its run.json names (not with an untrained depth net).
+    from dagan.checkpoint import read_checkpoint
+
+    run = tmp_path / "g"
+    Trainer("dagan", cfg, run, depth_checkpoint=str(depth_run.weights), progress=False)._prepare_run_dir()
+    before = (run / "run.json").read_text()
+    again = Trainer("dagan", None, run, resume=True, progress=False, tensorboard=False)
+    assert again.resume_step is None and again.depth_checkpoint == str(depth_run.weights)
+    _, tensors, _ = read_checkpoint(depth_run.weights)
+    for k, v in again.stage.model.depth_net.state_dict().items():
+        assert torch.equal(v, tensors[f"depth_net.{k}"]), k
+    again._prepare_run_dir()
+    assert (run / "run.json").read_text() == before  # resume keeps the run's own inputs
+
+
 def test_depth_training_recovers_the_depth_of_a_rendered_scene(tmp_path):
     """Textured height-field scenes under known camera translation: after training, the predicted
     disparity must rank pixels by nearness like the true depth does, on scenes it never saw."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from dagan.config import ConfigError, ModelConfig, _build, _to_plain, load_config
+from dagan.config import ConfigError, ModelConfig, _build, _to_plain, load_config, set_dotted
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -127,22 +127,10 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         """Copy with dotted-path overrides, e.g. ``replace(**{"dagan.batch_size": 4})``."""
-        data = self.to_dict()
-        for dotted, value in changes.items():
-            _set_dotted(data, dotted, value)
-        return train_config_from_dict(data)
+        return train_config_from_dict(set_dotted(self.to_dict(), changes, kind=_KIND))
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        if p not in node or not isinstance(node[p], dict):
-            raise ConfigError(f"unknown training config key: {dotted}")
-        node = node[p]
-    if leaf not in node:
-        raise ConfigError(f"unknown training config key: {dotted}")
-    node[leaf] = value
+_KIND = "training config"  # error messages say "unknown training config key: ..."
 
 
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -185,10 +173,7 @@ def load_train_config(
         # Overrides of model.* keys need the model section as a full dict first.
         if any(k.startswith("model.") for k in overrides):
             data["model"] = load_config(data.get("model", "vox-256")).to_dict()
-        base = train_config_from_dict(data).to_dict()
-        for dotted, value in overrides.items():
-            _set_dotted(base, dotted, value)
-        data = base
+        data = set_dotted(train_config_from_dict(data).to_dict(), overrides, kind=_KIND)
     return train_config_from_dict(data)
 
 

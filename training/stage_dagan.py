@@ -1,0 +1,206 @@
+"""Stage 2, DaGAN (paper §3.5, eq. 10): keypoint detector, generator and discriminator, F_d frozen.
+
+The generator side (perceptual pyramid, LSGAN, feature matching, equivariance, keypoint distance) is one
+DDP-wrapped module; the discriminator step follows on real and fake in one batch. See docs/training.md §3.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dagan.checkpoint import load_into, read_checkpoint
+from dagan.model import DaGAN
+from dagan.nets.discriminator import discriminator_from_config
+
+from . import losses as L
+from .config import TrainConfig
+from .data import SourceDrivingDataset
+from .distributed import DistInfo, unwrap
+from .rng import step_seed
+from .stage import Stage, draw_keypoints, grid, milestone_lambda
+
+
+class DaganStage(Stage):
+    """Keypoint detector + generator + discriminator with the depth net frozen (paper eq. 10)."""
+
+    name = "dagan"
+
+    def __init__(
+        self, cfg: TrainConfig, device: torch.device, info: DistInfo, depth_checkpoint: str | None
+    ) -> None:
+        super().__init__(cfg, device, info)
+        m, g = cfg.model, cfg.dagan
+        torch.manual_seed(cfg.seed)
+        self.model = DaGAN(m).to(device)
+        if self.model.depth_net is not None:
+            if depth_checkpoint:
+                _, tensors, _ = read_checkpoint(depth_checkpoint)
+                load_into(self.model.depth_net, tensors, "depth_net.", depth_checkpoint)
+            self.model.depth_net.eval().requires_grad_(False)
+        self.discriminator = discriminator_from_config(m.discriminator).to(device)
+        self.perceptual = L.build_perceptual_loss(g.vgg19_weights, g.pyramid_scales).to(device)
+        self.batch_size, self.total_steps = g.batch_size, g.steps
+        self.gen_net = self._wrap(GeneratorObjective(self.model, self.discriminator, self.perceptual, cfg))
+        self.disc_net = self._wrap(self.discriminator)
+        self.gen_params = [p for p in self.gen_net.parameters() if p.requires_grad]
+        self.disc_params = list(self.disc_net.parameters())
+        unwrapped = unwrap(self.gen_net)
+        betas = (g.beta1, g.beta2)
+        self.optimizers["generator"] = torch.optim.Adam(
+            [
+                {"params": list(unwrapped.model.generator.parameters()), "lr": g.lr_generator},
+                {"params": list(unwrapped.model.kp_detector.parameters()), "lr": g.lr_kp_detector},
+            ],
+            betas=betas,
+        )
+        self.optimizers["discriminator"] = torch.optim.Adam(
+            self.disc_params, lr=g.lr_discriminator, betas=betas
+        )
+        for name, opt in self.optimizers.items():
+            self.schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
+                opt, milestone_lambda(g.lr_milestones, g.lr_gamma)
+            )
+        self._last: dict[str, Any] | None = None
+
+    def dataset(self, root: str):
+        return SourceDrivingDataset(
+            root,
+            "train",
+            self.cfg.model.image_size,
+            repeats=self.cfg.data.repeats,
+            augment=self.cfg.data.augment,
+            seed=self.cfg.seed,
+        )
+
+    def set_train(self) -> None:
+        self.gen_net.train()
+        self.disc_net.train()
+        if self.model.depth_net is not None:
+            self.model.depth_net.eval()
+
+    def metadata(self):
+        return {"perceptual_loss": self.perceptual.name}
+
+    def train_step(self, batch, step):
+        source = batch["source"].to(self.device, non_blocking=True)
+        driving = batch["driving"].to(self.device, non_blocking=True)
+        seed = step_seed(self.cfg.seed, self.info.rank, step)
+        # Generator step: the discriminator is only a critic here, so its weights take no gradient
+        # (which also keeps them out of the generator DDP's gradient reduction).
+        self.discriminator.requires_grad_(False)
+        with self.autocast():
+            loss, logs, out = self.gen_net(source, driving, seed)
+        logs["grad_norm/generator"] = self._optimize("generator", loss, self.gen_params)
+        self.discriminator.requires_grad_(True)
+        w = self.cfg.dagan.weights
+        if w.gan > 0 or w.feature_matching > 0:
+            # Real and fake in one batch: one DDP forward per backward (InstanceNorm is per sample).
+            with self.autocast():
+                scores = self.disc_net(torch.cat([driving, out["prediction"].detach()], dim=0))
+                b = driving.shape[0]
+                d_loss = L.lsgan_discriminator_loss(
+                    [v[1][:b] for v in scores.values()], [v[1][b:] for v in scores.values()]
+                )
+            logs["discriminator"] = float(d_loss.detach())
+            logs["grad_norm/discriminator"] = self._optimize("discriminator", d_loss, self.disc_params)
+        logs["lr"] = self.optimizers["generator"].param_groups[0]["lr"]
+        self._last = {"source": source, "driving": driving, **out}
+        return logs
+
+    def tensors(self):
+        out = dict(self.model.state_dict())
+        out.update({f"discriminator.{k}": v for k, v in self.discriminator.state_dict().items()})
+        return out
+
+    def load_tensors(self, tensors, source):
+        load_into(
+            self.model, {k: v for k, v in tensors.items() if not k.startswith("discriminator.")}, "", source
+        )
+        load_into(self.discriminator, tensors, "discriminator.", source)
+
+    def image_grid(self):
+        if self._last is None:
+            return None
+        x = self._last
+        cols = [x["source"], x["driving"], x["prediction"]]
+        if x.get("depth_driving") is not None:
+            cols.append(x["depth_driving"].expand(-1, 3, -1, -1))
+        cols.append(draw_keypoints(x["driving"], x["kp_driving"]))
+        return grid(cols)
+
+
+class GeneratorObjective(nn.Module):
+    """Generator-side loss of eq. 10 as one module (DDP-wrapped): keypoint detector + generator train,
+    the frozen depth net, the discriminator (as critic) and the perceptual net are held outside the
+    module's parameters so DDP only reduces what this step trains.
+
+    forward(source, driving: B×3×H×W, seed) → (loss, logs, outputs).
+    """
+
+    def __init__(
+        self, model: DaGAN, discriminator: nn.Module, perceptual: nn.Module, cfg: TrainConfig
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg.dagan
+        # Plain tuple attributes: not registered as submodules, so not part of this module's parameters.
+        self._critics = (discriminator, perceptual)
+
+    def _keypoints(self, image: torch.Tensor):
+        depth = None
+        if self.model.depth_net is not None:
+            with torch.no_grad():
+                depth = self.model.depth_net(image)
+        return self.model.detect_keypoints(image, depth), depth
+
+    def forward(self, source: torch.Tensor, driving: torch.Tensor, seed: int):
+        discriminator, perceptual = self._critics
+        w, g = self.cfg.weights, self.cfg
+        kp_s, depth_s = self._keypoints(source)
+        kp_d, depth_d = self._keypoints(driving)
+        out = self.model.generator(source, depth_s, kp_s, kp_d)
+        pred = out.prediction
+        logs: dict[str, float] = {}
+        terms: dict[str, torch.Tensor] = {}
+        terms["perceptual"] = w.perceptual * perceptual(pred, driving)
+        if w.gan > 0 or w.feature_matching > 0:
+            b = driving.shape[0]
+            scores = discriminator(torch.cat([driving, pred], dim=0))
+            fake = [v[1][b:] for v in scores.values()]
+            real_feats = [[f[:b] for f in v[0]] for v in scores.values()]
+            fake_feats = [[f[b:] for f in v[0]] for v in scores.values()]
+            terms["gan"] = w.gan * L.lsgan_generator_loss(fake)
+            terms["feature_matching"] = w.feature_matching * L.feature_matching_loss(real_feats, fake_feats)
+        if w.equivariance_value > 0 or w.equivariance_jacobian > 0:
+            gen = torch.Generator().manual_seed(seed)
+            tr = L.RandomTransform(
+                driving.shape[0],
+                g.transform.sigma_affine,
+                g.transform.sigma_tps,
+                g.transform.points_tps,
+                generator=gen,
+                device=driving.device,
+            )
+            kp_t, _ = self._keypoints(tr.transform_frame(driving))
+            value, jac = L.equivariance_losses(kp_d.value, kp_d.jacobian, kp_t.value, kp_t.jacobian, tr)
+            terms["equivariance_value"] = w.equivariance_value * value
+            if jac is not None and w.equivariance_jacobian > 0:
+                terms["equivariance_jacobian"] = w.equivariance_jacobian * jac
+        if w.kp_distance > 0:
+            ls, ss = L.keypoint_distance_loss(kp_s.value, g.kp_distance_threshold)
+            ld, sd = L.keypoint_distance_loss(kp_d.value, g.kp_distance_threshold)
+            terms["kp_distance"] = w.kp_distance * (ls + ld)
+            logs["kp_distance_eq13"] = float(ss + sd)
+        loss = sum(terms.values())
+        logs.update({k: float(v.detach()) for k, v in terms.items()})
+        logs["loss"] = float(loss.detach())
+        logs["l1"] = float((pred.detach().float() - driving.float()).abs().mean())
+        outputs = {
+            "prediction": pred,
+            "depth_driving": None if depth_d is None else depth_d.detach(),
+            "kp_driving": kp_d.value.detach(),
+        }
+        return loss, logs, outputs
