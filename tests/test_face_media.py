@@ -153,14 +153,93 @@ def test_facebox_crop_identity_and_area_downscale(astronaut: np.ndarray) -> None
     assert np.array_equal(quarter, astronaut[:256, :256])
 
 
-def test_facebox_crop_near_border_replicates_edges(astronaut: np.ndarray) -> None:
-    box = FaceBox(cx=10.0, cy=500.0, size=300.0)  # mostly outside the bottom-left corner
-    crop = box.crop(astronaut, 96)
-    assert crop.shape == (96, 96, 3) and crop.dtype == np.uint8
-    # The outside area repeats the edge: the bottom-left output pixel is the image's bottom-left pixel.
-    assert np.abs(crop[-1, 0].astype(int) - astronaut[-1, 0]).max() <= 2
+def test_facebox_crop_shifts_the_box_inside_where_it_fits(astronaut: np.ndarray) -> None:
+    # Half outside on the left: the crop is the image's own left 256 columns, not padding.
+    box = FaceBox(cx=0.0, cy=256.0, size=256.0)
+    assert box.fit(astronaut.shape) == FaceBox(128.0, 256.0, 256.0)
+    assert np.array_equal(box.crop(astronaut, 256), astronaut[128:384, :256])
+    # Mostly outside the bottom-left corner: moved to the corner, same size (the face keeps its scale).
+    corner = FaceBox(cx=10.0, cy=500.0, size=300.0)
+    fitted = corner.fit(astronaut.shape)
+    assert (fitted.cx, fitted.cy, fitted.size) == (150.0, 362.0, 300.0)
+    assert np.array_equal(corner.crop(astronaut, 96), fitted.crop(astronaut, 96, fit=False))
+    assert np.array_equal(corner.crop(astronaut, 96), FaceBox(150.0, 362.0, 300.0).crop(astronaut, 96))
+    # A box already inside is untouched, and fit=False still cuts the box as given.
+    inside = FaceBox(200.0, 200.0, 100.0)
+    assert inside.fit(astronaut.shape) is inside
+    assert not np.array_equal(corner.crop(astronaut, 96, fit=False), corner.crop(astronaut, 96))
+    # Longer than one side only: inside along the other, covering the whole short side.
+    wide = np.ascontiguousarray(astronaut[100:400])  # 300 high, 512 wide
+    tall = FaceBox(cx=30.0, cy=20.0, size=400.0).fit(wide.shape)
+    assert tall.size == 400.0 and tall.cx == 200.0  # x: moved inside [0, 512]
+    assert tall.bbox[1] <= 0.0 and tall.bbox[3] >= 300.0  # y: covers all 300 rows
+    assert tall.cy == 100.0  # ... moved as little as that allows (from 20: box rows -100..300)
     enlarged = FaceBox(cx=2.0, cy=2.0, size=20.0).crop(astronaut, 200)
     assert enlarged.shape == (200, 200, 3)
+    assert np.array_equal(enlarged, FaceBox(10.0, 10.0, 20.0).crop(astronaut, 200))
+
+
+def _replicated_crop(box: FaceBox, image: np.ndarray, out_size: int) -> np.ndarray:
+    """The old crop: bilinear warp with edge replication outside the image (what made the streaks)."""
+    step = box.size / out_size
+    x0, y0 = box.cx - box.size / 2, box.cy - box.size / 2
+    matrix = np.array([[step, 0, x0 + 0.5 * step - 0.5], [0, step, y0 + 0.5 * step - 0.5]])
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    return cv2.warpAffine(image, matrix, (out_size, out_size), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _streak_ratio(crop: np.ndarray, pad: int) -> float:
+    """Edge detail carried into the padding: mean |difference between horizontal neighbours| in the
+    padding rows (more than 4 rows from the image), over the same in the first 4 image rows at each edge.
+    A streak copies the edge row outwards, so it keeps all of that detail (ratio ≈ 1); a fill that does
+    not smear has little (a mirror image would keep it too, and also fail)."""
+    g = np.abs(np.diff(crop.astype(np.float64), axis=1)).mean(axis=(1, 2))
+    edge = np.r_[g[pad : pad + 4], g[-pad - 4 : -pad]].mean()
+    return float(np.r_[g[: pad - 4], g[-pad + 4 :]].mean() / edge)
+
+
+def test_facebox_crop_pads_without_streaks_where_the_box_cannot_fit(astronaut: np.ndarray) -> None:
+    strip = np.ascontiguousarray(astronaut[40:240])  # 200 rows: the 320-px box cannot fit vertically
+    box = FaceBox(256.0, 100.0, 320.0)
+    crop = box.crop(strip, 256)
+    pad = 48  # 60 source rows above and below = 48 output rows
+    assert box.fit(strip.shape) == box
+    old = _replicated_crop(box, strip, 256)
+    assert _streak_ratio(old, pad) > 0.8  # the criterion catches the old streaks ...
+    assert _streak_ratio(crop, pad) < 0.25  # ... and the new padding has none
+    # The image rows are untouched: the same as cutting the box out of the full photo, where those
+    # rows are real pixels (same sampling, one-pixel margin for the edge rows' bilinear footprint).
+    full = FaceBox(256.0, 140.0, 320.0).crop(astronaut, 256, fit=False)
+    assert np.array_equal(crop[pad + 1 : -pad - 1], full[pad + 1 : -pad - 1])
+    # Natural: the padding continues the colours at the edge (no black or grey bar) ...
+    for rows, edge in ((crop[pad - 8 : pad], strip[:6]), (crop[-pad : -pad + 8], strip[-6:])):
+        assert np.abs(rows.reshape(-1, 3).mean(0) - edge.reshape(-1, 3).mean(0)).max() < 20
+    # ... and varies smoothly (no seam of blocks or bands inside it).
+    rows = crop[: pad - 1].astype(np.float64)
+    assert np.abs(np.diff(rows, axis=0)).mean() < 3 and np.abs(np.diff(rows, axis=1)).mean() < 3
+    # A box wholly outside the image has nothing to continue: its mean colour, not garbage.
+    away = FaceBox(-1000.0, -1000.0, 50.0).crop(strip, 32, fit=False)
+    assert np.abs(away.astype(int) - strip.reshape(-1, 3).mean(0)).max() <= 1
+
+
+def test_source_and_driving_crops_stay_inside_the_photo(
+    astronaut: np.ndarray, detector: FaceDetector
+) -> None:
+    edge = np.ascontiguousarray(astronaut[50:, 150:])  # the face now touches the top-left corner
+    h, w = edge.shape[:2]
+    raw = square_box(detector.detect(edge)[0], edge.shape)
+    assert raw.bbox[0] < 0 or raw.bbox[1] < 0  # the face-centred box runs past the edge ...
+    crop, box = crop_source(edge, out_size=128, detector=detector)
+    x0, y0, x1, y1 = box.bbox
+    assert min(x0, y0) >= 0 and x1 <= w and y1 <= h  # ... the crop box does not
+    assert box.size == pytest.approx(raw.size)  # same face scale
+    assert np.array_equal(crop, box.crop(edge, 128, fit=False))
+    tracker = FaceTracker(out_size=128, detector=detector)
+    driving, tracked = tracker.update(edge)
+    assert tracked is not None
+    fitted = tracked.fit(edge.shape)
+    assert fitted.bbox[0] >= 0 and fitted.bbox[1] >= 0
+    assert np.array_equal(driving, fitted.crop(edge, 128, fit=False))
 
 
 def test_facebox_dict_round_trip_and_validation() -> None:
