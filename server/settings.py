@@ -7,12 +7,25 @@ the documented defaults in docs/server.md are the ones the code uses.
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagan.errors import UserError
 
 CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer ``DAGAN_*`` variable (the pipeline settings have no CLI flag of their own)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError as err:
+        raise SettingsError(f"${name} must be an integer, got {value!r}") from err
 
 
 class SettingsError(UserError, ValueError):
@@ -94,6 +107,18 @@ class ServerSettings:
     # True when the engine runs randomly initialised weights: the page and /healthz say so loudly.
     untrained: bool = False
     cleanup_interval_s: float = 0.5
+    # -- the media pipeline and replicas (docs/deployment-scale.md); set by DAGAN_* variables ----------
+    # Threads for the per-session media work: YUV→RGB, face tracking, crop, compose (0: one per core).
+    media_threads: int = field(default_factory=lambda: _env_int("DAGAN_MEDIA_THREADS", 0))
+    # Face detection on every k-th frame of a session, constant-velocity prediction in between
+    # (docs/benchmarks.md has the measurement behind the default).
+    detect_every: int = field(default_factory=lambda: _env_int("DAGAN_DETECT_EVERY", 1))
+    # > 0: face detection in that many worker processes (mediapipe serialises across threads).
+    detect_processes: int = field(default_factory=lambda: _env_int("DAGAN_DETECT_PROCESSES", 0))
+    # This process's name behind a load balancer: in /healthz, /metrics and the X-Dagan-Replica header.
+    replica_id: str = field(
+        default_factory=lambda: os.environ.get("DAGAN_REPLICA_ID") or socket.gethostname()
+    )
     # -- exposure beyond localhost (docs/security.md lists every limit and why) -----------------------
     # Bearer token every /api route, /metrics and the page's calls need (None: no token, localhost use).
     access_token: str | None = None
@@ -120,6 +145,12 @@ class ServerSettings:
     docs: bool = False  # serve /docs (Swagger UI, scripts from a CDN); /openapi.json is always there
 
     def __post_init__(self) -> None:
+        if self.detect_every < 1 or self.media_threads < 0 or self.detect_processes < 0:
+            raise SettingsError(
+                "DAGAN_DETECT_EVERY must be >= 1, DAGAN_MEDIA_THREADS and DAGAN_DETECT_PROCESSES >= 0"
+            )
+        if not self.replica_id or not all(c.isalnum() or c in "-_." for c in self.replica_id):
+            raise SettingsError(f"replica id {self.replica_id!r}: use letters, digits, '-', '_' or '.'")
         if self.max_sessions < 1:
             raise SettingsError(f"max sessions must be at least 1, got {self.max_sessions}")
         if not 0 < self.port < 65536 and self.port != 0:

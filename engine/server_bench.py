@@ -1,0 +1,557 @@
+"""``python -m engine.server_bench``: streams per machine for ``dagan serve``, end to end on loopback.
+
+N aiortc clients send 640×480 video at 25 fps to a real server process (``dagan serve``'s app, started
+here in a child process so its CPU time is its own) and receive the avatar back. The driving video is a
+real face photo moved, turned and zoomed per frame (face detection really runs), encoded once to VP8
+packets that every client replays: a client then costs packetisation, not a VP8 encoder, so on a small
+machine the clients leave the server its CPU. Two engines: ``zero`` (a real :class:`~engine.base.Engine`
+that returns the crop resized, no network: the server's own cost) and ``bundled`` (the shipped weights).
+
+Per N it reports per-stream avatar fps, glass-to-glass latency p50/p95 (each avatar frame paired with the
+driving frame it came from through the per-frame data-channel message's ``src_pts``: from the packet
+handed to the client's RTP sender to the avatar frame decoded by the client), server CPU ms per
+stream-frame by stage (from the server's /metrics: ``dagan_stage_seconds_total`` and
+``process_cpu_seconds_total``) and the load average; then the largest N held at >= 24 fps. Loopback only
+(ICE host candidates pinned to 127.0.0.1), bounded by ``--budget-s``, stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fractions
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .base import Engine, FrameResult, Session, check_batch
+
+FPS = 25
+TICK = 90_000 // FPS
+WIDTH, HEIGHT = 640, 480
+TARGET_FPS = 24.0
+PHOTOS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real-faces" / "photos"
+
+
+class ZeroCostEngine(Engine):
+    """An engine with no network: the driving crop, resized to ``image_size``, is the avatar.
+
+    Everything around the model (decode, tracking, crop, compose, encode, the batching worker) runs as
+    with a real engine, so the server's own cost per stream-frame is what a benchmark with it measures.
+    """
+
+    backend = "zero"
+
+    def __init__(self, image_size: int = 64) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.device = "cpu"
+
+    def new_session(self, source_image: np.ndarray, relative: bool = False) -> Session:
+        return Session(source=cv2.resize(source_image, (self.image_size, self.image_size)), relative=relative)
+
+    def animate_batch(
+        self, sessions: list[Session], frames: list[np.ndarray], return_depth: bool = False
+    ) -> list[FrameResult]:
+        check_batch(sessions, frames)
+        size = (self.image_size, self.image_size)
+        out = []
+        for frame in frames:
+            image = (
+                frame if frame.shape[:2] == size else cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+            )
+            depth = np.zeros(size, np.uint8) if return_depth else None
+            out.append(FrameResult(np.ascontiguousarray(image), depth))
+        return out
+
+
+# ------------------------------------------------------------------------------------------ driving video
+
+
+def face_photo() -> np.ndarray:
+    """A real face photo (the shared real-faces set when present, else the bundled astronaut sample)."""
+    for path in sorted(PHOTOS.glob("*.jpg")) if PHOTOS.is_dir() else []:
+        image = cv2.imread(str(path))
+        if image is not None:
+            return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    from dagan.samples import astronaut
+
+    return astronaut()
+
+
+def moving_face_frames(
+    photo: np.ndarray, n: int = 50, width: int = WIDTH, height: int = HEIGHT
+) -> list[np.ndarray]:
+    """``n`` frames (one loop) of the photo on a width×height canvas, shifted, turned and zoomed smoothly
+    (a head moving about ±8 % of the frame, ±8°, ±6 % size; the loop closes without a jump)."""
+    scale = 0.9 * height / photo.shape[0]
+    frames = []
+    for i in range(n):
+        phase = 2 * math.pi * i / n
+        dx, dy = 0.08 * width * math.sin(phase), 0.05 * height * math.sin(2 * phase)
+        angle, zoom = 8.0 * math.sin(phase + 1.0), scale * (1.0 + 0.06 * math.cos(phase))
+        m = cv2.getRotationMatrix2D((photo.shape[1] / 2, photo.shape[0] / 2), angle, zoom)
+        m[0, 2] += width / 2 - photo.shape[1] / 2 + dx
+        m[1, 2] += height / 2 - photo.shape[0] / 2 + dy
+        frames.append(cv2.warpAffine(photo, m, (width, height), borderMode=cv2.BORDER_REFLECT))
+    return frames
+
+
+def encode_vp8(frames: list[np.ndarray], bitrate: int = 900_000, fps: int = FPS) -> list[bytes]:
+    """One VP8 packet per frame, the first a keyframe and the loop a single GOP (so every loop restarts
+    on a keyframe and a receiver can join at any loop)."""
+    from server.pipeline import _vp8_packets
+
+    packets = _vp8_packets(frames, bitrate=bitrate, fps=fps)
+    if len(packets) != len(frames):
+        raise RuntimeError(f"VP8 encoder gave {len(packets)} packets for {len(frames)} frames")
+    return [bytes(p) for p in packets]
+
+
+# ------------------------------------------------------------------------------------------------- client
+
+
+@dataclass
+class Client:
+    """One viewer: its peer connection, the driving packets it sent (pts → time) and what came back."""
+
+    pc: Any
+    session_id: str
+    sent_at: dict[int, float] = field(default_factory=dict)
+    received: list[tuple[int, float]] = field(default_factory=list)  # avatar pts, decode time
+    messages: dict[int, int] = field(default_factory=dict)  # avatar pts -> src_pts
+    reader: Any = None
+    replica: str | None = None  # X-Dagan-Replica of the response that created the session
+
+    def window(self, t0: float, t1: float) -> tuple[int, list[float]]:
+        """(avatar frames decoded in [t0, t1), their glass-to-glass latencies in seconds)."""
+        frames, lat = 0, []
+        for pts, t in self.received:
+            if not t0 <= t < t1:
+                continue
+            frames += 1
+            src = next((self.messages[c] for c in (pts, pts + 1, pts - 1) if c in self.messages), None)
+            if src is not None and src in self.sent_at:
+                lat.append(t - self.sent_at[src])
+        return frames, lat
+
+
+def packet_track(packets: list[bytes], client: Client, offset: int, fps: int = FPS) -> Any:
+    """A camera stand-in that sends pre-encoded VP8 packets at 25 fps, starting ``offset`` frames into
+    the loop (rounded to its keyframe: every client starts on frame 0 of a loop)."""
+    import av
+    from aiortc import MediaStreamTrack
+    from aiortc.mediastreams import MediaStreamError
+
+    class PacketTrack(MediaStreamTrack):
+        kind = "video"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.i = 0
+            self.t0: float | None = None
+
+        async def recv(self) -> Any:
+            if self.readyState != "live":
+                raise MediaStreamError
+            if self.t0 is None:
+                self.t0 = time.monotonic() + offset * 0.004  # clients do not all send at the same instant
+            await asyncio.sleep(max(0.0, self.t0 + self.i / fps - time.monotonic()))
+            packet = av.Packet(packets[self.i % len(packets)])
+            packet.pts, packet.time_base = self.i * (90_000 // fps), fractions.Fraction(1, 90_000)
+            client.sent_at[packet.pts] = time.monotonic()
+            self.i += 1
+            return packet
+
+    return PacketTrack()
+
+
+async def connect(http: Any, photo_jpeg: bytes, packets: list[bytes], offset: int, fps: int = FPS) -> Client:
+    """A session through ``http`` (a server or the load balancer in front of replicas), photo uploaded,
+    WebRTC call up with the packet track; raises on any refusal."""
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+    from aiortc.mediastreams import MediaStreamError
+
+    r = await http.post("/api/sessions", json={})
+    r.raise_for_status()
+    sid = r.json()["id"]
+    replica = r.headers.get("x-dagan-replica")
+    r = await http.put(f"/api/sessions/{sid}/source", files={"file": ("p.jpg", photo_jpeg, "image/jpeg")})
+    r.raise_for_status()
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    client = Client(pc, sid, replica=replica)
+    channel = pc.createDataChannel("control")
+
+    @channel.on("message")
+    def on_message(message: Any) -> None:
+        msg = json.loads(message)
+        if msg.get("type") == "frame":
+            client.messages[msg["pts"]] = msg["src_pts"]
+
+    @pc.on("track")
+    def on_track(remote: Any) -> None:
+        async def read() -> None:
+            with contextlib.suppress(MediaStreamError):
+                while True:
+                    frame = await remote.recv()
+                    client.received.append((frame.pts, time.monotonic()))
+
+        client.reader = asyncio.ensure_future(read())
+
+    transceiver = pc.addTransceiver(packet_track(packets, client, offset, fps), direction="sendrecv")
+    vp8 = [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType.lower() == "video/vp8"]
+    transceiver.setCodecPreferences(vp8)  # the packets are VP8: the call must be too
+    await pc.setLocalDescription(await pc.createOffer())
+    r = await http.post(f"/api/sessions/{sid}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
+    r.raise_for_status()
+    await pc.setRemoteDescription(RTCSessionDescription(**r.json()))
+    return client
+
+
+async def hang_up(http: Any, client: Client) -> None:
+    with contextlib.suppress(Exception):
+        await http.delete(f"/api/sessions/{client.session_id}")
+    await client.pc.close()
+    if client.reader is not None:
+        client.reader.cancel()
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if m:
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+def stage_table(before: dict[str, float], after: dict[str, float], frames_out: float) -> dict[str, dict]:
+    """Per stage: calls, wall and CPU ms per call, and CPU ms per avatar frame sent, from two scrapes."""
+    from server.pipeline import STAGES
+
+    out = {}
+    for stage in STAGES:
+        calls = after.get(f'dagan_stage_frames_total{{stage="{stage}"}}', 0) - before.get(
+            f'dagan_stage_frames_total{{stage="{stage}"}}', 0
+        )
+        wall, cpu = (
+            after.get(f'dagan_stage_seconds_total{{stage="{stage}",clock="{c}"}}', 0)
+            - before.get(f'dagan_stage_seconds_total{{stage="{stage}",clock="{c}"}}', 0)
+            for c in ("wall", "cpu")
+        )
+        out[stage] = {
+            "calls": int(calls),
+            "wall_ms_per_call": 1000 * wall / calls if calls else 0.0,
+            "cpu_ms_per_call": 1000 * cpu / calls if calls else 0.0,
+            "cpu_ms_per_frame_out": 1000 * cpu / frames_out if frames_out else 0.0,
+            "wall_ms_per_frame_out": 1000 * wall / frames_out if frames_out else 0.0,
+        }
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+# --------------------------------------------------------------------------------------------- server
+
+
+def serve_main(argv: list[str]) -> None:
+    """The child process: the real app with the chosen engine on 127.0.0.1; prints its port."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--engine", default="zero")
+    p.add_argument("--max-sessions", type=int, default=16)
+    p.add_argument("--torch-threads", type=int, default=1)
+    a = p.parse_args(argv)
+    import torch
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    torch.set_num_threads(a.torch_threads)
+    if a.engine == "zero":
+        engine: Engine = ZeroCostEngine()
+    else:
+        from dagan.animate import resolve_checkpoint
+        from engine import create_engine
+
+        engine = create_engine(resolve_checkpoint(None), backend="torch", device="cpu")
+    settings = ServerSettings(
+        ice_host_addresses=("127.0.0.1",),
+        max_sessions=a.max_sessions,
+        sessions_per_minute=1e6,
+        session_burst=10_000,
+        peer_timeout_s=30.0,
+    )
+    app = create_app(settings, engine)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+
+    async def run() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.02)
+        print(f"PORT {server.servers[0].sockets[0].getsockname()[1]}", flush=True)
+        await task
+
+    asyncio.run(run())
+
+
+@contextlib.contextmanager
+def server_process(engine: str, max_sessions: int, env: dict[str, str]) -> Any:
+    cmd = [sys.executable, "-m", "engine.server_bench", "--serve", "--engine", engine]
+    cmd += ["--max-sessions", str(max_sessions)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **env}, cwd=Path(__file__).parent.parent
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        port = None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("PORT "):
+                port = int(line.split()[1])
+                break
+        if port is None:
+            raise RuntimeError(f"the benchmark server did not start (exit code {proc.poll()})")
+        yield proc, port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its live child processes (detector processes)."""
+    total = 0.0
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += _proc_cpu_s(int(child))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+
+
+async def measure(
+    port: int, pid: int, n: int, packets: list[bytes], photo: bytes, warmup_s: float, seconds: float
+) -> dict:
+    """Run ``n`` clients: warm up, then measure for ``seconds``."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        clients = []
+        try:
+            for k in range(n):
+                clients.append(await connect(http, photo, packets, k))
+            deadline = time.monotonic() + 60  # ICE, DTLS, the first keyframe, detector processes starting
+            while time.monotonic() < deadline and not all(len(c.received) >= 5 for c in clients):
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(warmup_s)
+            before = parse_metrics((await http.get("/metrics")).text)
+            cpu0, own0, t0 = _proc_cpu_s(pid), time.process_time(), time.monotonic()
+            load0 = os.getloadavg()[0]
+            await asyncio.sleep(seconds)
+            t1 = time.monotonic()
+            cpu1, own1 = _proc_cpu_s(pid), time.process_time()
+            after = parse_metrics((await http.get("/metrics")).text)
+            load1 = os.getloadavg()[0]
+        finally:
+            for c in clients:
+                await hang_up(http, c)
+    fps, lat = [], []
+    for c in clients:
+        frames, latencies = c.window(t0, t1)
+        fps.append(frames / (t1 - t0))
+        lat += latencies
+    frames_out = after["dagan_frames_out_total"] - before["dagan_frames_out_total"]
+    frames_in = after["dagan_frames_in_total"] - before["dagan_frames_in_total"]
+    server_cpu = cpu1 - cpu0
+    return {
+        "streams": n,
+        "fps_per_stream_median": statistics.median(fps),
+        "fps_per_stream_min": min(fps),
+        "latency_p50_ms": 1000 * _pct(lat, 0.5),
+        "latency_p95_ms": 1000 * _pct(lat, 0.95),
+        "frames_in": int(frames_in),
+        "frames_out": int(frames_out),
+        "server_cpu_ms_per_frame_out": 1000 * server_cpu / frames_out if frames_out else float("nan"),
+        "server_cpu_cores": server_cpu / (t1 - t0),
+        "client_cpu_cores": (own1 - own0) / (t1 - t0),
+        "stages": stage_table(before, after, frames_out),
+        "load_avg_1min": [round(load0, 2), round(load1, 2)],
+        "held": min(fps) >= TARGET_FPS,
+    }
+
+
+def run(
+    engines: list[str],
+    streams: list[int],
+    seconds: float,
+    warmup_s: float,
+    budget_s: float,
+    env: dict[str, str],
+) -> list[dict]:
+    """The sweep: for each engine, N = streams... until a step misses 24 fps or the budget runs out."""
+    from server.tracks import host_candidates
+
+    started = time.monotonic()
+    photo_rgb = face_photo()
+    packets = encode_vp8(moving_face_frames(photo_rgb))
+    from dagan.samples import astronaut
+
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR))
+    assert ok
+    results = []
+    with host_candidates(("127.0.0.1",)):
+        for engine in engines:
+            entry = {"engine": engine, "env": env, "steps": [], "max_streams_at_24fps": 0}
+            results.append(entry)
+            with server_process(engine, max(streams), env) as (proc, port):
+                for n in streams:
+                    if time.monotonic() - started + warmup_s + seconds + 5 > budget_s:
+                        entry["stopped"] = f"time budget of {budget_s:g} s reached before N={n}"
+                        break
+                    step = asyncio.run(measure(port, proc.pid, n, packets, jpeg.tobytes(), warmup_s, seconds))
+                    entry["steps"].append(step)
+                    _print_step(engine, step)
+                    if step["held"]:
+                        entry["max_streams_at_24fps"] = n
+                    else:
+                        break
+    return results
+
+
+def _print_step(engine: str, s: dict) -> None:
+    stages = "  ".join(
+        f"{k} {v['cpu_ms_per_call']:.2f}/{v['wall_ms_per_call']:.2f}"
+        for k, v in s["stages"].items()
+        if v["calls"]
+    )
+    print(
+        f"[{engine}] N={s['streams']:2d}  fps/stream median {s['fps_per_stream_median']:5.1f} min "
+        f"{s['fps_per_stream_min']:5.1f}  g2g p50 {s['latency_p50_ms']:6.0f} "
+        f"p95 {s['latency_p95_ms']:6.0f} ms  "
+        f"server {s['server_cpu_ms_per_frame_out']:5.2f} ms CPU/frame ({s['server_cpu_cores']:.2f} cores), "
+        f"clients {s['client_cpu_cores']:.2f} cores, load {s['load_avg_1min']}",
+        flush=True,
+    )
+    print(f"      stage ms per call (thread CPU / wall): {stages}", flush=True)
+
+
+def markdown(results: list[dict]) -> str:
+    """The results as the tables of docs/benchmarks.md."""
+    import torch
+
+    from engine.bench import machine_description
+    from server.pipeline import STAGES
+
+    m = machine_description(torch.device("cpu"))
+    lines = [f"Machine: {m['cpu']}, {m['cpu_count']} CPUs.", ""]
+    for r in results:
+        lines += [
+            f"Engine `{r['engine']}`, settings {r['env'] or 'default'}: largest N at >= 24 fps: "
+            f"**{r['max_streams_at_24fps']}**",
+            "",
+            "| N | fps/stream (median, min) | g2g p50 / p95 ms | server CPU ms per frame | server cores | "
+            "client cores | load |",
+            "|---:|---|---|---:|---:|---:|---|",
+        ]
+        for s in r["steps"]:
+            lines.append(
+                f"| {s['streams']} | {s['fps_per_stream_median']:.1f}, {s['fps_per_stream_min']:.1f} | "
+                f"{s['latency_p50_ms']:.0f} / {s['latency_p95_ms']:.0f} | "
+                f"{s['server_cpu_ms_per_frame_out']:.1f} | "
+                f"{s['server_cpu_cores']:.2f} | {s['client_cpu_cores']:.2f} | {s['load_avg_1min']} |"
+            )
+        if r["steps"]:
+            s = r["steps"][-1]
+            lines += ["", f"Stages at N={s['streams']} (thread CPU ms / wall ms per call):", ""]
+            lines.append("| " + " | ".join(STAGES) + " |")
+            lines.append("|" + "---:|" * len(STAGES))
+            lines.append(
+                "| "
+                + " | ".join(
+                    f"{s['stages'][k]['cpu_ms_per_call']:.2f} / {s['stages'][k]['wall_ms_per_call']:.2f}"
+                    for k in STAGES
+                )
+                + " |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve"]:
+        serve_main(argv[1:])
+        return 0
+    p = argparse.ArgumentParser(prog="python -m engine.server_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", default="zero,bundled", help="comma list of zero, bundled")
+    p.add_argument("--streams", default="1,2,4,6,8,10,12", help="N values of the sweep, in order")
+    p.add_argument("--seconds", type=float, default=8.0, help="measured window per N")
+    p.add_argument("--warmup", type=float, default=4.0, help="seconds before the window (ICE, ramp-up)")
+    p.add_argument("--budget-s", type=float, default=600.0, help="stop the sweep after this long")
+    p.add_argument("--detect-every", type=int, help="DAGAN_DETECT_EVERY for the server")
+    p.add_argument("--media-threads", type=int, help="DAGAN_MEDIA_THREADS for the server")
+    p.add_argument("--detect-processes", type=int, help="DAGAN_DETECT_PROCESSES for the server")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--markdown", help="write the tables here")
+    a = p.parse_args(argv)
+    env = {}
+    for flag, name in (
+        ("detect_every", "DAGAN_DETECT_EVERY"),
+        ("media_threads", "DAGAN_MEDIA_THREADS"),
+        ("detect_processes", "DAGAN_DETECT_PROCESSES"),
+    ):
+        if getattr(a, flag) is not None:
+            env[name] = str(getattr(a, flag))
+    results = run(
+        [e.strip() for e in a.engine.split(",") if e.strip()],
+        [int(x) for x in a.streams.split(",")],
+        a.seconds,
+        a.warmup,
+        a.budget_s,
+        env,
+    )
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2))
+    text = markdown(results)
+    if a.markdown:
+        Path(a.markdown).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
