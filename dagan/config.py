@@ -4,8 +4,10 @@ A config is a tree of frozen dataclasses. YAML is validated strictly when loaded
 value of the wrong type is an error that names the full key path (``generator.attention.qk_channels``),
 because a silently ignored typo in a model config produces a network that cannot load its weights later.
 
-Two presets ship with the package: ``vox-256`` (the reference implementation's sizes, so that published
-checkpoints can be imported) and ``tiny`` (small channels at 64×64, for tests and CPU experiments).
+Presets ship with the package (:data:`PRESETS`): ``vox-256`` (the reference implementation's sizes, so
+that published DaGAN checkpoints can be imported), ``fomm`` (FOMM's RGB model, for its checkpoints),
+``tiny`` (small channels at 64×64, for tests and CPU experiments) and ``live-128`` (the real-time
+128×128 model with warped skips).
 """
 
 from __future__ import annotations
@@ -123,6 +125,12 @@ class ModelConfig:
     keypoints: KeypointConfig = field(default_factory=KeypointConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+    @property
+    def needs_depth(self) -> bool:
+        """Whether any module consumes a depth map (the RGB-D keypoint detector or the cross-modal
+        attention); without it the model has no depth net and no graph computes depth."""
+        return self.keypoints.use_depth or self.generator.attention.enabled
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)

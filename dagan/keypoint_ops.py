@@ -1,4 +1,4 @@
-"""Relative motion transfer (FOMM's "relative" mode with movement-scale adaptation).
+"""Relative motion transfer (FOMM's "relative" mode, with or without movement-scale adaptation).
 
 Absolute mode puts the driver's keypoints on the source, which also transfers the driver's face shape
 and position. Relative mode applies only the driver's *motion since a reference frame* to the source's
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .nets.blocks import inverse_2x2
 from .nets.keypoints import Keypoints
 
 
@@ -61,11 +62,18 @@ def relative_keypoints(
     kp_driving: Keypoints,
     kp_reference: Keypoints,
     scale: torch.Tensor | float = 1.0,
+    relative: torch.Tensor | None = None,
 ) -> Keypoints:
-    """Source keypoints moved by the driver's displacement since ``kp_reference``.
+    """Source keypoints moved by the driver's displacement since ``kp_reference`` — the one
+    relative-motion implementation (the engine's eager path, its CUDA graphs and the exported graphs all
+    run it through :func:`dagan.graph_contract.frame_step`).
 
-    value = kp_s + scale · (kp_d − kp_ref); jacobian = (J_d J_ref⁻¹) J_s. All B×K×2 (×2).
-    ``scale`` comes from :func:`movement_scale`, computed once per (source, reference) pair.
+    value = kp_s + scale · (kp_d − kp_ref); jacobian = (J_d J_ref⁻¹) J_s. All B×K×2 (×2). ``scale``
+    comes from :func:`movement_scale`, computed once per (source, reference) pair, or is 1 for relative
+    motion without movement-scale adaptation (the authors' ``--relative`` alone). The 2×2 inverse is the
+    closed form (``torch.linalg.inv`` has no ONNX op). With ``relative`` (B×1×1, 1 = relative,
+    0 = absolute) each item chooses between this and ``kp_driving`` with ``where`` rather than by
+    blending, so an absolute item's placeholder reference can never leak a NaN into its output.
     """
     value = kp_source.value + (kp_driving.value - kp_reference.value) * scale
     jac = None
@@ -74,5 +82,17 @@ def relative_keypoints(
         and kp_driving.jacobian is not None
         and kp_reference.jacobian is not None
     ):
-        jac = kp_driving.jacobian @ torch.linalg.inv(kp_reference.jacobian) @ kp_source.jacobian
+        ref_jac = kp_reference.jacobian
+        if ref_jac.dtype in (torch.float16, torch.bfloat16):
+            # the determinant cancels catastrophically at 8–11 mantissa bits: invert in fp32
+            inv = inverse_2x2(ref_jac.float()).to(ref_jac.dtype)
+        else:
+            inv = inverse_2x2(ref_jac)
+        jac = kp_driving.jacobian @ inv @ kp_source.jacobian
+    if relative is None:
+        return Keypoints(value, jac)
+    use = relative > 0.5  # B×1×1
+    value = torch.where(use, value, kp_driving.value)
+    if jac is not None:
+        jac = torch.where(use.unsqueeze(-1), jac, kp_driving.jacobian)
     return Keypoints(value, jac)

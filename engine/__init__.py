@@ -8,6 +8,7 @@ from the exported graphs). ``auto`` takes the fastest one that works here.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,8 @@ def available_backends(path: str | Path | None = None) -> list[str]:
     directory on a GPU; ``onnxruntime`` for an ONNX export directory or a checkpoint already exported
     into the cache (``dagan export onnx``, or once with ``backend="onnxruntime"``); ``torch`` for any
     checkpoint. On a GPU the PyTorch backend (fp16 + CUDA graphs) comes before onnxruntime; on the CPU
-    onnxruntime comes first (measured ~5× faster per frame for vox-256 on a 2-core AMD EPYC, see
-    docs/benchmarks.md).
+    onnxruntime comes first (it measured faster per frame than the PyTorch backend; the figures and the
+    machine are in docs/benchmarks.md).
     """
     cuda = torch.cuda.is_available()
     p = Path(path) if path is not None else None
@@ -66,22 +67,55 @@ def create_engine(
     """Build an engine for ``checkpoint`` (a .safetensors file; for the graph backends also an ONNX
     export directory, and for ``tensorrt`` an engine directory).
 
-    ``auto`` tries :func:`available_backends` in order and falls back to the next on an
-    :class:`EngineError` (for example onnxruntime without a GPU provider on a CUDA machine). Options are
-    passed to the backend: torch ``channels_last``/``cuda_graphs``; onnxruntime ``threads``,
-    ``cache_dir``; tensorrt ``max_batch``, ``cache_dir``.
+    Options are passed to the backend (:func:`backend_options` lists what each accepts): torch
+    ``channels_last``/``cuda_graphs``; onnxruntime ``threads``, ``tensorrt_provider``, ``cache_dir``;
+    tensorrt ``max_batch``, ``cache_dir``, ``progress``. An option the chosen backend does not take is an
+    error, never silently dropped. ``auto`` tries :func:`available_backends` in order, skipping those
+    that do not take every given option, passes the options through, and falls back to the next on an
+    :class:`EngineError` (for example onnxruntime without a GPU provider on a CUDA machine).
     """
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     if backend != "auto":
-        return _create(backend, checkpoint, device, precision, options)
+        unknown = sorted(set(options) - backend_options(backend))
+        if unknown:
+            raise EngineError(
+                f"backend {backend!r} takes no option {', '.join(unknown)}; "
+                f"it takes: {', '.join(sorted(backend_options(backend))) or 'none'}"
+            )
+        return _create(backend, checkpoint, device, precision, dict(options))
     errors = []
     for name in available_backends(checkpoint):
+        unknown = sorted(set(options) - backend_options(name))
+        if unknown:
+            errors.append(f"{name}: takes no option {', '.join(unknown)}")
+            continue
         try:
-            return _create(name, checkpoint, device, precision, {})
+            return _create(name, checkpoint, device, precision, dict(options))
         except EngineError as exc:
             errors.append(f"{name}: {exc}")
     raise EngineError("no backend could be created: " + "; ".join(errors))
+
+
+def backend_options(backend: str) -> set[str]:
+    """The keyword options ``create_engine`` passes to ``backend`` (read from its constructor, so this
+    list cannot drift from the code)."""
+    if backend == "torch":
+        from .torch_backend import TorchEngine
+
+        fn, fixed = TorchEngine.__init__, {"self", "model", "device", "precision"}
+        return set(inspect.signature(fn).parameters) - fixed
+    if backend == "onnxruntime":
+        from .onnx_backend import OnnxRuntimeEngine
+
+        params = set(inspect.signature(OnnxRuntimeEngine.__init__).parameters)
+        return (params - {"self", "onnx_dir", "device", "precision"}) | {"cache_dir"}
+    if backend == "tensorrt":
+        from .trt_backend import TensorRTEngine
+
+        params = set(inspect.signature(TensorRTEngine.from_path).parameters)
+        return params - {"cls", "path", "device", "precision", "trt", "gpu"}
+    raise EngineError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
 
 
 def _create(backend: str, checkpoint: str | Path, device: str, precision: str, options: dict) -> Engine:
@@ -110,5 +144,6 @@ __all__ = [
     "FrameResult",
     "Session",
     "available_backends",
+    "backend_options",
     "create_engine",
 ]

@@ -1,9 +1,10 @@
-"""The engine interface every backend (PyTorch now; ONNX Runtime and TensorRT later) implements.
+"""The engine interface every backend (PyTorch, ONNX Runtime, TensorRT) implements.
 
 A backend turns one cached source plus a stream of driving face crops into avatar frames. The source
 side is computed once in :meth:`Engine.set_source`; each driving frame then costs only the driving
 branch and the generator. Sessions carry their own source and relative-motion reference, so one engine
-serves many streams and :meth:`Engine.animate_batch` runs their latest frames in one call.
+serves many streams and :meth:`Engine.animate_batch` runs their latest frames in one call. The
+per-frame path itself is :mod:`engine.hot_path`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
+from dagan import helpers
 from dagan.errors import UserError
 
 
@@ -27,10 +30,15 @@ class Session:
 
     ``relative``: move the source by the driver's motion since a reference frame (the first frame after
     creation or :meth:`reset_reference`) instead of copying absolute keypoints.
+    ``adapt_scale`` (relative only): scale that motion by the ratio of the two faces' keypoint-hull
+    sizes (the authors' ``--relative --adapt_scale``); False moves the source by the driver's raw
+    displacement (their ``--relative`` alone). Every backend reads it through ``scale``, which is 1
+    without adaptation.
     """
 
     source: Any
     relative: bool = False
+    adapt_scale: bool = True
     reference: Any = None
     scale: Any = None
     source_depth: np.ndarray | None = None
@@ -60,7 +68,9 @@ class Engine(abc.ABC):
         self.session: Session | None = None
 
     @abc.abstractmethod
-    def new_session(self, source_image: np.ndarray, relative: bool = False) -> Session:
+    def new_session(
+        self, source_image: np.ndarray, relative: bool = False, adapt_scale: bool = True
+    ) -> Session:
         """Build and return the cached source state for a new stream."""
 
     @abc.abstractmethod
@@ -69,9 +79,15 @@ class Engine(abc.ABC):
     ) -> list[FrameResult]:
         """One driving frame per session, all in one batched call; results in the same order."""
 
-    def set_source(self, source_image: np.ndarray, relative: bool = False) -> Session:
-        """Cache ``source_image`` as this engine's default session (used by :meth:`animate`)."""
+    def set_source(
+        self, source_image: np.ndarray, relative: bool = False, adapt_scale: bool = True
+    ) -> Session:
+        """Cache ``source_image`` as this engine's default session (used by :meth:`animate`).
+
+        ``adapt_scale`` is set on the session (see :class:`Session`), so it works for every backend.
+        """
         self.session = self.new_session(source_image, relative=relative)
+        self.session.adapt_scale = adapt_scale
         return self.session
 
     def animate(self, frame: np.ndarray, return_depth: bool = False) -> FrameResult:
@@ -93,9 +109,12 @@ def check_batch(sessions: list[Session], frames: list[np.ndarray]) -> None:
 
 def check_image(image: np.ndarray, what: str) -> np.ndarray:
     """Validate an H×W×3 uint8 image with a message a caller can show as is."""
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-        shape = getattr(image, "shape", None)
-        raise EngineError(f"{what} must be an H×W×3 RGB array, got shape {shape}")
-    if image.dtype != np.uint8:
-        raise EngineError(f"{what} must be uint8, got {image.dtype}")
-    return image
+    return helpers.check_image(image, what, EngineError)
+
+
+def resolve_device(device: str) -> torch.device:
+    """:func:`dagan.helpers.resolve_device`, failing with an :class:`EngineError`."""
+    try:
+        return helpers.resolve_device(device)
+    except helpers.DeviceError as exc:
+        raise EngineError(str(exc)) from exc

@@ -1,13 +1,12 @@
 """ONNX Runtime backend, and the graph-engine logic it shares with the TensorRT backend.
 
-A graph backend runs the exported graphs (:mod:`export.graphs`): ``source_encoder`` once per source, and
-per frame the fused ``frame`` graph (driving depth → keypoints → relative transfer → generator). Relative
-motion needs a reference pose per stream; that is the only time the separate ``depth`` and ``keypoints``
-graphs run (the first frame of a relative stream and after :meth:`~engine.base.Session.reset_reference`),
-because the movement scale comes from a convex hull, which is host code. Doing the transfer itself inside
-the frame graph (rather than running keypoints → host → generator each frame) keeps the steady state at
-one call per batch, with the per-stream reference kept as ordinary input tensors: no host round trip for
-the keypoints, and absolute and relative streams can share a batch.
+A graph backend runs the exported graphs (:mod:`dagan.graph_contract`): ``source_encoder`` once per
+source, and per frame the ``frame`` graph — :func:`dagan.graph_contract.frame_step`, the per-frame
+function every backend runs — through the shared hot path (:mod:`engine.hot_path`). Relative motion needs
+a reference pose per stream; that is the only time the separate ``depth`` and ``keypoints`` graphs run
+(the first frame of a relative stream and after :meth:`~engine.base.Session.reset_reference`), because
+the movement scale comes from a convex hull, which is host code. Which frame-graph inputs are a
+session's cached source tensors and which are per-stream motion is read from the manifest's input roles.
 
 Pre/post-processing (uint8 HWC ↔ float CHW) is done with torch on the runner's device, as in the PyTorch
 backend; on CUDA the ONNX Runtime runner binds torch buffers directly (I/O binding), so a frame moves
@@ -24,17 +23,18 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from dagan.graph_contract import (
+    ROLE_CACHED,
+    ExportError,
+    names_with_role,
+    read_manifest,
+    source_keypoints,
+)
+from dagan.helpers import cache_key, depth_to_images, file_sha256
 from dagan.nets.keypoints import Keypoints
 
-from .base import Engine, EngineError, FrameResult, Session, check_batch
-from .torch_backend import (
-    depth_to_images,
-    ensure_references,
-    images_to_tensor,
-    motion_inputs,
-    resolve_device,
-    tensor_to_images,
-)
+from .base import EngineError, Session, resolve_device
+from .hot_path import FramePathEngine
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}
 
@@ -59,7 +59,7 @@ class GraphRunner(Protocol):
     def run(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
-class GraphEngine(Engine):
+class GraphEngine(FramePathEngine):
     """The engine API over a :class:`GraphRunner` and an export manifest."""
 
     def __init__(self, manifest: dict[str, Any], runner: GraphRunner) -> None:
@@ -67,32 +67,28 @@ class GraphEngine(Engine):
         self.manifest = manifest
         self.runner = runner
         self.device = runner.device
+        self.dtype = runner.dtype
         self.image_size = int(manifest["image_size"])
         graphs = manifest["graphs"]
         for needed in ("source_encoder", "frame", "keypoints"):
             if needed not in graphs:
                 raise EngineError(f"the export has no {needed!r} graph; re-run `dagan export onnx`")
         self.frame_inputs = [s["name"] for s in graphs["frame"]["inputs"]]
-        self.cached = [
-            n for n in self.frame_inputs if n.startswith(("source_", "motion_")) and n != "motion_scale"
-        ]
+        self.cached_inputs = names_with_role(graphs["frame"], ROLE_CACHED)
         self.jacobian = "kp_reference_jacobian" in self.frame_inputs
         self.num_kp = int(manifest["config"]["keypoints"]["num_kp"])
         self.kp_inputs = [s["name"] for s in graphs["keypoints"]["inputs"]]
-        self._batch_key: tuple[Session, ...] = ()
-        self._batch_cached: dict[str, torch.Tensor] = {}
 
-    def _to_tensor(self, images: list[np.ndarray], what: str) -> torch.Tensor:
-        return images_to_tensor(images, what, self.device, self.runner.dtype, self.image_size)
-
-    def new_session(self, source_image: np.ndarray, relative: bool = False) -> Session:
+    def new_session(
+        self, source_image: np.ndarray, relative: bool = False, adapt_scale: bool = True
+    ) -> Session:
         with torch.inference_mode():
             out = self.runner.run(
                 "source_encoder", {"source": self._to_tensor([source_image], "source image")}
             )
         depth = out.get("source_depth")
         depth_vis = depth_to_images(depth)[0] if depth is not None else None
-        return Session(source=out, relative=relative, source_depth=depth_vis)
+        return Session(source=out, relative=relative, adapt_scale=adapt_scale, source_depth=depth_vis)
 
     def driving_keypoints(self, driving: torch.Tensor) -> Keypoints:
         """B×3×H×W → keypoints via the depth and keypoint graphs (used for relative references)."""
@@ -102,46 +98,22 @@ class GraphEngine(Engine):
         out = self.runner.run("keypoints", feed)
         return Keypoints(out["kp_value"], out.get("kp_jacobian"))
 
-    def _cached_batch(self, sessions: list[Session]) -> dict[str, torch.Tensor]:
-        """The sessions' cached tensors stacked along the batch; reused while the session list is the
-        same (the multi-stream steady state), so a frame does not re-copy every source's features."""
-        key = tuple(sessions)
-        if len(key) != len(self._batch_key) or any(
-            a is not b for a, b in zip(key, self._batch_key, strict=False)
-        ):
-            if len(sessions) == 1:
-                self._batch_cached = {n: sessions[0].source[n] for n in self.cached}
-            else:
-                self._batch_cached = {n: torch.cat([s.source[n] for s in sessions]) for n in self.cached}
-            self._batch_key = key
-        return self._batch_cached
+    # -- hot-path hooks -----------------------------------------------------------------------------
+    def _check_session(self, session: Session) -> None:
+        if not isinstance(session.source, dict):
+            raise EngineError(f"session was created by another backend; this is the {self.backend} engine")
 
-    def animate_batch(
-        self, sessions: list[Session], frames: list[np.ndarray], return_depth: bool = False
-    ) -> list[FrameResult]:
-        check_batch(sessions, frames)
-        if not sessions:
-            return []
-        for s in sessions:
-            if not isinstance(s.source, dict):
-                raise EngineError(
-                    f"session was created by another backend; this is the {self.backend} engine"
-                )
-        with torch.inference_mode():
-            driving = self._to_tensor(frames, "driving frame")
-            ensure_references(
-                sessions,
-                driving,
-                self.driving_keypoints,
-                lambda s: Keypoints(s.source["source_kp_value"], s.source.get("source_kp_jacobian")),
-            )
-            feed = {"driving": driving, **self._cached_batch(sessions)}
-            feed.update(motion_inputs(sessions, self.num_kp, self.jacobian, self.device, self.runner.dtype))
-            out = self.runner.run("frame", {n: feed[n] for n in self.frame_inputs})
-        images = tensor_to_images(out["prediction"])
-        depth_d = out.get("driving_depth")
-        depths = depth_to_images(depth_d) if (return_depth and depth_d is not None) else [None] * len(images)
-        return [FrameResult(img, dep) for img, dep in zip(images, depths, strict=True)]
+    def _cached(self, session: Session) -> dict[str, torch.Tensor]:
+        return session.source
+
+    def _source_keypoints(self, session: Session) -> Keypoints:
+        return source_keypoints(session.source)
+
+    def _detect(self, driving: torch.Tensor) -> Keypoints:
+        return self.driving_keypoints(driving)
+
+    def _run_frame(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        return self.runner.run("frame", {n: feed[n] for n in self.frame_inputs})
 
 
 def choose_providers(device: torch.device, available: list[str], tensorrt: bool = False) -> list[str]:
@@ -210,6 +182,9 @@ class OrtRunner:
             res = sess.run(None, {k: v.detach().contiguous().numpy() for k, v in inputs.items()})
             return {spec["name"]: torch.from_numpy(r) for spec, r in zip(outputs, res, strict=True)}
         batch = next(iter(inputs.values())).shape[0]
+        # ONNX Runtime's CUDA provider runs on its own stream and knows nothing of torch's: wait for
+        # the torch work that wrote the bound inputs (upload, resize, stacking) before it reads them.
+        torch.cuda.current_stream(self.device).synchronize()
         binding = sess.io_binding()
         keep = []
         for name, t in inputs.items():
@@ -236,15 +211,19 @@ class OnnxRuntimeEngine(GraphEngine):
         threads: int | None = None,
         tensorrt_provider: bool | None = None,
     ) -> None:
-        from export.onnx_export import read_manifest
-
-        if precision not in ("fp32", "fp16"):
-            raise EngineError(f"precision must be fp32 or fp16, got {precision!r}")
+        if precision == "bf16":
+            raise EngineError(
+                "onnxruntime has no bf16 CPU kernels for this model; use backend 'torch' with precision "
+                "bf16, or int8 here (a quantized export from `dagan export quantize`)"
+            )
+        if precision not in ("fp32", "fp16", "int8"):
+            raise EngineError(f"precision must be fp32, fp16 or int8, got {precision!r}")
         dev = _ort_device(device)
         trt = bool(tensorrt_provider) if tensorrt_provider is not None else precision == "fp16"
         if precision == "fp16" and dev.type == "cpu":
             raise EngineError("onnxruntime fp16 needs its TensorRT provider on a GPU; use fp32 on the CPU")
         manifest = read_manifest(onnx_dir)
+        _check_export_precision(manifest, precision, onnx_dir, dev)
         runner = OrtRunner(onnx_dir, manifest, dev, threads=threads, tensorrt=trt, fp16=precision == "fp16")
         if precision == "fp16" and runner.provider != "TensorrtExecutionProvider":
             raise EngineError(
@@ -253,6 +232,23 @@ class OnnxRuntimeEngine(GraphEngine):
         super().__init__(manifest, runner)
         self.precision = precision
         self.provider = runner.provider
+
+
+def _check_export_precision(
+    manifest: dict[str, Any], precision: str, onnx_dir: str | Path, device: torch.device
+) -> None:
+    """An int8 engine needs an int8 export (its precision is in the graphs, not a runtime switch), and
+    an fp32/fp16 engine must not silently run one."""
+    exported = manifest.get("precision", "fp32")
+    if precision == "int8" and exported != "int8":
+        raise EngineError(
+            f"{onnx_dir} is an {exported} export; int8 needs a quantized one: "
+            f"dagan export quantize --onnx {onnx_dir} --calib-clips CLIPS --out DIR"
+        )
+    if precision != "int8" and exported == "int8":
+        raise EngineError(f"{onnx_dir} is an int8 export; open it with precision 'int8'")
+    if exported == "int8" and device.type != "cpu":
+        raise EngineError("int8 exports are for the CPU provider (VNNI kernels); use device 'cpu'")
 
 
 def _ort_device(device: str) -> torch.device:
@@ -268,10 +264,21 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DAGAN_CACHE", Path.home() / ".cache" / "dagan"))
 
 
+def onnx_cache_dir(
+    checkpoint: str | Path, cache_dir: str | Path | None = None, sha: str | None = None
+) -> Path:
+    """Where the cached export of ``checkpoint`` lives: keyed (:func:`dagan.helpers.cache_key`) by the
+    weights' SHA-256 and the manifest version, so a new export format never reads an old entry."""
+    from dagan.graph_contract import MANIFEST_VERSION
+
+    sha = sha or file_sha256(checkpoint)
+    return Path(cache_dir or default_cache_dir()) / "onnx" / cache_key(sha, MANIFEST_VERSION)
+
+
 def onnx_dir_for(checkpoint: str | Path, cache_dir: str | Path | None = None, progress: bool = False) -> Path:
     """An ONNX export of ``checkpoint``: the path itself if it is an export directory, else a cached
     export keyed by the checkpoint's SHA-256 (exported on first use, locally — nothing is downloaded)."""
-    from export.onnx_export import export_onnx, file_sha256, read_manifest
+    from export.onnx_export import export_onnx
 
     path = Path(checkpoint)
     if path.is_dir():
@@ -282,20 +289,18 @@ def onnx_dir_for(checkpoint: str | Path, cache_dir: str | Path | None = None, pr
     cached = cached_onnx_dir(path, cache_dir)
     if cached is not None:
         return cached
-    out = Path(cache_dir or default_cache_dir()) / "onnx" / file_sha256(path)[:16]
+    out = onnx_cache_dir(path, cache_dir)
     export_onnx(path, out, progress=progress)
     return out
 
 
 def cached_onnx_dir(checkpoint: str | Path, cache_dir: str | Path | None = None) -> Path | None:
     """The cached export of ``checkpoint`` if one exists and matches its SHA-256, else None."""
-    from export.onnx_export import ExportError, file_sha256, read_manifest
-
     path = Path(checkpoint)
     if not path.is_file():
         return None
     sha = file_sha256(path)
-    out = Path(cache_dir or default_cache_dir()) / "onnx" / sha[:16]
+    out = onnx_cache_dir(path, cache_dir, sha)
     try:
         return out if read_manifest(out).get("checkpoint_sha256") == sha else None
     except ExportError:  # missing or broken cache entry: not ready

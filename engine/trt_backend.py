@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 
+from dagan.graph_contract import read_manifest
 from export.trt_build import (
     EngineMeta,
     EngineMismatchError,
     build_engines,
     cache_key,
-    check_batch,
+    check_batch_profile,
     check_compatible,
     gpu_identity,
     import_tensorrt,
@@ -35,9 +36,8 @@ from export.trt_build import (
     read_engine_manifest,
 )
 
-from .base import EngineError
+from .base import EngineError, resolve_device
 from .onnx_backend import GraphEngine, default_cache_dir, io_shapes, onnx_dir_for
-from .torch_backend import resolve_device
 
 
 class TRTGraph:
@@ -182,10 +182,8 @@ class TensorRTEngine(GraphEngine):
                 print(f"dagan: {exc}; rebuilding")
                 path = Path(onnx_dir)
         onnx_dir = onnx_dir_for(path, cache_dir, progress=progress)
-        from export.onnx_export import read_manifest
-
         onnx_sha = str(read_manifest(onnx_dir).get("checkpoint_sha256") or onnx_dir.resolve())
-        max_batch, opt_batch = check_batch(max_batch)
+        max_batch, opt_batch = check_batch_profile(max_batch)
         key = cache_key(onnx_sha, gpu[0], str(trt.__version__), precision == "fp16", max_batch, opt_batch)
         out = Path(cache_dir or default_cache_dir()) / "tensorrt" / key
         if not (out / "engines.json").is_file():

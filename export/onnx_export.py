@@ -6,14 +6,15 @@ exported in eval mode with constant folding, so BatchNorm is folded into the con
 inference path is traced: the depth net's coarse-scale disparity heads, the pose net and the
 discriminator never appear in a graph.
 
-The manifest (``manifest.json``) is the contract between the exporter and the runtimes: for each graph its
-file, inputs and outputs with shapes (``"batch"`` for the dynamic axis) and dtypes, the model config and
-the SHA-256 of the checkpoint, so a backend can tell which weights an export came from.
+The manifest (``manifest.json``, read by :func:`dagan.graph_contract.read_manifest`) is the contract
+between the exporter and the runtimes: for each graph its file, inputs (with their role: image, depth,
+cached source tensor, per-stream motion, keypoints) and outputs with shapes (``"batch"`` for the dynamic
+axis) and dtypes, the model config and the SHA-256 of the checkpoint, so a backend can tell which weights
+an export came from.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import warnings
@@ -24,30 +25,42 @@ import torch
 from tqdm import tqdm
 
 from dagan.checkpoint import atomic_write, load_model
-from dagan.errors import UserError
+from dagan.graph_contract import (
+    MANIFEST,
+    MANIFEST_VERSION,
+    ExportError,
+    graph_io,
+    graphs_for,
+    input_roles,
+    read_manifest,
+)
+from dagan.helpers import file_sha256
 from dagan.model import DaGAN
 
-from .graphs import GRAPH_MODULES, example_inputs, graph_io, graphs_for
+from .graphs import GRAPH_MODULES, example_inputs
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+# Re-exported for callers of the exporter (the manifest itself lives in dagan.graph_contract).
+__all__ = [
+    "MANIFEST",
+    "MANIFEST_VERSION",
+    "OPSET",
+    "ExportError",
+    "check_parity",
+    "export_graph",
+    "export_model",
+    "export_onnx",
+    "file_sha256",
+    "read_manifest",
+]
+
 OPSET = 17
 
 
-class ExportError(UserError, RuntimeError):
-    """An export that cannot be produced or read (bad directory, stale manifest, failed check)."""
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _spec(name: str, t: torch.Tensor) -> dict[str, Any]:
-    return {"name": name, "shape": ["batch", *t.shape[1:]], "dtype": str(t.dtype).removeprefix("torch.")}
+def _spec(name: str, t: torch.Tensor, role: str | None = None) -> dict[str, Any]:
+    spec = {"name": name, "shape": ["batch", *t.shape[1:]], "dtype": str(t.dtype).removeprefix("torch.")}
+    if role is not None:
+        spec["role"] = role
+    return spec
 
 
 def export_graph(model: DaGAN, graph: str, path: Path, opset: int = OPSET) -> dict[str, Any]:
@@ -56,7 +69,8 @@ def export_graph(model: DaGAN, graph: str, path: Path, opset: int = OPSET) -> di
 
     module = GRAPH_MODULES[graph](model).eval()
     inputs = example_inputs(model, graph, batch=2)
-    in_names, out_names = graph_io(model, graph)
+    in_names, out_names = graph_io(model.config, graph)
+    roles = input_roles(model.config, graph)
     with torch.no_grad():
         outs = module(*inputs.values())
     outs = outs if isinstance(outs, tuple) else (outs,)
@@ -82,7 +96,7 @@ def export_graph(model: DaGAN, graph: str, path: Path, opset: int = OPSET) -> di
     tmp.replace(path)
     return {
         "file": path.name,
-        "inputs": [_spec(n, t) for n, t in inputs.items()],
+        "inputs": [_spec(n, t, roles[n]) for n, t in inputs.items()],
         "outputs": [_spec(n, t) for n, t in zip(out_names, outs, strict=True)],
         "nodes": len(proto.graph.node),
         "ops": sorted({n.op_type for n in proto.graph.node}),
@@ -103,7 +117,7 @@ def export_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu", torch.float32).eval()
-    names = graphs or graphs_for(model)
+    names = graphs or graphs_for(model.config)
     entries: dict[str, Any] = {}
     for graph in tqdm(names, desc="export onnx", unit="graph", disable=not progress):
         t0 = time.perf_counter()
@@ -132,25 +146,6 @@ def export_onnx(
     """``dagan export onnx``: load the checkpoint's weights and export every graph with a manifest."""
     model = load_model(checkpoint)
     return export_model(model, out_dir, file_sha256(checkpoint), progress=progress, opset=opset)
-
-
-def read_manifest(onnx_dir: str | Path) -> dict[str, Any]:
-    """Load and sanity-check ``DIR/manifest.json``, with one-line errors for the usual mistakes."""
-    path = Path(onnx_dir) / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"{onnx_dir} has no {MANIFEST}: run `dagan export onnx` to create it")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{path} is not valid JSON ({exc})") from exc
-    if manifest.get("format") != "dagan-onnx" or manifest.get("version") != MANIFEST_VERSION:
-        raise ExportError(
-            f"{path} is not a version-{MANIFEST_VERSION} dagan ONNX manifest; re-run `dagan export onnx`"
-        )
-    for graph, entry in manifest["graphs"].items():
-        if not (Path(onnx_dir) / entry["file"]).is_file():
-            raise ExportError(f"graph {graph!r} listed in {path} is missing: {entry['file']}")
-    return manifest
 
 
 def check_parity(model: DaGAN, onnx_dir: str | Path, batch: int = 2, seed: int = 1) -> dict[str, float]:

@@ -19,7 +19,6 @@ TensorRT 8.5), so no plugin is needed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import struct
 import time
@@ -30,8 +29,9 @@ from tqdm import tqdm
 
 from dagan.checkpoint import atomic_write
 from dagan.errors import UserError
-
-from .onnx_export import file_sha256, read_manifest
+from dagan.graph_contract import read_manifest
+from dagan.helpers import cache_key as _cache_key
+from dagan.helpers import file_sha256
 
 MAGIC = b"DAGANTRT\x01\n"
 ENGINE_MANIFEST = "engines.json"
@@ -74,9 +74,10 @@ class EngineMeta:
         return EngineMeta(**{k: v for k, v in data.items() if k in fields})
 
 
-def check_batch(max_batch: int, opt_batch: int | None = None) -> tuple[int, int]:
-    """Validate (max_batch, opt_batch); opt defaults to the largest power of two ≤ min(max_batch, 8),
-    the batch a multi-stream server runs most (TensorRT tunes kernels for ``opt``, runs all of 1..max)."""
+def check_batch_profile(max_batch: int, opt_batch: int | None = None) -> tuple[int, int]:
+    """Validate a build's batch profile (max_batch, opt_batch); opt defaults to the largest power of two
+    ≤ min(max_batch, 8), the batch a multi-stream server runs most (TensorRT tunes kernels for ``opt``,
+    runs all of 1..max). Not to be confused with :func:`engine.base.check_batch` (sessions vs frames)."""
     if not 1 <= max_batch <= MAX_BATCH_LIMIT:
         raise TRTBuildError(f"--max-batch must be in 1..{MAX_BATCH_LIMIT}, got {max_batch}")
     if opt_batch is None:
@@ -102,11 +103,16 @@ def profile_shapes(
     return out
 
 
+# The old name, for export/cli.py's committed version until its quantize edit (which calls
+# check_batch_profile) is committed by its owner; remove then.
+check_batch = check_batch_profile
+
+
 def cache_key(onnx_sha256: str, gpu: str, tensorrt: str, fp16: bool, max_batch: int, opt_batch: int) -> str:
-    """Directory name for a set of engines: changes with the weights, GPU model, TensorRT version,
-    precision or batch profile — the things that make a cached plan unusable or different."""
-    text = json.dumps([onnx_sha256, gpu, tensorrt, fp16, max_batch, opt_batch])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """Directory name for a set of engines (:func:`dagan.helpers.cache_key`): changes with the weights,
+    GPU model, TensorRT version, precision or batch profile — the things that make a cached plan
+    unusable or different."""
+    return _cache_key(onnx_sha256, gpu, tensorrt, fp16, max_batch, opt_batch)
 
 
 def write_engine_file(path: str | Path, meta: EngineMeta, plan: bytes) -> None:
@@ -276,7 +282,7 @@ def build_engines(
 
     ``trt`` and ``gpu`` (name, compute capability) are looked up when not given; tests pass fakes.
     """
-    max_batch, opt_batch = check_batch(max_batch, opt_batch)
+    max_batch, opt_batch = check_batch_profile(max_batch, opt_batch)
     trt = trt or import_tensorrt()
     gpu_name, capability = gpu or gpu_identity()
     manifest = read_manifest(onnx_dir)

@@ -7,7 +7,6 @@ import pytest
 import torch
 from helpers import make_model
 
-from dagan.keypoint_ops import relative_keypoints
 from engine import EngineError, create_engine
 from engine.torch_backend import TorchEngine
 
@@ -59,18 +58,34 @@ def test_relative_motion_uses_first_frame_as_reference(engine):
     with torch.no_grad():
         own = engine.model.render(session.source, session.source.kp).prediction
     assert np.abs(first.image.astype(int) - engine._to_images(own)[0].astype(int)).max() <= 1
-    # a later frame is driven relative to that reference
-    with torch.no_grad():
-        kp_later, _ = engine.model.driving_keypoints(engine._to_tensor([later], "d"))
-        expected_kp = relative_keypoints(session.source.kp, kp_later, session.reference, session.scale)
-        expected = engine._to_images(engine.model.render(session.source, expected_kp).prediction)[0]
-    got = engine.animate(later).image
-    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    # The values of later frames (relative transfer with and without movement-scale adaptation) are
+    # checked against the authors' own outputs in tests/test_golden.py; here: the reference is kept.
     reference_before = session.reference
+    engine.animate(later)
+    assert session.reference is reference_before
     engine.reset_reference()
     assert session.reference is None
     engine.animate(later)
     assert not torch.equal(session.reference.value, reference_before.value)
+
+
+def test_relative_without_scale_adaptation(engine):
+    """adapt_scale=False (the authors' --relative without --adapt_scale) moves the source by the raw
+    displacement: the scale is 1, on set_source and new_session alike; with adaptation it is the
+    hull-size ratio, so the two streams differ once the driver moves."""
+    src, ref, later = _frames(3, seed=4)
+    plain = engine.set_source(src, relative=True, adapt_scale=False)
+    adapted = engine.new_session(src, relative=True)
+    also_plain = engine.new_session(src, relative=True, adapt_scale=False)
+    engine.animate_batch([plain, adapted, also_plain], [ref] * 3)
+    assert float(plain.scale) == float(also_plain.scale) == 1.0
+    assert float(adapted.scale) != 1.0
+    outs = engine.animate_batch([plain, adapted, also_plain], [later] * 3)
+    assert np.array_equal(outs[0].image, outs[2].image)
+    assert not np.array_equal(outs[0].image, outs[1].image)
+    plain.reset_reference()
+    engine.animate(later)
+    assert float(plain.scale) == 1.0 and plain.adapt_scale is False
 
 
 def test_other_frame_sizes_are_resized(engine):
@@ -118,3 +133,82 @@ def test_cuda_fp16_close_to_fp32(tiny_model):
     b.set_source(src)
     diff = np.abs(a.animate(drv).image.astype(int) - b.animate(drv).image.astype(int))
     assert diff.mean() < 2.0
+
+
+def test_torch_engine_reuses_stacked_sources_and_supports_plain_relative(engine):
+    """The eager path stacks the sessions' cached sources once per session list (like the graph
+    engines), and relative motion without scale adaptation uses scale 1."""
+    src_a, src_b, drv_a, drv_b = _frames(4, seed=8)
+    a, b = engine.new_session(src_a), engine.new_session(src_b, relative=True, adapt_scale=False)
+    first = engine.animate_batch([a, b], [drv_a, drv_b])
+    version = engine._stack.version
+    again = engine.animate_batch([a, b], [drv_a, drv_b])
+    assert engine._stack.version == version  # not re-stacked
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(first, again, strict=True))
+    assert float(b.scale.reshape(())) == 1.0
+    adapted = engine.new_session(src_b, relative=True)
+    engine.animate_batch([adapted], [drv_b])
+    assert adapted.scale is not None and float(adapted.scale.reshape(())) != 1.0
+
+
+def test_one_rounding_and_batched_upload():
+    from dagan.helpers import images_to_tensor, tensor_to_uint8
+
+    t = torch.tensor([0.0, 0.5 / 255, 1.5 / 255, 254.5 / 255, 1.0, 1.2, -0.1]).view(1, 1, 1, 7)
+    got = tensor_to_uint8(t.expand(1, 3, 1, 7))[0, 0, :, 0].tolist()
+    assert got == [0, 1, 2, 255, 255, 255, 0]  # half up, clamped
+    imgs = [*_frames(2, seed=9), _frames(1, size=80, seed=10)[0]]
+    batched = images_to_tensor(imgs, "x", torch.device("cpu"), torch.float32, 64)
+    single = torch.cat([images_to_tensor([i], "x", torch.device("cpu"), torch.float32, 64) for i in imgs])
+    assert batched.shape == (3, 3, 64, 64) and torch.equal(batched, single)
+    assert torch.equal(batched[0], torch.from_numpy(imgs[0]).permute(2, 0, 1).float() / 255.0)
+
+
+def test_cache_keys():
+    from dagan.helpers import cache_key
+
+    key = cache_key("abc", "NVIDIA L4", "10.7", True, 32, 8)
+    assert key == cache_key("abc", "NVIDIA L4", "10.7", True, 32, 8) and len(key) == 16
+    assert key != cache_key("abc", "NVIDIA L4", "10.7", False, 32, 8)
+    labelled = cache_key("abc", label="weird/gpu name-trt10")
+    assert labelled.startswith("weird_gpu_name-trt10-") and "/" not in labelled
+
+
+def _imports(path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_layers_point_one_way():
+    """dagan core < export < engine < applications: no module imports a layer above its own, and no
+    command module is imported by string."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    apps = ("server", "vcam", "training", "evaluation", "client_web")
+    above = {
+        "dagan": ("engine", "export", *apps),
+        "export": ("engine", *apps),
+        "engine": (*apps, "dagan.cli", "dagan.animate"),
+    }
+    application = {
+        root / "dagan" / "cli.py",
+        root / "dagan" / "animate.py",
+        # the whole-service benchmark drives server/ (an application tool that lives beside engine/bench)
+        root / "engine" / "server_bench.py",
+    }
+    for package, forbidden in above.items():
+        for path in (root / package).rglob("*.py"):
+            if path in application:
+                continue
+            bad = {n for n in _imports(path) if n.split(".")[0] in forbidden or n in forbidden}
+            assert not bad, f"{path.relative_to(root)} imports {sorted(bad)} from a layer above"
+    cli = (root / "dagan" / "cli.py").read_text()
+    assert "import_module" not in cli and "__import__" not in cli

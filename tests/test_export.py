@@ -13,9 +13,17 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from dagan.cli import main  # noqa: E402
-from dagan.keypoint_ops import relative_keypoints  # noqa: E402
+from dagan.graph_contract import (  # noqa: E402
+    GRAPH_NAMES,
+    ROLE_CACHED,
+    ROLE_MOTION,
+    cached_names,
+    frame_step,
+    names_with_role,
+    unflatten_cached,
+)
 from dagan.nets.keypoints import Keypoints  # noqa: E402
-from export.graphs import GRAPH_NAMES, example_inputs  # noqa: E402
+from export.graphs import FrameGraph, example_inputs  # noqa: E402
 from export.onnx_export import (  # noqa: E402
     ExportError,
     check_parity,
@@ -25,14 +33,15 @@ from export.onnx_export import (  # noqa: E402
 )
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A tiny checkpoint exported through the CLI, as a user would."""
+@pytest.fixture(scope="module", params=["tiny", "live-128"])
+def exported(request, tmp_path_factory):
+    """A tiny (and a live-128: warped skips, 128×128) checkpoint exported through the CLI, as a user
+    would."""
     from dagan.checkpoint import save_checkpoint
     from dagan.config import load_config
 
     tmp = tmp_path_factory.mktemp("export")
-    model = make_model(load_config("tiny"))
+    model = make_model(load_config(request.param))
     with torch.no_grad():  # spread the random model's output so the pixel comparison means something
         model.generator.final.weight.mul_(10.0)
     ckpt = tmp / "tiny.safetensors"
@@ -48,14 +57,34 @@ def _session(path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+# Per preset: the source encoder's outputs, and the shapes of a few (independent of the code under test).
+EXPECTED_SOURCE = {
+    "tiny": (
+        [],
+        {"source_kp_jacobian": [15, 2, 2], "source_features": [32, 16, 16], "source_query": [256, 8]},
+    ),
+    "live-128": (
+        ["source_skip0", "source_skip1"],
+        {
+            "source_features": [64, 32, 32],
+            "source_query": [1024, 16],
+            "source_skip0": [16, 128, 128],
+            "source_skip1": [32, 64, 64],
+        },
+    ),
+}
+
+
 def test_manifest_records_graphs_config_and_hash(exported):
     model, ckpt, out = exported
     manifest = read_manifest(out)
+    size = model.config.image_size
     assert set(manifest["graphs"]) == set(GRAPH_NAMES)
     assert manifest["checkpoint_sha256"] == file_sha256(ckpt)
     assert manifest["config"] == model.config.to_dict()
-    assert manifest["opset"] >= 17 and manifest["image_size"] == 64
+    assert manifest["opset"] >= 17 and manifest["image_size"] == size
     enc = manifest["graphs"]["source_encoder"]
+    skips, expected_shapes = EXPECTED_SOURCE[model.config.name]
     assert [o["name"] for o in enc["outputs"]] == [
         "source_depth",
         "source_kp_value",
@@ -64,15 +93,25 @@ def test_manifest_records_graphs_config_and_hash(exported):
         "source_query",
         "motion_image",
         "motion_heatmap",
+        *skips,
     ]
     shapes = {o["name"]: o["shape"] for o in enc["outputs"]}
-    assert shapes["source_kp_jacobian"] == ["batch", 15, 2, 2]
-    assert shapes["source_features"] == ["batch", 32, 16, 16]
-    assert shapes["source_query"] == ["batch", 256, 8]
+    for name, shape in expected_shapes.items():
+        assert shapes[name] == ["batch", *shape], name
     # the per-frame graph consumes exactly the cached tensors (not the depth, which is for display)
-    frame_in = [i["name"] for i in manifest["graphs"]["frame"]["inputs"]]
+    frame = manifest["graphs"]["frame"]
+    frame_in = [i["name"] for i in frame["inputs"]]
     assert frame_in[0] == "driving" and "source_depth" not in frame_in
     assert set(shapes) - {"source_depth"} <= set(frame_in)
+    # and the manifest says which inputs are cached source tensors and which are per-stream motion
+    assert names_with_role(frame, ROLE_CACHED) == [n for n in shapes if n != "source_depth"]
+    assert names_with_role(frame, ROLE_MOTION) == [
+        "kp_reference_value",
+        "kp_reference_jacobian",
+        "motion_scale",
+        "relative",
+    ]
+    assert frame["inputs"][0]["role"] == "image"
 
 
 def test_graphs_pass_checker_with_dynamic_batch_and_no_training_parts(exported):
@@ -101,12 +140,13 @@ def test_parity_with_torch_at_another_batch_size(exported):
     assert max(errors.values()) <= 1e-3, errors
     # the comparison is not trivially passing on saturated outputs
     with torch.no_grad():
-        pred = model(*[torch.rand(2, 3, 64, 64) for _ in range(2)]).prediction
+        size = model.config.image_size
+        pred = model(*[torch.rand(2, 3, size, size) for _ in range(2)]).prediction
     assert pred.std() > 0.02
 
 
 def test_frame_graph_relative_motion_matches_keypoint_ops(exported):
-    """Mixed batch: item 0 relative, item 1 absolute; torch reference uses dagan.keypoint_ops."""
+    """Mixed batch: item 0 relative, item 1 absolute, against the transfer formula written out."""
     model, _, out = exported
     inputs = example_inputs(model, "frame", batch=2, seed=4)
     ref_kp = Keypoints(
@@ -118,17 +158,30 @@ def test_frame_graph_relative_motion_matches_keypoint_ops(exported):
     with torch.no_grad():
         kp_s = Keypoints(inputs["source_kp_value"], inputs["source_kp_jacobian"])
         kp_d, _ = model.driving_keypoints(inputs["driving"])
-        rel = relative_keypoints(kp_s, kp_d, ref_kp, inputs["motion_scale"])
+        # FOMM's relative transfer written out here (torch.linalg.inv), independent of dagan.keypoint_ops
+        rel_value = kp_s.value + (kp_d.value - ref_kp.value) * inputs["motion_scale"]
+        rel_jac = kp_d.jacobian @ torch.linalg.inv(ref_kp.jacobian) @ kp_s.jacobian
         used = Keypoints(
-            torch.cat([rel.value[:1], kp_d.value[1:]]), torch.cat([rel.jacobian[:1], kp_d.jacobian[1:]])
+            torch.cat([rel_value[:1], kp_d.value[1:]]), torch.cat([rel_jac[:1], kp_d.jacobian[1:]])
         )
-        from export.graphs import unflatten_cached
-
         _, feats = unflatten_cached(inputs)
         expected = model.generator.decode(feats, kp_s, used).prediction
         absolute = model.generator.decode(feats, kp_s, kp_d).prediction
     assert np.abs(got - expected.numpy()).max() <= 1e-3
     assert np.abs(got[0] - absolute[0].numpy()).max() > 1e-3  # relative really differs from absolute
+
+
+def test_frame_graph_is_the_per_frame_function(exported):
+    """What is exported is dagan.graph_contract.frame_step, the function the torch engine runs."""
+    model, _, _ = exported
+    inputs = example_inputs(model, "frame", batch=2, seed=8)
+    with torch.no_grad():
+        traced = FrameGraph(model)(*inputs.values())
+        direct = frame_step(model, inputs)
+    names = FrameGraph(model).output_names
+    for name, t in zip(names, traced, strict=True):
+        assert torch.equal(t, direct[name]), name
+    assert set(cached_names(model.config)) <= set(inputs)
 
 
 def test_manifest_errors(tmp_path, exported):
@@ -138,7 +191,14 @@ def test_manifest_errors(tmp_path, exported):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "manifest.json").write_text(json.dumps({"format": "dagan-onnx", "version": 99, "graphs": {}}))
-    with pytest.raises(ExportError, match="version-1"):
+    with pytest.raises(ExportError, match="version-2"):
+        read_manifest(bad)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["graphs"]["frame"]["inputs"][1]["role"]  # a runtime must not guess a role from a name
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    for entry in manifest["graphs"].values():
+        (bad / entry["file"]).write_bytes(b"")
+    with pytest.raises(ExportError, match="no valid role"):
         read_manifest(bad)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["graphs"]["depth"]["file"] = "missing.onnx"

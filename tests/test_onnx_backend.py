@@ -1,4 +1,5 @@
-"""The onnxruntime backend passes the same behavioural tests as the PyTorch backend (tiny preset, CPU)."""
+"""The onnxruntime backend passes the same behavioural tests as the PyTorch backend (tiny and live-128
+presets, CPU)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,20 @@ from helpers import make_model
 
 pytest.importorskip("onnxruntime")
 
+from dagan.graph_contract import ROLE_CACHED, cached_names, names_with_role
 from dagan.keypoint_ops import relative_keypoints
 from engine import EngineError, available_backends, create_engine
 from engine.onnx_backend import OnnxRuntimeEngine, choose_providers, io_shapes
 from engine.torch_backend import TorchEngine
 from export.onnx_export import export_model
 
+SIZE = {"tiny": 64, "live-128": 128}
+_size = [64]  # the current module-scoped model's image size (set by the ``model`` fixture)
 
-def _frames(n: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
+
+def _frames(n: int, size: int | None = None, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
+    size = size or _size[0]
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
 
 
@@ -25,11 +31,12 @@ def _close(a: np.ndarray, b: np.ndarray, tol: int = 1) -> bool:
     return int(np.abs(a.astype(int) - b.astype(int)).max()) <= tol
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["tiny", "live-128"])
+def model(request):
     from dagan.config import load_config
 
-    m = make_model(load_config("tiny"), seed=3)
+    _size[0] = SIZE[request.param]
+    m = make_model(load_config(request.param), seed=3)
     with torch.no_grad():
         m.generator.final.weight.mul_(10.0)  # spread the outputs so uint8 comparisons are meaningful
     return m
@@ -54,7 +61,7 @@ def test_animate_matches_torch_backend(engines):
     torch_e.set_source(src)
     out = ort_e.animate(drv, return_depth=True)
     ref = torch_e.animate(drv, return_depth=True)
-    assert out.image.shape == (64, 64, 3) and out.image.dtype == np.uint8
+    assert out.image.shape == (_size[0], _size[0], 3) and out.image.dtype == np.uint8
     assert _close(out.image, ref.image) and _close(out.driving_depth, ref.driving_depth)
     assert _close(ort_e.session.source_depth, torch_e.session.source_depth)
     assert out.image.std() > 3  # not a flat image: the comparison can fail
@@ -135,7 +142,7 @@ def test_bad_inputs_and_foreign_sessions(engines, onnx_dir):
     with pytest.raises(EngineError, match="fp16"):
         OnnxRuntimeEngine(onnx_dir, device="cpu", precision="fp16")
     out = engine.animate_batch([engine.new_session(_frames(1, size=100)[0])], _frames(1, size=80))
-    assert out[0].image.shape == (64, 64, 3)
+    assert out[0].image.shape == (_size[0], _size[0], 3)
 
 
 def test_create_engine_exports_once_and_auto_prefers_ready_export(model, onnx_dir, tmp_path, monkeypatch):
@@ -181,6 +188,47 @@ def test_create_engine_exports_once_and_auto_prefers_ready_export(model, onnx_di
         create_engine(tmp_path / "missing.safetensors", backend="onnxruntime")
 
 
+def test_roles_come_from_the_manifest(engines, onnx_dir, model):
+    """The cached source tensors are the frame inputs the manifest marks as cached (the live-128 skips
+    included), not whatever happens to start with ``source_``."""
+    import json
+
+    engine, _ = engines
+    manifest = json.loads((onnx_dir / "manifest.json").read_text())
+    assert engine.cached_inputs == names_with_role(manifest["graphs"]["frame"], ROLE_CACHED)
+    assert engine.cached_inputs == cached_names(model.config)
+    # a session's stacked sources are reused while the batch is the same, and rebuilt when it changes
+    a, b = engine.new_session(_frames(1, seed=3)[0]), engine.new_session(_frames(1, seed=4)[0])
+    engine.animate_batch([a, b], _frames(2, seed=5))
+    version = engine._stack.version
+    engine.animate_batch([a, b], _frames(2, seed=6))
+    assert engine._stack.version == version
+    engine.animate_batch([b, a], _frames(2, seed=6))
+    assert engine._stack.version == version + 1
+
+
+def test_relative_without_scale_adaptation_matches_torch(engines):
+    """adapt_scale=False (the authors' --relative alone): scale 1, the same frames on both backends."""
+    ort_e, torch_e = engines
+    src, ref, later = _frames(3, seed=12)
+    got, want = [], []
+    for eng, out in ((ort_e, got), (torch_e, want)):
+        session = eng.set_source(src, relative=True, adapt_scale=False)
+        eng.animate(ref)
+        assert float(session.scale.reshape(())) == 1.0
+        out.append(eng.animate(later).image)
+    assert _close(got[0], want[0])
+
+
+def test_create_engine_passes_options_through(model, onnx_dir):
+    eng = create_engine(onnx_dir, backend="auto", device="cpu", threads=1)
+    assert eng.backend == "onnxruntime"
+    with pytest.raises(EngineError, match="takes no option cuda_graphs"):
+        create_engine(onnx_dir, backend="onnxruntime", device="cpu", cuda_graphs=True)
+    with pytest.raises(EngineError, match=r"no backend could be created.*takes no option"):
+        create_engine(onnx_dir, backend="auto", device="cpu", no_such_option=1)
+
+
 def test_pure_helpers():
     specs = [{"name": "a", "shape": ["batch", 3, 4]}, {"name": "b", "shape": ["batch", 15, 2, 2]}]
     assert io_shapes(specs, 5) == {"a": (5, 3, 4), "b": (5, 15, 2, 2)}
@@ -217,4 +265,10 @@ def test_torch_cuda_graphs_and_channels_last_match_eager(model):
         got = graphed.animate_batch(graphed.sessions, [drv_a, drv_b])
     want = eager.animate_batch(eager.sessions, [drv_a, drv_b])
     for g, w in zip(got, want, strict=True):
+        assert _close(g.image, w.image, tol=2)
+    # the replays reused the static cached-source buffers: they were filled for this stack only once
+    assert graphed._graphs[2].cached_version == graphed._stack.version
+    swapped = graphed.animate_batch(graphed.sessions[::-1], [drv_b, drv_a])  # a new stack: refilled
+    want = eager.animate_batch(eager.sessions[::-1], [drv_b, drv_a])
+    for g, w in zip(swapped, want, strict=True):
         assert _close(g.image, w.image, tol=2)

@@ -28,7 +28,7 @@ from export.trt_build import (
     TRTBuildError,
     build_engines,
     cache_key,
-    check_batch,
+    check_batch_profile,
     check_compatible,
     profile_shapes,
     read_engine_file,
@@ -58,15 +58,15 @@ def _meta(**changes) -> EngineMeta:
 
 
 def test_batch_limits_and_profiles():
-    assert check_batch(32) == (32, 8)
-    assert check_batch(6) == (6, 4)
-    assert check_batch(1) == (1, 1)
-    assert check_batch(16, 16) == (16, 16)
+    assert check_batch_profile(32) == (32, 8)
+    assert check_batch_profile(6) == (6, 4)
+    assert check_batch_profile(1) == (1, 1)
+    assert check_batch_profile(16, 16) == (16, 16)
     for bad in (0, 1000):
         with pytest.raises(TRTBuildError, match="--max-batch"):
-            check_batch(bad)
+            check_batch_profile(bad)
     with pytest.raises(TRTBuildError, match="opt batch"):
-        check_batch(4, 8)
+        check_batch_profile(4, 8)
     specs = [
         {"name": "driving", "shape": ["batch", 3, 64, 64]},
         {"name": "source_kp_jacobian", "shape": ["batch", 15, 2, 2]},
