@@ -85,43 +85,16 @@ class DaGAN(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        kp, gen = config.keypoints, config.generator
-        self.needs_depth = kp.use_depth or gen.attention.enabled
         self.depth_net: FaceDepthNet | None = None
-        if self.needs_depth:
+        if config.needs_depth:
             self.depth_net = build_depth_net(config.depth)
-        self.kp_detector = KeypointDetector(
-            in_channels=4 if kp.use_depth else 3,
-            num_kp=kp.num_kp,
-            block_expansion=kp.block_expansion,
-            max_features=kp.max_features,
-            num_blocks=kp.num_blocks,
-            temperature=kp.temperature,
-            scale_factor=kp.scale_factor,
-            estimate_jacobian=kp.estimate_jacobian,
-        )
-        dm = gen.dense_motion
-        self.generator = DaGANGenerator(
-            num_kp=kp.num_kp,
-            block_expansion=gen.block_expansion,
-            max_features=gen.max_features,
-            num_down_blocks=gen.num_down_blocks,
-            num_bottleneck_blocks=gen.num_bottleneck_blocks,
-            estimate_occlusion_map=gen.estimate_occlusion_map,
-            dense_motion={
-                "block_expansion": dm.block_expansion,
-                "max_features": dm.max_features,
-                "num_blocks": dm.num_blocks,
-                "scale_factor": dm.scale_factor,
-                "kp_variance": dm.kp_variance,
-            },
-            attention=gen.attention.enabled,
-            qk_channels=gen.attention.qk_channels,
-            attention_implementation=gen.attention.implementation,
-            attention_activation=gen.attention.activation,
-            warp_align_corners=gen.warp_align_corners,
-            warped_skips=gen.warped_skips,
-        )
+        self.kp_detector = KeypointDetector(config.keypoints)
+        self.generator = DaGANGenerator(config.generator, num_kp=config.keypoints.num_kp)
+
+    @property
+    def needs_depth(self) -> bool:
+        """:attr:`ModelConfig.needs_depth` of this model's config."""
+        return self.config.needs_depth
 
     # -- branches ---------------------------------------------------------------------------------
     def estimate_depth(self, image: torch.Tensor) -> torch.Tensor | None:

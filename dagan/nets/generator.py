@@ -8,12 +8,14 @@ dense-motion net's source inputs) and runs once per source photo; :meth:`decode`
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import GeneratorConfig
 from .attention import CrossModalAttention
 from .blocks import DownBlock2d, ResBlock2d, SameBlock2d, UpBlock2d
 from .dense_motion import DenseMotionNetwork, MotionSourceCache
@@ -101,42 +103,29 @@ class DaGANGenerator(nn.Module):
     and learns to reproduce the source (identity motion) within a few hundred steps.
     """
 
-    def __init__(
-        self,
-        num_kp: int = 15,
-        num_channels: int = 3,
-        block_expansion: int = 64,
-        max_features: int = 512,
-        num_down_blocks: int = 2,
-        num_bottleneck_blocks: int = 6,
-        estimate_occlusion_map: bool = True,
-        dense_motion: dict | None = None,
-        attention: bool = True,
-        qk_channels: int = 32,
-        attention_implementation: str = "auto",
-        attention_activation: str = "none",
-        warp_align_corners: bool = True,
-        warped_skips: bool = False,
-    ) -> None:
+    def __init__(self, config: GeneratorConfig, num_kp: int, num_channels: int = 3) -> None:
+        """Built from the ``generator`` section of a config and the keypoint count."""
+        block_expansion, max_features = config.block_expansion, config.max_features
+        num_down_blocks, num_bottleneck_blocks = config.num_down_blocks, config.num_bottleneck_blocks
+        warp_align_corners, warped_skips = config.warp_align_corners, config.warped_skips
+        att = config.attention
         super().__init__()
         self.warp_align_corners = warp_align_corners
         self.warped_skips = warped_skips
         self.dense_motion_network = DenseMotionNetwork(
             num_kp=num_kp,
             num_channels=num_channels,
-            estimate_occlusion_map=estimate_occlusion_map,
+            estimate_occlusion_map=config.estimate_occlusion_map,
             align_corners=warp_align_corners,
-            **(dense_motion or {}),
+            **dataclasses.asdict(config.dense_motion),
         )
         self.image_encoder = _encoder(num_channels, block_expansion, max_features, num_down_blocks)
         feat = min(max_features, block_expansion * 2**num_down_blocks)
         self.depth_encoder: nn.ModuleDict | None = None
         self.attention: CrossModalAttention | None = None
-        if attention:
+        if att.enabled:
             self.depth_encoder = _encoder(1, block_expansion, max_features, num_down_blocks)
-            self.attention = CrossModalAttention(
-                feat, qk_channels, attention_implementation, attention_activation
-            )
+            self.attention = CrossModalAttention(feat, att.qk_channels, att.implementation, att.activation)
         self.bottleneck = nn.Sequential(
             *[ResBlock2d(feat, kernel_size=3, padding=1) for _ in range(num_bottleneck_blocks)]
         )

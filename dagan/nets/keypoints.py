@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import KeypointConfig
 from .blocks import AntiAliasInterpolation2d, Hourglass, make_coordinate_grid
 
 
@@ -30,22 +31,17 @@ class KeypointDetector(nn.Module):
 
     The image is blurred and downscaled by ``scale_factor`` first: keypoints are coarse structure and the
     hourglass at 64×64 is what makes the detector cheap enough to run on every driving frame.
+    Built from the ``keypoints`` section of a config (RGB-D input when ``use_depth``).
     Heatmaps come from a 7×7 conv without padding (as the reference, so imported weights line up), are
     softmax-normalised with ``temperature`` and reduced to coordinates by their expectation (soft-argmax).
     """
 
-    def __init__(
-        self,
-        in_channels: int = 4,
-        num_kp: int = 15,
-        block_expansion: int = 32,
-        max_features: int = 1024,
-        num_blocks: int = 5,
-        temperature: float = 0.1,
-        scale_factor: float = 0.25,
-        estimate_jacobian: bool = True,
-    ) -> None:
+    def __init__(self, config: KeypointConfig) -> None:
         super().__init__()
+        in_channels = 4 if config.use_depth else 3
+        num_kp, block_expansion, max_features = config.num_kp, config.block_expansion, config.max_features
+        num_blocks, temperature, scale_factor = config.num_blocks, config.temperature, config.scale_factor
+        estimate_jacobian = config.estimate_jacobian
         self.num_kp = num_kp
         self.temperature = temperature
         self.predictor = Hourglass(block_expansion, in_channels, num_blocks, max_features)
