@@ -1,7 +1,8 @@
 """Offline animation: a source photo driven by a video, written as an mp4 (``dagan animate``).
 
 Uses the same pieces as the live service: the shared face module crops the source and tracks the
-driver's face, and the engine caches the source once and runs only the per-frame path.
+driver's face, and the engine caches the source once and runs only the per-frame path. Like
+:mod:`dagan.cli`, this is the application layer: it may import ``engine``; the core of ``dagan/`` may not.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, checkpoint_metadata
+from .errors import UserError
 from .face import DrivingCropper, source_crop
 from .media import MediaError, VideoReader, VideoWriter, load_image
 
 DEFAULT_CHECKPOINT_ENV = "DAGAN_CHECKPOINT"
-# Where trained default weights will live once they ship with the repository.
+# The bundled default weights (see weights/ and its model card).
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "dagan-default.safetensors"
 
 
 def resolve_checkpoint(checkpoint: str | None) -> Path:
-    """The checkpoint to use: the argument, then $DAGAN_CHECKPOINT, then the shipped default weights."""
+    """The checkpoint to use: the argument, then $DAGAN_CHECKPOINT, then the bundled default weights."""
     if checkpoint:
         return Path(checkpoint)
     if os.environ.get(DEFAULT_CHECKPOINT_ENV):
@@ -33,10 +35,21 @@ def resolve_checkpoint(checkpoint: str | None) -> Path:
     if DEFAULT_CHECKPOINT.is_file():
         return DEFAULT_CHECKPOINT
     raise CheckpointError(
-        "no trained weights ship with this version yet, so there is no default model: pass --checkpoint PATH "
+        f"no trained weights found (the bundled {DEFAULT_CHECKPOINT} is missing): pass --checkpoint PATH "
         f"(or set ${DEFAULT_CHECKPOINT_ENV}); `dagan init-checkpoint` writes an UNTRAINED one that only "
         "exercises the pipeline"
     )
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads N``: torch's intra-op threads (None keeps torch's default, one per core)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def warn_if_untrained(path: Path) -> bool:
@@ -82,15 +95,24 @@ def animate_video(
     driving: str | Path,
     out: str | Path,
     checkpoint: str | None = None,
-    relative: bool = False,
+    relative: bool = True,
     show_depth: bool = False,
     device: str = "auto",
     crop: bool = True,
     max_frames: int | None = None,
     progress: bool = True,
+    adapt_scale: bool = True,
+    threads: int | None = None,
 ) -> AnimateReport:
-    """Animate ``source`` with ``driving`` into ``out``; raises MediaError / NoFaceError / CheckpointError."""
+    """Animate ``source`` with ``driving`` into ``out``; raises MediaError / NoFaceError / CheckpointError.
+
+    Motion is relative by default (every command's default: ``dagan animate``, ``demo``, ``cam`` and
+    ``serve``), with movement-scale adaptation unless ``adapt_scale`` is False. ``threads`` sets torch's
+    intra-op thread count (on a loaded 2-core machine one thread was several times faster than the
+    default, which oversubscribes the cores)."""
     from engine import create_engine
+
+    set_threads(threads)
 
     source_image = load_image(source)
     ckpt = resolve_checkpoint(checkpoint)
@@ -100,7 +122,7 @@ def animate_video(
         warn_if_untrained(ckpt)
         size = engine.image_size
         source_face = source_crop(source_image, size, crop)
-        session = engine.set_source(source_face, relative=relative)
+        session = engine.set_source(source_face, relative=relative, adapt_scale=adapt_scale)
         panel = max(size, 256)
         cropper = DrivingCropper(size, crop)
         total = reader.frame_count if reader.frame_count and reader.frame_count > 0 else None

@@ -1,5 +1,10 @@
 """``dagan`` command line: one entry point, one sub-command per job.
 
+This module (with :mod:`dagan.animate`) is the **application layer**: it sits above every package it
+wires together (``engine``, ``export``, ``training``, ``evaluation``, ``server``, ``vcam``), and no module
+below imports it. The core of ``dagan/`` (config, nets, model, checkpoint, graph contract, helpers,
+media, face) imports none of those packages (tests/test_engine.py checks the direction of every import).
+
 Errors a user can fix (missing file, no face, wrong checkpoint, bad config) are printed as one line and
 exit with status 2; a traceback means a bug.
 """
@@ -7,23 +12,68 @@ exit with status 2; a traceback means a bug.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+from collections.abc import Callable
+from types import ModuleType
 
 from .checkpoint import CheckpointError
 from .config import PRESETS
 from .errors import UserError
 
-# Sub-commands that live in other packages (training, export, server, ...): each module named here has
-# ``add_commands(subparsers)``; this keeps one ``dagan`` entry point without this file knowing them all.
-COMMAND_MODULES: tuple[str, ...] = (
-    "vcam.cli",
-    "dagan.import_cli",
-    "evaluation.cli",
-    "dagan.synth.cli",
-    "training.cli",
-    "export.cli",
-    "server.cli",
+
+# Sub-commands that live in other packages: each loader imports (statically, so tools and readers see
+# the dependency) a module with ``add_commands(subparsers)``. A loader whose optional extra is missing
+# raises ImportError, and every other command keeps working.
+def _vcam() -> ModuleType:
+    from vcam import cli
+
+    return cli
+
+
+def _importer() -> ModuleType:
+    from . import import_cli
+
+    return import_cli
+
+
+def _evaluation() -> ModuleType:
+    from evaluation import cli
+
+    return cli
+
+
+def _synth() -> ModuleType:
+    from .synth import cli
+
+    return cli
+
+
+def _training() -> ModuleType:
+    from training import cli
+
+    return cli
+
+
+def _export() -> ModuleType:
+    from export import cli
+
+    return cli
+
+
+def _server() -> ModuleType:
+    from server import cli
+
+    return cli
+
+
+COMMAND_MODULES: tuple[Callable[[], ModuleType], ...] = (
+    _vcam,
+    _importer,
+    _evaluation,
+    _synth,
+    _training,
+    _export,
+    _server,
 )
 
 
@@ -35,12 +85,14 @@ def _cmd_animate(args: argparse.Namespace) -> int:
         args.driving,
         args.out,
         checkpoint=args.checkpoint,
-        relative=args.relative,
+        relative=not args.absolute,
+        adapt_scale=not args.no_adapt_scale,
         show_depth=args.show_depth,
         device=args.device,
         crop=not args.no_crop,
         max_frames=args.max_frames,
         progress=not args.quiet,
+        threads=args.threads,
     )
     lost = (
         f", no face found in {report.lost_face_frames} (kept the last crop)"
@@ -71,7 +123,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         checkpoint = resolve_checkpoint(args.checkpoint)
     except CheckpointError:
         checkpoint = out_dir / "untrained-tiny.safetensors"
-        print("no trained weights ship yet: the demo runs on UNTRAINED tiny weights to show the pipeline")
+        print("no weights found: the demo runs on UNTRAINED tiny weights to show the pipeline")
         _cmd_init_checkpoint(argparse.Namespace(config="tiny", out=str(checkpoint), seed=0))
     result = out_dir / "result.mp4"
     report = animate_video(
@@ -123,13 +175,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         help="model weights (.safetensors); default: $DAGAN_CHECKPOINT, then the bundled weights",
     )
-    p.add_argument("--relative", action="store_true", help="transfer motion relative to the first frame")
+    motion = p.add_mutually_exclusive_group()
+    motion.add_argument(
+        "--relative",
+        action="store_true",
+        help="move the photo by the driver's motion since the first frame (the default, as in cam/serve)",
+    )
+    motion.add_argument(
+        "--absolute", action="store_true", help="copy the driver's keypoints instead (face shape too)"
+    )
+    p.add_argument(
+        "--no-adapt-scale",
+        action="store_true",
+        help="relative motion without movement-scale adaptation (the authors' --relative alone)",
+    )
     p.add_argument("--show-depth", action="store_true", help="append source and driving depth maps")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument(
         "--no-crop", action="store_true", help="inputs are already face crops: skip face detection"
     )
     p.add_argument("--max-frames", type=int, help="stop after this many driving frames")
+    p.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: one per core; 1 is faster on a busy machine)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_animate)
 
@@ -159,10 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     unavailable = []
-    for name in COMMAND_MODULES:
+    for load in COMMAND_MODULES:
         try:
-            module = importlib.import_module(name)
+            module = load()
         except ImportError as exc:  # an optional extra is not installed: keep every other command working
+            name = load.__name__.strip("_")
             unavailable.append(f"{name} ({exc}; install the project's extras, see README)")
             continue
         module.add_commands(sub)
