@@ -229,6 +229,25 @@ def check_sdp(sdp: str, max_media: int) -> None:
         raise ApiError(
             400, "bad_sdp", f"the SDP offer has {len(media)} media sections; at most {max_media} are accepted"
         )
+    # What aiortc accepts here but fails on later, in a background task, leaving a dead call behind a
+    # 200: every section needs its ICE credentials, a DTLS fingerprint and a mid of its own.
+    from aiortc.sdp import SessionDescription
+
+    try:
+        parsed = SessionDescription.parse(sdp)
+    except Exception as err:
+        raise ApiError(400, "bad_sdp", f"malformed SDP offer ({type(err).__name__})") from err
+    mids = [m.rtp.muxId for m in parsed.media]
+    if len(set(mids)) != len(mids) or not all(mids):
+        raise ApiError(400, "bad_sdp", "malformed SDP offer: every media section needs its own a=mid")
+    for m in parsed.media:
+        if not (m.ice and m.ice.usernameFragment and m.ice.password):
+            missing = "ICE credentials"
+        elif not (m.dtls and m.dtls.fingerprints):
+            missing = "DTLS fingerprint"
+        else:
+            continue
+        raise ApiError(400, "bad_sdp", f"malformed SDP offer: the {m.kind} section has no {missing}")
 
 
 async def close_quietly(pc: Any) -> None:
