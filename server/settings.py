@@ -6,6 +6,7 @@ the documented defaults in docs/server.md are the ones the code uses.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import socket
@@ -14,7 +15,22 @@ from pathlib import Path
 
 from dagan.errors import UserError
 
-CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
+# The page beside the sources: only a fallback for a checkout that was never installed (``PYTHONPATH=.``).
+_SOURCE_CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
+
+
+def default_client_dir() -> Path:
+    """The browser page shipped as package data (``client_web``), wherever the project is installed.
+
+    Deriving it from ``__file__`` only worked in an editable install: a wheel puts ``server`` in
+    site-packages and the page nowhere near it. ``client_web`` is a package with its files listed as
+    package data, so importlib.resources finds it in a wheel, an editable install or a source tree alike.
+    """
+    try:
+        path = Path(str(importlib.resources.files("client_web")))
+    except (ModuleNotFoundError, TypeError):
+        return _SOURCE_CLIENT_DIR
+    return path if (path / "index.html").is_file() else _SOURCE_CLIENT_DIR
 
 
 def _env_int(name: str, default: int) -> int:
@@ -103,7 +119,10 @@ class ServerSettings:
     # Side of the avatar video sent back (the model's own size is upscaled to it; never downscaled).
     output_size: int = 256
     relative: bool = True
-    client_dir: Path = field(default=CLIENT_DIR)
+    # The browser page. None: the page shipped with the package (default_client_dir), checked only once
+    # it is given explicitly, so `--client-dir` / DAGAN_CLIENT_DIR can still rescue an install whose
+    # packaged page is missing (the CLI builds a default instance before it reads its overrides).
+    client_dir: Path | None = None
     # True when the engine runs randomly initialised weights: the page and /healthz say so loudly.
     untrained: bool = False
     cleanup_interval_s: float = 0.5
@@ -155,8 +174,15 @@ class ServerSettings:
             raise SettingsError(f"max sessions must be at least 1, got {self.max_sessions}")
         if not 0 < self.port < 65536 and self.port != 0:
             raise SettingsError(f"port must be in 1..65535, got {self.port}")
-        if not (Path(self.client_dir) / "index.html").is_file():
-            raise SettingsError(f"{self.client_dir} has no index.html: point --client-dir at client_web/")
+        if self.client_dir is None:
+            object.__setattr__(self, "client_dir", default_client_dir())
+        else:
+            object.__setattr__(self, "client_dir", Path(self.client_dir))
+            if not (self.client_dir / "index.html").is_file():
+                raise SettingsError(
+                    f"{self.client_dir} has no index.html: point --client-dir (or DAGAN_CLIENT_DIR) at the "
+                    "folder with the browser page"
+                )
         if self.output_size < 16 or self.output_size % 2:
             raise SettingsError(f"output size must be an even number of pixels >= 16, got {self.output_size}")
         if bool(self.turn_urls) != bool(self.turn_secret):
