@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from dagan.animate import colorize_depth
-from dagan.face import FaceTracker
+from dagan.face import FaceDetector, FaceTracker
 from engine import Engine
 
 from .metrics import Metrics
@@ -45,6 +45,7 @@ from .pipeline import (
     Prepared,
     ProcessDetectorPool,
     StageClock,
+    TimedDetector,
     prepare,
     rgb_to_video_frame,
 )
@@ -140,7 +141,7 @@ class InferenceWorker:
             self._pool = None
         with self._lanes_lock:
             for lane in self._lanes.values():
-                lane.tracker.close()
+                lane.close()
             self._lanes.clear()
         if self._detectors is not None:
             self._detectors.close()
@@ -181,9 +182,13 @@ class InferenceWorker:
             return len(self._lanes)
 
     # -- preparation (event loop, pool callbacks, worker thread) -------------------------------------
-    def _new_tracker(self) -> FaceTracker:
-        detector = self._detectors.detector() if self._detectors is not None else None
-        return FaceTracker(out_size=self.engine.image_size, detect_every=self.detect_every, detector=detector)
+    def _new_lane(self) -> Lane:
+        if self._detectors is not None:
+            detector: Any = self._detectors.detector()
+        else:
+            detector = TimedDetector(FaceDetector(), self.clock)
+        size, every = self.engine.image_size, self.detect_every
+        return Lane(FaceTracker(out_size=size, detect_every=every, detector=detector), detector)
 
     def _schedule(self) -> None:
         """Free the lanes of ended sessions; start a preparation for every idle lane with a new frame."""
@@ -199,7 +204,7 @@ class InferenceWorker:
                     lane.dead = True
                     idle = not lane.busy
                 if idle:
-                    lane.tracker.close()
+                    lane.close()
             for session in live:
                 if session.closed or session.engine_session is None or session.output is None:
                     continue
@@ -207,7 +212,7 @@ class InferenceWorker:
                     continue
                 lane = self._lanes.get(session.id)
                 if lane is None:
-                    lane = self._lanes[session.id] = Lane(self._new_tracker())
+                    lane = self._lanes[session.id] = self._new_lane()
                 with lane.lock:
                     if lane.busy or lane.ready is not None:
                         continue  # one in flight, or the engine has not taken the last one yet
@@ -232,7 +237,7 @@ class InferenceWorker:
             with lane.lock:
                 dead = lane.dead
             if dead:
-                lane.tracker.close()
+                lane.close()
         if dead:
             return
         lane.put_ready(prepared)

@@ -1,0 +1,103 @@
+"""The server benchmark (engine/server_bench.py) and the prepared GPU check (scripts/gpu_check.sh).
+
+The benchmark runs for real, briefly: one client, the zero-cost engine, a few seconds, so CI proves that
+it starts a server, gets video back, pairs frames for latency and reads every stage from /metrics. The
+GPU check runs its ``--smoke`` mode on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import server_bench as sb
+from server.pipeline import STAGES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_zero_cost_engine_returns_the_crop_resized():
+    engine = sb.ZeroCostEngine(image_size=32)
+    ramp = np.linspace(0, 255, 64, dtype=np.float32)
+    crop = np.stack(
+        [ramp[None, :].repeat(64, 0), ramp[:, None].repeat(64, 1), 255 - ramp[None, :].repeat(64, 0)], -1
+    )
+    crop = crop.astype(np.uint8)
+    sessions = [engine.new_session(crop), engine.new_session(crop)]
+    out = engine.animate_batch(sessions, [crop, crop[:, ::-1].copy()], return_depth=True)
+    assert [r.image.shape for r in out] == [(32, 32, 3)] * 2
+    assert out[1].driving_depth.shape == (32, 32)
+    assert np.abs(out[0].image.astype(int) - crop[::2, ::2]).mean() < 3  # the crop, resized
+    assert not np.array_equal(out[0].image, out[1].image)
+
+
+def test_driving_video_has_a_detectable_moving_face():
+    frames = sb.moving_face_frames(sb.face_photo(), n=10)
+    assert frames[0].shape == (480, 640, 3)
+    assert np.abs(frames[0].astype(int) - frames[5]).mean() > 5  # it moves
+    from dagan.face import FaceDetector
+
+    with FaceDetector() as det:
+        assert all(det.detect(f) for f in frames[::3])
+    packets = sb.encode_vp8(frames)
+    assert len(packets) == 10 and len(packets[0]) > len(packets[1])  # a keyframe, then deltas
+
+
+def test_stage_table_from_two_scrapes():
+    before = sb.parse_metrics('dagan_stage_frames_total{stage="decode"} 10\n')
+    after = sb.parse_metrics(
+        'dagan_stage_frames_total{stage="decode"} 30\n'
+        'dagan_stage_seconds_total{stage="decode",clock="cpu"} 0.04\n'
+        'dagan_stage_seconds_total{stage="decode",clock="wall"} 0.05\n'
+    )
+    table = sb.stage_table(before, after, frames_out=10)
+    assert table["decode"]["calls"] == 20
+    assert table["decode"]["cpu_ms_per_call"] == pytest.approx(2.0)
+    assert table["decode"]["wall_ms_per_call"] == pytest.approx(2.5)
+    assert table["decode"]["cpu_ms_per_frame_out"] == pytest.approx(4.0)
+    assert table["infer"]["calls"] == 0
+
+
+@pytest.mark.slow
+def test_server_bench_one_stream_end_to_end(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "engine.server_bench", "--engine", "zero", "--streams", "1"]
+    cmd += ["--seconds", "3", "--warmup", "1", "--budget-s", "150", "--detect-every", "3", "--json", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=240)
+    (result,) = json.loads(out.read_text())
+    (step,) = result["steps"]
+    assert result["engine"] == "zero" and result["env"] == {"DAGAN_DETECT_EVERY": "3"}
+    assert step["frames_out"] > 10, step  # avatar video came back
+    assert step["fps_per_stream_median"] > 3
+    assert 0 < step["latency_p50_ms"] <= step["latency_p95_ms"] < 5000
+    assert step["server_cpu_ms_per_frame_out"] > 0
+    for stage in STAGES:  # every stage of a stream-frame was timed on the server
+        assert step["stages"][stage]["calls"] > 0, stage
+    # detection every 3rd frame: about a third as many detect calls as conversions
+    ratio = step["stages"]["detect"]["calls"] / step["stages"]["convert"]["calls"]
+    assert 0.2 < ratio < 0.5, ratio
+    assert math.isfinite(step["stages"]["encode"]["cpu_ms_per_call"])
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_on_the_cpu(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path)}
+    subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke"], cwd=ROOT, env=env, check=True, timeout=400)
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["smoke"] and report["models"]
+    model = report["models"][0]
+    names = [v["name"] for v in model["variants"]]
+    assert "fp32" in names, model
+    cells = model["variants"][0]["batches"]
+    assert [c["batch"] for c in cells] == [1, 2]
+    assert all(c["call_p50_ms"] > 0 and c["fps"] > 0 for c in cells)
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "SMOKE RUN" in table and "| fp32 |" in table
+    assert (tmp_path / "nvidia-smi.txt").exists()
