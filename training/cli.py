@@ -35,6 +35,19 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_landmarks(args: argparse.Namespace) -> int:
+    from .landmarks import annotate_dataset, clip_folders
+
+    if not clip_folders(args.root):
+        print(f"dagan: error: {args.root} has no clip folders (expected ROOT/train/<clip>/)", file=sys.stderr)
+        return 2
+    written, frames, missing = annotate_dataset(args.root, progress=not args.quiet)
+    print(
+        f"landmark tracks for {written} clips ({frames} frames, {missing} without a face) under {args.root}"
+    )
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_train_config, parse_override
     from .trainer import Trainer, cleanup_distributed
@@ -102,6 +115,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare)
+
+    p = subparsers.add_parser(
+        "landmarks",
+        help="face-mesh landmark tracks beside prepared or synthetic clips (the kp_landmarks prior)",
+    )
+    p.add_argument("root", metavar="DATA_ROOT", help="dataset root with train/<clip>/ (and test/)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_landmarks)
 
     train = subparsers.add_parser("train", help="train the face depth net, then DaGAN")
     stages = train.add_subparsers(dest="stage", required=True)

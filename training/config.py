@@ -69,6 +69,9 @@ class LossWeights:
     equivariance_value: float = 10.0  # λE on keypoint positions (paper eq. 12)
     equivariance_jacobian: float = 10.0  # λE on the local affine Jacobians (FOMM; 0 disables)
     kp_distance: float = 10.0  # λD (paper eq. 13), applied to source and driving keypoints
+    # Optional keypoint prior: L1 between the K keypoints and K face-mesh landmarks stored beside the
+    # frames (<clip>/landmarks15.npy, `dagan landmarks`); 0 = the paper's purely unsupervised keypoints.
+    kp_landmarks: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,9 @@ class DaganStageConfig:
     # Local torchvision-format VGG19 weights (vgg19-dcbb9e9d.pth or a safetensors copy). Empty: no
     # ImageNet VGG available, the documented substitute loss is used and training says so loudly.
     vgg19_weights: str = ""
+    # face-api's landmark-68 model (a `dagan fetch-eval-assets` folder or its manifest): the perceptual
+    # term uses its features when no VGG19 is configured (training/face_perceptual.py).
+    face_landmark_weights: str = ""
     kp_distance_threshold: float = 0.2
     transform: TransformConfig = field(default_factory=TransformConfig)
 

@@ -29,6 +29,7 @@ from .config import AugmentConfig
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg")
+LANDMARKS_FILE = "landmarks15.npy"  # per-clip landmark tracks for the kp_landmarks prior (training.landmarks)
 
 
 class DatasetError(UserError, ValueError):
@@ -61,6 +62,23 @@ class Video:
             self.frames = None
             with VideoReader(path) as reader:
                 self.num_frames = sum(1 for _ in reader)
+
+    def landmarks(self) -> np.ndarray | None:
+        """N×K×2 landmark tracks in the keypoints' [−1, 1] frame (pixel centres at ±1, as
+        :func:`dagan.nets.blocks.make_coordinate_grid`) from ``<clip>/landmarks15.npy`` (pixels of the
+        stored frames, mediapipe's convention that pixel i spans [i, i+1); NaN = no face), or None."""
+        if not hasattr(self, "_landmarks"):
+            self._landmarks = None
+            path = self.path / LANDMARKS_FILE
+            if self.frames and path.is_file():
+                marks = np.load(path).astype(np.float32)
+                if marks.shape[0] != self.num_frames:
+                    raise DatasetError(f"{path} has {marks.shape[0]} rows for {self.num_frames} frames")
+                h, w = load_image(self.frames[0]).shape[:2]
+                marks[..., 0] = 2.0 * (marks[..., 0] - 0.5) / (w - 1) - 1.0
+                marks[..., 1] = 2.0 * (marks[..., 1] - 0.5) / (h - 1) - 1.0
+                self._landmarks = marks
+        return self._landmarks
 
     def read(self, indices: Sequence[int], size: int) -> list[np.ndarray]:
         """Frames at ``indices`` as size×size×3 uint8 RGB (in the order asked)."""
@@ -235,7 +253,12 @@ class SourceDrivingDataset(_VideoDataset):
         rng, video = self._rng(key)
         a, b = (int(x) for x in rng.choice(video.num_frames, size=2, replace=False))
         source, driving = self._finish(video.read([a, b], self.image_size), rng)
-        return {"source": source, "driving": driving}
+        item = {"source": source, "driving": driving}
+        marks = video.landmarks()
+        if marks is not None:
+            item["source_landmarks"] = torch.from_numpy(marks[a])
+            item["driving_landmarks"] = torch.from_numpy(marks[b])
+        return item
 
 
 # ------------------------------------------------------------------------------------------- sampler

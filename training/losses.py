@@ -241,11 +241,28 @@ class PixelPyramidSubstituteLoss(nn.Module):
         return total
 
 
-def build_perceptual_loss(vgg19_weights: str, scales: Sequence[float]) -> nn.Module:
-    """VGG19 pyramid loss when a weights path is given, else the named substitute (the caller warns)."""
+def build_perceptual_loss(
+    vgg19_weights: str, scales: Sequence[float], face_landmark_weights: str = ""
+) -> nn.Module:
+    """VGG19 pyramid loss when a weights path is given; else face-api landmark features when those are
+    given; else the named pixel substitute (the caller warns)."""
     if vgg19_weights:
         return PyramidPerceptualLoss(load_vgg19(vgg19_weights), scales)
+    if face_landmark_weights:
+        from .face_perceptual import FaceFeaturePyramidLoss, load_face_landmark_features
+
+        return FaceFeaturePyramidLoss(load_face_landmark_features(face_landmark_weights), scales)
     return PixelPyramidSubstituteLoss(scales)
+
+
+def landmark_prior_loss(kp: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    """Mean |kp − landmark| over the points whose landmarks exist (NaN = no face found in that frame).
+
+    kp, landmarks: B×K×2 in the keypoints' [−1, 1] frame. Returns 0 (with a graph) when none exist.
+    """
+    valid = torch.isfinite(landmarks).all(dim=-1, keepdim=True)  # B×K×1
+    diff = (kp.float() - torch.nan_to_num(landmarks.float())).abs() * valid
+    return diff.sum() / (valid.sum() * 2).clamp(min=1)
 
 
 # ======================================================================================= GAN loss
@@ -405,6 +422,7 @@ __all__ = [
     "equivariance_losses",
     "feature_matching_loss",
     "keypoint_distance_loss",
+    "landmark_prior_loss",
     "load_vgg19",
     "lsgan_discriminator_loss",
     "lsgan_generator_loss",

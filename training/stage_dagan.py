@@ -41,7 +41,9 @@ class DaganStage(Stage):
                 load_into(self.model.depth_net, tensors, "depth_net.", depth_checkpoint)
             self.model.depth_net.eval().requires_grad_(False)
         self.discriminator = discriminator_from_config(m.discriminator).to(device)
-        self.perceptual = L.build_perceptual_loss(g.vgg19_weights, g.pyramid_scales).to(device)
+        self.perceptual = L.build_perceptual_loss(
+            g.vgg19_weights, g.pyramid_scales, g.face_landmark_weights
+        ).to(device)
         self.batch_size, self.total_steps = g.batch_size, g.steps
         self.gen_net = self._wrap(GeneratorObjective(self.model, self.discriminator, self.perceptual, cfg))
         self.disc_net = self._wrap(self.discriminator)
@@ -92,7 +94,13 @@ class DaganStage(Stage):
         # (which also keeps them out of the generator DDP's gradient reduction).
         self.discriminator.requires_grad_(False)
         with self.autocast():
-            loss, logs, out = self.gen_net(source, driving, seed)
+            landmarks = None
+            if "source_landmarks" in batch:  # clips with landmark tracks (the kp_landmarks prior)
+                landmarks = (
+                    batch["source_landmarks"].to(self.device, non_blocking=True),
+                    batch["driving_landmarks"].to(self.device, non_blocking=True),
+                )
+            loss, logs, out = self.gen_net(source, driving, seed, landmarks)
         logs["grad_norm/generator"] = self._optimize("generator", loss, self.gen_params)
         self.discriminator.requires_grad_(True)
         w = self.cfg.dagan.weights
@@ -156,7 +164,7 @@ class GeneratorObjective(nn.Module):
                 depth = self.model.depth_net(image)
         return self.model.detect_keypoints(image, depth), depth
 
-    def forward(self, source: torch.Tensor, driving: torch.Tensor, seed: int):
+    def forward(self, source: torch.Tensor, driving: torch.Tensor, seed: int, landmarks=None):
         discriminator, perceptual = self._critics
         w, g = self.cfg.weights, self.cfg
         kp_s, depth_s = self._keypoints(source)
@@ -194,6 +202,11 @@ class GeneratorObjective(nn.Module):
             ld, sd = L.keypoint_distance_loss(kp_d.value, g.kp_distance_threshold)
             terms["kp_distance"] = w.kp_distance * (ls + ld)
             logs["kp_distance_eq13"] = float(ss + sd)
+        if w.kp_landmarks > 0 and landmarks is not None:
+            terms["kp_landmarks"] = w.kp_landmarks * (
+                L.landmark_prior_loss(kp_s.value, landmarks[0])
+                + L.landmark_prior_loss(kp_d.value, landmarks[1])
+            )
         loss = sum(terms.values())
         logs.update({k: float(v.detach()) for k, v in terms.items()})
         logs["loss"] = float(loss.detach())
