@@ -85,6 +85,9 @@ class FramePathEngine(Engine):
         B×1×H×W driving depth (or None), on the device in the engine's dtype; for tests that compare
         with float references and for callers that post-process on the device."""
         check_batch(sessions, frames)
+        if not sessions:
+            size = self.image_size
+            return torch.empty(0, 3, size, size, device=self.device, dtype=self.dtype), None
         for s in sessions:
             self._check_session(s)
         with torch.inference_mode():

@@ -74,6 +74,12 @@ class GraphEngine(FramePathEngine):
             if needed not in graphs:
                 raise EngineError(f"the export has no {needed!r} graph; re-run `dagan export onnx`")
         self.frame_inputs = [s["name"] for s in graphs["frame"]["inputs"]]
+        if any("role" not in s for s in graphs["frame"]["inputs"]):
+            # an engine directory built from a version-1 export (TensorRT manifests copy the graphs)
+            raise EngineError(
+                "this export predates input roles in the manifest; re-run `dagan export onnx` "
+                "(and `dagan export trt` for TensorRT engines)"
+            )
         self.cached_inputs = names_with_role(graphs["frame"], ROLE_CACHED)
         self.jacobian = "kp_reference_jacobian" in self.frame_inputs
         self.num_kp = int(manifest["config"]["keypoints"]["num_kp"])

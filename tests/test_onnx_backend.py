@@ -197,6 +197,16 @@ def test_roles_come_from_the_manifest(engines, onnx_dir, model):
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
     assert engine.cached_inputs == names_with_role(manifest["graphs"]["frame"], ROLE_CACHED)
     assert engine.cached_inputs == cached_names(model.config)
+    # an engine directory built from an export without roles is refused, not guessed from names
+    import types
+
+    from engine.onnx_backend import GraphEngine
+
+    for spec in manifest["graphs"]["frame"]["inputs"]:
+        del spec["role"]
+    runner = types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.raises(EngineError, match="predates input roles"):
+        GraphEngine(manifest, runner)
     # a session's stacked sources are reused while the batch is the same, and rebuilt when it changes
     a, b = engine.new_session(_frames(1, seed=3)[0]), engine.new_session(_frames(1, seed=4)[0])
     engine.animate_batch([a, b], _frames(2, seed=5))
