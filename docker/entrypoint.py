@@ -7,6 +7,11 @@ checkpoint digest). The first start builds (ONNX export, then FP16 engines) into
 is renamed into place only when complete; later starts find the key and reuse it; a new GPU, a new
 TensorRT or new weights give a new key and a rebuild. A file lock keeps two replicas from building the
 same key at once. The CPU profile caches the ONNX export the same way (key ``cpu-onnxruntime``).
+
+A TensorRT build that fails falls back to the next backend, ONNX Runtime (its CUDA provider on a GPU),
+with one log line, and is recorded so that a restart does not spend minutes failing the same way again:
+without that, a restart policy turns one bad build into a loop. An unwritable cache folder (a root-owned
+host folder bind-mounted at /engines) is one clear line and exit status 2, not a traceback.
 """
 
 from __future__ import annotations
@@ -169,27 +174,82 @@ def serve_command(backend: str, engine_dir: Path, extra: list[str]) -> list[str]
     return ["dagan", "serve", "--backend", "onnxruntime", "--checkpoint", str(engine_dir / "onnx"), *extra]
 
 
+def cache_unwritable(cache_root: Path) -> str | None:
+    """Why the engine cache cannot be used, as one line, or None when it can.
+
+    A host folder bind-mounted at /engines is usually root-owned while the container runs as uid 10001;
+    without this check the first ``mkdir`` ends in a raw PermissionError traceback.
+    """
+    probe = cache_root if cache_root.exists() else cache_root.parent
+    if os.access(probe, os.W_OK | os.X_OK):
+        return None
+    try:
+        st = probe.stat()
+        owner = f"owned by uid {st.st_uid}, mode {st.st_mode & 0o777:o}"
+    except OSError as err:
+        owner = err.strerror or "unreadable"
+    return (
+        f"cannot write the engine cache {cache_root} ({owner}; this container runs as uid {os.getuid()}): "
+        f"use the named volume from docker-compose.yml, or `chown {os.getuid()}` the host folder mounted "
+        "there"
+    )
+
+
+def failure_marker(cache_root: Path, checkpoint: Path, gpu: str, trt_version: str) -> Path:
+    """Where a failed TensorRT build for this (GPU, TensorRT, weights) key is recorded."""
+    return cache_root / f".{cache_key(gpu, trt_version, file_digest(checkpoint))}.trt-failed"
+
+
 def main(argv: list[str]) -> int:
-    checkpoint = Path(os.environ.get("DAGAN_CHECKPOINT", "/weights/dagan.safetensors"))
+    checkpoint = Path(os.environ.get("DAGAN_CHECKPOINT", "/weights/dagan-default.safetensors"))
     cache_root = Path(os.environ.get("DAGAN_ENGINE_CACHE", "/engines"))
     wanted = os.environ.get("DAGAN_BACKEND", "auto")
     max_batch = int(os.environ.get("DAGAN_MAX_BATCH", "8"))
     if not checkpoint.is_file():
         log(f"no weights at {checkpoint}: mount a checkpoint there or set DAGAN_CHECKPOINT (see README)")
         return 2
+    problem = cache_unwritable(cache_root)
+    if problem:
+        log(problem)
+        return 2
     gpu, trt_version = probe_gpu(), probe_tensorrt()
     use_trt = wanted in ("auto", "tensorrt") and gpu is not None and trt_version is not None
     if wanted == "tensorrt" and not use_trt:
         log(f"DAGAN_BACKEND=tensorrt but GPU={gpu!r}, TensorRT={trt_version!r}: is the NVIDIA runtime on?")
         return 2
+    if use_trt:
+        assert gpu is not None and trt_version is not None
+        marker = failure_marker(cache_root, checkpoint, gpu, trt_version)
+        if marker.is_file() and os.environ.get("DAGAN_RETRY_TENSORRT") != "1":
+            log(
+                f"TensorRT build failed before for this GPU, TensorRT and weights ({marker}): serving ONNX "
+                "Runtime instead; set DAGAN_RETRY_TENSORRT=1 or delete that file to try again"
+            )
+        else:
+            try:
+                engine_dir, _ = ensure_engines(
+                    cache_root,
+                    checkpoint,
+                    gpu,
+                    trt_version,
+                    lambda ckpt, out: build_with_cli(ckpt, out, True, max_batch),
+                )
+            except (subprocess.CalledProcessError, OSError, RuntimeError) as err:
+                # A restart would only fail the same way (for minutes each time): record it, fall back.
+                marker.write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {err}\n")
+                log(f"TensorRT engine build failed ({err}): falling back to ONNX Runtime")
+            else:
+                cmd = serve_command("tensorrt", engine_dir, argv)
+                log("exec " + " ".join(cmd))
+                os.execvp(cmd[0], cmd)
     engine_dir, _ = ensure_engines(
         cache_root,
         checkpoint,
-        gpu if use_trt else None,
-        trt_version if use_trt else None,
-        lambda ckpt, out: build_with_cli(ckpt, out, use_trt, max_batch),
+        None,
+        None,
+        lambda ckpt, out: build_with_cli(ckpt, out, False, max_batch),
     )
-    cmd = serve_command("tensorrt" if use_trt else "onnxruntime", engine_dir, argv)
+    cmd = serve_command("onnxruntime", engine_dir, argv)
     log("exec " + " ".join(cmd))
     os.execvp(cmd[0], cmd)
     return 0  # pragma: no cover - exec does not return
