@@ -129,6 +129,8 @@ fi
 took
 
 step "build $IMAGE (docker/Dockerfile.cpu, BASE_IMAGE=$BASE_IMAGE)"
+# The project venv: its pip fetches the torch wheel below, its aiortc makes the WebRTC call at the end.
+[ -x .venv/bin/python ] || bash scripts/bootstrap.sh
 # This machine reaches PyPI through a TLS proxy with its own CA: the host's bundle goes into the build.
 mkdir -p docker/.cache/certs docker/.cache/wheels
 cp /etc/ssl/certs/ca-certificates.crt docker/.cache/certs/host-ca-bundle.crt
@@ -139,10 +141,9 @@ TORCH_VERSION=$(sed -n 's/^ARG TORCH_VERSION=//p' docker/Dockerfile.cpu)
 wheel_tags=(--python-version 3.11 --implementation cp --platform manylinux_2_28_x86_64
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 if ! ls docker/.cache/wheels/torch-"$TORCH_VERSION"+cpu-*.whl >/dev/null 2>&1; then
-  python3 -m pip download -q --no-deps --only-binary=:all: "${wheel_tags[@]}" -d docker/.cache/wheels \
-    "torch==$TORCH_VERSION+cpu" ||
-    python3 -m pip download -q --no-deps --only-binary=:all: "${wheel_tags[@]}" -d docker/.cache/wheels \
-      --index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION+cpu"
+  fetch=(.venv/bin/python -m pip download -q --no-deps --only-binary=:all: "${wheel_tags[@]}" -d docker/.cache/wheels)
+  "${fetch[@]}" "torch==$TORCH_VERSION+cpu" ||
+    "${fetch[@]}" --index-url https://download.pytorch.org/whl/cpu "torch==$TORCH_VERSION+cpu"
 fi
 # Only the wheel this build needs stays in the context.
 find docker/.cache/wheels -name '*.whl' ! -name "torch-$TORCH_VERSION+cpu-*" -delete
@@ -221,7 +222,6 @@ curl -fsS "http://127.0.0.1:$PORT/healthz" && echo
 took
 
 step "WebRTC call from the host: session, photo, offer, >= $FRAMES avatar frames"
-[ -x .venv/bin/python ] || bash scripts/bootstrap.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python docker/webrtc_smoke.py --url "http://127.0.0.1:$PORT" --frames "$FRAMES" --timeout 120 \
