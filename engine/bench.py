@@ -17,6 +17,7 @@ says so). The JSON written with ``--json`` holds everything printed.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -179,21 +180,62 @@ def _variants(device: torch.device) -> list[tuple[str, str, dict]]:
     out: list[tuple[str, str, dict]] = [("torch", "fp32", {})]
     if device.type == "cuda":
         out += [("torch", "fp16", {}), ("torch", "fp16", {"channels_last": True, "cuda_graphs": True})]
+    if device.type == "cpu" and cpu_has_bf16():
+        out.append(("torch", "bf16", {}))
     if importlib.util.find_spec("onnxruntime") is not None:
         out.append(("onnxruntime", "fp32", {}))
+        if device.type == "cpu":
+            out.append(("onnxruntime", "int8", {}))
     if device.type == "cuda" and importlib.util.find_spec("tensorrt") is not None:
         out.append(("tensorrt", "fp16", {}))
     return out
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX-512 BF16 / AMX): without it torch emulates bf16
+    and the row would only show the emulation's cost."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+def _calibration_clips(size: int) -> tuple[list, str]:
+    """Calibration material for the int8 row: real face clips from ``DAGAN_BENCH_CALIB`` (files or
+    folders, comma-separated) when set, else four random frames — latency does not depend on the ranges
+    calibration picks, only the output quality does, and quality is measured elsewhere (docs/export.md)."""
+    from export.quantize import FaceClip, face_clips, find_clips
+
+    env = os.environ.get("DAGAN_BENCH_CALIB")
+    if env:
+        clips = face_clips(find_clips(env.split(",")), size, frames_per_clip=2)
+        return clips, f"{sum(len(c.drivers) for c in clips)} real frames"
+    rng = np.random.default_rng(2)
+    frames = rng.integers(0, 256, (5, size, size, 3), dtype=np.uint8)
+    return [FaceClip("random", frames[0], list(frames[1:]))], "4 random frames (latency only)"
+
+
 def _make_engine(model, backend, precision, options, device, workdir: Path):
     if backend == "torch":
+        if precision != "fp32":  # .to(dtype) is in place: keep the shared fp32 weights for the others
+            model = copy.deepcopy(model)
         return TorchEngine(model, device=device, precision=precision, **options)
     onnx_dir = workdir / "onnx"
     if not (onnx_dir / "manifest.json").is_file():
         from export.onnx_export import export_model
 
         export_model(model, onnx_dir, progress=False)
+    if backend == "onnxruntime" and precision == "int8":
+        from export.quantize import quantize_export
+
+        from .onnx_backend import OnnxRuntimeEngine
+
+        int8_dir = workdir / "onnx-int8"
+        if not (int8_dir / "manifest.json").is_file():
+            clips, _ = _calibration_clips(model.config.image_size)
+            quantize_export(onnx_dir, int8_dir, clips, keep_float=("kp_detector",), progress=False)
+        return OnnxRuntimeEngine(int8_dir, device=device, precision="int8")
     if backend == "onnxruntime":
         from .onnx_backend import OnnxRuntimeEngine
 
@@ -239,6 +281,59 @@ def bench_backend(engine, frames: int, warmup: int, batches: tuple[int, ...], de
     return result
 
 
+AUTHORS = "authors' forward (torch fp32, uncached)"
+
+
+def bench_interleaved(
+    model: DaGAN, engines: list[tuple[str, object]], frames: int, warmup: int, device: torch.device
+) -> dict:
+    """Batch-1 latency of the authors' per-frame forward (the full uncached ``DaGAN.forward``, source
+    branch recomputed every frame, as their demo does), our torch fp32 engine and each engine in
+    ``engines``, measured round-robin: every round times one frame of each, in a rotating order, so a
+    change in machine load (a shared machine) hits every row alike and the ratios stay fair.
+    """
+    ref = TorchEngine(model, device=str(device))
+    size = ref.image_size
+    rng = np.random.default_rng(0)
+    source = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    drivers = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(4)]
+    src_t = ref._to_tensor([source], "source")
+    i = [0]
+
+    def driver() -> np.ndarray:
+        i[0] += 1
+        return drivers[i[0] % len(drivers)]
+
+    @torch.inference_mode()
+    def uncached() -> None:
+        ref._to_images(ref.model(src_t, ref._to_tensor([driver()], "driving")).prediction)
+
+    fns = {AUTHORS: uncached}
+    for name, eng in [("torch fp32", ref), *engines]:
+        eng.set_source(source)
+        fns[name] = lambda e=eng: e.animate(driver())
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    names = list(fns)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    load_before = os.getloadavg()
+    for k in range(frames):
+        for n in names[k % len(names) :] + names[: k % len(names)]:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fns[n]()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            samples[n].append(time.perf_counter() - t0)
+    rows = {n: _stats(v) for n, v in samples.items()}
+    base = rows[AUTHORS]["median_ms"]
+    for r in rows.values():
+        r["vs_authors"] = base / r["median_ms"]
+    return {"rows": rows, "load_before": list(load_before), "load_after": list(os.getloadavg())}
+
+
 def run_bench(
     presets: list[str],
     checkpoint: str | None,
@@ -248,9 +343,18 @@ def run_bench(
     out: str | None,
     backends: list[str] | None = None,
     batches: tuple[int, ...] | None = None,
+    interleaved: bool | None = None,
 ) -> list[dict]:
     """Benchmark each model on every available backend. ``backends`` / ``batches`` restrict the sweep
-    (also from the environment: ``DAGAN_BENCH_BACKENDS=torch,onnxruntime``, ``DAGAN_BENCH_BATCHES=1,4``)."""
+    (also from the environment: ``DAGAN_BENCH_BACKENDS=torch,onnxruntime``, ``DAGAN_BENCH_BATCHES=1,4``).
+
+    ``interleaved`` (or ``DAGAN_BENCH_INTERLEAVED=1``): instead of the sweep, time every variant at
+    batch 1 round-robin with the authors' uncached forward (:func:`bench_interleaved`) — the fair
+    comparison on a shared machine. ``DAGAN_BENCH_WORKDIR``: keep the ONNX / int8 exports there
+    (keyed by the weights) so a rerun does not export and quantize again.
+    """
+    if interleaved is None:
+        interleaved = os.environ.get("DAGAN_BENCH_INTERLEAVED", "") not in ("", "0")
     if backends is None and os.environ.get("DAGAN_BENCH_BACKENDS"):
         backends = os.environ["DAGAN_BENCH_BACKENDS"].split(",")
     if batches is None:
@@ -267,11 +371,17 @@ def run_bench(
     results = []
     for label, model in models:
         flops = count_flops(model)
+        if interleaved:
+            r = _run_interleaved(model, label, frames, warmup, device, backends)
+            r["flops"] = flops
+            _print(r)
+            results.append(r)
+            continue
         r = bench_model(model, label, frames, warmup, device)
         r["flops"] = flops
         dev = torch.device(r["machine"]["device"])
         r["backends"], r["errors"] = [], {}
-        with tempfile.TemporaryDirectory(prefix="dagan-bench-") as tmp:
+        with _workdir(model) as tmp:
             for backend, precision, options in _variants(dev):
                 if backends and backend not in backends:
                     continue
@@ -293,6 +403,55 @@ def run_bench(
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=2))
     return results
+
+
+@contextlib.contextmanager
+def _workdir(model: DaGAN):
+    """Where the exports of a benchmark live: a temporary folder, or ``$DAGAN_BENCH_WORKDIR/<key>``
+    with the key hashing the weights, so a kept export is only reused for the same model."""
+    root = os.environ.get("DAGAN_BENCH_WORKDIR")
+    if not root:
+        with tempfile.TemporaryDirectory(prefix="dagan-bench-") as tmp:
+            yield tmp
+        return
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for t in model.state_dict().values():
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    path = Path(root) / h.hexdigest()[:16]
+    path.mkdir(parents=True, exist_ok=True)
+    yield str(path)
+
+
+def _run_interleaved(
+    model: DaGAN, label: str, frames: int, warmup: int, device: str, backends: list[str] | None
+) -> dict:
+    from .torch_backend import resolve_device
+
+    dev = resolve_device(device)
+    r: dict = {
+        "model": label,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "machine": machine_description(dev),
+        "backends": [],
+        "errors": {},
+    }
+    engines = []
+    with _workdir(model) as tmp:
+        for backend, precision, options in _variants(dev):
+            name = f"{backend} {precision}" + "".join(f" +{k}" for k in options)
+            if (backends and backend not in backends) or name == "torch fp32":
+                continue
+            try:
+                engines.append((name, _make_engine(model, backend, precision, options, str(dev), Path(tmp))))
+            except Exception as exc:  # one backend failing must not hide the others' numbers
+                r["errors"][name] = f"{type(exc).__name__}: {exc}"
+        r["interleaved"] = bench_interleaved(model, engines, frames, warmup, dev)
+    rows = r["interleaved"]["rows"]
+    r["cached"], r["uncached"] = rows["torch fp32"], rows[AUTHORS]
+    r["speedup"] = r["uncached"]["median_ms"] / r["cached"]["median_ms"]
+    return r
 
 
 def _print(r: dict) -> None:
@@ -323,5 +482,16 @@ def _print(r: dict) -> None:
             f"B{t['batch']}: {t['fps']:.1f} fps/{t['streams_30fps']} str" for t in b["throughput"]
         )
         print(f"    throughput  {row}")
+    if "interleaved" in r:
+        il = r["interleaved"]
+        print(
+            f"  interleaved at batch 1 (load average {il['load_before'][0]:.1f} before, "
+            f"{il['load_after'][0]:.1f} after):"
+        )
+        for name, s in il["rows"].items():
+            print(
+                f"  {name:40s} p50 {s['median_ms']:8.1f} ms  p99 {s['p99_ms']:8.1f} ms  "
+                f"{s['fps']:7.2f} fps  {s['vs_authors']:5.2f}x the authors' forward"
+            )
     for name, err in r["errors"].items():
         print(f"  {name}: not measured ({err})")

@@ -76,6 +76,11 @@ class TorchEngine(FramePathEngine):
     ) -> None:
         super().__init__()
         self.device = resolve_device(device)
+        if precision == "int8":
+            raise EngineError(
+                "the torch backend has no int8 path; int8 runs on backend 'onnxruntime' with an export "
+                "quantized by `dagan export quantize`"
+            )
         if precision not in ("fp32", "fp16", "bf16", "fp64"):
             raise EngineError(f"precision must be fp32, fp16, bf16 or fp64, got {precision!r}")
         if precision == "fp16" and self.device.type != "cuda":

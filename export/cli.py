@@ -1,4 +1,5 @@
-"""``dagan export onnx|trt``: the ONNX graphs with their manifest, and TensorRT engines built from them."""
+"""``dagan export onnx|trt|quantize``: the ONNX graphs with their manifest, TensorRT engines built from
+them, and an int8 copy of the graphs for the CPU."""
 
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
 
 
 def _cmd_trt(args: argparse.Namespace) -> int:
-    from .trt_build import build_engines, check_batch
+    from .trt_build import build_engines, check_batch_profile
 
-    check_batch(args.max_batch, args.opt_batch)  # bad numbers fail before TensorRT is even imported
+    check_batch_profile(args.max_batch, args.opt_batch)  # bad numbers fail before TensorRT is even imported
     result = build_engines(
         args.onnx, args.out, fp16=args.fp16, max_batch=args.max_batch, opt_batch=args.opt_batch,
         progress=not args.quiet,
@@ -42,6 +43,35 @@ def _cmd_trt(args: argparse.Namespace) -> int:
         f"engines for {result['gpu']} (TensorRT {result['tensorrt']}, "
         f"{'fp16' if result['fp16'] else 'fp32'}, batch 1..{result['max_batch']})"
     )
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .onnx_export import read_manifest
+    from .quantize import GROUPS, face_clips, find_clips, held_out_psnr, quantize_export
+
+    size = int(read_manifest(args.onnx)["image_size"])  # a bad --onnx fails before any video is read
+    keep = [g for g in args.keep_float.split(",") if g] if args.keep_float != "none" else []
+    paths = find_clips(args.calib_clips)
+    clips = face_clips(paths, size, frames_per_clip=args.frames_per_clip, stride=args.stride)
+    manifest = quantize_export(
+        args.onnx, args.out, clips, keep_float=keep, per_channel=not args.per_tensor,
+        method=args.method, quant_format=args.format, progress=not args.quiet,
+    )  # fmt: skip
+    q = manifest["quantization"]
+    print(
+        f"wrote {args.out}: int8 frame graph ({q['format']}, {q['weights']}; float: "
+        f"{', '.join(q['keep_float']) or 'nothing'} of {', '.join(GROUPS)} + every non-conv op), "
+        f"calibrated on {q['calibration']['frames']} frames of {len(clips)} clips in {q['seconds']} s"
+    )
+    if args.check_clips:
+        held = face_clips(find_clips(args.check_clips), size, frames_per_clip=args.frames_per_clip)
+        result = held_out_psnr(args.onnx, args.out, held)
+        print(
+            f"int8 vs fp32 on {result['frames']} frames of {len(held)} held-out clips: PSNR "
+            f"{result['psnr_db']:.2f} dB (min {result['psnr_min_db']:.2f}), relative motion "
+            f"{result['psnr_relative_db']:.2f} dB"
+        )
     return 0
 
 
@@ -62,6 +92,33 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, help="output directory (engines + engines.json + timing cache)")
     t.add_argument("--fp16", action="store_true", help="allow FP16 kernels (recommended)")
     t.add_argument("--max-batch", type=int, default=32, help="largest batch the engines accept")
-    t.add_argument("--opt-batch", type=int, help="batch size to tune for (default: min(max, 8))")
+    t.add_argument(
+        "--opt-batch",
+        type=int,
+        help="batch size to tune for (default: the largest power of two ≤ min(max, 8))",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_cmd_trt)
+
+    q = sub.add_parser(
+        "quantize", help="int8 copy of an ONNX export (static, calibrated on real face clips) for the CPU"
+    )
+    q.add_argument("--onnx", required=True, help="fp32 directory written by `dagan export onnx`")
+    q.add_argument(
+        "--calib-clips", nargs="+", required=True, help="calibration videos or folders of them (real faces)"
+    )
+    q.add_argument("--out", required=True, help="output directory (a complete export, precision int8)")
+    q.add_argument("--frames-per-clip", type=int, default=4, help="driving frames taken from each clip")
+    q.add_argument("--stride", type=int, default=8, help="take every K-th frame of a clip")
+    q.add_argument(
+        "--keep-float",
+        default="kp_detector",
+        help="comma-separated sub-networks of the frame graph left in float (depth_net, kp_detector, "
+        "dense_motion_network, generator), or 'none' (default: kp_detector)",
+    )
+    q.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"))
+    q.add_argument("--format", default="qdq", choices=("qdq", "qoperator"))
+    q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor, not per channel")
+    q.add_argument("--check-clips", nargs="+", help="held-out clips: print int8-vs-fp32 output PSNR on them")
+    q.add_argument("--quiet", action="store_true", help="no progress messages")
+    q.set_defaults(func=_cmd_quantize)

@@ -1,0 +1,356 @@
+"""``dagan export quantize``: an int8 copy of an ONNX export, calibrated on real face crops.
+
+ONNX Runtime's static quantization (:func:`onnxruntime.quantization.quantize_static`) turns the
+``frame`` graph's convolutions into int8 kernels (QDQ format: ``QuantizeLinear`` → ``Conv`` →
+``DequantizeLinear``, which ONNX Runtime's CPU provider fuses into ``QLinearConv`` and runs with AVX-512
+VNNI). Weights are int8, symmetric, one scale per output channel; activations are uint8 with a scale
+and zero point per tensor, taken from the ranges the graph sees on a calibration set.
+
+Why these choices (measured, see docs/export.md):
+
+- **Only the per-frame graph is quantized.** ``source_encoder`` runs once per source photo, and the
+  ``depth`` / ``keypoints`` graphs only when a relative stream takes its reference, so they stay fp32 —
+  int8 there would cost quality and save nothing a viewer notices.
+- **Only convolutions are int8, and not the heads** (the convolutions that feed a sigmoid or softmax,
+  :func:`head_convs`). Everything between them — grid_sample (the warp), softmax (keypoint
+  heatmaps and attention), sigmoid heads (occlusion), the keypoint soft-argmax (ReduceSum over a
+  heatmap × grid product), the motion transfer, the attention MatMuls — stays float: those are cheap,
+  and their inputs are coordinates and probabilities, where an 8-bit step is a visible error.
+- **Calibration data are real faces**, framed exactly as the engine sees them: frames of the real
+  talking-head clips cropped with the project's face module (:mod:`dagan.face`), the first frame of
+  each clip as the source. Calibrating on random noise would give activation ranges no face produces.
+
+The output directory is a complete export (the other graphs are copied unchanged) whose manifest says
+``"precision": "int8"`` and records how it was calibrated; ``OnnxRuntimeEngine(dir, precision="int8")``
+runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dagan.checkpoint import atomic_write
+
+from .onnx_export import MANIFEST, ExportError, read_manifest
+
+# Sub-networks of the frame graph, by the prefix of their node names (the exporter names nodes after
+# the module path). Nodes outside these prefixes belong to the generator (encoder, warp, attention,
+# bottleneck, decoder).
+GROUPS = ("depth_net", "kp_detector", "dense_motion_network", "generator")
+DEFAULT_OPS = ("Conv",)
+METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass
+class FaceClip:
+    """One clip's calibration material: the source crop (its first frame) and driving crops."""
+
+    name: str
+    source: np.ndarray
+    drivers: list[np.ndarray]
+
+
+def face_clips(
+    clips: Sequence[str | Path], size: int, frames_per_clip: int = 4, stride: int = 8
+) -> list[FaceClip]:
+    """Real face crops as the engine gets them: ``source_crop`` of each clip's first frame, then every
+    ``stride``-th frame (after the first) through the tracking :class:`~dagan.face.DrivingCropper`.
+
+    Clips whose first frame has no face are skipped (their source would fail in the service too).
+    """
+    from dagan.face import DrivingCropper, NoFaceError, source_crop
+    from dagan.media import read_video
+
+    out = []
+    for path in clips:
+        frames, _ = read_video(path, max_frames=1 + frames_per_clip * stride)
+        if not frames:
+            continue
+        try:
+            source = source_crop(frames[0], size)
+        except NoFaceError:
+            continue
+        cropper = DrivingCropper(size)
+        drivers = []
+        try:
+            for i, frame in enumerate(frames[1:], start=1):
+                crop = cropper(frame)  # every frame, so the tracker follows the head as it does live
+                if i % stride == 0:
+                    drivers.append(crop)
+        finally:
+            cropper.close()
+        out.append(FaceClip(Path(path).stem, source, drivers[:frames_per_clip]))
+    if not out:
+        raise ExportError("no calibration clip had a face in its first frame")
+    return out
+
+
+def find_clips(paths: Sequence[str | Path]) -> list[Path]:
+    """Video files from a list of files and folders (a folder contributes its *.mp4, sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.iterdir() if q.suffix.lower() in (".mp4", ".avi", ".mov", ".mkv"))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ExportError(f"calibration clip not found: {p}")
+    if not out:
+        raise ExportError(f"no video files in {', '.join(map(str, paths))}")
+    return out
+
+
+def _to_input(image: np.ndarray) -> np.ndarray:
+    """uint8 H×W×3 → 1×3×H×W float32 in [0, 1], the engines' preprocessing for an image at model size."""
+    return (image.astype(np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
+
+
+def frame_feeds(onnx_dir: str | Path, clips: Sequence[FaceClip]) -> Iterator[dict[str, np.ndarray]]:
+    """The frame graph's inputs for every (source, driver) pair: the fp32 source encoder's cached
+    tensors for the clip's source, the driver, and an absolute-motion reference (the transfer inside the
+    graph is element-wise float either way)."""
+    import onnxruntime as ort
+
+    manifest = read_manifest(onnx_dir)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    enc_entry = manifest["graphs"]["source_encoder"]
+    encoder = ort.InferenceSession(
+        str(Path(onnx_dir) / enc_entry["file"]), opts, providers=["CPUExecutionProvider"]
+    )
+    enc_names = [o["name"] for o in enc_entry["outputs"]]
+    specs = {s["name"]: s for s in manifest["graphs"]["frame"]["inputs"]}
+    num_kp = int(manifest["config"]["keypoints"]["num_kp"])
+    for clip in clips:
+        cached = dict(zip(enc_names, encoder.run(None, {"source": _to_input(clip.source)}), strict=True))
+        for driver in clip.drivers:
+            feed = {"driving": _to_input(driver)}
+            for name in specs:
+                if name in cached:
+                    feed[name] = cached[name]
+            feed["kp_reference_value"] = np.zeros((1, num_kp, 2), np.float32)
+            if "kp_reference_jacobian" in specs:
+                feed["kp_reference_jacobian"] = np.tile(np.eye(2, dtype=np.float32), (1, num_kp, 1, 1))
+            feed["motion_scale"] = np.ones((1, 1, 1), np.float32)
+            feed["relative"] = np.zeros((1, 1, 1), np.float32)
+            yield {n: feed[n] for n in specs}
+
+
+def group_of(node_name: str) -> str:
+    """The sub-network a frame-graph node belongs to (see :data:`GROUPS`)."""
+    head = node_name.lstrip("/").split("/", 1)[0]
+    return head if head in GROUPS else "generator"
+
+
+# Ops a head's output may pass through on its way to the sigmoid / softmax (reshapes, the temperature).
+_HEAD_PASSTHROUGH = ("Reshape", "Div", "Mul", "Transpose", "Flatten")
+
+
+def head_convs(graph: Any) -> list[str]:
+    """Convolutions whose output goes (through reshapes / a temperature at most) into a Sigmoid or
+    Softmax: the depth head, keypoint heatmaps, motion mask, occlusion and the output image.
+
+    In QDQ form a quantized conv's *output* is quantized too, so a head in int8 would feed its
+    sigmoid / softmax 8-bit logits: a 1/255-of-range step in depth, in the occlusion map, in the mask
+    that selects each pixel's motion and in the final image. These are single convolutions (the final
+    one is 1 % of vox-256's per-frame FLOPs), so they stay float.
+    """
+    producer = {o: n for n in graph.node for o in n.output}
+    heads = set()
+    for node in graph.node:
+        if node.op_type not in ("Sigmoid", "Softmax"):
+            continue
+        frontier, depth = [node], 0
+        while frontier and depth < 3:
+            nxt = []
+            for n in frontier:
+                for name in n.input:
+                    p = producer.get(name)
+                    if p is None:
+                        continue
+                    if p.op_type == "Conv":
+                        heads.add(p.name)
+                    elif p.op_type in _HEAD_PASSTHROUGH:
+                        nxt.append(p)
+            frontier, depth = nxt, depth + 1
+    return sorted(heads)
+
+
+def excluded_nodes(model_path: str | Path, keep_float: Sequence[str], float_heads: bool = True) -> list[str]:
+    """Names of the nodes quantize_static must leave float: the sub-networks in ``keep_float`` and,
+    with ``float_heads``, every :func:`head_convs` convolution."""
+    import onnx
+
+    bad = sorted(set(keep_float) - set(GROUPS))
+    if bad:
+        raise ExportError(f"unknown sub-network(s) {', '.join(bad)}; choose from {', '.join(GROUPS)}")
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    names = {n.name for n in graph.node if group_of(n.name) in keep_float}
+    if float_heads:
+        names.update(head_convs(graph))
+    return sorted(names)
+
+
+def quantize_export(
+    onnx_dir: str | Path,
+    out_dir: str | Path,
+    clips: Sequence[FaceClip],
+    keep_float: Sequence[str] = ("kp_detector",),
+    op_types: Sequence[str] = DEFAULT_OPS,
+    per_channel: bool = True,
+    method: str = "minmax",
+    quant_format: str = "qdq",
+    float_heads: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write an int8 export of ``onnx_dir`` into ``out_dir`` and return its manifest.
+
+    ``keep_float``: sub-networks of the frame graph left in float (:data:`GROUPS`); ``op_types``: the
+    op types quantized (default: convolutions only); ``method``: how activation ranges are taken from
+    the calibration set (min/max, entropy or the 99.999th percentile); ``float_heads``: keep the
+    convolutions that feed a sigmoid / softmax float (:func:`head_convs`).
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in METHODS:
+        raise ExportError(f"calibration method must be one of {', '.join(METHODS)}, got {method!r}")
+    if quant_format not in ("qdq", "qoperator"):
+        raise ExportError(f"quantization format must be qdq or qoperator, got {quant_format!r}")
+    src = Path(onnx_dir)
+    manifest = read_manifest(src)
+    if manifest.get("precision", "fp32") != "fp32":
+        raise ExportError(f"{src} is already a {manifest['precision']} export; quantize the fp32 export")
+    feeds = list(frame_feeds(src, clips))
+    if not feeds:
+        raise ExportError("the calibration clips gave no driving frames")
+    out = Path(out_dir)
+    if out.resolve() == src.resolve():
+        raise ExportError("--out must be a new directory, not the fp32 export itself")
+    out.mkdir(parents=True, exist_ok=True)
+
+    class _Reader(CalibrationDataReader):
+        """Feeds one calibration frame per ``set_range`` window: with ``CalibStridedMinMax`` = 1 the
+        calibrator reduces each frame's activations to ranges/histograms before the next runs, so memory
+        stays one frame's activations (every tensor of a vox-256 frame graph is ~0.5 GB) whatever the set."""
+
+        def __init__(self) -> None:
+            self._it: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+        def __len__(self) -> int:
+            return len(feeds)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self._it = iter(feeds[start_index:end_index])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._it, None)
+
+    t0 = time.perf_counter()
+    frame_file = manifest["graphs"]["frame"]["file"]
+    with tempfile.TemporaryDirectory(prefix="dagan-quant-") as tmp:
+        pre = Path(tmp) / "frame.pre.onnx"
+        # ONNX shape inference + graph clean-up first, as ONNX Runtime recommends before quantization
+        # (its symbolic shape inference gives up on the dynamic batch of the Resize / GridSample chains)
+        quant_pre_process(str(src / frame_file), str(pre), skip_symbolic_shape=True)
+        exclude = excluded_nodes(pre, keep_float, float_heads)
+        if progress:
+            print(f"calibrating on {len(feeds)} frames of {len(clips)} clips ({method}) …", flush=True)
+        quantize_static(
+            str(pre),
+            str(out / frame_file),
+            _Reader(),
+            quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
+            op_types_to_quantize=list(op_types),
+            per_channel=per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=exclude,
+            calibrate_method={
+                "minmax": CalibrationMethod.MinMax,
+                "entropy": CalibrationMethod.Entropy,
+                "percentile": CalibrationMethod.Percentile,
+            }[method],
+            extra_options={"CalibStridedMinMax": 1, "WeightSymmetric": True},
+        )
+    for graph, entry in manifest["graphs"].items():
+        if graph != "frame":
+            shutil.copy2(src / entry["file"], out / entry["file"])
+    import onnx
+
+    proto = onnx.load(str(out / frame_file), load_external_data=False)
+    ops = sorted({n.op_type for n in proto.graph.node})
+    manifest["graphs"]["frame"].update({"nodes": len(proto.graph.node), "ops": ops})
+    manifest["precision"] = "int8"
+    manifest["quantization"] = {
+        "source": str(src),
+        "graphs": ["frame"],
+        "format": quant_format,
+        "op_types": list(op_types),
+        "per_channel": per_channel,
+        "activations": "uint8 asymmetric, per tensor",
+        "weights": "int8 symmetric" + (", per output channel" if per_channel else ", per tensor"),
+        "method": method,
+        "keep_float": list(keep_float),
+        "float_heads": float_heads,
+        "float_nodes": len(exclude),
+        "calibration": {
+            "clips": [c.name for c in clips],
+            "frames": len(feeds),
+        },
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    atomic_write(out / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))
+    return manifest
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images (capped at 100 dB for identical ones)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 100.0 if mse <= 1e-10 else min(100.0, 10.0 * np.log10(255.0**2 / mse))
+
+
+def output_psnr(reference: Any, test: Any, clips: Sequence[FaceClip], relative: bool = False) -> list[float]:
+    """Per-frame PSNR of ``test``'s avatar frames against ``reference``'s (two :class:`engine.Engine`\\ s)
+    on the same clips: each clip's source animated by its driving crops, absolute or relative motion."""
+    out = []
+    for clip in clips:
+        s_ref = reference.new_session(clip.source, relative=relative)
+        s_test = test.new_session(clip.source, relative=relative)
+        for driver in clip.drivers:
+            a = reference.animate_batch([s_ref], [driver])[0].image
+            b = test.animate_batch([s_test], [driver])[0].image
+            out.append(psnr(a, b))
+    return out
+
+
+def held_out_psnr(fp32_dir: str | Path, int8_dir: str | Path, clips: Sequence[FaceClip]) -> dict[str, Any]:
+    """The int8 export's quality cost: mean / min output PSNR against the fp32 export on ``clips``
+    (absolute motion), and the mean with relative motion (the fp32 keypoint graph sets the reference)."""
+    from engine.onnx_backend import OnnxRuntimeEngine
+
+    ref = OnnxRuntimeEngine(fp32_dir, device="cpu")
+    q = OnnxRuntimeEngine(int8_dir, device="cpu", precision="int8")
+    absolute = output_psnr(ref, q, clips)
+    relative = output_psnr(ref, q, clips, relative=True)
+    return {
+        "frames": len(absolute),
+        "psnr_db": float(np.mean(absolute)),
+        "psnr_min_db": float(np.min(absolute)),
+        "psnr_relative_db": float(np.mean(relative)),
+    }
