@@ -166,3 +166,32 @@ def test_missing_virtual_camera_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "no virtual camera device found" in err and "modprobe v4l2loopback" in err
+
+
+def test_cam_token_flag_reaches_the_remote_client(tmp_path, monkeypatch):
+    """`dagan cam --server URL --token T` hands T to the remote client (which sends it as a Bearer)."""
+    import argparse
+
+    import vcam.remote
+    from vcam.cli import add_commands, run_cam
+
+    seen: dict = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_remote(server, photo, **kwargs):
+        seen.update(server=server, **kwargs)
+        raise Stop
+
+    monkeypatch.setattr(vcam.remote, "RemoteAnimator", fake_remote)
+    src = tmp_path / "src.png"
+    cv2.imwrite(str(src), cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR))
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(
+        ["cam", "--source", str(src), "--server", "http://127.0.0.1:1", "--token", "s3cret"]
+    )
+    with pytest.raises(Stop):
+        run_cam(args, source=object(), sink=object())
+    assert seen["server"] == "http://127.0.0.1:1" and seen["token"] == "s3cret"

@@ -38,7 +38,11 @@ def run_cam(args: argparse.Namespace, source=None, sink=None) -> int:
         from .remote import RemoteAnimator
 
         animator = RemoteAnimator(
-            args.server, photo, relative=not args.absolute, verify_tls=not args.insecure
+            args.server,
+            photo,
+            relative=not args.absolute,
+            verify_tls=not args.insecure,
+            token=args.token,
         )
     else:
         from dagan.animate import resolve_checkpoint, warn_if_untrained
@@ -78,6 +82,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--insecure", action="store_true", help="accept a self-signed TLS certificate (remote mode)"
+    )
+    p.add_argument(
+        "--token",
+        help="the server's access token (remote mode; default $DAGAN_ACCESS_TOKEN or the URL's #token=)",
     )
     p.add_argument("--backend", default="auto", help="local engine backend (auto, torch, ...)")
     p.add_argument(
