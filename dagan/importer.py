@@ -11,10 +11,17 @@ reported in full (missing, unexpected, mis-shaped) instead of producing a half-r
 
 Files are read with ``torch.load(weights_only=True)``: the tensors are loaded without running any code
 pickled into the file. A file that needs more than tensors and plain containers is refused with an
-explanation.
+explanation. Before any tensor is mapped, each file is recognised by its entry names (:func:`file_kind`),
+so a file given to the wrong option (swapped depth files, a bare state dict) gets one sentence with the
+fix instead of hundreds of mismatch lines.
+
+The model size is the release's preset unless ``config`` says otherwise: a preset, one of our YAMLs, or
+the authors' own training YAML, translated by :func:`reference_config`, so checkpoints users trained at
+other sizes with the authors' code import too.
 
 The reference names and shapes are recorded as test data (``tests/data/reference_manifests``); the tests
 build random files in the reference layout from them and check that every tensor lands in the right place.
+``tests/test_golden.py`` checks imported models against outputs of the authors' own inference code.
 """
 
 from __future__ import annotations

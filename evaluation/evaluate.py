@@ -436,7 +436,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     pose = result.get("reference_pose")
     if pose:
         lines += [
-            "At the reference pose (relative, driven by the source frame itself): "
+            "At the reference pose (relative, the first driving frame: the output should be the source): "
             f"PSNR {pose['psnr']:.2f} dB, L1 {pose['l1']:.4f}, SSIM {pose['ssim']:.3f} against the source.",
             "",
         ]
