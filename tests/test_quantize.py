@@ -31,6 +31,7 @@ from export.quantize import (
     face_clips,
     find_clips,
     group_of,
+    held_out_psnr,
     output_psnr,
     quantize_export,
 )
@@ -145,6 +146,10 @@ def test_int8_engine_stays_close_to_fp32(exports, check_crops):
         assert len(scores) == 4
         assert min(scores) >= INT8_MIN_PSNR, (relative, scores)
         assert max(scores) < 100.0  # really a different (quantized) graph, not the fp32 one again
+    # the CLI's --check-clips figure (the graphs run directly, absolute motion) agrees with the engines'
+    graphs = held_out_psnr(fp32, int8, [check_crops])
+    assert graphs["frames"] == 4 and graphs["psnr_min_db"] >= INT8_MIN_PSNR
+    assert abs(graphs["psnr_db"] - float(np.mean(output_psnr(ref, q, [check_crops])))) < 1.0
 
 
 def test_bf16_torch_engine_matches_fp32(model, check_crops):
