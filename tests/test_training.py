@@ -324,6 +324,10 @@ def test_start_and_resume_remove_temp_files_of_killed_saves(face_root, tmp_path,
     for p in _stale_temp_files(run):
         p.write_bytes(b"half a file")
     assert rd.latest() == 1
+    # A mistaken fresh start in the folder (it could be a live run's) is refused before touching it.
+    with pytest.raises(TrainingError, match="--resume"):
+        Trainer("depth", cfg, run, progress=False, tensorboard=False).run()
+    assert all(p.exists() for p in _stale_temp_files(run))
     resumed = Trainer("depth", None, run, resume=True, progress=False, tensorboard=False).run()
     assert resumed.step == 2 and rd.latest() == 2
     assert not any(p.exists() for p in _stale_temp_files(run)) and all(p.exists() for p in keep)

@@ -130,7 +130,8 @@ class RunDir:
         Only names of :func:`~dagan.checkpoint.atomic_write`'s pattern (``.<file>.<random>.tmp``) are
         touched; complete files (``step-*.safetensors``, ``*.state.pt``, ``*.json``, ``config.yaml``) never
         start with a dot, so no complete checkpoint can be removed. Call it only from the one process
-        that writes the folder, before it writes anything.
+        that writes the folder, before it writes anything, and never while another run writes it (its
+        save in flight would lose its temporary file): :meth:`create` does so after its checks.
         """
         removed = []
         for folder in (self.path, self.checkpoints):
@@ -142,22 +143,26 @@ class RunDir:
                     removed.append(p)
         return removed
 
-    def create(self, cfg_text: str, info: dict[str, Any], resume: bool) -> None:
-        """Make (or, on resume, refresh) the folder: ``run.json`` first, then ``config.yaml``.
+    def create(self, cfg_text: str, info: dict[str, Any], resume: bool) -> list[Path]:
+        """Make (or, on resume, refresh) the folder: ``run.json`` first, then ``config.yaml``; returns the
+        stale temporary files it removed (:meth:`clean_stale_temp`).
 
         The order makes ``config.yaml`` the mark of a complete folder. A fresh start refuses a folder that
-        already holds a checkpoint but takes over a half-made one (nothing in it can be lost). On resume
-        ``run.json`` is kept as it is (it holds the inputs of the run's start) and ``config.yaml`` is
-        rewritten with the overrides of this invocation (e.g. more steps).
+        already holds a checkpoint (before touching anything in it: it may be a live run's) but takes over
+        a half-made one (nothing in it can be lost). On resume ``run.json`` is kept as it is (it holds the
+        inputs of the run's start) and ``config.yaml`` is rewritten with the overrides of this invocation
+        (e.g. more steps).
         """
         self.path.mkdir(parents=True, exist_ok=True)
         if not resume and self.latest_file.exists():
             raise TrainingError(
                 f"{self.path} already holds a run; use --resume to continue it or another --run-dir"
             )
+        removed = self.clean_stale_temp()
         if not resume or not self.run_file.exists():
             self.write_json(self.run_file, info)
         atomic_write(self.config_file, lambda tmp: Path(tmp).write_text(cfg_text))
+        return removed
 
     def save(
         self,

@@ -179,12 +179,6 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         if not self.info.main:
             return
-        stale = self.rundir.clean_stale_temp()
-        if stale:
-            print(
-                f"note: removed {len(stale)} temporary file(s) of interrupted writes from {self.rundir.path}",
-                file=sys.stderr,
-            )
         if self.resuming and self.resume_step is None:
             print(
                 f"note: {self.rundir.path} has no checkpoint yet (its run was stopped before the first one): "
@@ -198,7 +192,12 @@ class Trainer:
             "world_size": self.info.world_size,
             "torch": torch.__version__,
         }
-        self.rundir.create(self.cfg.to_yaml(), info, resume=self.resuming)
+        stale = self.rundir.create(self.cfg.to_yaml(), info, resume=self.resuming)
+        if stale:
+            print(
+                f"note: removed {len(stale)} temporary file(s) of interrupted writes from {self.rundir.path}",
+                file=sys.stderr,
+            )
 
     def _announce(self) -> None:
         if not self.info.main:
@@ -210,7 +209,9 @@ class Trainer:
             f"run folder {self.rundir.path}",
             file=sys.stderr,
         )
-        if isinstance(self.stage, DaganStage) and not cfg.dagan.vgg19_weights:
+        if isinstance(self.stage, DaganStage) and not (
+            cfg.dagan.vgg19_weights or cfg.dagan.face_landmark_weights
+        ):
             bar = "!" * 100
             print(
                 f"{bar}\n!! NO VGG19 WEIGHTS CONFIGURED (dagan.vgg19_weights): the perceptual loss is the "
