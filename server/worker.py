@@ -6,7 +6,8 @@ grows when the machine is slower than the cameras):
 1. the session's input slot (filled by the event loop) → a **preparation** job on the
    :class:`~server.pipeline.MediaPool` (YUV → RGB, face detection every ``detect_every`` frames with
    prediction in between, crop), at most one in flight per session, started as soon as a frame is there
-   and the previous prepared frame was taken by the engine, so preparation overlaps the engine call;
+   and the previous prepared frame was taken by the engine; during an engine call, just in time for its
+   expected end, so preparation overlaps the call without handing it a frame one call old;
 2. the session's ready slot → **one batched** ``engine.animate_batch`` call for every session with a
    prepared frame, on this worker's thread (it waits up to ``batch_wait_s`` for preparations already in
    flight, so frames that arrive together are inferred together);
@@ -117,6 +118,12 @@ class InferenceWorker:
         self._detectors: ProcessDetectorPool | None = None
         self.rounds = 0
         self.busy_s = 0.0  # seconds the worker spent in engine calls (saturation, on /metrics)
+        # Just-in-time preparation: while an engine call runs, a session's next frame is prepared only
+        # once the call is about to end (expected end minus a preparation's duration), so the frame the
+        # next call gets is at most one camera interval old, never a whole engine call old.
+        self._busy_until = 0.0  # monotonic time the running engine call is expected to end (0: idle)
+        self._infer_ewma = 0.0  # seconds per engine call
+        self._prep_ewma = 0.0  # seconds per preparation
         metrics.stage_clock = clock
         metrics.worker_busy = lambda: self.busy_s
 
@@ -196,6 +203,9 @@ class InferenceWorker:
         if pool is None:
             return
         live = self.registry.snapshot()
+        # Too early to prepare while the engine call has longer to run than a preparation takes: the
+        # input slot keeps the newest frame meanwhile (and counts the ones it replaces as dropped).
+        too_early = time.monotonic() < self._busy_until - 1.5 * self._prep_ewma - 0.002
         with self._lanes_lock:
             live_ids = {s.id for s in live}
             for sid in [sid for sid in self._lanes if sid not in live_ids]:
@@ -213,6 +223,8 @@ class InferenceWorker:
                 lane = self._lanes.get(session.id)
                 if lane is None:
                     lane = self._lanes[session.id] = self._new_lane()
+                if too_early:
+                    continue
                 with lane.lock:
                     if lane.busy or lane.ready is not None:
                         continue  # one in flight, or the engine has not taken the last one yet
@@ -225,8 +237,10 @@ class InferenceWorker:
                 pool.submit(self._prepare, lane, session, item, seq)
 
     def _prepare(self, lane: Lane, session: LiveSession, item: Any, seq: int) -> None:
+        t0 = time.perf_counter()
         try:
             prepared = prepare(lane, item, seq, self.engine.image_size, self.clock)
+            self._prep_ewma += 0.2 * (time.perf_counter() - t0 - self._prep_ewma)
         except Exception:
             log.exception("session %s: could not read or crop a frame", session.id)
             self.metrics.add("errors")
@@ -303,7 +317,8 @@ class InferenceWorker:
             batch.append((session, lane, prepared, engine_session))
         if not batch:
             return
-        self._schedule()  # the slots just emptied: the next frames are prepared during inference
+        self._busy_until = time.monotonic() + self._infer_ewma
+        self._schedule()  # the slots just emptied: fast engines get the next frames prepared meanwhile
 
         want_depth = any(s.show_depth for s, *_ in batch)
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -314,8 +329,12 @@ class InferenceWorker:
         except Exception:
             log.exception("engine.animate_batch failed for %d session(s)", len(batch))
             self.metrics.add("errors", len(batch))
+            self._busy_until = 0.0
             return
         infer_s, infer_cpu = time.perf_counter() - t0, time.thread_time() - c0
+        self._busy_until = 0.0
+        self._infer_ewma += 0.3 * (infer_s - self._infer_ewma)
+        self._schedule()  # frames that waited for the call's end
         n = len(batch)
         self.clock.add("infer", infer_s, infer_cpu, calls=n)
         self.busy_s += infer_s

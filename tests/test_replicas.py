@@ -49,7 +49,7 @@ def proxy_config(ports: dict[str, int]) -> str:
     """deploy/haproxy.cfg with its Docker server block replaced by the loopback replicas (fast checks)."""
     text = (ROOT / "deploy" / "haproxy.cfg").read_text()
     servers = "\n    ".join(
-        f"server {name} 127.0.0.1:{port} check inter 300ms fall 1 rise 1" for name, port in ports.items()
+        f"server {name} 127.0.0.1:{port} check inter 500ms fall 3 rise 1" for name, port in ports.items()
     )
     text, n = re.subn(r"# BEGIN servers.*?# END servers", servers, text, flags=re.S)
     assert n == 1, "deploy/haproxy.cfg lost its server block markers"
