@@ -103,11 +103,6 @@ def profile_shapes(
     return out
 
 
-# The old name, for export/cli.py's committed version until its quantize edit (which calls
-# check_batch_profile) is committed by its owner; remove then.
-check_batch = check_batch_profile
-
-
 def cache_key(onnx_sha256: str, gpu: str, tensorrt: str, fp16: bool, max_batch: int, opt_batch: int) -> str:
     """Directory name for a set of engines (:func:`dagan.helpers.cache_key`): changes with the weights,
     GPU model, TensorRT version, precision or batch profile — the things that make a cached plan

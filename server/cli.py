@@ -1,15 +1,23 @@
 """``dagan serve``: run the live avatar service with uvicorn.
 
-Every flag has a ``DAGAN_*`` environment variable (flags win), so a container or a systemd unit can be
-configured without a command line.
+The :class:`~server.settings.ServerSettings` flags and their ``DAGAN_*`` environment variables come from
+one table (:data:`SETTING_OPTIONS`: field, flag, variable, help; type and default from the dataclass),
+so a container or a systemd unit can be configured without a command line. Flags win over variables.
+The engine flags (``--backend``, ``--device``, ...) have variables too; ``--absolute``, ``--docs``,
+``--untrained-tiny``, ``--ssl-*`` and ``--log-level`` are flags only (docs/server.md lists them).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dagan.checkpoint import CheckpointError
 
@@ -39,14 +47,155 @@ UNTRAINED_BANNER = """\
 ################################################################################"""
 
 
+# -- ServerSettings on the command line and in the environment, declared once ------------------------
+def _list(text: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (text or "").split(",") if x.strip())
+
+
+def _list_or_none(text: str) -> tuple[str, ...] | None:
+    return _list(text) or None
+
+
+_SETTING_TYPES = typing.get_type_hints(ServerSettings)
+_SETTING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerSettings)}
+EXPOSURE = "exposure beyond localhost (docs/security.md)"
+
+
+@dataclass(frozen=True)
+class SettingOption:
+    """One :class:`ServerSettings` field as a ``dagan serve`` flag and a ``DAGAN_*`` variable.
+
+    The flag (``--max-sessions``) derives from the field name unless given, the default shown in
+    ``--help`` and the type come from the dataclass, and flag and variable go through the same parser
+    (a flag wins over the variable, the variable over the default), so the three cannot drift apart.
+    """
+
+    field: str
+    env: str
+    help: str
+    flag: str | None = None
+    parse: Callable[[str], Any] | None = None  # text → value; default: by the field's type
+    default_text: str | None = None  # for a default that is not a plain value
+    group: str | None = None
+
+    @property
+    def flag_name(self) -> str:
+        return self.flag or "--" + self.field.replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        return self.flag_name[2:].replace("-", "_")
+
+    def convert(self, text: str, source: str) -> Any:
+        if self.parse is not None:
+            return self.parse(text)
+        kind = _SETTING_TYPES[self.field]
+        if kind is int:
+            try:
+                return int(text)
+            except ValueError as err:
+                raise SettingsError(f"{source} must be an integer, got {text!r}") from err
+        if kind is float:
+            try:
+                return float(text)
+            except ValueError as err:
+                raise SettingsError(f"{source} must be a number, got {text!r}") from err
+        return text
+
+    def help_text(self) -> str:
+        default = self.default_text
+        if default is None:
+            value = _SETTING_DEFAULTS[self.field]
+            default = (
+                "none" if value in (None, ()) else f"{value:g}" if isinstance(value, float) else str(value)
+            )
+        return f"{self.help} (env {self.env}; default {default})"
+
+
+SETTING_OPTIONS: tuple[SettingOption, ...] = (
+    SettingOption("host", "DAGAN_HOST", "interface to listen on"),
+    SettingOption("port", "DAGAN_PORT", "TCP port"),
+    SettingOption("max_sessions", "DAGAN_MAX_SESSIONS", "concurrent sessions; one more gets 503"),
+    SettingOption(
+        "ice_host_addresses",
+        "DAGAN_ICE_HOST_ADDRESSES",
+        "comma-separated local addresses to offer as ICE host candidates, e.g. 127.0.0.1",
+        parse=_list_or_none,
+        default_text="all non-loopback interfaces",
+    ),
+    SettingOption(
+        "output_size", "DAGAN_OUTPUT_SIZE", "avatar video side in pixels (the model output is resized to it)"
+    ),
+    SettingOption(
+        "client_dir",
+        "DAGAN_CLIENT_DIR",
+        "serve the browser client from this folder",
+        parse=Path,
+        default_text="the installed client_web page",
+    ),
+    SettingOption(
+        "access_token",
+        "DAGAN_ACCESS_TOKEN",
+        "require this bearer token on every /api route and /metrics; 'random' makes one and prints it. "
+        "The page takes it from its address: http://HOST:PORT/#token=TOKEN",
+        group=EXPOSURE,
+    ),
+    SettingOption(
+        "allowed_hosts",
+        "DAGAN_ALLOWED_HOSTS",
+        "comma-separated host names the server answers to, e.g. avatar.example.org",
+        parse=_list_or_none,
+        default_text="loopback names when bound to loopback, else any",
+        group=EXPOSURE,
+    ),
+    SettingOption(
+        "allowed_origins",
+        "DAGAN_ALLOWED_ORIGINS",
+        "comma-separated other web origins allowed to call the API",
+        parse=_list,
+        group=EXPOSURE,
+    ),
+    SettingOption(
+        "turn_urls",
+        "DAGAN_TURN_URLS",
+        "TURN server URLs using coturn's REST API secret, e.g. turn:turn.example.org:3478",
+        parse=_list,
+        group=EXPOSURE,
+    ),
+    SettingOption(
+        "turn_secret",
+        "DAGAN_TURN_SECRET",
+        "coturn's static-auth-secret: credentials are minted per session",
+        group=EXPOSURE,
+    ),
+    SettingOption(
+        "turn_ttl_s",
+        "DAGAN_TURN_TTL",
+        "TURN credential lifetime in seconds",
+        flag="--turn-ttl",
+        group=EXPOSURE,
+    ),
+    SettingOption(
+        "sessions_per_minute",
+        "DAGAN_SESSIONS_PER_MINUTE",
+        f"new sessions per client address per minute after a burst of {_SETTING_DEFAULTS['session_burst']}",
+        group=EXPOSURE,
+    ),
+)
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
         help="run the live WebRTC avatar service (browser page at http://HOST:PORT/)",
         description="Serve the browser client and the WebRTC avatar API. Flags override DAGAN_* variables.",
     )
-    p.add_argument("--host", help="interface to listen on (env DAGAN_HOST, default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="TCP port (env DAGAN_PORT, default 8000)")
+    groups = {None: p, EXPOSURE: p.add_argument_group(EXPOSURE)}
+    for opt in SETTING_OPTIONS:  # ServerSettings fields: flag, variable and default from one table
+        kind = _SETTING_TYPES[opt.field]
+        typed = {"type": kind} if kind in (int, float) and opt.parse is None else {}
+        groups[opt.group].add_argument(opt.flag_name, dest=opt.dest, help=opt.help_text(), **typed)
+    # The engine and the process (not ServerSettings fields).
     p.add_argument(
         "--backend",
         help="engine backend: auto, torch, onnxruntime or tensorrt (env DAGAN_BACKEND, default auto)",
@@ -57,7 +206,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", help="auto, cpu or cuda[:N] (env DAGAN_DEVICE, default auto)")
     p.add_argument("--precision", help="fp32, fp16 (CUDA) or bf16 (env DAGAN_PRECISION, default fp32)")
-    p.add_argument("--max-sessions", type=int, help="concurrent sessions (env DAGAN_MAX_SESSIONS, default 8)")
     p.add_argument(
         "--ice-servers",
         help="STUN/TURN servers for use beyond a LAN: comma-separated URLs or a JSON list of RTCIceServer "
@@ -65,13 +213,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--ice-username", help="TURN username for --ice-servers URLs (env DAGAN_ICE_USERNAME)")
     p.add_argument("--ice-credential", help="TURN credential (env DAGAN_ICE_CREDENTIAL)")
-    p.add_argument(
-        "--ice-host-addresses",
-        help="comma-separated local addresses to offer as ICE host candidates, e.g. 127.0.0.1 "
-        "(env DAGAN_ICE_HOST_ADDRESSES; default: all non-loopback interfaces)",
-    )
     p.add_argument("--absolute", action="store_true", help="absolute instead of relative motion by default")
-    p.add_argument("--output-size", type=int, help="avatar video side in pixels (env DAGAN_OUTPUT_SIZE, 256)")
     p.add_argument(
         "--ssl-certfile", help="TLS certificate: browsers only allow the camera on https or localhost"
     )
@@ -87,100 +229,41 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="PyTorch CPU threads (env DAGAN_TORCH_THREADS; default half the cores, at least 1: the video "
         "codecs and face tracking need the rest)",
     )
-    p.add_argument("--client-dir", help="serve the browser client from this folder (env DAGAN_CLIENT_DIR)")
-    g = p.add_argument_group("exposure beyond localhost (docs/security.md)")
-    g.add_argument(
-        "--access-token",
-        help="require this bearer token on every /api route and /metrics; 'random' makes one and prints it "
-        "(env DAGAN_ACCESS_TOKEN). The page takes it from its address: http://HOST:PORT/#token=TOKEN",
-    )
-    g.add_argument(
-        "--allowed-hosts",
-        help="comma-separated host names the server answers to, e.g. avatar.example.org (env "
-        "DAGAN_ALLOWED_HOSTS; default: loopback names when bound to loopback, else any)",
-    )
-    g.add_argument(
-        "--allowed-origins",
-        help="comma-separated other web origins allowed to call the API (env DAGAN_ALLOWED_ORIGINS)",
-    )
-    g.add_argument(
-        "--turn-urls",
-        help="TURN server URLs using coturn's REST API secret, e.g. turn:turn.example.org:3478 "
-        "(env DAGAN_TURN_URLS)",
-    )
-    g.add_argument(
-        "--turn-secret",
-        help="coturn's static-auth-secret: credentials are minted per session (env DAGAN_TURN_SECRET)",
-    )
-    g.add_argument(
-        "--turn-ttl", type=int, help="TURN credential lifetime in seconds (env DAGAN_TURN_TTL, 21600)"
-    )
-    g.add_argument(
-        "--sessions-per-minute",
-        type=float,
-        help="new sessions per client address per minute after a burst of 10 "
-        "(env DAGAN_SESSIONS_PER_MINUTE, 20)",
-    )
-    g.add_argument(
+    groups[EXPOSURE].add_argument(
         "--docs", action="store_true", help="serve Swagger UI at /docs (it loads scripts from a CDN)"
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_cmd_serve)
 
 
-def _list(text: str | None) -> tuple[str, ...]:
-    return tuple(x.strip() for x in (text or "").split(",") if x.strip())
-
-
 def settings_from_args(args: argparse.Namespace, untrained: bool = False) -> ServerSettings:
-    """Flags, then environment variables, then defaults."""
-    defaults = ServerSettings()
-    hosts = args.ice_host_addresses or _env("DAGAN_ICE_HOST_ADDRESSES")
-    client_dir = args.client_dir or _env("DAGAN_CLIENT_DIR")
-    token = args.access_token or _env("DAGAN_ACCESS_TOKEN")
-    if token == "random":
+    """Flags, then environment variables, then defaults (:data:`SETTING_OPTIONS`)."""
+    values: dict[str, Any] = {}
+    for opt in SETTING_OPTIONS:
+        value = getattr(args, opt.dest)  # argparse already converted int/float flags
+        if value is None and (text := _env(opt.env)) is not None:
+            value = opt.convert(text, f"${opt.env}")
+        elif isinstance(value, str):
+            value = opt.convert(value, opt.flag_name)
+        if value is not None:
+            values[opt.field] = value
+    # The page folder is checked when it is passed explicitly, so pass the default one too: a broken
+    # install fails here with a message naming --client-dir, not on the first page request.
+    values.setdefault("client_dir", ServerSettings().client_dir)
+    if values.get("access_token") == "random":
         from .guard import new_token
 
-        token = args.access_token = new_token()  # the same token when called again after loading weights
-    allowed_hosts = _list(args.allowed_hosts or _env("DAGAN_ALLOWED_HOSTS"))
-    rate = args.sessions_per_minute
-    if rate is None:
-        text = _env("DAGAN_SESSIONS_PER_MINUTE")
-        try:
-            rate = float(text) if text is not None else defaults.sessions_per_minute
-        except ValueError as err:
-            raise SettingsError(f"$DAGAN_SESSIONS_PER_MINUTE must be a number, got {text!r}") from err
+        # the same token when called again after loading weights
+        values["access_token"] = args.access_token = new_token()
     return ServerSettings(
-        host=args.host or _env("DAGAN_HOST", defaults.host),
-        port=args.port if args.port is not None else _env_int("DAGAN_PORT", defaults.port),
-        max_sessions=(
-            args.max_sessions
-            if args.max_sessions is not None
-            else _env_int("DAGAN_MAX_SESSIONS", defaults.max_sessions)
-        ),
+        **values,
         ice_servers=parse_ice_servers(
             args.ice_servers or _env("DAGAN_ICE_SERVERS"),
             args.ice_username or _env("DAGAN_ICE_USERNAME"),
             args.ice_credential or _env("DAGAN_ICE_CREDENTIAL"),
         ),
-        ice_host_addresses=tuple(h.strip() for h in hosts.split(",") if h.strip()) if hosts else None,
-        output_size=(
-            args.output_size
-            if args.output_size is not None
-            else _env_int("DAGAN_OUTPUT_SIZE", defaults.output_size)
-        ),
         relative=not args.absolute,
         untrained=untrained,
-        client_dir=Path(client_dir) if client_dir else defaults.client_dir,
-        access_token=token,
-        allowed_hosts=allowed_hosts or None,
-        allowed_origins=_list(args.allowed_origins or _env("DAGAN_ALLOWED_ORIGINS")),
-        turn_urls=_list(args.turn_urls or _env("DAGAN_TURN_URLS")),
-        turn_secret=args.turn_secret or _env("DAGAN_TURN_SECRET"),
-        turn_ttl_s=args.turn_ttl
-        if args.turn_ttl is not None
-        else _env_int("DAGAN_TURN_TTL", defaults.turn_ttl_s),
-        sessions_per_minute=rate,
         docs=args.docs,
     )
 
@@ -250,8 +333,8 @@ def build_engine(args: argparse.Namespace):
 
 def _set_torch_threads(threads: int) -> None:
     """CPU inference shares the machine with VP8 encoding/decoding and face detection; PyTorch's default
-    (one thread per core, spinning while idle) starves them. Measured on 2 cores with the tiny preset:
-    1 thread gave 10 ms per frame and 24 fps, 2 threads 20 ms and 20 fps."""
+    (one thread per core, spinning while idle) starves them, so the default is half the cores (the
+    measurement behind it is in docs/benchmarks.md)."""
     import torch
 
     if threads <= 0:

@@ -116,7 +116,7 @@ class ServerSettings:
     idle_timeout_s: float = 60.0
     # A connected peer that sends no video frame for this long has vanished: its session is freed.
     peer_timeout_s: float = 8.0
-    # Side of the avatar video sent back (the model's own size is upscaled to it; never downscaled).
+    # Side of the avatar video sent back: the model's output is resized to it (bilinear up, INTER_AREA down).
     output_size: int = 256
     relative: bool = True
     # The browser page. None: the page shipped with the package (default_client_dir), checked only once
