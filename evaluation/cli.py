@@ -90,7 +90,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="inference engine to measure (the deployed path); default torch",
     )
     p.add_argument(
-        "--precision", default="fp32", choices=("fp32", "fp16"), help="engine precision (fp16: GPU only)"
+        "--precision",
+        default="fp32",
+        choices=("fp32", "fp16", "bf16", "int8"),
+        help="engine precision: fp16 GPU only; bf16 torch on a CPU with AVX-512 BF16; int8 onnxruntime "
+        "on an export made by `dagan export quantize`",
     )
     p.add_argument(
         "--mode",
