@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -59,19 +57,21 @@ def probe_tensorrt() -> str | None:
     return str(tensorrt.__version__)
 
 
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()[:16]
+def file_digest(path: Path) -> str:
+    """The weights' SHA-256 (the project's one :func:`dagan.helpers.file_sha256`)."""
+    from dagan.helpers import file_sha256
+
+    return file_sha256(path)
 
 
 def cache_key(gpu: str | None, trt_version: str | None, digest: str) -> str:
-    """Folder name for one (GPU model, TensorRT version, weights) combination; filesystem-safe."""
-    base = "cpu-onnxruntime" if gpu is None or trt_version is None else f"{gpu}-trt{trt_version}"
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("_")
-    return f"{slug}-{digest}"
+    """Folder name for one (GPU model, TensorRT version, weights) combination: the project's one cache-key
+    scheme (:func:`dagan.helpers.cache_key`, also used by the ONNX cache and the TensorRT builder),
+    labelled with what the folder is for so a person listing the volume can tell."""
+    from dagan.helpers import cache_key as project_cache_key
+
+    label = "cpu-onnxruntime" if gpu is None or trt_version is None else f"{gpu}-trt{trt_version}"
+    return project_cache_key(digest, gpu, trt_version, label=label)
 
 
 @contextlib.contextmanager

@@ -39,6 +39,7 @@ import torch
 
 from dagan.errors import UserError
 from dagan.face import face_landmarks
+from dagan.helpers import resolve_device
 
 from . import metrics as M
 from .assets import find_eval_assets
@@ -326,7 +327,7 @@ def evaluate(
                 "(run dagan fetch-eval-assets)"
             )
         else:
-            analyzer = FaceAnalyzer(folder, device=_resolve_device(device))
+            analyzer = FaceAnalyzer(folder, device=resolve_device(device))
             if analyzer.expression is None:
                 notes.append("expression_agreement is null: face_expression_model not in the assets folder")
     else:
@@ -398,12 +399,6 @@ def evaluate(
     if reference_pose["psnr"]:
         result["reference_pose"] = {k: float(np.mean(v)) for k, v in reference_pose.items()}
     return result
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ------------------------------------------------------------------------------------------- reports

@@ -93,9 +93,20 @@ def test_failed_or_incomplete_build_is_never_used(tmp_path, ckpt):
 
 
 def test_cache_key():
+    from dagan.helpers import cache_key
+
     k = ep.cache_key("NVIDIA GeForce RTX 4090", "10.7.0", "abc123")
-    assert k == "NVIDIA_GeForce_RTX_4090-trt10.7.0-abc123"
-    assert ep.cache_key(None, None, "abc123") == "cpu-onnxruntime-abc123"
+    assert k == cache_key(
+        "abc123", "NVIDIA GeForce RTX 4090", "10.7.0", label="NVIDIA GeForce RTX 4090-trt10.7.0"
+    )
+    assert k.startswith("NVIDIA_GeForce_RTX_4090-trt10.7.0-") and len(k.rsplit("-", 1)[1]) == 16
+    assert ep.cache_key(None, None, "abc123").startswith("cpu-onnxruntime-")
+    # any change of weights, GPU or TensorRT gives another folder
+    keys = {
+        ep.cache_key(g, t, d)
+        for g, t, d in [("A", "1", "x"), ("B", "1", "x"), ("A", "2", "x"), ("A", "1", "y")]
+    }
+    assert len(keys) == 4
     assert "/" not in ep.cache_key("weird/gpu name", "10", "d")
 
 

@@ -122,8 +122,7 @@ class Trainer:
         self.info, self.device = setup_distributed(cfg.device)
 
         if stage == "dagan" and self.resume_step is None:
-            needs_depth = cfg.model.keypoints.use_depth or cfg.model.generator.attention.enabled
-            if needs_depth and not depth_checkpoint:
+            if cfg.model.needs_depth and not depth_checkpoint:
                 raise TrainingError(
                     "this model uses depth: pass --depth CKPT, the checkpoint written by `dagan train depth`"
                 )
