@@ -201,8 +201,6 @@ def test_layers_point_one_way():
     application = {
         root / "dagan" / "cli.py",
         root / "dagan" / "animate.py",
-        # the whole-service benchmark drives server/ (an application tool that lives beside engine/bench)
-        root / "engine" / "server_bench.py",
     }
     for package, forbidden in above.items():
         for path in (root / package).rglob("*.py"):

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine import server_bench as sb
+from server import bench as sb
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY = shutil.which("haproxy") or next(

@@ -1,4 +1,4 @@
-"""The server benchmark (engine/server_bench.py) and the prepared GPU check (scripts/gpu_check.sh).
+"""The server benchmark (server/bench.py) and the prepared GPU check (scripts/gpu_check.sh).
 
 The benchmark runs for real, briefly: one client, the zero-cost engine, a few seconds, so CI proves that
 it starts a server, gets video back, pairs frames for latency and reads every stage from /metrics. The
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import server_bench as sb
+from server import bench as sb
 from server.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def test_stage_table_from_two_scrapes():
 @pytest.mark.slow
 def test_server_bench_one_stream_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "engine.server_bench", "--engine", "zero", "--streams", "1"]
+    cmd = [sys.executable, "-m", "server.bench", "--engine", "zero", "--streams", "1"]
     cmd += ["--seconds", "3", "--warmup", "1", "--budget-s", "150", "--detect-every", "3", "--json", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=240)
     (result,) = json.loads(out.read_text())

@@ -1,4 +1,4 @@
-"""``python -m engine.server_bench``: streams per machine for ``dagan serve``, end to end on loopback.
+"""``python -m server.bench``: streams per machine for ``dagan serve``, end to end on loopback.
 
 N aiortc clients send 640×480 video at 25 fps to a real server process (``dagan serve``'s app, started
 here in a child process so its CPU time is its own) and receive the avatar back. The driving video is a
@@ -36,7 +36,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .base import Engine, FrameResult, Session, check_batch
+from engine.base import Engine, FrameResult, Session, check_batch
 
 FPS = 25
 TICK = 90_000 // FPS
@@ -320,7 +320,7 @@ def serve_main(argv: list[str]) -> None:
 
 @contextlib.contextmanager
 def server_process(engine: str, max_sessions: int, env: dict[str, str]) -> Any:
-    cmd = [sys.executable, "-m", "engine.server_bench", "--serve", "--engine", engine]
+    cmd = [sys.executable, "-m", "server.bench", "--serve", "--engine", engine]
     cmd += ["--max-sessions", str(max_sessions)]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **env}, cwd=Path(__file__).parent.parent
@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--serve"]:
         serve_main(argv[1:])
         return 0
-    p = argparse.ArgumentParser(prog="python -m engine.server_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", default="zero,bundled", help="comma list of zero, bundled")
     p.add_argument("--streams", default="1,2,4,6,8,10,12", help="N values of the sweep, in order")
     p.add_argument("--seconds", type=float, default=8.0, help="measured window per N")
