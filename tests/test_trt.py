@@ -377,3 +377,32 @@ def test_real_tensorrt_fp16_close_to_torch(model, onnx_dir, tmp_path):
     ref.set_source(src)
     diff = np.abs(eng.animate(drv).image.astype(int) - ref.animate(drv).image.astype(int))
     assert diff.mean() < 2.0
+
+
+def test_live128_builds_and_runs_through_the_tensorrt_builder(tmp_path):
+    """The bundled preset (warped skip tensors among the cached inputs) through the builder and the
+    TensorRT runtime, against onnxruntime on the same export."""
+    from dagan.config import load_config
+
+    m = make_model(load_config("live-128"), seed=3)
+    onnx_dir = tmp_path / "onnx"
+    export_model(m, onnx_dir, progress=False)
+    trt = make_fake_trt()
+    out = tmp_path / "engines"
+    build_engines(onnx_dir, out, fp16=True, max_batch=2, progress=False, trt=trt, gpu=GPU)
+    frame_cfg = trt.builds[-1]["config"]
+    assert frame_cfg.profiles[0].shapes["driving"][2] == (2, 3, 128, 128)
+    assert frame_cfg.profiles[0].shapes["source_skip0"][2] == (2, 16, 128, 128)
+    assert frame_cfg.profiles[0].shapes["source_skip1"][2] == (2, 32, 64, 64)
+    eng = TensorRTEngine(out, device="cpu", trt=trt, gpu=GPU)
+    ref = OnnxRuntimeEngine(onnx_dir, device="cpu")
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (128, 128, 3), dtype=np.uint8) for _ in range(4)]
+    got = eng.animate_batch(
+        [eng.new_session(frames[0]), eng.new_session(frames[1], relative=True)], frames[2:]
+    )
+    want = ref.animate_batch(
+        [ref.new_session(frames[0]), ref.new_session(frames[1], relative=True)], frames[2:]
+    )
+    for g, w in zip(got, want, strict=True):
+        assert g.image.shape == (128, 128, 3) and np.array_equal(g.image, w.image)
