@@ -37,11 +37,13 @@ from export.quantize import (
 )
 
 BUNDLED = Path(__file__).resolve().parents[1] / "weights" / "dagan-default.safetensors"
-# Bounds, with margin under what the bundled 64×64 model measures on the real clips (int8 ≈ 48 dB with
-# the keypoint detector in float, bf16 ≈ 47 dB; see docs/export.md): a broken quantization (wrong
-# scales, a quantized coordinate path) lands far below them, at 15–30 dB.
+# Bounds, with margin under what the bundled models measure on the real clips: the old 64×64 tiny gave
+# int8 ≈ 48 dB (keypoint detector in float) and bf16 ≈ 47 dB (docs/export.md); the 128×128 live-128
+# default gives int8 >= 35 dB and bf16 32.6–38.0 dB on these check frames (bf16 keeps 8 mantissa bits
+# through a deeper net at 4× the pixels). A broken path (wrong scales, a quantized coordinate path, a
+# bf16 grid) lands far below, at 15–28 dB.
 INT8_MIN_PSNR = 35.0
-BF16_MIN_PSNR = 35.0
+BF16_MIN_PSNR = 31.0
 
 
 def _clip(image: np.ndarray, path: Path, frames: int = 9, seed: int = 0) -> Path:
