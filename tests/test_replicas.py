@@ -207,9 +207,10 @@ def test_sessions_pinned_to_their_replica_and_moved_when_it_dies(tmp_path):
     for (sid, name), status in out["direct"].items():
         owner = out["owner_of"][sid]
         assert status == (200 if name == owner else 404), (sid, name, status, owner)
-    assert out["moved"] == ["r2"] * 4, out["moved"]
+    assert out["moved"] == ["r2"] * owners.count("r1"), out["moved"]  # every client of r1, to r2
     assert out["survivors"] == ["r2"] * 8
     # After the move the proxy's /metrics came from the survivor, which holds all 8 sessions.
     assert out["metrics"]['dagan_replica_info{replica="r2"}'] == 1
     assert out["metrics"]["dagan_active_sessions"] == 8
-    print(f"\nreplica failover: 4 clients moved to r2 in {out['reconnect_s']:.1f} s after r1 was killed")
+    n = owners.count("r1")
+    print(f"\nreplica failover: {n} clients moved to r2 in {out['reconnect_s']:.1f} s after r1 was killed")
