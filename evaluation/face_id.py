@@ -35,6 +35,7 @@ __all__ = [
     "EXPRESSION_LABELS",
     "ExpressionNet",
     "FaceAnalyzer",
+    "FaceFeatureExtractor",
     "FaceRecognitionNet",
     "TfjsWeightsError",
     "align_box",
@@ -343,7 +344,34 @@ class _DenseBlock4(nn.Module):
             getattr(self, f"conv{i}").load(weights, f"{prefix}/conv{i}", used)
 
 
-class ExpressionNet(nn.Module):
+class FaceFeatureExtractor(nn.Module):
+    """face-api's FaceFeatureExtractor, shared by its expression and 68-point landmark nets: four dense
+    blocks, B×3×H×W RGB in [0, 1] → maps of 32, 64, 128, 256 channels at H/2, H/4, H/8, H/16."""
+
+    BLOCKS = ("dense0", "dense1", "dense2", "dense3")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense0 = _DenseBlock4(3, 32, first=True)
+        self.dense1 = _DenseBlock4(32, 64, first=False)
+        self.dense2 = _DenseBlock4(64, 128, first=False)
+        self.dense3 = _DenseBlock4(128, 256, first=False)
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of every dense block, first to last."""
+        out = []
+        x = _normalize(x)
+        for name in self.BLOCKS:
+            x = getattr(self, name)(x)
+            out.append(x)
+        return out
+
+    def load_blocks(self, weights: dict[str, np.ndarray], used: set[str]) -> None:
+        for name in self.BLOCKS:
+            getattr(self, name).load(weights, name, used)
+
+
+class ExpressionNet(FaceFeatureExtractor):
     """B×3×112×112 RGB in [0, 1] -> B×7 expression probabilities (order: :data:`EXPRESSION_LABELS`).
 
     Four dense blocks (32, 64, 128, 256 channels; 112 -> 56 -> 28 -> 14 -> 7), 7×7 average pool,
@@ -352,21 +380,15 @@ class ExpressionNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.dense0 = _DenseBlock4(3, 32, first=True)
-        self.dense1 = _DenseBlock4(32, 64, first=False)
-        self.dense2 = _DenseBlock4(64, 128, first=False)
-        self.dense3 = _DenseBlock4(128, 256, first=False)
         self.fc = nn.Linear(256, 7)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.dense3(self.dense2(self.dense1(self.dense0(_normalize(x)))))
-        out = F.avg_pool2d(out, 7, 2).flatten(1)
+        out = F.avg_pool2d(self.feature_maps(x)[-1], 7, 2).flatten(1)
         return torch.softmax(self.fc(out), dim=1)
 
     def load_tfjs(self, weights: dict[str, np.ndarray]) -> ExpressionNet:
         used: set[str] = set()
-        for name in ("dense0", "dense1", "dense2", "dense3"):
-            getattr(self, name).load(weights, name, used)
+        self.load_blocks(weights, used)
         _copy(self.fc.weight, _take(weights, "fc/weights", used).T.copy(), "fc")
         _copy(self.fc.bias, _take(weights, "fc/bias", used), "fc")
         _check_all_used(weights, used, "face expression model")

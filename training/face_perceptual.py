@@ -23,38 +23,28 @@ import torch
 from torch import nn
 
 from dagan.errors import UserError
-from evaluation.face_id import _DenseBlock4, _normalize, read_tfjs_weights
+from evaluation.face_id import FaceFeatureExtractor, read_tfjs_weights
 
 MANIFEST = "face_landmark_68_model-weights_manifest.json"
 
 
-class FaceLandmarkFeatures(nn.Module):
-    """face-api's landmark-68 feature extractor: B×3×H×W in [0, 1] → 4 maps at H/2, H/4, H/8, H/16.
+class FaceLandmarkFeatures(FaceFeatureExtractor):
+    """face-api's landmark-68 feature extractor, frozen: B×3×H×W in [0, 1] → 4 maps at H/2 … H/16.
 
-    Channels 32, 64, 128, 256. It was trained at 112×112; it is fully convolutional, so other sizes
-    work (the pyramid feeds it 128, 64, 32, ...). The landmark regression head is not built.
+    It was trained at 112×112; it is fully convolutional, so other sizes work (the pyramid feeds it 128,
+    64, 32, ...). The landmark regression head is not built.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.dense0 = _DenseBlock4(3, 32, first=True)
-        self.dense1 = _DenseBlock4(32, 64, first=False)
-        self.dense2 = _DenseBlock4(64, 128, first=False)
-        self.dense3 = _DenseBlock4(128, 256, first=False)
         self.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = []
-        x = _normalize(x)
-        for block in (self.dense0, self.dense1, self.dense2, self.dense3):
-            x = block(x)
-            out.append(x)
-        return out
+        return self.feature_maps(x)
 
     def load_tfjs(self, weights: dict) -> FaceLandmarkFeatures:
         used: set[str] = set()
-        for name in ("dense0", "dense1", "dense2", "dense3"):
-            getattr(self, name).load(weights, name, used)
+        self.load_blocks(weights, used)
         left = sorted(set(weights) - used - {"fc/weights", "fc/bias"})
         if left:
             raise FaceLossWeightsError(f"landmark model has tensors this network does not use: {left[:4]}")
