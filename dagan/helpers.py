@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,16 @@ def depth_to_images(depth: torch.Tensor) -> list[np.ndarray]:
     lo, hi = d.min(1, keepdim=True).values, d.max(1, keepdim=True).values
     d = ((d - lo) / (hi - lo).clamp_min(1e-6)).view_as(depth)
     return [img[..., 0] for img in tensor_to_images(d)]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop a child process we started: SIGTERM, then SIGKILL if it has not exited within ``timeout``
+    seconds, and reap it either way (no zombie, no leaked server between tests or benchmark runs)."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -109,6 +109,24 @@ class SdpMessage(BaseModel):
     type: Literal["offer", "answer"]
 
 
+# OpenAPI request body of the two photo routes (they read the multipart stream themselves, so FastAPI
+# cannot infer it): one field 'file'.
+_PHOTO_UPLOAD = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                }
+            }
+        },
+    }
+}
+
+
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorBody} for c in codes}
 
@@ -723,20 +741,7 @@ def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
         response_model=SourceInfo,
         summary="Upload the photo to animate (multipart field 'file'); replaces the previous one",
         responses=_errors(400, 401, 404, 413, 415, 422, 503),
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {"file": {"type": "string", "format": "binary"}},
-                            "required": ["file"],
-                        }
-                    }
-                },
-            }
-        },
+        openapi_extra=_PHOTO_UPLOAD,
     )
     async def put_source(session_id: str, request: Request) -> SourceInfo:
         session = service.get(session_id)
@@ -747,20 +752,7 @@ def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
         response_model=CheckedSource,
         summary="Check a photo (multipart field 'file') without a session: decodable, in limits, a face",
         responses=_errors(400, 401, 413, 415, 422, 503),
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {
-                        "schema": {
-                            "type": "object",
-                            "properties": {"file": {"type": "string", "format": "binary"}},
-                            "required": ["file"],
-                        }
-                    }
-                },
-            }
-        },
+        openapi_extra=_PHOTO_UPLOAD,
     )
     async def source_check(request: Request) -> CheckedSource:
         return await service.check_source(await read_photo(request))

@@ -36,6 +36,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from dagan.helpers import stop_process
 from engine.base import Engine, FrameResult, Session, check_batch
 
 FPS = 25
@@ -340,12 +341,7 @@ def server_process(engine: str, max_sessions: int, env: dict[str, str]) -> Any:
             raise RuntimeError(f"the benchmark server did not start (exit code {proc.poll()})")
         yield proc, port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def _proc_cpu_s(pid: int) -> float:

@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dagan.helpers import stop_process
 from server import bench as sb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,13 +68,7 @@ def started(cmd: list[str], env: dict[str, str], log: Path):
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:

@@ -28,6 +28,7 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError
 
+from dagan.helpers import stop_process
 from server.guard import turn_credentials
 from server.settings import ServerSettings
 
@@ -99,12 +100,7 @@ def coturn(tmp_path_factory):
             assert time.monotonic() < deadline, "coturn did not answer STUN within 15 s"
         yield port, folder / "turnserver.log"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)
         log.close()
 
 
