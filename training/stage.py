@@ -79,6 +79,20 @@ class Stage(ABC):
     @abstractmethod
     def train_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]: ...
 
+    def _video_dataset(self, cls: type, root: str, **extra) -> torch.utils.data.Dataset:
+        """``cls`` (a :mod:`training.data` dataset) over ROOT/train with the run's size, repeats,
+        augmentation and seed; ``extra`` are the stage's own arguments."""
+        d = self.cfg.data
+        return cls(
+            root,
+            "train",
+            self.cfg.model.image_size,
+            repeats=d.repeats,
+            augment=d.augment,
+            seed=self.cfg.seed,
+            **extra,
+        )
+
     @abstractmethod
     def tensors(self) -> dict[str, torch.Tensor]:
         """The weights to checkpoint, under the checkpoint format's group prefixes."""

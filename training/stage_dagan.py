@@ -68,14 +68,7 @@ class DaganStage(Stage):
         self._last: dict[str, Any] | None = None
 
     def dataset(self, root: str):
-        return SourceDrivingDataset(
-            root,
-            "train",
-            self.cfg.model.image_size,
-            repeats=self.cfg.data.repeats,
-            augment=self.cfg.data.augment,
-            seed=self.cfg.seed,
-        )
+        return self._video_dataset(SourceDrivingDataset, root)
 
     def set_train(self) -> None:
         self.gen_net.train()

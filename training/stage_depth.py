@@ -49,15 +49,7 @@ class DepthStage(Stage):
         self._last: dict[str, torch.Tensor] | None = None
 
     def dataset(self, root: str):
-        return ConsecutiveFramesDataset(
-            root,
-            "train",
-            self.cfg.model.image_size,
-            repeats=self.cfg.data.repeats,
-            augment=self.cfg.data.augment,
-            seed=self.cfg.seed,
-            offsets=self.cfg.depth.source_offsets,
-        )
+        return self._video_dataset(ConsecutiveFramesDataset, root, offsets=self.cfg.depth.source_offsets)
 
     def set_train(self) -> None:
         self.net.train()
