@@ -23,7 +23,7 @@ import numpy as np
 
 from dagan.media import load_image
 
-from .data import FRAME_EXTENSIONS, LANDMARKS_FILE, _natural_key
+from .data import LANDMARKS_FILE, Video, _natural_key
 
 # mediapipe face-mesh indices: outer/inner eye corners (both eyes), nose tip, mouth corners, upper and
 # lower lip, chin, left/right jaw, left/right brow, forehead. Spread over the face so every region moves.
@@ -64,10 +64,7 @@ def annotate_clip(clip: Path) -> tuple[int, int] | None:
     out = clip / LANDMARKS_FILE
     if out.is_file():
         return None
-    frames = sorted(
-        (p for p in clip.iterdir() if p.is_file() and p.suffix.lower() in FRAME_EXTENSIONS),
-        key=lambda p: _natural_key(p.name),
-    )
+    frames = Video(clip).frames or []  # the frames in the order the training dataset reads them
     marks = track_landmarks(frames)
     tmp = clip / f".{LANDMARKS_FILE}.tmp.npy"
     np.save(tmp, marks)
