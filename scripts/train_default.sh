@@ -1,41 +1,46 @@
 #!/usr/bin/env bash
-# Re-make the bundled default weights (live-128) from ../shared/data/real-faces, as recorded in
-# weights/README.md. About 1 h 20 min on a quiet 2-core CPU (DaGAN stage ~1.5 s/step); minutes on a GPU.
-# The depth net is taken, frozen (as the paper's stage 2 does), from the bundled file itself: its
-# depth_net tensors are those `dagan train depth` learned on synthetic renders for the previous default
-# (same depth-net config); pass DEPTH=... to use another depth checkpoint.
+# Re-make the bundled default weights (live-128) as recorded in weights/README.md, from the real clips of
+# ../shared/data/real-faces and ../shared/data/more-faces, split by person (HELD_OUT people never seen).
+# Stage 1 learns the face depth self-supervised on the real clips (paper §3.2); stage 2 fine-tunes the
+# previous default's keypoint detector and generator (INIT, taken from git history) with that depth net
+# frozen. Every step is resumable: re-run the script, or `dagan train ... --resume --run-dir ...`.
+# On a quiet 2-core CPU: prepare + landmarks ~15 min, depth ~35 min, DaGAN ~1 h; minutes on a GPU
+# (scripts/gpu_train.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
-REAL=${REAL:-../shared/data/real-faces}
+SHARED=${SHARED:-../shared/data}
 OUT=${OUT:-data}
 ASSETS=${DAGAN_EVAL_ASSETS:-$HOME/.cache/dagan/eval-assets}
-DEPTH=${DEPTH:-weights/dagan-default.safetensors}
-HELD_OUT=${HELD_OUT:-"d3 s18 d20"}
+# The people held out: three clips of real-faces, and of more-faces every clip of eight people.
+HELD_OUT=${HELD_OUT:-"d3 s18 d20 video-retalking__2 video-retalking__4 MimicTalk__German_20s \
+SadTalker__WDA_KatieHill_000 PC-AVS__00086 styletalk__style_furious_talk*"}
+# The previous default (live-128 trained on 9 real clips + synthetic renders), the fine-tuning start.
+INIT_REV=${INIT_REV:-7793b4b}
+INIT=${INIT:-$OUT/prev-default.safetensors}
 [ -f "$ASSETS/model/face_landmark_68_model.bin" ] || dagan fetch-eval-assets "$ASSETS"
-# 1. real clips: held-out people in test/, the rest in train/, cropped by the project's tracker
-mkdir -p "$OUT/raw/train" "$OUT/raw/test"
-for clip in "$REAL"/clips/*.mp4; do
-  name=$(basename "$clip" .mp4)
-  split=train; for h in $HELD_OUT; do [ "$name" = "$h" ] && split=test; done
-  ln -sfn "$(realpath "$clip")" "$OUT/raw/$split/$name.mp4"
+[ -f "$INIT" ] || { mkdir -p "$OUT"; git show "$INIT_REV:weights/dagan-default.safetensors" > "$INIT"; }
+# 1. real clips by person: held-out people in test/, the rest in train/, cropped by the project's tracker
+mkdir -p "$OUT/raw2/train" "$OUT/raw2/test"
+for clip in "$SHARED"/real-faces/clips/* "$SHARED"/more-faces/clips/*; do
+  file=$(basename "$clip"); name=${file%.*}; split=train
+  for h in $HELD_OUT; do
+    # shellcheck disable=SC2053  # a held-out name may be a glob (every clip of one person)
+    [[ "$name" == $h ]] && split=test
+  done
+  ln -sfn "$(realpath "$clip")" "$OUT/raw2/$split/$file"
 done
-dagan prepare "$OUT/raw" "$OUT/real128" --size 128
-# 2. synthetic renders for more identities: 7 of the photos (the other 6 stay unseen for the contact
-#    sheet), the two built-in portraits and face-api's demo photos
-mkdir -p "$OUT/synth_portraits"
-for p in s1 s2 s3 s4 s5 d8 d30; do cp "$REAL/photos/$p.jpg" "$OUT/synth_portraits/"; done
-dagan synth --out "$OUT/synth128" --portraits "$OUT/synth_portraits" "$ASSETS/demo" --builtin --size 128 \
-  --frames 48 --clips-per-identity 4 --test-identities 0 --seed 1
-# 3. landmark tracks for the keypoint prior
-dagan landmarks "$OUT/real128"
-dagan landmarks "$OUT/synth128"
-# 4. the mix: every real clip 15 times (about 55 % of the samples), every synthetic clip once
-rm -rf "$OUT/mix128"; mkdir -p "$OUT/mix128/train"
-for d in "$OUT"/real128/train/*; do
-  for r in $(seq 0 14); do ln -sfn "$(realpath "$d")" "$OUT/mix128/train/real_$(basename "$d")_r$r"; done
-done
-for d in "$OUT"/synth128/train/*; do ln -sfn "$(realpath "$d")" "$OUT/mix128/train/synth_$(basename "$d")"; done
-# 5. the DaGAN stage (resumable: rerun with --resume --run-dir runs/live128)
-dagan train dagan --config training/recipes/live-128.yaml --depth "$DEPTH" --run-dir runs/live128 \
-  --set data.root="$OUT/mix128" --set dagan.face_landmark_weights="$ASSETS" "$@"
+dagan prepare "$OUT/raw2" "$OUT/real128v2" --size 128
+# 2. face-mesh tracks for the keypoint prior (all 478 points; the recipe picks 15)
+dagan landmarks "$OUT/real128v2"
+# 3. stage 1: face depth on the real training clips
+[ -f runs/depth128v2/depth.safetensors ] || {
+  if [ -f runs/depth128v2/latest.json ]; then resume=(--resume); else resume=(); fi
+  dagan train depth --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
+    --run-dir runs/depth128v2 "${resume[@]}"
+}
+# 4. stage 2: DaGAN, depth frozen, from the previous default
+if [ -f runs/live128v2/latest.json ]; then resume=(--resume); else resume=(); fi
+dagan train dagan --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
+  --depth runs/depth128v2/depth.safetensors --init "$INIT" --run-dir runs/live128v2 \
+  --set dagan.face_landmark_weights="$ASSETS" "${resume[@]}" "$@"

@@ -264,6 +264,62 @@ def test_dagan_stage_lowers_the_loss_with_the_depth_net_frozen(depth_run, face_r
     assert torch.isfinite(out).all()
 
 
+def test_init_starts_from_another_runs_weights(depth_run, face_root, tmp_path):
+    """--init (fine-tuning): every trained group of the stage comes from the file, the frozen depth net
+    still from --depth; a file without a required group is refused, and --resume keeps the run's own
+    weights rather than re-reading the init file."""
+    from dagan.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+    from dagan.model import DaGAN
+
+    cfg = _cfg(face_root)
+    torch.manual_seed(123)
+    donor = DaGAN(cfg.model)
+    init = tmp_path / "donor.safetensors"
+    save_checkpoint(init, cfg.model, donor.state_dict())
+    trainer = Trainer(
+        "dagan",
+        cfg,
+        tmp_path / "ft",
+        depth_checkpoint=str(depth_run.weights),
+        init_checkpoint=str(init),
+        progress=False,
+        tensorboard=False,
+    )
+    model = trainer.stage.model
+    for name in ("kp_detector", "generator"):
+        for k, v in getattr(model, name).state_dict().items():
+            assert torch.equal(v, donor.state_dict()[f"{name}.{k}"]), f"{name}.{k}"
+    _, depth_tensors, _ = read_checkpoint(depth_run.weights)
+    for k, v in model.depth_net.state_dict().items():  # the depth net is --depth's, not the donor's
+        assert torch.equal(v, depth_tensors[f"depth_net.{k}"]), k
+    # the depth stage takes its depth net from --init, and the pose net only when the file has one
+    depth_trainer = Trainer(
+        "depth", cfg, tmp_path / "dft", init_checkpoint=str(init), progress=False, tensorboard=False
+    )
+    for k, v in depth_trainer.stage.depth_net.state_dict().items():
+        assert torch.equal(v, donor.state_dict()[f"depth_net.{k}"]), k
+    only_depth = tmp_path / "depth-only.safetensors"
+    save_checkpoint(only_depth, cfg.model, {k: v for k, v in donor.state_dict().items() if "depth_net" in k})
+    with pytest.raises(CheckpointError, match="no kp_detector"):
+        Trainer(
+            "dagan",
+            cfg,
+            tmp_path / "bad",
+            depth_checkpoint=str(depth_run.weights),
+            init_checkpoint=str(only_depth),
+            progress=False,
+        )
+    with pytest.raises(CheckpointError, match="does not exist"):
+        Trainer(
+            "dagan",
+            cfg,
+            tmp_path / "bad2",
+            depth_checkpoint=str(depth_run.weights),
+            init_checkpoint=str(tmp_path / "nope.safetensors"),
+            progress=False,
+        )
+
+
 def test_dagan_stage_needs_a_depth_checkpoint(face_root, tmp_path):
     with pytest.raises(TrainingError, match="--depth"):
         Trainer("dagan", _cfg(face_root), tmp_path / "x", progress=False)

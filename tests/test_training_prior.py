@@ -6,9 +6,20 @@ import numpy as np
 import pytest
 import torch
 
+from dagan.config import ConfigError
+from training.config import TrainConfig, load_train_config
 from training.data import LANDMARKS_FILE, SourceDrivingDataset
-from training.landmarks import LANDMARK_INDICES, annotate_clip
-from training.losses import build_perceptual_loss, landmark_prior_loss
+from training.landmarks import MESH_POINTS, annotate_clip
+from training.losses import (
+    build_perceptual_loss,
+    keypoint_distance_loss,
+    landmark_motion_loss,
+    landmark_prior_loss,
+    landmark_region_mask,
+    region_l1_loss,
+)
+
+POINTS = TrainConfig().dagan.kp_landmark_points  # the default anchors: eyelids, nose, mouth, jaw, brows
 
 
 def test_landmark_prior_ignores_frames_without_a_face():
@@ -40,10 +51,12 @@ def test_landmark_tracks_reach_the_dataset_in_keypoint_coordinates(tmp_path, ast
     clip = _clip(tmp_path, [face, blank])
     assert annotate_clip(clip) == (2, 1)  # the grey frame has no face
     assert annotate_clip(clip) is None  # present: not redone
-    marks = np.load(clip / LANDMARKS_FILE)
-    assert marks.shape == (2, len(LANDMARK_INDICES), 2)
-    assert np.isfinite(marks[0]).all() and np.isnan(marks[1]).all()
-    ds = SourceDrivingDataset(tmp_path / "data", "train", 128)
+    mesh = np.load(clip / LANDMARKS_FILE)
+    assert mesh.shape == (2, MESH_POINTS, 2) and mesh.dtype == np.float16
+    assert np.isfinite(mesh[0]).all() and np.isnan(mesh[1]).all()
+    marks = mesh[:, list(POINTS)].astype(np.float32)
+    assert "source_landmarks" not in SourceDrivingDataset(tmp_path / "data", "train", 128)[0]
+    ds = SourceDrivingDataset(tmp_path / "data", "train", 128, landmark_points=POINTS)
     item = ds[0]
     got = {0: None, 1: None}
     # the two frames are source/driving in some order: the one with a face has the pixel track mapped
@@ -53,8 +66,99 @@ def test_landmark_tracks_reach_the_dataset_in_keypoint_coordinates(tmp_path, ast
         got[int(np.isnan(v).all())] = v
     expected = 2.0 * (marks[0] - 0.5) / 127.0 - 1.0
     np.testing.assert_allclose(got[0], expected, atol=1e-6)
-    # eyes above the mouth, left eye corner left of the right one: the tracks are the face's, not noise
-    assert expected[0, 0] < expected[3, 0] and expected[0, 1] < expected[5, 1]
+    # the tracks are the face's, not noise: upper lids above lower lids, eyes above the mouth, the two
+    # eyes on either side of the nose tip, the upper lip above the lower
+    assert expected[0, 1] < expected[1, 1] and expected[2, 1] < expected[3, 1]
+    assert expected[1, 1] < expected[5, 1] and expected[0, 0] < expected[4, 0] < expected[2, 0]
+    assert expected[7, 1] <= expected[8, 1]
+
+
+def test_clips_without_tracks_share_a_batch_as_nan(tmp_path, astronaut):
+    import cv2
+
+    face = cv2.resize(astronaut, (64, 64), interpolation=cv2.INTER_AREA)
+    _clip(tmp_path, [face, face])  # no landmarks478.npy
+    item = SourceDrivingDataset(tmp_path / "data", "train", 64, landmark_points=POINTS)[0]
+    assert item["source_landmarks"].shape == (len(POINTS), 2)
+    assert torch.isnan(item["driving_landmarks"]).all()
+
+
+def test_a_track_file_of_another_shape_is_refused(tmp_path, astronaut):
+    import cv2
+
+    from training.data import DatasetError
+
+    clip = _clip(tmp_path, [cv2.resize(astronaut, (64, 64))] * 2)
+    np.save(clip / LANDMARKS_FILE, np.zeros((2, 15, 2), np.float16))  # an old 15-point file
+    ds = SourceDrivingDataset(tmp_path / "data", "train", 64, landmark_points=POINTS)
+    with pytest.raises(DatasetError, match="mesh point"):
+        ds[0]
+    np.save(clip / LANDMARKS_FILE, np.zeros((3, MESH_POINTS, 2), np.float16))  # a row per frame needed
+    with pytest.raises(DatasetError, match="expected 2"):
+        SourceDrivingDataset(tmp_path / "data", "train", 64, landmark_points=POINTS)[0]
+
+
+def test_motion_prior_charges_displacements_not_offsets():
+    lm_s = torch.rand(2, 4, 2) * 2 - 1
+    lm_d = lm_s + 0.1 * torch.randn(2, 4, 2)
+    offset = torch.tensor([0.3, -0.2])
+    # keypoints a constant offset away from their landmarks in both frames: motion is exact, cost 0
+    zero = landmark_motion_loss(lm_s + offset, lm_d + offset, lm_s, lm_d)
+    assert zero.item() == pytest.approx(0.0, abs=1e-6)
+    assert landmark_prior_loss(lm_s + offset, lm_s).item() > 0.2  # the position prior does see it
+    # a keypoint that does not move while its landmark (a lip) does: charged, more with a focus weight
+    still = landmark_motion_loss(lm_s, lm_s, lm_s, lm_d)
+    assert still.item() == pytest.approx((lm_d - lm_s).abs().mean().item(), rel=1e-5)
+    w = torch.tensor([4.0, 1.0, 1.0, 1.0])
+    kp_d = lm_d.clone()
+    kp_d[:, 0] = lm_s[:, 0]  # only point 0 misses its motion
+    plain = landmark_motion_loss(lm_s, kp_d, lm_s, lm_d)
+    weighted = landmark_motion_loss(lm_s, kp_d, lm_s, lm_d, w)
+    assert weighted.item() > plain.item() > 0
+    # frames without a face are skipped
+    nan = torch.full_like(lm_d, float("nan"))
+    assert landmark_motion_loss(lm_s, kp_d, lm_s, nan).item() == 0.0
+
+
+def test_distance_loss_exempts_only_the_given_pairs():
+    kp = torch.tensor([[[0.0, 0.0], [0.0, 0.05], [0.9, 0.9]]], requires_grad=True)  # lips 0 and 1 close
+    full, eq13 = keypoint_distance_loss(kp, 0.2)
+    exempt = torch.zeros(1, 3, 3, dtype=torch.bool)
+    exempt[0, 0, 1] = exempt[0, 1, 0] = True
+    kept, eq13_kept = keypoint_distance_loss(kp, 0.2, exempt)
+    assert full.item() > 0 and kept.item() == pytest.approx(0.0)
+    assert eq13_kept.item() == eq13.item()  # eq. 13 itself is logged unchanged
+    # without an exemption the result is the paper's hinge mean over all ordered pairs
+    assert full.item() == pytest.approx(2 * 2 * (1 - 0.05 / 0.2) / 6)
+
+
+def test_region_loss_looks_at_the_mouth():
+    mark = torch.tensor([[[0.0, 0.5]]])  # one focus point, below the centre
+    mask = landmark_region_mask(mark, (32, 32), 0.1)
+    assert mask.shape == (1, 1, 32, 32) and mask.max() <= 1.0
+    y, x = np.unravel_index(int(mask.flatten().argmax()), (32, 32))
+    assert abs(y - 23.5) <= 1 and abs(x - 15.5) <= 1
+    target = torch.zeros(1, 3, 32, 32)
+    far = target.clone()
+    far[..., :8, :] = 1.0  # wrong only at the top, far from the point
+    near = target.clone()
+    near[..., 20:27, 12:20] = 1.0  # wrong at the point
+    assert region_l1_loss(near, target, mask) > 10 * region_l1_loss(far, target, mask)
+    empty = landmark_region_mask(torch.full((1, 1, 2), float("nan")), (8, 8), 0.1)
+    assert empty.sum() == 0 and region_l1_loss(near[..., :8, :8], target[..., :8, :8], empty) == 0
+
+
+def test_landmark_points_must_match_the_keypoints():
+    with pytest.raises(ConfigError, match="kp_landmark_points"):
+        load_train_config(
+            None, {"model": "tiny", "dagan.weights.kp_landmarks": 1.0, "dagan.kp_landmark_points": [1, 2, 3]}
+        )
+    with pytest.raises(ConfigError, match=r"0\.\.477"):
+        load_train_config(
+            None, {"model": "tiny", "dagan.weights.kp_landmarks": 1.0, "dagan.kp_landmark_points": [500] * 15}
+        )
+    # without the prior any list is fine (it is not used)
+    load_train_config(None, {"model": "tiny", "dagan.kp_landmark_points": [1, 2, 3]})
 
 
 def test_face_feature_loss_prefers_the_sharp_image(astronaut):

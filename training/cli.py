@@ -1,4 +1,4 @@
-"""``dagan prepare`` and ``dagan train depth|dagan`` sub-commands (registered via dagan.cli.COMMAND_MODULES).
+"""``dagan prepare``, ``landmarks``, ``pack-data`` and ``train depth|dagan`` (via dagan.cli.COMMAND_MODULES).
 
 Multi-GPU: ``torchrun --nproc_per_node N -m dagan.cli train dagan ...`` (multi-node: add torchrun's
 ``--nnodes/--node_rank/--rdzv_endpoint``); the trainer reads torchrun's environment.
@@ -48,6 +48,23 @@ def _cmd_landmarks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from .pack import pack_dataset, print_report
+
+    report = pack_dataset(
+        args.data_root,
+        args.out_dir,
+        stride=args.frame_stride,
+        quality=args.quality,
+        max_mb=args.max_mb,
+        points=args.points,
+        assets=args.assets,
+        progress=not args.quiet,
+    )
+    print_report(report)
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_train_config, parse_override
     from .trainer import Trainer, cleanup_distributed
@@ -88,16 +105,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
             run_dir,
             data_root=args.data,
             depth_checkpoint=getattr(args, "depth", None),
+            init_checkpoint=args.init,
             resume=args.resume,
             progress=not args.quiet,
             overrides=overrides or None,
         )
-        result = trainer.run()
+        time_limit = args.time_limit * 60.0 if args.time_limit is not None else None
+        result = trainer.run(time_limit_s=time_limit)
     finally:
         cleanup_distributed()
+    if result.time_limited:
+        print(
+            f"time limit of {args.time_limit:g} min reached at step {result.step} of {result.total_steps}: "
+            f"checkpoint and weights written; continue with --resume --run-dir {result.run_dir}"
+        )
     if result.weights is not None:
         print(f"wrote {result.weights} after {result.step} steps (run folder {result.run_dir})")
     return 0
+
+
+def _minutes(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0 minutes")
+    return value
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -124,6 +155,33 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_landmarks)
 
+    p = subparsers.add_parser(
+        "pack-data",
+        help="compact copy of a dataset's train split (JPEG frames, packed tracks, face-api weights) "
+        "for a lent GPU",
+        description="Copy DATA_ROOT/train as JPEG frames (every N-th; N raised until the copy fits "
+        "--max-mb) with each clip's face-mesh tracks cut to the kept frames and points "
+        "(landmarks478.npz), plus face-api's landmark-68 weights; see docs/training.md.",
+    )
+    p.add_argument("data_root", metavar="DATA_ROOT", help="prepared dataset (DATA_ROOT/train/<clip>/)")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (e.g. gpu_data)")
+    p.add_argument("--frame-stride", type=int, default=1, help="keep every N-th frame (default 1)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    p.add_argument("--max-mb", type=float, default=36.0, help="size cap of the copy in MiB (default 36)")
+    p.add_argument(
+        "--points",
+        type=int,
+        nargs="+",
+        metavar="P",
+        help="face-mesh points whose tracks are kept (default: dagan.kp_landmark_points)",
+    )
+    p.add_argument(
+        "--assets",
+        help="folder with face_landmark_68_model* (default $DAGAN_EVAL_ASSETS or ~/.cache/dagan/eval-assets)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pack)
+
     train = subparsers.add_parser("train", help="train the face depth net, then DaGAN")
     stages = train.add_subparsers(dest="stage", required=True)
     for stage, help_text in (
@@ -144,6 +202,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         s.add_argument("--device", help="auto, cpu or cuda")
         s.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable")
         s.add_argument("--quiet", action="store_true", help="no progress bar")
+        s.add_argument(
+            "--init",
+            metavar="CKPT",
+            help="start from these weights (fine-tuning; optimizers start fresh), e.g. the bundled file",
+        )
+        s.add_argument(
+            "--time-limit",
+            type=_minutes,
+            metavar="MINUTES",
+            help="stop cleanly after this much wall time (checkpoint + weights written; --resume continues)",
+        )
         if stage == "dagan":
             s.add_argument("--depth", help="checkpoint from `dagan train depth` (F_d is loaded and frozen)")
         s.set_defaults(func=_cmd_train)

@@ -69,9 +69,17 @@ class LossWeights:
     equivariance_value: float = 10.0  # λE on keypoint positions (paper eq. 12)
     equivariance_jacobian: float = 10.0  # λE on the local affine Jacobians (FOMM; 0 disables)
     kp_distance: float = 10.0  # λD (paper eq. 13), applied to source and driving keypoints
-    # Optional keypoint prior: L1 between the K keypoints and K face-mesh landmarks stored beside the
-    # frames (<clip>/landmarks15.npy, `dagan landmarks`); 0 = the paper's purely unsupervised keypoints.
+    # Optional keypoint prior: L1 between the K keypoints and the K face-mesh landmarks
+    # dagan.kp_landmark_points, tracked beside the frames (<clip>/landmarks478.npy, `dagan landmarks`);
+    # 0 = the paper's purely unsupervised keypoints.
     kp_landmarks: float = 0.0
+    # The prior on motion: L1 between each keypoint's source→driving displacement and its landmark's,
+    # the quantity relative motion transfers to another face; focus points count focus_weight times.
+    kp_landmark_motion: float = 0.0
+    # L1 of the prediction weighted towards the driving frame's mouth and eyes (Gaussians of width
+    # dagan.region_sigma at the focus landmarks), so the small motions that carry expression are not
+    # drowned by the rest of the face.
+    region_l1: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,35 @@ class DaganStageConfig:
     # term uses its features when no VGG19 is configured (training/face_perceptual.py).
     face_landmark_weights: str = ""
     kp_distance_threshold: float = 0.2
+    # Face-mesh points (mediapipe indices) the keypoint prior anchors keypoint k to, one per keypoint:
+    # upper/lower eyelid of each eye (blinks), nose tip, mouth corners, inner upper/lower lip (mouth
+    # opening), chin, both cheeks at the jaw (yaw), both brows, forehead.
+    kp_landmark_points: tuple[int, ...] = (
+        159,
+        145,
+        386,
+        374,
+        1,
+        61,
+        291,
+        13,
+        14,
+        152,
+        234,
+        454,
+        105,
+        334,
+        10,
+    )
+    # Positions in kp_landmark_points of the expression points (eyelids, mouth): weighted in the motion
+    # prior, centres of the region loss, and exempt from eq. 13 among themselves when their landmarks
+    # are closer than the threshold (eq. 13 would push an upper and a lower lip keypoint apart).
+    kp_landmark_focus: tuple[int, ...] = (0, 1, 2, 3, 5, 6, 7, 8)
+    kp_landmark_focus_weight: float = 4.0
+    region_sigma: float = 0.08  # in the [−1, 1] frame (0.08 ≈ 5 px at 128 px)
+    # Share of (source, driving) pairs whose driving frame is the most different in expression (focus
+    # landmarks) of 8 random frames of the clip; 0 = uniform pairs, as the paper.
+    expressive_pairs: float = 0.0
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -238,6 +275,27 @@ def _check_semantics(cfg: TrainConfig) -> None:
     need(g.transform.points_tps >= 2, "dagan.transform.points_tps", "must be >= 2")
     for key, value in dataclasses.asdict(g.weights).items():
         need(value >= 0, f"dagan.weights.{key}", "must be >= 0")
+    w = g.weights
+    if w.kp_landmarks > 0 or w.kp_landmark_motion > 0 or w.region_l1 > 0:
+        k = cfg.model.keypoints.num_kp
+        need(
+            len(g.kp_landmark_points) == k,
+            "dagan.kp_landmark_points",
+            f"needs one face-mesh point per keypoint ({k}), got {len(g.kp_landmark_points)}",
+        )
+        need(
+            all(0 <= p < 478 for p in g.kp_landmark_points),
+            "dagan.kp_landmark_points",
+            "mediapipe face-mesh indices are 0..477",
+        )
+        need(
+            all(0 <= i < k for i in g.kp_landmark_focus),
+            "dagan.kp_landmark_focus",
+            f"positions in kp_landmark_points, 0..{k - 1}",
+        )
+    need(g.kp_landmark_focus_weight >= 0, "dagan.kp_landmark_focus_weight", "must be >= 0")
+    need(g.region_sigma > 0, "dagan.region_sigma", "must be > 0")
+    need(0 <= g.expressive_pairs <= 1, "dagan.expressive_pairs", "must be in [0, 1]")
     for stage in ("depth", "dagan"):
         ms = getattr(cfg, stage).lr_milestones
         need(list(ms) == sorted(ms) and all(m > 0 for m in ms), f"{stage}.lr_milestones", "must increase")

@@ -27,9 +27,13 @@ from dagan.media import MediaError, VideoReader, load_image
 
 from .config import AugmentConfig
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".mpg", ".mpeg")
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg")
-LANDMARKS_FILE = "landmarks15.npy"  # per-clip landmark tracks for the kp_landmarks prior (training.landmarks)
+# Per-clip face-mesh tracks for the keypoint prior (training.landmarks).
+LANDMARKS_FILE = "landmarks478.npy"
+# The compact form `dagan pack-data` writes (training.pack): a compressed .npz whose ``mesh`` array has the
+# same N×478×2 layout (only the packed ``points`` filled, the rest NaN). Read when the .npy is absent.
+LANDMARKS_PACKED = "landmarks478.npz"
 
 
 class DatasetError(UserError, ValueError):
@@ -63,22 +67,43 @@ class Video:
             with VideoReader(path) as reader:
                 self.num_frames = sum(1 for _ in reader)
 
-    def landmarks(self) -> np.ndarray | None:
-        """N×K×2 landmark tracks in the keypoints' [−1, 1] frame (pixel centres at ±1, as
-        :func:`dagan.nets.blocks.make_coordinate_grid`) from ``<clip>/landmarks15.npy`` (pixels of the
-        stored frames, mediapipe's convention that pixel i spans [i, i+1); NaN = no face), or None."""
-        if not hasattr(self, "_landmarks"):
-            self._landmarks = None
+    def landmarks(self, points: Sequence[int]) -> np.ndarray | None:
+        """N×K×2 tracks of the face-mesh ``points`` (K of them) in the keypoints' [−1, 1] frame (pixel
+        centres at ±1, as :func:`dagan.nets.blocks.make_coordinate_grid`), from ``<clip>/landmarks478.npy``
+        or, when absent, the packed ``landmarks478.npz`` (pixels of the stored frames, mediapipe's
+        convention that pixel i spans [i, i+1); NaN = no face), or None when the clip has no tracks."""
+        if not hasattr(self, "_mesh"):
+            self._mesh = None
+            self._mesh_points: np.ndarray | None = None
             path = self.path / LANDMARKS_FILE
+            if not path.is_file():
+                path = self.path / LANDMARKS_PACKED
+            self._mesh_path = path
             if self.frames and path.is_file():
-                marks = np.load(path).astype(np.float32)
-                if marks.shape[0] != self.num_frames:
-                    raise DatasetError(f"{path} has {marks.shape[0]} rows for {self.num_frames} frames")
+                mesh, self._mesh_points = read_mesh(path)
+                if mesh.ndim != 3 or mesh.shape[0] != self.num_frames or mesh.shape[2] != 2:
+                    raise DatasetError(
+                        f"{path} has shape {mesh.shape}; expected {self.num_frames}×points×2 "
+                        "(re-run `dagan landmarks`)"
+                    )
                 h, w = load_image(self.frames[0]).shape[:2]
-                marks[..., 0] = 2.0 * (marks[..., 0] - 0.5) / (w - 1) - 1.0
-                marks[..., 1] = 2.0 * (marks[..., 1] - 0.5) / (h - 1) - 1.0
-                self._landmarks = marks
-        return self._landmarks
+                mesh[..., 0] = 2.0 * (mesh[..., 0] - 0.5) / (w - 1) - 1.0
+                mesh[..., 1] = 2.0 * (mesh[..., 1] - 0.5) / (h - 1) - 1.0
+                self._mesh = mesh
+        if self._mesh is None:
+            return None
+        if max(points, default=0) >= self._mesh.shape[1]:
+            raise DatasetError(f"{self._mesh_path} has no mesh point {max(points)}")
+        if self._mesh_points is not None:
+            # A packed file keeps only some points (NaN elsewhere): asking for another would silently
+            # switch the prior off for this clip.
+            missing = sorted(set(points) - set(self._mesh_points.tolist()))
+            if missing:
+                raise DatasetError(
+                    f"{self._mesh_path} was packed without mesh points {missing[:5]}: re-run "
+                    "`dagan pack-data` with --points covering dagan.kp_landmark_points"
+                )
+        return self._mesh[:, list(points)]
 
     def read(self, indices: Sequence[int], size: int) -> list[np.ndarray]:
         """Frames at ``indices`` as size×size×3 uint8 RGB (in the order asked)."""
@@ -96,6 +121,21 @@ class Video:
         if missing:
             raise MediaError(f"{self.path}: frames {sorted(missing)} could not be decoded")
         return [got[i] for i in indices]
+
+
+def read_mesh(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A clip's face-mesh track file as float32 N×478×2 pixels, and the mesh points it holds (None = all).
+
+    ``.npy``: the array as `dagan landmarks` wrote it. ``.npz`` (`dagan pack-data`): array ``mesh``, plus
+    ``points`` naming the points kept (the others are NaN so the file compresses to almost nothing).
+    """
+    if path.suffix == ".npz":
+        with np.load(path) as z:
+            if "mesh" not in z.files:
+                raise DatasetError(f"{path} has no 'mesh' array (re-run `dagan pack-data`)")
+            points = np.asarray(z["points"], dtype=np.int64) if "points" in z.files else None
+            return z["mesh"].astype(np.float32), points
+    return np.load(path).astype(np.float32), None
 
 
 def _resize(frame: np.ndarray, size: int) -> np.ndarray:
@@ -247,17 +287,59 @@ class ConsecutiveFramesDataset(_VideoDataset):
 
 class SourceDrivingDataset(_VideoDataset):
     """DaGAN stage: two different random frames of one video, ``{"source", "driving"}`` 3×H×W in [0, 1]
-    (self-reenactment: same identity, the generator must reproduce the driving frame)."""
+    (self-reenactment: same identity, the generator must reproduce the driving frame).
+
+    With ``landmark_points`` (face-mesh indices, the keypoint prior's targets) every item also carries
+    ``source_landmarks`` / ``driving_landmarks`` K×2 in [−1, 1]: NaN where the clip has no tracks or the
+    frame had no face, so clips with and without tracks can share a batch (the losses skip NaN points).
+
+    ``expressive_pairs`` p: with probability p the driving frame is, of ``candidates`` random frames, the
+    one whose expression differs most from the source's — the change of the pairwise distances between
+    the ``focus`` landmarks (eyelids, lips). Blinks and wide mouths are a few percent of talking-head
+    frames, so uniform pairs rarely ask the generator to close an eye; these pairs do, at no cost to the
+    self-reenactment objective (both frames are still the same video).
+    """
+
+    def __init__(
+        self,
+        *args,
+        landmark_points: Sequence[int] = (),
+        expressive_pairs: float = 0.0,
+        focus: Sequence[int] = (),
+        candidates: int = 8,
+        **kwargs,
+    ) -> None:
+        self.landmark_points = tuple(int(p) for p in landmark_points)
+        self.expressive_pairs = float(expressive_pairs)
+        self.focus = tuple(int(i) for i in focus)
+        self.candidates = int(candidates)
+        super().__init__(*args, **kwargs)
+
+    def _driving_index(self, rng: np.random.Generator, n: int, a: int, marks: np.ndarray | None) -> int:
+        b = int(rng.choice(n - 1))
+        b += b >= a  # uniform over the other frames
+        if marks is None or len(self.focus) < 2 or rng.random() >= self.expressive_pairs:
+            return b
+        others = np.delete(np.arange(n), a)
+        cands = rng.choice(others, size=min(self.candidates, n - 1), replace=False)
+        f = marks[:, list(self.focus)]  # N×F×2
+        dist = np.linalg.norm(f[:, :, None] - f[:, None, :], axis=-1)  # N×F×F
+        change = np.abs(dist[cands] - dist[a]).sum(axis=(1, 2))
+        change = np.nan_to_num(change, nan=-1.0)  # frames without a face are never preferred
+        return int(cands[int(np.argmax(change))]) if change.max() >= 0 else b
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
         rng, video = self._rng(key)
-        a, b = (int(x) for x in rng.choice(video.num_frames, size=2, replace=False))
+        marks = video.landmarks(self.landmark_points) if self.landmark_points else None
+        a = int(rng.integers(video.num_frames))
+        b = self._driving_index(rng, video.num_frames, a, marks)
         source, driving = self._finish(video.read([a, b], self.image_size), rng)
         item = {"source": source, "driving": driving}
-        marks = video.landmarks()
-        if marks is not None:
-            item["source_landmarks"] = torch.from_numpy(marks[a])
-            item["driving_landmarks"] = torch.from_numpy(marks[b])
+        if self.landmark_points:
+            if marks is None:
+                marks = np.full((video.num_frames, len(self.landmark_points), 2), np.nan, np.float32)
+            item["source_landmarks"] = torch.from_numpy(np.ascontiguousarray(marks[a]))
+            item["driving_landmarks"] = torch.from_numpy(np.ascontiguousarray(marks[b]))
         return item
 
 

@@ -4,13 +4,14 @@ DaGAN's keypoints are unsupervised: the equivariance and reconstruction losses a
 takes many GPU-days to settle. On a CPU budget of hours they barely move, and an avatar whose keypoints
 do not follow the face cannot carry head pose, mouth or eyes. A cheap prior fixes that: each of the K = 15
 keypoints is pulled towards one face-mesh landmark (mediapipe 478-point mesh, the project's face module)
-of the same frame — eye corners, nose tip, mouth corners and lips, chin, jaw, brows, forehead. The
-detector, its RGB-D input, the Jacobians and every DaGAN loss stay as they are; the prior only says
-where "keypoint k" should be, so the network learns motion from the first steps.
+of the same frame; which ones is the training config's ``dagan.kp_landmark_points``. The detector, its
+RGB-D input, the Jacobians and every DaGAN loss stay as they are; the prior only says where "keypoint k"
+should be, so the network learns motion from the first steps.
 
-``<clip>/landmarks15.npy``: float32 N×15×2, pixel coordinates of the stored frames (mediapipe's
-convention: pixel i spans [i, i+1)), NaN rows where no face was found. Written atomically, skipped when
-present, so an interrupted run resumes.
+The whole mesh is stored, so the choice of points is a config setting rather than a re-annotation:
+``<clip>/landmarks478.npy``: float16 N×478×2, pixel coordinates of the stored frames (mediapipe's
+convention: pixel i spans [i, i+1)), NaN rows where no face was found (about 1.9 kB a frame). Written
+atomically, skipped when present, so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -25,9 +26,7 @@ from dagan.media import load_image
 
 from .data import LANDMARKS_FILE, Video, _natural_key
 
-# mediapipe face-mesh indices: outer/inner eye corners (both eyes), nose tip, mouth corners, upper and
-# lower lip, chin, left/right jaw, left/right brow, forehead. Spread over the face so every region moves.
-LANDMARK_INDICES = (33, 133, 362, 263, 1, 61, 291, 13, 14, 152, 234, 454, 105, 334, 10)
+MESH_POINTS = 478  # mediapipe face mesh with irises
 
 
 def clip_folders(root: str | Path) -> list[Path]:
@@ -45,22 +44,22 @@ def clip_folders(root: str | Path) -> list[Path]:
 
 
 def track_landmarks(frames: Iterable[Path]) -> np.ndarray:
-    """N×15×2 landmark pixels of the frames (NaN where mediapipe finds no face)."""
+    """N×478×2 float16 landmark pixels of the frames (NaN where mediapipe finds no face)."""
     from dagan.face import face_landmarks
 
     rows = []
     for path in frames:
         marks = face_landmarks(load_image(path))
         rows.append(
-            np.full((len(LANDMARK_INDICES), 2), np.nan, np.float32)
+            np.full((MESH_POINTS, 2), np.nan, np.float16)
             if marks is None
-            else marks[list(LANDMARK_INDICES), :2].astype(np.float32)
+            else marks[:MESH_POINTS, :2].astype(np.float16)
         )
-    return np.stack(rows) if rows else np.zeros((0, len(LANDMARK_INDICES), 2), np.float32)
+    return np.stack(rows) if rows else np.zeros((0, MESH_POINTS, 2), np.float16)
 
 
 def annotate_clip(clip: Path) -> tuple[int, int] | None:
-    """Write ``clip/landmarks15.npy`` unless present; returns (frames, frames without a face) or None."""
+    """Write ``clip/landmarks478.npy`` unless present; returns (frames, frames without a face) or None."""
     out = clip / LANDMARKS_FILE
     if out.is_file():
         return None

@@ -265,6 +265,53 @@ def landmark_prior_loss(kp: torch.Tensor, landmarks: torch.Tensor) -> torch.Tens
     return diff.sum() / (valid.sum() * 2).clamp(min=1)
 
 
+def landmark_motion_loss(
+    kp_source: torch.Tensor,
+    kp_driving: torch.Tensor,
+    lm_source: torch.Tensor,
+    lm_driving: torch.Tensor,
+    point_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted mean |(kp_d − kp_s) − (lm_d − lm_s)|: each keypoint's displacement between the two frames
+    against its landmark's.
+
+    Relative motion (the server's mode) moves the photo's keypoints by the driver's keypoint
+    *displacements*, so those are what must follow the face; a constant offset of a keypoint from its
+    landmark costs nothing here. A lip opening by 3 px at 128 px is a 0.05 change in this frame, small
+    beside head motion, hence ``point_weights`` (K) to weigh the mouth and eyelid points up.
+    kp_*, lm_*: B×K×2 in [−1, 1]; NaN landmarks (no face) are skipped. Returns 0 when none exist.
+    """
+    valid = (torch.isfinite(lm_source).all(-1) & torch.isfinite(lm_driving).all(-1)).unsqueeze(-1)
+    target = torch.nan_to_num(lm_driving.float()) - torch.nan_to_num(lm_source.float())
+    diff = ((kp_driving.float() - kp_source.float()) - target).abs() * valid  # B×K×2
+    weight = valid.float().expand_as(diff)
+    if point_weights is not None:
+        w = point_weights.to(diff).view(1, -1, 1)
+        diff, weight = diff * w, weight * w
+    return diff.sum() / weight.sum().clamp(min=1e-6)
+
+
+def landmark_region_mask(landmarks: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
+    """B×1×H×W weights in [0, 1]: the maximum of isotropic Gaussians (std ``sigma`` in the [−1, 1]
+    frame) at the given landmarks (B×P×2, NaN points ignored), e.g. the mouth and eyelid points."""
+    h, w = size
+    ys = torch.linspace(-1.0, 1.0, h, device=landmarks.device)
+    xs = torch.linspace(-1.0, 1.0, w, device=landmarks.device)
+    marks = landmarks.float()
+    valid = torch.isfinite(marks).all(-1)  # B×P
+    marks = torch.nan_to_num(marks)
+    dy = (ys.view(1, 1, h, 1) - marks[..., 1].view(*marks.shape[:2], 1, 1)) ** 2
+    dx = (xs.view(1, 1, 1, w) - marks[..., 0].view(*marks.shape[:2], 1, 1)) ** 2
+    g = torch.exp(-(dx + dy) / (2.0 * sigma * sigma)) * valid.view(*valid.shape, 1, 1)  # B×P×H×W
+    return g.amax(dim=1, keepdim=True)
+
+
+def region_l1_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mask-weighted mean |prediction − target| (B×3×H×W, mask B×1×H×W); 0 where the mask is empty."""
+    diff = (prediction.float() - target.float()).abs().mean(dim=1, keepdim=True)
+    return (diff * mask).sum() / mask.sum().clamp(min=1e-6)
+
+
 # ======================================================================================= GAN loss
 
 
@@ -379,7 +426,7 @@ def equivariance_losses(
 
 
 def keypoint_distance_loss(
-    kp_value: torch.Tensor, threshold: float = 0.2
+    kp_value: torch.Tensor, threshold: float = 0.2, exempt: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keypoint distance loss L_D (paper eq. 13) for keypoints B×K×2; returns (loss, eq. 13 value).
 
@@ -389,6 +436,9 @@ def keypoint_distance_loss(
     from α on, linear in between, so it pushes crowded pairs apart. Both are averaged over pairs and
     batch (eq. 13 sums; the mean keeps the scale independent of K). The second value is eq. 13 itself
     (no gradient), for logging.
+
+    ``exempt`` (B×K×K bool) drops pairs from the hinge: with the landmark prior, keypoints anchored to an
+    upper and a lower lip are meant to be close, and eq. 13 would push them off the lips.
     """
     kp = kp_value.float()
     k = kp.shape[1]
@@ -397,11 +447,13 @@ def keypoint_distance_loss(
         return zero, zero
     dist = (kp[:, :, None, :] - kp[:, None, :, :]).abs().sum(-1)  # B×K×K, L1
     off_diag = ~torch.eye(k, dtype=torch.bool, device=kp.device)
-    dist = dist[:, off_diag]  # B×K(K−1)
+    keep = off_diag.expand(kp.shape[0], k, k)
+    if exempt is not None:
+        keep = keep & ~exempt
     hinge = 2.0 * torch.clamp(1.0 - dist / max(threshold, 1e-12), min=0.0)
     with torch.no_grad():
-        sign_form = (1.0 - torch.sign(dist - threshold)).mean()
-    return hinge.mean(), sign_form
+        sign_form = (1.0 - torch.sign(dist[:, off_diag] - threshold)).mean()
+    return (hinge * keep).sum() / (kp.shape[0] * k * (k - 1)), sign_form
 
 
 def gradient_norm(parameters) -> float:
@@ -422,11 +474,14 @@ __all__ = [
     "equivariance_losses",
     "feature_matching_loss",
     "keypoint_distance_loss",
+    "landmark_motion_loss",
     "landmark_prior_loss",
+    "landmark_region_mask",
     "load_vgg19",
     "lsgan_discriminator_loss",
     "lsgan_generator_loss",
     "photometric_error",
+    "region_l1_loss",
     "reprojection_loss",
     "ssim_distance",
 ]

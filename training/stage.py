@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dagan.checkpoint import CheckpointError, load_into
+
 from . import losses as L
 from .config import TrainConfig
 from .distributed import DistInfo, wrap_module
@@ -99,6 +101,31 @@ class Stage(ABC):
 
     @abstractmethod
     def load_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None: ...
+
+    # Groups of a checkpoint that ``init_from`` loads: (prefix, attribute path, required).
+    init_groups: tuple[tuple[str, str, bool], ...] = ()
+
+    def init_from(self, path: str) -> list[str]:
+        """Start from another run's weights (fine-tuning): load every group this stage trains from the
+        checkpoint ``path``; optimizers, schedulers and the step start fresh. A required group that is
+        missing or does not fit the config is an error naming every tensor; optional groups (the pose
+        net, the discriminator: training-only, not in shipped weights) are loaded when present. Returns
+        the prefixes loaded."""
+        from dagan.checkpoint import read_checkpoint
+
+        _, tensors, _ = read_checkpoint(path)
+        loaded = []
+        for prefix, attr, required in self.init_groups:
+            module = self
+            for part in attr.split("."):
+                module = getattr(module, part)
+            if not any(k.startswith(prefix) for k in tensors):
+                if required:
+                    raise CheckpointError(f"--init {path} has no {prefix}* tensors")
+                continue
+            load_into(module, tensors, prefix, path)
+            loaded.append(prefix)
+        return loaded
 
     @abstractmethod
     def image_grid(self) -> torch.Tensor | None:

@@ -27,6 +27,12 @@ class DaganStage(Stage):
     """Keypoint detector + generator + discriminator with the depth net frozen (paper eq. 10)."""
 
     name = "dagan"
+    # The depth net is not here: it comes, frozen, from --depth.
+    init_groups = (
+        ("kp_detector.", "model.kp_detector", True),
+        ("generator.", "model.generator", True),
+        ("discriminator.", "discriminator", False),
+    )
 
     def __init__(
         self, cfg: TrainConfig, device: torch.device, info: DistInfo, depth_checkpoint: str | None
@@ -68,7 +74,17 @@ class DaganStage(Stage):
         self._last: dict[str, Any] | None = None
 
     def dataset(self, root: str):
-        return self._video_dataset(SourceDrivingDataset, root)
+        w = self.cfg.dagan.weights
+        uses_marks = w.kp_landmarks > 0 or w.kp_landmark_motion > 0 or w.region_l1 > 0
+        g = self.cfg.dagan
+        points = g.kp_landmark_points if uses_marks or g.expressive_pairs > 0 else ()
+        return self._video_dataset(
+            SourceDrivingDataset,
+            root,
+            landmark_points=points,
+            expressive_pairs=g.expressive_pairs,
+            focus=g.kp_landmark_focus,
+        )
 
     def set_train(self) -> None:
         self.gen_net.train()
@@ -190,9 +206,16 @@ class GeneratorObjective(nn.Module):
             terms["equivariance_value"] = w.equivariance_value * value
             if jac is not None and w.equivariance_jacobian > 0:
                 terms["equivariance_jacobian"] = w.equivariance_jacobian * jac
+        exempt = None
+        if landmarks is not None and g.kp_landmark_focus:
+            exempt = _close_focus_pairs(landmarks, g.kp_landmark_focus, g.kp_distance_threshold)
         if w.kp_distance > 0:
-            ls, ss = L.keypoint_distance_loss(kp_s.value, g.kp_distance_threshold)
-            ld, sd = L.keypoint_distance_loss(kp_d.value, g.kp_distance_threshold)
+            ls, ss = L.keypoint_distance_loss(
+                kp_s.value, g.kp_distance_threshold, None if exempt is None else exempt[0]
+            )
+            ld, sd = L.keypoint_distance_loss(
+                kp_d.value, g.kp_distance_threshold, None if exempt is None else exempt[1]
+            )
             terms["kp_distance"] = w.kp_distance * (ls + ld)
             logs["kp_distance_eq13"] = float(ss + sd)
         if w.kp_landmarks > 0 and landmarks is not None:
@@ -200,6 +223,16 @@ class GeneratorObjective(nn.Module):
                 L.landmark_prior_loss(kp_s.value, landmarks[0])
                 + L.landmark_prior_loss(kp_d.value, landmarks[1])
             )
+        if w.kp_landmark_motion > 0 and landmarks is not None:
+            point_w = torch.ones(kp_d.value.shape[1], device=pred.device)
+            point_w[list(g.kp_landmark_focus)] = g.kp_landmark_focus_weight
+            terms["kp_landmark_motion"] = w.kp_landmark_motion * L.landmark_motion_loss(
+                kp_s.value, kp_d.value, landmarks[0], landmarks[1], point_w
+            )
+        if w.region_l1 > 0 and landmarks is not None:
+            focus = landmarks[1][:, list(g.kp_landmark_focus)]
+            mask = L.landmark_region_mask(focus, tuple(pred.shape[-2:]), g.region_sigma)
+            terms["region_l1"] = w.region_l1 * L.region_l1_loss(pred, driving, mask)
         loss = sum(terms.values())
         logs.update({k: float(v.detach()) for k, v in terms.items()})
         logs["loss"] = float(loss.detach())
@@ -210,3 +243,20 @@ class GeneratorObjective(nn.Module):
             "kp_driving": kp_d.value.detach(),
         }
         return loss, logs, outputs
+
+
+def _close_focus_pairs(
+    landmarks: tuple[torch.Tensor, torch.Tensor], focus: tuple[int, ...], threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per frame (source, driving), B×K×K: pairs of focus keypoints whose landmarks lie closer than the
+    eq. 13 threshold (L1). Those pairs (upper and lower lip, the two lids of an eye) are exempt from the
+    keypoint distance loss, which would otherwise push them off the points the prior anchors them to."""
+    out = []
+    for marks in landmarks:
+        k = marks.shape[1]
+        is_focus = torch.zeros(k, dtype=torch.bool, device=marks.device)
+        is_focus[list(focus)] = True
+        dist = (marks[:, :, None, :] - marks[:, None, :, :]).abs().sum(-1)  # NaN where a point is missing
+        close = torch.nan_to_num(dist, nan=float("inf")) < threshold
+        out.append(close & is_focus.view(1, k, 1) & is_focus.view(1, 1, k))
+    return out[0], out[1]

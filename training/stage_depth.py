@@ -29,6 +29,7 @@ class DepthStage(Stage):
     """Self-supervised face depth: F_d(I_i) and F_p(I_i ‖ I_j) rebuild I_i from each neighbour I_j."""
 
     name = "depth"
+    init_groups = (("depth_net.", "depth_net", True), ("pose_net.", "pose_net", False))
 
     def __init__(self, cfg: TrainConfig, device: torch.device, info: DistInfo) -> None:
         super().__init__(cfg, device, info)

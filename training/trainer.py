@@ -65,6 +65,8 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     weights: Path | None = None
     run_dir: Path | None = None
+    total_steps: int = 0
+    time_limited: bool = False  # stopped by ``time_limit_s`` before ``total_steps``
 
 
 class Trainer:
@@ -90,12 +92,16 @@ class Trainer:
         depth_checkpoint: str | None = None,
         resume: bool = False,
         progress: bool = True,
+        init_checkpoint: str | None = None,
         overrides: dict[str, Any] | None = None,
         tensorboard: bool = True,
     ) -> None:
         if stage not in STAGES:
             raise TrainingError(f"unknown stage {stage!r} (use one of {', '.join(STAGES)})")
         self.stage_name = stage
+        # The wall-time budget of run(time_limit_s=...) counts from here, so model and loss-net
+        # construction are inside it, as they are inside a lent machine's fixed budget.
+        self.created_at = time.perf_counter()
         self.rundir = RunDir(run_dir)
         self.resuming = resume
         self.resume_step: int | None = None
@@ -107,6 +113,7 @@ class Trainer:
             # From a checkpoint, the checkpoint itself holds the frozen depth net; a run killed before its
             # first checkpoint starts again from the depth checkpoint its run.json names.
             depth_checkpoint = info.get("depth_checkpoint") if self.resume_step is None else None
+            init_checkpoint = info.get("init_checkpoint") if self.resume_step is None else None
         elif cfg is None:
             cfg = load_train_config(None, overrides)
         elif overrides:
@@ -117,6 +124,9 @@ class Trainer:
         if not self.data_root:
             raise TrainingError("no dataset: pass --data ROOT (or set data.root in the training config)")
         self.depth_checkpoint = depth_checkpoint
+        self.init_checkpoint = init_checkpoint
+        if init_checkpoint and not Path(init_checkpoint).is_file():
+            raise CheckpointError(f"--init checkpoint {init_checkpoint} does not exist")
         self.progress = progress
         self.tensorboard = tensorboard
         self.info, self.device = setup_distributed(cfg.device)
@@ -135,6 +145,10 @@ class Trainer:
             self.stage: Stage = DepthStage(cfg, self.device, self.info)
         else:
             self.stage = DaganStage(cfg, self.device, self.info, depth_checkpoint)
+        if init_checkpoint and self.resume_step is None:
+            loaded = self.stage.init_from(init_checkpoint)
+            if self.info.main:
+                print(f"initialised {', '.join(p.rstrip('.') for p in loaded)} from {init_checkpoint}")
 
     # ---------------------------------------------------------------------------------- checkpoints
     def _save(self, step: int) -> None:
@@ -188,6 +202,7 @@ class Trainer:
             "stage": self.stage_name,
             "data_root": str(self.data_root),
             "depth_checkpoint": self.depth_checkpoint,
+            "init_checkpoint": self.init_checkpoint,
             "world_size": self.info.world_size,
             "torch": torch.__version__,
         }
@@ -235,8 +250,24 @@ class Trainer:
             return None
         return SummaryWriter(str(self.rundir.path / "tb"), purge_step=self.resume_step or 0)
 
-    def run(self, stop_after: int | None = None) -> TrainResult:
-        """Train until the stage's ``steps`` (or, for tests, until ``stop_after`` steps, like a kill)."""
+    def _all_agree(self, flag: bool) -> bool:
+        """True on every rank when any rank says True, so all processes leave the loop at the same step
+        (a rank that stopped alone would leave the others waiting in a collective)."""
+        if not self.info.distributed:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def run(self, stop_after: int | None = None, time_limit_s: float | None = None) -> TrainResult:
+        """Train until the stage's ``steps`` (or, for tests, until ``stop_after`` steps, like a kill).
+
+        ``time_limit_s``: stop cleanly once the wall time since the Trainer was built would pass it
+        before the next step ends — a checkpoint (so ``--resume`` continues exactly) and the final
+        weights file are written at the step reached — so a fixed machine budget never loses the run.
+        """
         from tqdm import tqdm
 
         self._prepare_run_dir()
@@ -280,9 +311,12 @@ class Trainer:
         self.stage.set_train()
         step = start
         t0 = time.perf_counter()
+        deadline = None if time_limit_s is None else self.created_at + time_limit_s
+        time_limited = False
         try:
             batches = iter(loader)
             while step < end:
+                t_step = time.perf_counter()
                 batch = next(batches)
                 logs = self.stage.train_step(batch, step)
                 step += 1
@@ -299,17 +333,28 @@ class Trainer:
                     grid = self.stage.image_grid()
                     if grid is not None:
                         writer.add_image(f"{self.stage_name}/grid", grid, step)
-                if step % self.cfg.checkpoint_every == 0 or step == total:
+                saved = step % self.cfg.checkpoint_every == 0 or step == total
+                if saved:
                     self._save(step)
+                if deadline is not None and step < end:
+                    now = time.perf_counter()
+                    # Stop when one more step like this one would end past the deadline.
+                    if self._all_agree(now + (now - t_step) >= deadline):
+                        time_limited = True
+                        if not saved:
+                            self._save(step)
+                        break
         finally:
             bar.close()
             if writer is not None:
                 writer.close()
             del loader
         final = None
-        if step == total and self.info.main:
+        if (step == total or time_limited) and self.info.main:
             final = self.rundir.final_path(self.stage_name)
             meta = {"stage": self.stage_name, "step": str(step), "trained": "true", **self.stage.metadata()}
+            if time_limited:
+                meta["time_limited"] = f"stopped at step {step} of {total}"
             save_checkpoint(final, self.cfg.model, self.stage.tensors(), meta)
         barrier(self.info)
-        return TrainResult(step, history, final, self.rundir.path)
+        return TrainResult(step, history, final, self.rundir.path, total, time_limited)
