@@ -1,4 +1,5 @@
-"""``dagan eval`` and ``dagan fetch-eval-assets`` (registered through ``COMMAND_MODULES`` in dagan/cli.py)."""
+"""``dagan eval``, ``dagan eval-cross`` and ``dagan fetch-eval-assets`` (registered through
+``COMMAND_MODULES`` in dagan/cli.py)."""
 
 from __future__ import annotations
 
@@ -36,13 +37,48 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_cross(args: argparse.Namespace) -> int:
+    from .cross import evaluate_cross
+    from .cross_report import markdown_report, write_outputs
+
+    result, run = evaluate_cross(
+        args.photos,
+        args.clips,
+        args.checkpoint,
+        baseline_checkpoints=args.baseline_checkpoint or (),
+        backend=args.backend,
+        precision=args.precision,
+        device=args.device,
+        threads=args.threads,
+        frame_stride=args.frame_stride,
+        max_frames=args.max_frames,
+        batch_size=args.batch_size,
+        assets=args.assets,
+        use_identity=not args.no_identity,
+        progress=not args.quiet,
+    )
+    written = write_outputs(result, run, args.out)
+    sheets = [p.name for k, p in written.items() if k.startswith("sheet-")]
+    print(markdown_report(result, sheets), end="")
+    print(f"wrote {', '.join(str(p) for p in written.values())}")
+    return 0
+
+
 def _cmd_eval_depth(args: argparse.Namespace) -> int:
     import json
 
-    from .depth_gt import evaluate_depth, markdown
+    if args.mesh:
+        from .depth_mesh import evaluate_depth_mesh, markdown_mesh
 
-    result = evaluate_depth(args.checkpoint, args.data, frame_stride=args.frame_stride)
-    print(markdown(result), end="")
+        nets: dict[str, str | None] = {Path(c).name: c for c in [args.checkpoint, *(args.compare or [])]}
+        nets["centre distance (baseline)"] = None
+        result = evaluate_depth_mesh(nets, args.data, frame_stride=args.frame_stride)
+        print(markdown_mesh(result), end="")
+    else:
+        from .depth_gt import evaluate_depth, markdown
+
+        result = evaluate_depth(args.checkpoint, args.data, frame_stride=args.frame_stride)
+        print(markdown(result), end="")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -108,10 +144,63 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_eval)
 
     p = subparsers.add_parser(
-        "eval-depth", help="predicted vs ground-truth depth on `dagan synth` clips (scale-invariant)"
+        "eval-cross",
+        help="cross-identity reenactment: every photo × every driving clip, motion gains, identity, jitter",
+    )
+    p.add_argument("--photos", required=True, help="folder of source photos (jpg/png/...)")
+    p.add_argument(
+        "--clips",
+        required=True,
+        help="folder of driving clips: video files (.mp4, .mpg, ...) or frame folders",
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="the model measured (row `dagan`): .safetensors, or an export/engine directory for "
+        "onnxruntime/tensorrt; default: $DAGAN_CHECKPOINT, then the bundled weights",
+    )
+    p.add_argument(
+        "--baseline-checkpoint",
+        action="append",
+        metavar="CKPT",
+        help="another model through the same engine path, one row named after its file (repeatable); "
+        "the `photo_copy` baseline (output = the photo) is always there",
+    )
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8"))
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, help="torch (and onnxruntime) CPU threads; default one per core")
+    p.add_argument("--frame-stride", type=int, default=1, help="animate and score every K-th frame")
+    p.add_argument("--max-frames", type=int, help="at most N scored frames per clip (after --frame-stride)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default="eval-cross-output", help="folder for cross.md/json, pairs.csv, sheets")
+    p.add_argument(
+        "--assets",
+        help="face-api weights folder (default $DAGAN_EVAL_ASSETS, else ~/.cache/dagan/eval-assets)",
+    )
+    p.add_argument(
+        "--no-identity", action="store_true", help="skip face-api (identity distance, CSIM, expression)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_eval_cross)
+
+    p = subparsers.add_parser(
+        "eval-depth",
+        help="predicted depth vs ground truth on `dagan synth` clips, or (--mesh) vs mediapipe's face-mesh "
+        "z on real frames (scale-free)",
     )
     p.add_argument("--checkpoint", required=True, help="a depth-stage or full checkpoint")
-    p.add_argument("--data", required=True, help="folder of synth clips (e.g. ROOT/test)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="folder of synth clips, or with --mesh of real frame folders (ROOT/test)",
+    )
+    p.add_argument(
+        "--mesh",
+        action="store_true",
+        help="real frames: Spearman ρ between depth and mediapipe's mesh z at the 478 landmarks, with a "
+        "centre-distance baseline",
+    )
+    p.add_argument("--compare", action="append", metavar="CKPT", help="with --mesh: more checkpoints")
     p.add_argument("--frame-stride", type=int, default=4)
     p.add_argument("--json", help="also write the result as JSON")
     p.set_defaults(func=_cmd_eval_depth)
