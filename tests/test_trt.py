@@ -322,7 +322,11 @@ def test_tensorrt_engine_matches_onnxruntime_through_bound_buffers(model, onnx_d
     got = eng.animate_batch(sessions, frames[3:], return_depth=True)
     want = ref.animate_batch(ref_sessions, frames[3:], return_depth=True)
     for g, w in zip(got, want, strict=True):
-        assert np.array_equal(g.image, w.image) and np.array_equal(g.driving_depth, w.driving_depth)
+        # onnxruntime may pick another kernel for a batch of 2 than of 3: a float rounding can flip one
+        # uint8 level of a pixel (seen: 1 pixel in 12,288), never more
+        diff = np.abs(g.image.astype(np.int16) - w.image.astype(np.int16))
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+        assert np.allclose(g.driving_depth, w.driving_depth, rtol=1e-5, atol=1e-6)
     assert [e["driving"] for e in trt.executions if "driving" in e] == [2, 1]
     # the cached source tensors are copies, not views of buffers the next call overwrites
     before = sessions[0].source["source_features"].clone()
