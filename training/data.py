@@ -322,9 +322,9 @@ class SourceDrivingDataset(_VideoDataset):
             return b
         others = np.delete(np.arange(n), a)
         cands = rng.choice(others, size=min(self.candidates, n - 1), replace=False)
-        f = marks[:, list(self.focus)]  # N×F×2
-        dist = np.linalg.norm(f[:, :, None] - f[:, None, :], axis=-1)  # N×F×F
-        change = np.abs(dist[cands] - dist[a]).sum(axis=(1, 2))
+        f = marks[np.concatenate(([a], cands))][:, list(self.focus)]  # (1+C)×F×2: the source, candidates
+        dist = np.linalg.norm(f[:, :, None] - f[:, None, :], axis=-1)  # (1+C)×F×F
+        change = np.abs(dist[1:] - dist[0]).sum(axis=(1, 2))
         change = np.nan_to_num(change, nan=-1.0)  # frames without a face are never preferred
         return int(cands[int(np.argmax(change))]) if change.max() >= 0 else b
 
@@ -336,10 +336,9 @@ class SourceDrivingDataset(_VideoDataset):
         source, driving = self._finish(video.read([a, b], self.image_size), rng)
         item = {"source": source, "driving": driving}
         if self.landmark_points:
-            if marks is None:
-                marks = np.full((video.num_frames, len(self.landmark_points), 2), np.nan, np.float32)
-            item["source_landmarks"] = torch.from_numpy(np.ascontiguousarray(marks[a]))
-            item["driving_landmarks"] = torch.from_numpy(np.ascontiguousarray(marks[b]))
+            none = np.full((len(self.landmark_points), 2), np.nan, np.float32)
+            for key, i in (("source_landmarks", a), ("driving_landmarks", b)):
+                item[key] = torch.from_numpy(none if marks is None else np.ascontiguousarray(marks[i]))
         return item
 
 
