@@ -39,7 +39,7 @@ from dagan.face import face_landmarks
 
 from . import metrics as M
 from . import motion
-from .face_id import EXPRESSION_SIZE, RECOGNITION_SIZE, FaceAnalyzer, crop_aligned
+from .face_id import EXPRESSION_SIZE, RECOGNITION_SIZE, FaceAnalyzer, crop_aligned, open_analyzer
 
 __all__ = [
     "CLIP_EXTENSIONS",
@@ -633,9 +633,7 @@ def evaluate_cross(
     Photos without a face are skipped with a warning and counted; so are clips without one. A folder
     without photos or clips, an unreadable photo or clip, or nothing left to evaluate is an error.
     """
-    from dagan.helpers import resolve_device
 
-    from .assets import find_eval_assets
     from .evaluate import _engine
 
     if frame_stride < 1 or batch_size < 1:
@@ -671,19 +669,9 @@ def evaluate_cross(
         "gain: least-squares slope with intercept of the avatar's change since the reference frame against "
         "the driver's; r: Pearson correlation; both on frames where both have a face mesh",
     ]
-    analyzer: FaceAnalyzer | None = None
-    folder: Path | None = None
-    if use_identity:
-        folder = find_eval_assets(assets, required=assets is not None)
-        if folder is None:
-            notes.append(
-                "identity_distance, csim and expression_agreement are null: face-api assets not found "
-                "(run dagan fetch-eval-assets)"
-            )
-        else:
-            analyzer = FaceAnalyzer(folder, device=resolve_device(device))
-    else:
-        notes.append("identity_distance, csim and expression_agreement are null: identity switched off")
+    analyzer, folder, why = open_analyzer(use_identity, assets, device)
+    if why is not None:
+        notes.append(f"identity_distance, csim and expression_agreement are null: {why}")
 
     skipped_photos: list[dict[str, str]] = []
     photos: dict[int, list[PhotoView]] = {s: [] for s in sizes}

@@ -21,12 +21,10 @@ import torch
 from scipy.stats import spearmanr
 
 from dagan.errors import UserError
-from dagan.media import load_image
+from dagan.media import FRAME_EXTENSIONS, load_image
 from dagan.nets.depth import disp_to_depth
 
 from .depth_gt import load_depth_net
-
-FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 def _clip_frames(root: Path) -> list[list[Path]]:

@@ -39,11 +39,9 @@ import torch
 
 from dagan.errors import UserError
 from dagan.face import face_landmarks
-from dagan.helpers import resolve_device
 
 from . import metrics as M
-from .assets import find_eval_assets
-from .face_id import EXPRESSION_SIZE, RECOGNITION_SIZE, FaceAnalyzer, crop_aligned
+from .face_id import EXPRESSION_SIZE, RECOGNITION_SIZE, FaceAnalyzer, crop_aligned, open_analyzer
 
 __all__ = [
     "METHODS",
@@ -317,21 +315,11 @@ def evaluate(
             "second used frame) is the reference pose, with movement-scale adaptation; reference_pose "
             "scores the output at that pose against the source frame"
         )
-    analyzer: FaceAnalyzer | None = None
-    folder: Path | None = None
-    if use_identity:
-        folder = find_eval_assets(assets, required=assets is not None)
-        if folder is None:
-            notes.append(
-                "aed, csim and expression_agreement are null: face-api assets not found "
-                "(run dagan fetch-eval-assets)"
-            )
-        else:
-            analyzer = FaceAnalyzer(folder, device=resolve_device(device))
-            if analyzer.expression is None:
-                notes.append("expression_agreement is null: face_expression_model not in the assets folder")
-    else:
-        notes.append("aed, csim and expression_agreement are null: identity metrics were switched off")
+    analyzer, folder, why = open_analyzer(use_identity, assets, device)
+    if why is not None:
+        notes.append(f"aed, csim and expression_agreement are null: {why}")
+    elif analyzer is not None and analyzer.expression is None:
+        notes.append("expression_agreement is null: face_expression_model not in the assets folder")
 
     methods = [MODE_METHODS[m] for m in modes] + ["source_copy", "driving_copy"]
     acc = {m: _Accumulator() for m in methods}

@@ -521,3 +521,21 @@ class FaceAnalyzer:
     def expressions(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
         """7 expression probabilities of the face with these mediapipe landmarks."""
         return self.expressions_crops([crop_aligned(image, landmarks, EXPRESSION_SIZE)])[0]
+
+
+def open_analyzer(
+    use_identity: bool, assets: str | Path | None, device: str | torch.device
+) -> tuple[FaceAnalyzer | None, Path | None, str | None]:
+    """The analyzer the identity metrics run on, its assets folder, and — when there is none — why, as
+    the end of a report note: switched off, or no face-api assets found. A folder given explicitly that
+    lacks the models is an error (:func:`evaluation.assets.find_eval_assets`), never a silent skip."""
+    from dagan.helpers import resolve_device
+
+    from .assets import find_eval_assets
+
+    if not use_identity:
+        return None, None, "identity metrics were switched off"
+    folder = find_eval_assets(assets, required=assets is not None)
+    if folder is None:
+        return None, None, "face-api assets not found (run dagan fetch-eval-assets)"
+    return FaceAnalyzer(folder, device=resolve_device(device)), folder, None
