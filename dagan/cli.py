@@ -93,6 +93,9 @@ def _cmd_animate(args: argparse.Namespace) -> int:
         max_frames=args.max_frames,
         progress=not args.quiet,
         threads=args.threads,
+        backend=args.backend,
+        precision=args.precision,
+        **picture_options(args),
     )
     lost = (
         f", no face found in {report.lost_face_frames} (kept the last crop)"
@@ -101,6 +104,76 @@ def _cmd_animate(args: argparse.Namespace) -> int:
     )
     print(f"wrote {report.out} ({report.frames} frames at {report.fps:g} fps{lost})")
     return 0
+
+
+def add_picture_arguments(p: argparse.ArgumentParser, full_default: bool = False) -> None:
+    """The paste-back, smoothing and neutral-pose flags ``dagan animate`` and ``dagan cam`` share."""
+    from .paste import MASKS
+    from .smoothing import DEFAULT_PARAMS
+
+    if not full_default:
+        p.add_argument(
+            "--full-picture",
+            action="store_true",
+            help="write the avatar pasted back into the whole photo instead of source | driving | result",
+        )
+    p.add_argument(
+        "--output-size",
+        metavar="WxH",
+        help="fit the full picture into this frame, e.g. 1280x720 (cropped or padded to the aspect, the "
+        "face in the upper middle)" + ("; default 1280x720" if full_default else "; implies --full-picture"),
+    )
+    p.add_argument(
+        "--mask", choices=MASKS, default="ellipse", help="paste-back mask (default ellipse; docs/server.md)"
+    )
+    p.add_argument(
+        "--smooth-min-cutoff",
+        type=float,
+        default=DEFAULT_PARAMS.min_cutoff,
+        metavar="HZ",
+        help="One-Euro filter on the crop box and keypoints: cutoff of a still face "
+        f"(lower: steadier; default {DEFAULT_PARAMS.min_cutoff:g})",
+    )
+    p.add_argument(
+        "--smooth-beta",
+        type=float,
+        default=DEFAULT_PARAMS.beta,
+        metavar="BETA",
+        help=f"One-Euro speed coefficient (higher: less lag on fast motion; default {DEFAULT_PARAMS.beta:g})",
+    )
+    p.add_argument("--no-smooth", action="store_true", help="no motion filtering (the pipeline before it)")
+    p.add_argument(
+        "--auto-neutral",
+        type=float,
+        nargs="?",
+        const=2.0,
+        default=0.0,
+        metavar="SECONDS",
+        help="choose the neutral pose automatically: the frame closest to the photo's pose and expression "
+        "in the first SECONDS (default 2) instead of the first frame",
+    )
+
+
+def picture_options(args: argparse.Namespace) -> dict:
+    """:func:`add_picture_arguments`'s flags as keyword arguments, checked (a bad value is a UserError)."""
+    from .paste import parse_size
+    from .smoothing import OneEuroParams
+
+    try:
+        size = parse_size(args.output_size) if args.output_size else None
+        smoothing = (
+            None
+            if args.no_smooth
+            else OneEuroParams(min_cutoff=args.smooth_min_cutoff, beta=args.smooth_beta)
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    if args.auto_neutral < 0:
+        raise UserError(f"--auto-neutral must be a number of seconds > 0, got {args.auto_neutral:g}")
+    out = {"output_size": size, "mask": args.mask, "smoothing": smoothing, "auto_neutral": args.auto_neutral}
+    if hasattr(args, "full_picture"):
+        out["full_picture"] = args.full_picture
+    return out
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -191,14 +264,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--show-depth", action="store_true", help="append source and driving depth maps")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--backend", default="auto", help="auto, torch, onnxruntime or tensorrt")
+    p.add_argument(
+        "--precision",
+        help="fp32, int8 (onnxruntime), bf16 (torch) or fp16 (CUDA); default: on a CPU the fastest that "
+        "holds quality, prepared on first use (docs/export.md)",
+    )
     p.add_argument(
         "--no-crop", action="store_true", help="inputs are already face crops: skip face detection"
     )
     p.add_argument("--max-frames", type=int, help="stop after this many driving frames")
     p.add_argument(
-        "--threads", type=int, help="torch CPU threads (default: one per core; 1 is faster on a busy machine)"
+        "--threads",
+        type=int,
+        help="inference CPU threads (default: one per core; 1 is faster on a busy machine)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_picture_arguments(p)
     p.set_defaults(func=_cmd_animate)
 
     p = sub.add_parser("demo", help="animate a sample portrait with a generated driving video (offline)")

@@ -37,8 +37,10 @@ __all__ = [
     "FaceDetector",
     "FaceTracker",
     "NoFaceError",
+    "SourceFace",
     "crop_source",
     "face_landmarks",
+    "locate_source",
     "square_box",
 ]
 
@@ -47,6 +49,7 @@ __all__ = [
 # face box is 1 / (1 + 2 * 0.55) ≈ 48% of the crop width: the middle of the 45–55% that VoxCeleb crops
 # show, with the whole head, some hair and the neck inside the square.
 from .errors import UserError
+from .smoothing import OneEuroFilter, OneEuroParams
 
 DEFAULT_MARGIN = 0.55
 # The detector box sits low on the head (it stops at the brows/forehead, not at the top of the hair), so
@@ -461,6 +464,37 @@ class FaceDetector:
         self.close()
 
 
+@dataclass(frozen=True)
+class SourceFace:
+    """The face of a source photo: its ``detection``, the face-centred square ``face_box`` (may run past
+    the photo) and the ``crop_box`` actually cut (``face_box`` moved inside the photo where it fits).
+    Paste-back (:mod:`dagan.paste`) needs all three: the crop's place, and where the face is in it."""
+
+    detection: Detection
+    face_box: FaceBox
+    crop_box: FaceBox
+
+
+def locate_source(
+    image_rgb: np.ndarray, margin: float = DEFAULT_MARGIN, detector: FaceDetector | None = None
+) -> SourceFace:
+    """Find the largest face of a source photo and its crop boxes (:func:`crop_source` without the
+    crop). Raises :class:`NoFaceError` when there is none."""
+    image = _as_rgb_uint8(image_rgb, "source image")
+    if detector is None:
+        with FaceDetector() as own:
+            detections = own.detect(image)
+    else:
+        detections = detector.detect(image)
+    if not detections:
+        raise NoFaceError(
+            "no face found in the source image; use a photo with one clearly visible, roughly frontal, "
+            "well-lit face"
+        )
+    face_box = square_box(detections[0], image.shape, margin)
+    return SourceFace(detections[0], face_box, face_box.fit(image.shape))
+
+
 def crop_source(
     image_rgb: np.ndarray,
     out_size: int = 256,
@@ -475,17 +509,7 @@ def crop_source(
     garbage, so it must fail loudly before any model runs.
     """
     image = _as_rgb_uint8(image_rgb, "source image")
-    if detector is None:
-        with FaceDetector() as own:
-            detections = own.detect(image)
-    else:
-        detections = detector.detect(image)
-    if not detections:
-        raise NoFaceError(
-            "no face found in the source image; use a photo with one clearly visible, roughly frontal, "
-            "well-lit face"
-        )
-    box = square_box(detections[0], image.shape, margin).fit(image.shape)
+    box = locate_source(image, margin, detector).crop_box
     return box.crop(image, out_size), box
 
 
@@ -521,6 +545,13 @@ class FaceTracker:
     unchanged; :attr:`face_found` and :attr:`frames_without_face` tell callers it was lost. Before any
     face has been seen the crop is the centred square of the frame's short side and the box is ``None``.
     Like :class:`FaceDetector`, not thread-safe: one tracker per stream.
+
+    ``box_filter`` (:class:`~dagan.smoothing.OneEuroParams`) replaces stage 1 by a One-Euro filter: a
+    still head is smoothed harder and a moving one follows with less lag than the fixed average (the
+    commands use it; see :mod:`dagan.smoothing`). The box is filtered in units of half its side, the
+    scale of the model's keypoint coordinates, so one pair of parameters means the same for both
+    filters. ``update``/``locate`` take the frame's capture time ``t`` in seconds for it (None: a frame
+    clock at 30 fps).
     """
 
     def __init__(
@@ -533,6 +564,7 @@ class FaceTracker:
         *,
         dead_zone: float = DEFAULT_DEAD_ZONE,
         relock: float = DEFAULT_RELOCK,
+        box_filter: OneEuroParams | None = None,
     ) -> None:
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
@@ -548,6 +580,8 @@ class FaceTracker:
         self.relock = float(relock)
         self._own_detector = detector is None
         self._detector = detector if detector is not None else FaceDetector()
+        self._euro = OneEuroFilter(box_filter) if box_filter is not None else None
+        self._euro_unit = 1.0  # half the box side at lock-on: the filter's unit of length
         self.reset()
 
     def reset(self) -> None:
@@ -561,6 +595,8 @@ class FaceTracker:
         self._velocity = (0.0, 0.0)  # target motion per frame between the last two detections
         self.face_found = False
         self.frames_without_face = 0
+        if self._euro is not None:
+            self._euro.reset()
 
     @property
     def box(self) -> FaceBox | None:
@@ -579,48 +615,67 @@ class FaceTracker:
         best = max(detections, key=lambda d: _iou(d.bbox, ref))
         return best if _iou(best.bbox, ref) > 0.05 else detections[0]
 
-    def _advance(self, target: FaceBox) -> None:
+    def _lock(self, target: FaceBox, t: float | None) -> None:
+        """Start over at ``target`` (first face, or a relock): no smoothing across the jump."""
+        self._state = self._box = target
+        if self._euro is not None:
+            self._euro.reset()
+            self._euro_unit = target.size / 2
+            self._euro(np.array([target.cx, target.cy, target.size]) / self._euro_unit, t)
+
+    def _advance(self, target: FaceBox, t: float | None = None) -> None:
         state, box = self._state, self._box
         if state is None or box is None:
-            self._state = self._box = target
+            self._lock(target, t)
             return
         jump = math.hypot(target.cx - state.cx, target.cy - state.cy)
         rescale = abs(math.log(target.size / state.size))
         if jump > self.relock * state.size or rescale > math.log1p(self.relock):
-            self._state = self._box = target
+            self._lock(target, t)
             return
-        a = 1.0 - self.smoothing
-        state = FaceBox(
-            state.cx + a * (target.cx - state.cx),
-            state.cy + a * (target.cy - state.cy),
-            state.size + a * (target.size - state.size),
-        )
+        if self._euro is not None:
+            unit = self._euro_unit
+            cx, cy, size = self._euro(np.array([target.cx, target.cy, target.size]) / unit, t) * unit
+            state = FaceBox(float(cx), float(cy), max(float(size), 1e-3))
+        else:
+            a = 1.0 - self.smoothing
+            state = FaceBox(
+                state.cx + a * (target.cx - state.cx),
+                state.cy + a * (target.cy - state.cy),
+                state.size + a * (target.size - state.size),
+            )
         # Dead zone: drag the output box only as far as needed to keep the smoothed box within reach.
         zone = self.dead_zone * box.size
         dx, dy = state.cx - box.cx, state.cy - box.cy
         dist = math.hypot(dx, dy)
+        # The One-Euro state of a head that just stopped creeps towards it for a second (its still-head
+        # cutoff is low): dragging the box along that tail would move a still crop by hundredths of a
+        # pixel for dozens of frames. So with it the box moves by at least 5 % of the zone (0.06 % of its
+        # side, far below a visible step) or not at all.
+        step = 0.05 * zone if self._euro is not None else 0.0
         cx, cy = box.cx, box.cy
-        if dist > zone:
+        if dist > zone + step:
             pull = (dist - zone) / dist
             cx, cy = cx + pull * dx, cy + pull * dy
         size = box.size
         ds = state.size - box.size
-        if abs(ds) > zone:
+        if abs(ds) > zone + step:
             size += math.copysign(abs(ds) - zone, ds)
         self._state = state
         if (cx, cy, size) != (box.cx, box.cy, box.size):
             self._box = FaceBox(cx, cy, size)
 
-    def update(self, frame_rgb: np.ndarray) -> tuple[np.ndarray, FaceBox | None]:
-        """Process one frame; returns (out_size×out_size crop, box or None if no face was ever seen)."""
+    def update(self, frame_rgb: np.ndarray, t: float | None = None) -> tuple[np.ndarray, FaceBox | None]:
+        """Process one frame (captured at ``t`` seconds, if known); returns (out_size×out_size crop, box
+        or None if no face was ever seen)."""
         frame = _as_rgb_uint8(frame_rgb, "frame")
-        box = self.locate(frame)
+        box = self.locate(frame, t)
         if box is None:
             h, w = frame.shape[:2]
             return FaceBox(w / 2, h / 2, float(min(w, h))).crop(frame, self.out_size), None
         return box.crop(frame, self.out_size), box
 
-    def locate(self, frame_rgb: np.ndarray) -> FaceBox | None:
+    def locate(self, frame_rgb: np.ndarray, t: float | None = None) -> FaceBox | None:
         """The detect/track half of :meth:`update`: the output box for this frame, without cropping
         (None until a face has been seen), so a caller can time or do the crop itself.
 
@@ -660,7 +715,7 @@ class FaceTracker:
                 t = self._target
                 self._target = FaceBox(t.cx + vx, t.cy + vy, t.size)
         assert self._target is not None
-        self._advance(self._target)
+        self._advance(self._target, t)
         return self._box
 
     def close(self) -> None:
@@ -696,17 +751,17 @@ class DrivingCropper:
     the tracker itself keeps smoothing the face-centred box.
     """
 
-    def __init__(self, out_size: int, crop: bool = True) -> None:
+    def __init__(self, out_size: int, crop: bool = True, box_filter: OneEuroParams | None = None) -> None:
         self.out_size = out_size
-        self.tracker = FaceTracker(out_size=out_size) if crop else None
+        self.tracker = FaceTracker(out_size=out_size, box_filter=box_filter) if crop else None
 
     @property
     def face_found(self) -> bool:
         return self.tracker is None or self.tracker.face_found
 
-    def __call__(self, frame_rgb: np.ndarray) -> np.ndarray:
+    def __call__(self, frame_rgb: np.ndarray, t: float | None = None) -> np.ndarray:
         if self.tracker is not None:
-            return self.tracker.update(frame_rgb)[0]
+            return self.tracker.update(frame_rgb, t)[0]
         size = (self.out_size, self.out_size)
         return cv2.resize(frame_rgb, size, interpolation=cv2.INTER_AREA)
 

@@ -109,7 +109,7 @@ def backend_options(backend: str) -> set[str]:
         from .onnx_backend import OnnxRuntimeEngine
 
         params = set(inspect.signature(OnnxRuntimeEngine.__init__).parameters)
-        return (params - {"self", "onnx_dir", "device", "precision"}) | {"cache_dir"}
+        return (params - {"self", "onnx_dir", "device", "precision"}) | {"cache_dir", "progress"}
     if backend == "tensorrt":
         from .trt_backend import TensorRTEngine
 
@@ -128,9 +128,22 @@ def _create(backend: str, checkpoint: str | Path, device: str, precision: str, o
     if backend == "onnxruntime":
         if importlib.util.find_spec("onnxruntime") is None:
             raise EngineError("backend 'onnxruntime' needs the onnxruntime package (pip install onnxruntime)")
-        from .onnx_backend import OnnxRuntimeEngine, onnx_dir_for
+        from .onnx_backend import (
+            OnnxRuntimeEngine,
+            _ort_device,
+            cpu_onnx_dir_for,
+            int8_onnx_dir_for,
+            onnx_dir_for,
+        )
 
-        onnx_dir = onnx_dir_for(checkpoint, options.pop("cache_dir", None))
+        cache, progress = options.pop("cache_dir", None), bool(options.pop("progress", False))
+        if Path(checkpoint).is_file() and precision in ("fp32", "int8") and _ort_device(device).type == "cpu":
+            # weights on the CPU: the frame graph rewritten for the CPU provider (export/optimize.py, the
+            # same function), and for int8 its quantized copy, each prepared once and cached
+            prepare = int8_onnx_dir_for if precision == "int8" else cpu_onnx_dir_for
+            onnx_dir = prepare(checkpoint, cache, progress=progress)
+        else:
+            onnx_dir = onnx_dir_for(checkpoint, cache, progress=progress)
         return OnnxRuntimeEngine(onnx_dir, device=device, precision=precision, **options)
     from .trt_backend import TensorRTEngine
 

@@ -34,6 +34,12 @@ class Session:
     sizes (the authors' ``--relative --adapt_scale``); False moves the source by the driver's raw
     displacement (their ``--relative`` alone). Every backend reads it through ``scale``, which is 1
     without adaptation.
+
+    Steady motion and the neutral pose (set by the caller, per stream): ``kp_filter``, a
+    :class:`dagan.smoothing.OneEuroFilter` the driving keypoints go through before they move the source
+    (None: unfiltered); ``frame_time``, the capture time in seconds of the frame being animated, which
+    that filter and the automatic neutral pose use as their clock (None: a frame counter);
+    ``auto_neutral``, set by :meth:`choose_neutral_automatically`.
     """
 
     source: Any
@@ -43,19 +49,59 @@ class Session:
     scale: Any = None
     source_depth: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+    kp_filter: Any = None
+    frame_time: float | None = None
+    auto_neutral: AutoNeutral | None = None
 
-    def reset_reference(self) -> None:
-        """Take the next driving frame as the new neutral pose (the "recalibrate" action)."""
+    def reset_reference(self, auto: bool = False) -> None:
+        """Take the next driving frame as the new neutral pose (the "recalibrate" action).
+
+        A person who recalibrates has chosen their neutral pose, so an automatic choice still running
+        stops; ``auto=True`` starts it again instead (the next frames are searched anew).
+        """
         self.reference = None
         self.scale = None
+        if self.auto_neutral is not None:
+            if auto:
+                self.auto_neutral = AutoNeutral(self.auto_neutral.seconds)
+            else:
+                self.auto_neutral.done = True
+
+    def choose_neutral_automatically(self, seconds: float = 2.0) -> None:
+        """Relative motion: over the first ``seconds`` of driving frames, make the frame whose pose and
+        expression are closest to the photo's the reference (instead of simply the first frame).
+
+        The photo's own pose is the one the avatar shows when the driver is at the reference, so a
+        reference that matches it keeps a person who starts the camera looking away or mid-word from
+        fixing that offset onto the avatar for the whole call. Closeness is the driving keypoints'
+        layout against the photo's (:func:`engine.hot_path.neutral_distance`). The reference can change
+        during the window (the avatar then moves once to the new neutral), never after.
+        """
+        if not (seconds > 0):
+            raise ValueError(f"the automatic neutral-pose window must be > 0 seconds, got {seconds}")
+        self.auto_neutral = AutoNeutral(float(seconds))
+
+
+@dataclass
+class AutoNeutral:
+    """State of a session's automatic neutral-pose choice: the window, its start (the session clock of
+    its first frame), the best distance so far, and whether the window is over."""
+
+    seconds: float
+    start: float | None = None
+    best: float = float("inf")
+    done: bool = False
 
 
 @dataclass
 class FrameResult:
-    """image: H×W×3 uint8 RGB avatar frame. driving_depth: H×W uint8 visualisation, when asked for."""
+    """image: H×W×3 uint8 RGB avatar frame. driving_depth: H×W uint8 visualisation, when asked for.
+    picture: the avatar pasted back into its full photo, when the caller asked for it on the device
+    (:func:`engine.paste.animate_pictures`)."""
 
     image: np.ndarray
     driving_depth: np.ndarray | None = None
+    picture: np.ndarray | None = None
 
 
 class Engine(abc.ABC):

@@ -185,10 +185,27 @@ def _variants(device: torch.device) -> list[tuple[str, str, dict]]:
     if importlib.util.find_spec("onnxruntime") is not None:
         out.append(("onnxruntime", "fp32", {}))
         if device.type == "cpu":
-            out.append(("onnxruntime", "int8", {}))
+            # the plain export and the frame graph rewritten for the CPU provider (export/optimize.py),
+            # which is what `dagan serve` runs on a CPU (engine/select.py), in fp32 and int8
+            out += [
+                ("onnxruntime", "fp32", {"cpu_graph": True}),
+                ("onnxruntime", "int8", {}),
+                ("onnxruntime", "int8", {"cpu_graph": True}),
+            ]
+            if os.environ.get("DAGAN_BENCH_PASSES"):  # what each CPU-graph rewrite buys on its own
+                from export.optimize import PASSES
+
+                out += [("onnxruntime", "fp32", {"cpu_graph": p}) for p in PASSES]
     if device.type == "cuda" and importlib.util.find_spec("tensorrt") is not None:
         out.append(("tensorrt", "fp16", {}))
     return out
+
+
+def _variant_name(backend: str, precision: str, options: dict) -> str:
+    """``onnxruntime fp32 +cpu_graph``, ``… +cpu_graph=gather_grid_sample`` (one pass alone)."""
+    return f"{backend} {precision}" + "".join(
+        f" +{k}" if v is True else f" +{k}={v}" for k, v in options.items()
+    )
 
 
 def cpu_has_bf16() -> bool:
@@ -226,25 +243,103 @@ def _make_engine(model, backend, precision, options, device, workdir: Path):
         from export.onnx_export import export_model
 
         export_model(model, onnx_dir, progress=False)
+    threads = _bench_threads()
+    if backend == "onnxruntime" and options.get("cpu_graph"):
+        from export.optimize import PASSES, optimize_export
+
+        only = options["cpu_graph"]
+        cpu_dir = workdir / ("onnx-cpu" if only is True else f"onnx-cpu-{only}")
+        if not (cpu_dir / "manifest.json").is_file():
+            optimize_export(onnx_dir, cpu_dir, PASSES if only is True else [only])
+        onnx_dir = cpu_dir
     if backend == "onnxruntime" and precision == "int8":
         from export.quantize import quantize_export
 
         from .onnx_backend import OnnxRuntimeEngine
 
-        int8_dir = workdir / "onnx-int8"
+        int8_dir = onnx_dir.parent / f"{onnx_dir.name}-int8"
         if not (int8_dir / "manifest.json").is_file():
             clips, _ = _calibration_clips(model.config.image_size)
             quantize_export(onnx_dir, int8_dir, clips, keep_float=("kp_detector",), progress=False)
-        return OnnxRuntimeEngine(int8_dir, device=device, precision="int8")
+        return OnnxRuntimeEngine(int8_dir, device=device, precision="int8", threads=threads)
     if backend == "onnxruntime":
         from .onnx_backend import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(onnx_dir, device=device, precision=precision)
+        return OnnxRuntimeEngine(onnx_dir, device=device, precision=precision, threads=threads)
     from .trt_backend import TensorRTEngine
 
     return TensorRTEngine.from_path(
         onnx_dir, device=device, precision=precision, max_batch=max(BATCHES), cache_dir=workdir
     )
+
+
+def _bench_threads() -> int | None:
+    """``DAGAN_BENCH_THREADS``: onnxruntime's intra-op threads (and torch's, set in :func:`run_bench`);
+    unset: each runtime's default (one per core)."""
+    value = os.environ.get("DAGAN_BENCH_THREADS")
+    return int(value) if value else None
+
+
+def op_profile(engine, frames: int = 30, warmup: int = 5) -> list[dict]:
+    """Where an onnxruntime engine's frame graph spends its time, by operator type: onnxruntime's own
+    profiler over ``frames`` batch-1 frames (after ``warmup``), kernel time per frame (median over the
+    frames of each node's time, summed per op type), share, nodes. A profiled copy of the frame session
+    is made with the engine's options, so the engine itself is not slowed."""
+    import collections
+
+    import onnxruntime as ort
+
+    runner = engine.runner
+    sess = runner.sessions["frame"]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / "dagan-op-profile")
+    opts.intra_op_num_threads = sess.get_session_options().intra_op_num_threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    profiled = ort.InferenceSession(sess._model_path, opts, providers=["CPUExecutionProvider"])
+    size = engine.image_size
+    rng = np.random.default_rng(0)
+    session = engine.new_session(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    feeds = []
+
+    def capture(graph, inputs):
+        feeds.append({k: v.detach().contiguous().numpy() for k, v in inputs.items()})
+        return original(graph, inputs)
+
+    original, runner.run = runner.run, capture
+    try:
+        engine.animate_batch([session], [rng.integers(0, 256, (size, size, 3), dtype=np.uint8)])
+    finally:
+        del runner.run
+    feed = feeds[-1]
+    for _ in range(warmup):
+        profiled.run(None, feed)
+    Path(profiled.end_profiling()).unlink(missing_ok=True)  # the warm-up (allocation, first runs)
+    profiled = ort.InferenceSession(sess._model_path, opts, providers=["CPUExecutionProvider"])
+    for _ in range(warmup):
+        profiled.run(None, feed)
+    for _ in range(frames):
+        profiled.run(None, feed)
+    path = profiled.end_profiling()
+    events = json.loads(Path(path).read_text())
+    Path(path).unlink(missing_ok=True)
+    per_node: dict[str, list[float]] = collections.defaultdict(list)
+    op_of = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_node[e["name"]].append(e["dur"] / 1000)
+            op_of[e["name"]] = e["args"]["op_name"]
+    by_op: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for node, times in per_node.items():
+        by_op[op_of[node]][0] += statistics.median(times[-frames:])
+        by_op[op_of[node]][1] += 1
+    total = sum(v[0] for v in by_op.values()) or 1.0
+    rows = [
+        {"op": op, "ms": ms, "share": ms / total, "nodes": n}
+        for op, (ms, n) in sorted(by_op.items(), key=lambda kv: -kv[1][0])
+    ]
+    return rows
 
 
 def bench_backend(engine, frames: int, warmup: int, batches: tuple[int, ...], device: torch.device) -> dict:
@@ -355,6 +450,8 @@ def run_bench(
     """
     if interleaved is None:
         interleaved = os.environ.get("DAGAN_BENCH_INTERLEAVED", "") not in ("", "0")
+    if _bench_threads():
+        torch.set_num_threads(_bench_threads())
     if backends is None and os.environ.get("DAGAN_BENCH_BACKENDS"):
         backends = os.environ["DAGAN_BENCH_BACKENDS"].split(",")
     if batches is None:
@@ -385,7 +482,7 @@ def run_bench(
             for backend, precision, options in _variants(dev):
                 if backends and backend not in backends:
                     continue
-                name = f"{backend} {precision}" + "".join(f" +{k}" for k in options)
+                name = _variant_name(backend, precision, options)
                 try:
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
@@ -393,6 +490,8 @@ def run_bench(
                     engine = _make_engine(model, backend, precision, options, str(dev), Path(tmp))
                     entry = {"name": name, "backend": backend, "precision": precision, "options": options}
                     entry.update(bench_backend(engine, frames, warmup, batches, dev))
+                    if backend == "onnxruntime" and os.environ.get("DAGAN_BENCH_PROFILE"):
+                        entry["op_profile"] = op_profile(engine)
                     r["backends"].append(entry)
                     del engine
                 except Exception as exc:  # one backend failing must not hide the others' numbers
@@ -440,11 +539,14 @@ def _run_interleaved(
     engines = []
     with _workdir(model) as tmp:
         for backend, precision, options in _variants(dev):
-            name = f"{backend} {precision}" + "".join(f" +{k}" for k in options)
+            name = _variant_name(backend, precision, options)
             if (backends and backend not in backends) or name == "torch fp32":
                 continue
             try:
-                engines.append((name, _make_engine(model, backend, precision, options, str(dev), Path(tmp))))
+                eng = _make_engine(model, backend, precision, options, str(dev), Path(tmp))
+                engines.append((name, eng))
+                if backend == "onnxruntime" and os.environ.get("DAGAN_BENCH_PROFILE"):
+                    r.setdefault("op_profile", {})[name] = op_profile(eng)
             except Exception as exc:  # one backend failing must not hide the others' numbers
                 r["errors"][name] = f"{type(exc).__name__}: {exc}"
         r["interleaved"] = bench_interleaved(model, engines, frames, warmup, dev)
@@ -493,5 +595,11 @@ def _print(r: dict) -> None:
                 f"  {name:40s} p50 {s['median_ms']:8.1f} ms  p99 {s['p99_ms']:8.1f} ms  "
                 f"{s['fps']:7.2f} fps  {s['vs_authors']:5.2f}x the authors' forward"
             )
+    profiles = dict(r.get("op_profile", {}))
+    profiles.update({b["name"]: b["op_profile"] for b in r.get("backends", []) if "op_profile" in b})
+    for name, rows in profiles.items():
+        total = sum(x["ms"] for x in rows)
+        top = ", ".join(f"{x['op']} {x['ms']:.1f} ({100 * x['share']:.0f} %)" for x in rows[:8])
+        print(f"  {name}: kernel time {total:.1f} ms per frame by op: {top}")
     for name, err in r["errors"].items():
         print(f"  {name}: not measured ({err})")

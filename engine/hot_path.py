@@ -16,18 +16,30 @@
    (:meth:`FramePathEngine._run_frame`) and in how a session's source is encoded.
 6. **Download**: the prediction is rounded to uint8 on the device and downloaded once
    (:func:`dagan.helpers.tensor_to_images`).
+
+Steady motion (:attr:`~engine.base.Session.kp_filter`): a stream whose driving keypoints are filtered
+runs step 5 split in two, because the fused ``frame`` function uses the keypoints it detects at once:
+driving depth → keypoints (the ``depth``/``keypoints`` graphs), the stream's One-Euro filter on the host,
+relative transfer, then the ``generator`` graph — the same networks, so the same cost. A backend without a
+separate generator (:meth:`FramePathEngine._render` returns None: TensorRT builds only the fused graph)
+gets the same result from the fused graph by moving the reference so that the keypoints it detects
+transfer as the filtered ones would (:func:`filtered_motion`), at the price of running the driving branch
+twice. After step 5 the automatic neutral pose (:func:`choose_neutral`) looks at the frame's keypoints.
 """
 
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from dagan.graph_contract import unflatten_cached
 from dagan.helpers import Uploader, depth_to_images, images_to_tensor, tensor_to_images
-from dagan.keypoint_ops import movement_scale
+from dagan.keypoint_ops import movement_scale, relative_keypoints
+from dagan.nets.blocks import inverse_2x2
 from dagan.nets.keypoints import Keypoints
 
 from .base import Engine, EngineError, FrameResult, Session, check_batch
@@ -69,6 +81,16 @@ class FramePathEngine(Engine):
     def _check_session(self, session: Session) -> None:
         """Raise if ``session`` was created by another backend."""
 
+    def _drive(self, driving: torch.Tensor) -> tuple[Keypoints, torch.Tensor | None]:
+        """Driving keypoints and depth of a B×3×H×W batch (the filtered path's first half). Default:
+        :meth:`_detect` without depth; backends override it to return the depth too."""
+        return self._detect(driving), None
+
+    def _render(self, feed: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The ``generator`` graph on the cached tensors + kp_driving_value/jacobian (the keypoints to
+        render): the B×3×H×W prediction, or None when this backend has no separate generator."""
+        return None
+
     # -- the hot path -------------------------------------------------------------------------------
     def _to_tensor(self, images: list[np.ndarray], what: str) -> torch.Tensor:
         if self._uploader is None:
@@ -95,9 +117,42 @@ class FramePathEngine(Engine):
             ensure_references(sessions, driving, self._detect, self._source_keypoints)  # 2.
             feed = {"driving": driving}
             feed.update(self._stack.get(sessions, self._cached, self.cached_inputs))  # 3.
-            feed.update(motion_inputs(sessions, self.num_kp, self.jacobian, self.device, self.dtype))  # 4.
-            out = self._run_frame(feed)  # 5. the per-frame function
+            if any(s.kp_filter is not None for s in sessions):
+                out = self._filtered_frame(sessions, feed)  # 4. + 5. split around the filter
+            else:  # 4.
+                feed.update(motion_inputs(sessions, self.num_kp, self.jacobian, self.device, self.dtype))
+                out = self._run_frame(feed)  # 5. the per-frame function
+            if any(s.auto_neutral is not None and not s.auto_neutral.done for s in sessions):
+                kp = Keypoints(out["kp_driving_value"], out.get("kp_driving_jacobian"))
+                choose_neutral(sessions, kp, self._source_keypoints)
         return out["prediction"], out.get("driving_depth")
+
+    def _filtered_frame(
+        self, sessions: list[Session], feed: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor | None]:
+        """Step 5 with each stream's keypoint filter between detection and rendering (module doc).
+        The outputs' ``kp_driving_*`` are the filtered keypoints."""
+        kp_d, depth = self._drive(feed["driving"])
+        kp_f = filter_keypoints(sessions, kp_d)
+        motion = motion_inputs(sessions, self.num_kp, self.jacobian, self.device, self.dtype)
+        kp_s, _ = unflatten_cached(feed)
+        kp_ref = Keypoints(motion["kp_reference_value"], motion.get("kp_reference_jacobian"))
+        kp_used = relative_keypoints(kp_s, kp_f, kp_ref, motion["motion_scale"], motion["relative"])
+        render = {n: feed[n] for n in self.cached_inputs}
+        render["kp_driving_value"] = kp_used.value
+        if kp_used.jacobian is not None:
+            render["kp_driving_jacobian"] = kp_used.jacobian
+        prediction = self._render(render)
+        if prediction is None:  # no generator graph: the fused graph with moved references
+            feed.update(filtered_motion(kp_s, kp_d, kp_f, kp_used, motion))
+            out = self._run_frame(feed)
+            prediction, depth = out["prediction"], out.get("driving_depth")
+        return {
+            "prediction": prediction,
+            "driving_depth": depth,
+            "kp_driving_value": kp_f.value,
+            "kp_driving_jacobian": kp_f.jacobian,
+        }
 
     def animate_batch(
         self, sessions: list[Session], frames: list[np.ndarray], return_depth: bool = False
@@ -201,3 +256,92 @@ def motion_inputs(
     out["motion_scale"] = torch.cat(scales)
     out["relative"] = torch.cat(flags)
     return out
+
+
+def _session_clock(session: Session) -> float:
+    """The session's time for the filter and the neutral-pose window: the frame's capture time when
+    the caller gives it, else the wall clock."""
+    return session.frame_time if session.frame_time is not None else time.monotonic()
+
+
+def filter_keypoints(sessions: list[Session], kp: Keypoints) -> Keypoints:
+    """Each stream's driving keypoints through its One-Euro filter (streams without one unchanged).
+
+    The filter runs on the host in float64 (K×6 numbers per stream: a copy that costs microseconds);
+    values and Jacobians are filtered element by element.
+    """
+    values, jacs = kp.value.clone(), None if kp.jacobian is None else kp.jacobian.clone()
+    for i, s in enumerate(sessions):
+        if s.kp_filter is None:
+            continue
+        flat = kp.value[i].reshape(-1)
+        if kp.jacobian is not None:
+            flat = torch.cat([flat, kp.jacobian[i].reshape(-1)])
+        out = s.kp_filter(flat.float().cpu().numpy(), s.frame_time)
+        out = torch.from_numpy(out).to(kp.value.device, kp.value.dtype)
+        n = kp.value[i].numel()
+        values[i] = out[:n].reshape(kp.value[i].shape)
+        if jacs is not None:
+            jacs[i] = out[n:].reshape(kp.jacobian[i].shape)
+    return Keypoints(values, jacs)
+
+
+def filtered_motion(
+    kp_s: Keypoints, kp_d: Keypoints, kp_f: Keypoints, kp_used: Keypoints, motion: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Motion inputs for the fused ``frame`` graph so that, detecting ``kp_d`` itself, it renders
+    ``kp_used`` (the transfer of the filtered ``kp_f``).
+
+    Every item is made relative with scale 1 and the reference kp_ref' = kp_d − (kp_used − kp_s): then
+    kp_s + (kp_d − kp_ref') = kp_used. Jacobians: J_ref' = J_s J_used⁻¹ J_d gives
+    J_d J_ref'⁻¹ J_s = J_used. (The graph detects kp_d again from the same pixels, so this is exact up
+    to the backend's own numerical noise.)
+    """
+    b = kp_d.value.shape[0]
+    out = dict(motion)
+    out["kp_reference_value"] = kp_d.value - (kp_used.value - kp_s.value)
+    if kp_used.jacobian is not None and kp_d.jacobian is not None and kp_s.jacobian is not None:
+        out["kp_reference_jacobian"] = kp_s.jacobian @ inverse_2x2(kp_used.jacobian) @ kp_d.jacobian
+    ones = torch.ones(b, 1, 1, device=kp_d.value.device, dtype=kp_d.value.dtype)
+    out["motion_scale"], out["relative"] = ones, ones
+    return out
+
+
+def neutral_distance(kp_a: torch.Tensor, kp_b: torch.Tensor) -> float:
+    """How far apart two faces' pose and expression are: their K×2 keypoint layouts, each moved to its
+    centroid and scaled to unit RMS radius (so where the face sits in the crop and its size do not
+    count), compared point by point (mean distance). The keypoints are the model's own description of
+    pose and expression, so this needs no extra network."""
+
+    def layout(v: torch.Tensor) -> torch.Tensor:
+        v = v.reshape(-1, 2).double()
+        v = v - v.mean(dim=0)
+        return v / v.square().sum(dim=1).mean().sqrt().clamp_min(1e-9)
+
+    return float((layout(kp_a) - layout(kp_b)).norm(dim=1).mean())
+
+
+def choose_neutral(sessions: list[Session], kp: Keypoints, source_kp: Callable[[Session], Keypoints]) -> None:
+    """The automatic neutral pose (:meth:`~engine.base.Session.choose_neutral_automatically`): for each
+    relative stream still in its window, make this frame's keypoints (``kp``, B×K×2) the reference
+    when they are the closest to the photo's so far. The new reference (and its movement scale) is used
+    from the next frame on; the window is measured on the session clock from its first frame."""
+    for i, s in enumerate(sessions):
+        auto = s.auto_neutral
+        if auto is None or auto.done or not s.relative:
+            continue
+        now = _session_clock(s)
+        if auto.start is None:
+            auto.start = now
+        if now - auto.start > auto.seconds:
+            auto.done = True
+            continue
+        kp_src = source_kp(s)
+        d = neutral_distance(kp.value[i], kp_src.value[0])
+        if d < auto.best:
+            auto.best = d
+            ref = Keypoints(
+                kp.value[i : i + 1].clone(), None if kp.jacobian is None else kp.jacobian[i : i + 1].clone()
+            )
+            s.reference = ref
+            s.scale = reference_scale(s, kp_src, ref)

@@ -98,11 +98,24 @@ class GraphEngine(FramePathEngine):
 
     def driving_keypoints(self, driving: torch.Tensor) -> Keypoints:
         """B×3×H×W → keypoints via the depth and keypoint graphs (used for relative references)."""
+        return self._drive(driving)[0]
+
+    def _drive(self, driving: torch.Tensor) -> tuple[Keypoints, torch.Tensor | None]:
         feed = {"image": driving}
+        depth = None
         if "depth" in self.kp_inputs:
-            feed["depth"] = self.runner.run("depth", {"image": driving})["depth"]
+            depth = feed["depth"] = self.runner.run("depth", {"image": driving})["depth"]
         out = self.runner.run("keypoints", feed)
-        return Keypoints(out["kp_value"], out.get("kp_jacobian"))
+        return Keypoints(out["kp_value"], out.get("kp_jacobian")), depth
+
+    def _render(self, feed: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The export's ``generator`` graph, when the runner can run it (ONNX Runtime can; a TensorRT
+        engine directory holds only the graphs it built, so it falls back to the fused frame graph)."""
+        graph = self.manifest["graphs"].get("generator")
+        if graph is None or not getattr(self.runner, "can_run", lambda _: False)("generator"):
+            return None
+        names = [spec["name"] for spec in graph["inputs"]]
+        return self.runner.run("generator", {n: feed[n] for n in names})["prediction"]
 
     # -- hot-path hooks -----------------------------------------------------------------------------
     def _check_session(self, session: Session) -> None:
@@ -146,6 +159,7 @@ class OrtRunner:
         threads: int | None = None,
         tensorrt: bool = False,
         fp16: bool = False,
+        spin: bool = False,
     ) -> None:
         import onnxruntime as ort
 
@@ -158,6 +172,9 @@ class OrtRunner:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        # Idle intra-op threads spin-wait for the next op by default: on a machine whose other cores
+        # decode, track and encode video, that spinning takes their CPU (measured: docs/benchmarks.md).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         provider_options: list[dict[str, Any]] = []
         for p in self.providers:
             if p == "TensorrtExecutionProvider":
@@ -170,18 +187,25 @@ class OrtRunner:
             else:
                 provider_options.append({})
         self.sessions = {}
+        self._open = lambda entry: ort.InferenceSession(
+            str(Path(onnx_dir) / entry["file"]),
+            opts,
+            providers=self.providers,
+            provider_options=provider_options,
+        )
         for graph, entry in manifest["graphs"].items():
             if graph == "generator":
-                continue  # the frame graph contains it; the standalone graph is for other runtimes
-            self.sessions[graph] = ort.InferenceSession(
-                str(Path(onnx_dir) / entry["file"]),
-                opts,
-                providers=self.providers,
-                provider_options=provider_options,
-            )
+                # the frame graph contains it; opened on first use (streams with filtered keypoints)
+                continue
+            self.sessions[graph] = self._open(entry)
         self.provider = self.sessions["frame"].get_providers()[0]
 
+    def can_run(self, graph: str) -> bool:
+        return graph in self.manifest["graphs"]
+
     def run(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if graph not in self.sessions:
+            self.sessions[graph] = self._open(self.manifest["graphs"][graph])
         sess = self.sessions[graph]
         outputs = self.manifest["graphs"][graph]["outputs"]
         if self.device.type == "cpu":
@@ -216,6 +240,7 @@ class OnnxRuntimeEngine(GraphEngine):
         precision: str = "fp32",
         threads: int | None = None,
         tensorrt_provider: bool | None = None,
+        spin: bool = False,
     ) -> None:
         if precision == "bf16":
             raise EngineError(
@@ -230,7 +255,9 @@ class OnnxRuntimeEngine(GraphEngine):
             raise EngineError("onnxruntime fp16 needs its TensorRT provider on a GPU; use fp32 on the CPU")
         manifest = read_manifest(onnx_dir)
         _check_export_precision(manifest, precision, onnx_dir, dev)
-        runner = OrtRunner(onnx_dir, manifest, dev, threads=threads, tensorrt=trt, fp16=precision == "fp16")
+        runner = OrtRunner(
+            onnx_dir, manifest, dev, threads=threads, tensorrt=trt, fp16=precision == "fp16", spin=spin
+        )
         if precision == "fp16" and runner.provider != "TensorrtExecutionProvider":
             raise EngineError(
                 "onnxruntime fp16 needs the TensorRT execution provider, which is not available"
@@ -298,6 +325,114 @@ def onnx_dir_for(checkpoint: str | Path, cache_dir: str | Path | None = None, pr
     out = onnx_cache_dir(path, cache_dir)
     export_onnx(path, out, progress=progress)
     return out
+
+
+#: Bump when export/optimize.py (the CPU graph) or the int8 recipe changes what it writes: old cache
+#: entries are then simply not found, and rebuilt.
+CPU_GRAPH_VERSION = 3
+INT8_VERSION = 2
+
+
+def _cached_variant(kind: str, checkpoint: Path, cache_dir: str | Path | None, *key: Any) -> tuple[Path, str]:
+    """``$DAGAN_CACHE/<kind>/<key>`` for a derived export of ``checkpoint`` (the key hashes the weights'
+    SHA-256 with ``key``) and that SHA-256."""
+    from dagan.graph_contract import MANIFEST_VERSION
+
+    sha = file_sha256(checkpoint)
+    return Path(cache_dir or default_cache_dir()) / kind / cache_key(sha, MANIFEST_VERSION, *key), sha
+
+
+def _ready(path: Path, sha: str) -> bool:
+    try:
+        return read_manifest(path).get("checkpoint_sha256") == sha
+    except ExportError:
+        return False
+
+
+def _build_into(out: Path, build: Any) -> Path:
+    """Run ``build(tmp_dir)`` and move the result to ``out`` in one rename, so a second process starting
+    at the same time, or one killed half-way, never sees a half-written export."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the cache is shared like a plain mkdir's
+        build(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first: keep its copy
+            if not (out / "manifest.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def cpu_onnx_dir_for(
+    checkpoint: str | Path, cache_dir: str | Path | None = None, progress: bool = False
+) -> Path:
+    """The fp32 export of ``checkpoint`` with its frame graph rewritten for the CPU provider
+    (:mod:`export.optimize`: same function, same weights), cached in ``$DAGAN_CACHE/onnx-cpu/<key>``.
+    An export directory is returned as it is (the user chose it)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        read_manifest(path)
+        return path
+    if not path.is_file():
+        raise EngineError(f"checkpoint not found: {path}")
+    out, sha = _cached_variant("onnx-cpu", path, cache_dir, CPU_GRAPH_VERSION)
+    if _ready(out, sha):
+        return out
+    from export.optimize import optimize_export
+
+    plain = onnx_dir_for(path, cache_dir, progress=progress)
+    return _build_into(out, lambda tmp: optimize_export(plain, tmp, progress=progress))
+
+
+def int8_onnx_dir_for(
+    checkpoint: str | Path, cache_dir: str | Path | None = None, progress: bool = False
+) -> Path:
+    """An int8 export of ``checkpoint`` for the CPU provider, cached in ``$DAGAN_CACHE/onnx-int8/<key>``:
+    the CPU graph (:func:`cpu_onnx_dir_for`) quantized by :func:`export.quantize.quantize_export`,
+    calibrated on :func:`export.quantize.default_calibration` (real face clips when this machine has
+    them, else the portraits shipped with the install), and its held-out quality against fp32 recorded in
+    the manifest (``"quality"``). An export directory is returned as it is."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        read_manifest(path)
+        return path
+    if not path.is_file():
+        raise EngineError(f"checkpoint not found: {path}")
+    from export.quantize import default_calibration, quantize_export, record_quality
+
+    source = default_calibration()
+    out, sha = _cached_variant("onnx-int8", path, cache_dir, CPU_GRAPH_VERSION, INT8_VERSION, source.label)
+    if _ready(out, sha):
+        return out
+    fp32 = cpu_onnx_dir_for(path, cache_dir, progress=progress)
+
+    def build(tmp: Path) -> None:
+        calib, check = source.load(int(read_manifest(fp32)["image_size"]), progress=progress)
+        quantize_export(fp32, tmp, calib, progress=progress)
+        record_quality(fp32, tmp, check, source.label)
+
+    return _build_into(out, build)
+
+
+def cached_int8_dir(checkpoint: str | Path, cache_dir: str | Path | None = None) -> Path | None:
+    """The cached int8 export :func:`int8_onnx_dir_for` would return, if it is there already."""
+    from export.quantize import default_calibration
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        return None
+    label = default_calibration().label
+    out, sha = _cached_variant("onnx-int8", path, cache_dir, CPU_GRAPH_VERSION, INT8_VERSION, label)
+    return out if _ready(out, sha) else None
 
 
 def cached_onnx_dir(checkpoint: str | Path, cache_dir: str | Path | None = None) -> Path | None:

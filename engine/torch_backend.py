@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dagan.checkpoint import load_model
-from dagan.graph_contract import cached_names, flatten_state, frame_step
+from dagan.graph_contract import cached_names, flatten_state, frame_step, unflatten_cached
 from dagan.helpers import depth_to_images, tensor_to_images
 from dagan.model import DaGAN, SourceState
 from dagan.nets.keypoints import Keypoints
@@ -138,6 +138,14 @@ class TorchEngine(FramePathEngine):
 
     def _detect(self, driving: torch.Tensor) -> Keypoints:
         return self.model.driving_keypoints(driving)[0]
+
+    def _drive(self, driving: torch.Tensor) -> tuple[Keypoints, torch.Tensor | None]:
+        return self.model.driving_keypoints(driving)
+
+    def _render(self, feed: dict[str, torch.Tensor]) -> torch.Tensor:
+        kp_s, feats = unflatten_cached(feed)
+        kp = Keypoints(feed["kp_driving_value"], feed.get("kp_driving_jacobian"))
+        return self.model.generator.decode(feats, kp_s, kp).prediction
 
     def _run_frame(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         if not self.cuda_graphs:

@@ -1,5 +1,5 @@
-"""``dagan export onnx|trt|quantize``: the ONNX graphs with their manifest, TensorRT engines built from
-them, and an int8 copy of the graphs for the CPU."""
+"""``dagan export onnx|trt|optimize|quantize``: the ONNX graphs with their manifest, TensorRT engines built
+from them, the frame graph rewritten for the CPU provider, and an int8 copy of the graphs for the CPU."""
 
 from __future__ import annotations
 
@@ -74,6 +74,21 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from .optimize import PASSES, optimize_export
+
+    passes = [x for x in args.passes.split(",") if x] if args.passes else list(PASSES)
+    manifest = optimize_export(args.onnx, args.out, passes, progress=not args.quiet)
+    for name, entry in manifest["cpu_graph"]["report"].items():
+        diff = entry.get("max_abs_diff")
+        note = f", max abs difference {diff:.1e}" if diff is not None else ""
+        if "dropped" in entry:
+            note += f"; {entry['dropped']}"
+        print(f"  {name}: {entry['rewrites']} rewrite(s){note}")
+    print(f"wrote {args.out}: the frame graph for the CPU provider, same function and weights")
+    return 0
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export to ONNX or build TensorRT engines")
     sub = p.add_subparsers(dest="export_command", required=True)
@@ -98,6 +113,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_cmd_trt)
+
+    c = sub.add_parser(
+        "optimize",
+        help="the frame graph rewritten for ONNX Runtime's CPU kernels (same function; docs/export.md)",
+    )
+    c.add_argument("--onnx", required=True, help="fp32 directory written by `dagan export onnx`")
+    c.add_argument("--out", required=True, help="output directory (a complete export)")
+    c.add_argument("--passes", help="comma-separated subset of the rewrites (default: all)")
+    c.add_argument("--quiet", action="store_true", help="no progress messages")
+    c.set_defaults(func=_cmd_optimize)
 
     q = sub.add_parser(
         "quantize", help="int8 copy of an ONNX export (static, calibrated on real face clips) for the CPU"

@@ -109,6 +109,76 @@ def find_clips(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+#: The project's real talking-head clips, where this checkout has them (``../shared/data/real-faces``,
+#: beside the repository; a clean install does not).
+REAL_CLIPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-faces" / "clips"
+#: docs/export.md's split of those clips: calibrate on six people, check on three others.
+CALIB_NAMES = ("d9", "d10", "d13", "d18", "s20", "d6")
+CHECK_NAMES = ("d3", "s18", "d20")
+CALIB_ENV = "DAGAN_CALIB_CLIPS"
+
+
+@dataclass
+class CalibrationSource:
+    """Where calibration and held-out check frames come from: ``label`` names it (it keys the cached
+    int8 export, so it is known without reading a frame), ``load(size)`` makes the crops."""
+
+    label: str
+    calib: tuple[str, ...]
+    check: tuple[str, ...]
+
+    def load(self, size: int, progress: bool = False) -> tuple[list[FaceClip], list[FaceClip]]:
+        if progress:
+            print(f"  reading calibration faces ({self.label}) …", flush=True)
+        if self.calib == ("samples",):
+            return sample_clips(size)
+        return face_clips(self.calib, size), face_clips(self.check, size)
+
+
+def default_calibration(env: str | None = None) -> CalibrationSource:
+    """The calibration set used when an int8 export is prepared without being told one:
+
+    1. ``$DAGAN_CALIB_CLIPS``: ``CALIB;CHECK``, each a comma-separated list of clips or folders;
+    2. the project's real clips (:data:`REAL_CLIPS`) with docs/export.md's split, where they exist;
+    3. else the real portraits every install has (scikit-image's astronaut to calibrate, matplotlib's
+       Grace Hopper to check), moved by :func:`dagan.samples.driving_frames` (:func:`sample_clips`).
+    """
+    import os
+
+    env = os.environ.get(CALIB_ENV) if env is None else env
+    if env:
+        calib, _, check = env.partition(";")
+        if not check:
+            raise ExportError(f"${CALIB_ENV} must be 'CALIB_CLIPS;CHECK_CLIPS' (comma-separated lists)")
+        paths = [tuple(str(p) for p in find_clips(part.split(","))) for part in (calib, check)]
+        return CalibrationSource(f"clips:{'|'.join(','.join(p) for p in paths)}", *paths)
+    real = [REAL_CLIPS / f"{n}.mp4" for n in (*CALIB_NAMES, *CHECK_NAMES)]
+    if all(p.is_file() for p in real):
+        names = [str(p) for p in real]
+        k = len(CALIB_NAMES)
+        return CalibrationSource(
+            f"real-faces:{','.join(CALIB_NAMES)};{','.join(CHECK_NAMES)}", tuple(names[:k]), tuple(names[k:])
+        )
+    return CalibrationSource("samples:astronaut;grace_hopper", ("samples",), ("samples",))
+
+
+def sample_clips(size: int, frames: int = 32, every: int = 4) -> tuple[list[FaceClip], list[FaceClip]]:
+    """Calibration (astronaut) and check (Grace Hopper) clips from the portraits shipped with every
+    install, each moved smoothly (turn, shift, zoom) and tracked like a webcam by the face module."""
+    from dagan.face import DrivingCropper, source_crop
+    from dagan.samples import astronaut, driving_frames, grace_hopper
+
+    out = []
+    for name, photo in (("astronaut", astronaut()), ("grace_hopper", grace_hopper())):
+        cropper = DrivingCropper(size)
+        try:
+            drivers = [cropper(f) for f in driving_frames(photo, frames, size=512)]
+        finally:
+            cropper.close()
+        out.append([FaceClip(name, source_crop(photo, size), drivers[every::every])])
+    return out[0], out[1]
+
+
 def _to_input(image: np.ndarray) -> np.ndarray:
     """uint8 H×W×3 → 1×3×H×W float32 in [0, 1], the engines' preprocessing for an image at model size."""
     return (image.astype(np.float32) / 255.0).transpose(2, 0, 1)[None].copy()
@@ -151,8 +221,10 @@ def group_of(node_name: str) -> str:
     return head if head in GROUPS else "generator"
 
 
-# Ops a head's output may pass through on its way to the sigmoid / softmax (reshapes, the temperature).
-_HEAD_PASSTHROUGH = ("Reshape", "Div", "Mul", "Transpose", "Flatten")
+# Ops a head's output may pass through on its way to the sigmoid / softmax (reshapes, the temperature,
+# and the rearrangements of the CPU graph rewrites in export/optimize.py: sibling heads fused into one
+# conv and split, a space-to-depth conv put back with DepthToSpace).
+_HEAD_PASSTHROUGH = ("Reshape", "Div", "Mul", "Transpose", "Flatten", "Split", "DepthToSpace")
 
 
 def head_convs(graph: Any) -> list[str]:
@@ -249,57 +321,72 @@ def quantize_export(
         calibrator reduces each frame's activations to ranges/histograms before the next runs, so memory
         stays one frame's activations (every tensor of a vox-256 frame graph is ~0.5 GB) whatever the set."""
 
-        def __init__(self) -> None:
-            self._it: Iterator[dict[str, np.ndarray]] = iter(feeds)
+        def __init__(self, items: list[dict[str, np.ndarray]]) -> None:
+            self.items = items
+            self._it: Iterator[dict[str, np.ndarray]] = iter(items)
 
         def __len__(self) -> int:
-            return len(feeds)
+            return len(self.items)
 
         def set_range(self, start_index: int, end_index: int) -> None:
-            self._it = iter(feeds[start_index:end_index])
+            self._it = iter(self.items[start_index:end_index])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._it, None)
 
     t0 = time.perf_counter()
-    frame_file = manifest["graphs"]["frame"]["file"]
-    with tempfile.TemporaryDirectory(prefix="dagan-quant-") as tmp:
-        pre = Path(tmp) / "frame.pre.onnx"
-        # ONNX shape inference + graph clean-up first, as ONNX Runtime recommends before quantization
-        # (its symbolic shape inference gives up on the dynamic batch of the Resize / GridSample chains)
-        quant_pre_process(str(src / frame_file), str(pre), skip_symbolic_shape=True)
-        exclude = excluded_nodes(pre, keep_float, float_heads)
-        if progress:
-            print(f"calibrating on {len(feeds)} frames of {len(clips)} clips ({method}) …", flush=True)
-        quantize_static(
-            str(pre),
-            str(out / frame_file),
-            _Reader(),
-            quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
-            op_types_to_quantize=list(op_types),
-            per_channel=per_channel,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=exclude,
-            calibrate_method={
-                "minmax": CalibrationMethod.MinMax,
-                "entropy": CalibrationMethod.Entropy,
-                "percentile": CalibrationMethod.Percentile,
-            }[method],
-            extra_options={"CalibStridedMinMax": 1, "WeightSymmetric": True},
-        )
-    for graph, entry in manifest["graphs"].items():
-        if graph != "frame":
-            shutil.copy2(src / entry["file"], out / entry["file"])
+    # The fused frame graph, and the split path a stream with steadied keypoints runs per frame
+    # (depth → keypoints → generator, engine/hot_path.py): its depth and generator graphs are quantized
+    # the same way; the keypoints graph is the keypoint detector, float by default like in the frame.
+    todo = {
+        "frame": feeds,
+        **split_feeds(src, clips, [g for g in ("generator", "depth") if g in manifest["graphs"]]),
+    }
+    if "kp_detector" not in keep_float and "keypoints" in manifest["graphs"]:
+        todo.update(split_feeds(src, clips, ["keypoints"]))
+    excluded = {}
+    for graph, items in todo.items():
+        file = manifest["graphs"][graph]["file"]
+        with tempfile.TemporaryDirectory(prefix="dagan-quant-") as tmp:
+            pre = Path(tmp) / f"{graph}.pre.onnx"
+            # ONNX shape inference + graph clean-up first, as ONNX Runtime recommends before quantization
+            # (its symbolic shape inference gives up on the dynamic batch of the Resize / GridSample chains)
+            quant_pre_process(str(src / file), str(pre), skip_symbolic_shape=True)
+            exclude = excluded[graph] = excluded_nodes(pre, keep_float, float_heads)
+            if progress:
+                print(
+                    f"calibrating the {graph} graph: {len(items)} frames of {len(clips)} clips ({method}) …",
+                    flush=True,
+                )
+            quantize_static(
+                str(pre),
+                str(out / file),
+                _Reader(items),
+                quant_format=QuantFormat.QDQ if quant_format == "qdq" else QuantFormat.QOperator,
+                op_types_to_quantize=list(op_types),
+                per_channel=per_channel,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude,
+                calibrate_method={
+                    "minmax": CalibrationMethod.MinMax,
+                    "entropy": CalibrationMethod.Entropy,
+                    "percentile": CalibrationMethod.Percentile,
+                }[method],
+                extra_options={"CalibStridedMinMax": 1, "WeightSymmetric": True},
+            )
     import onnx
 
-    proto = onnx.load(str(out / frame_file), load_external_data=False)
-    ops = sorted({n.op_type for n in proto.graph.node})
-    manifest["graphs"]["frame"].update({"nodes": len(proto.graph.node), "ops": ops})
+    for graph, entry in manifest["graphs"].items():
+        if graph not in todo:
+            shutil.copy2(src / entry["file"], out / entry["file"])
+            continue
+        proto = onnx.load(str(out / entry["file"]), load_external_data=False)
+        entry.update({"nodes": len(proto.graph.node), "ops": sorted({n.op_type for n in proto.graph.node})})
     manifest["precision"] = "int8"
     manifest["quantization"] = {
         "source": str(src),
-        "graphs": ["frame"],
+        "graphs": list(todo),
         "format": quant_format,
         "op_types": list(op_types),
         "per_channel": per_channel,
@@ -308,7 +395,7 @@ def quantize_export(
         "method": method,
         "keep_float": list(keep_float),
         "float_heads": float_heads,
-        "float_nodes": len(exclude),
+        "float_nodes": len(excluded["frame"]),
         "calibration": {
             "clips": [c.name for c in clips],
             "frames": len(feeds),
@@ -317,6 +404,53 @@ def quantize_export(
     }
     atomic_write(out / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))
     return manifest
+
+
+def split_feeds(
+    onnx_dir: str | Path, clips: Sequence[FaceClip], graphs: Sequence[str]
+) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Calibration inputs of the split per-frame path's graphs (``depth``, ``keypoints``, ``generator``)
+    for every (source, driver) pair, from the fp32 graphs upstream of each: the driver for ``depth``,
+    driver + its fp32 depth for ``keypoints``, the source's cached tensors + the driver's fp32 keypoints
+    (absolute motion) for ``generator``."""
+    import onnxruntime as ort
+
+    manifest = read_manifest(onnx_dir)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+
+    def session(graph: str) -> Any:
+        file = str(Path(onnx_dir) / manifest["graphs"][graph]["file"])
+        return ort.InferenceSession(file, opts, providers=["CPUExecutionProvider"])
+
+    enc, kp, depth = session("source_encoder"), session("keypoints"), None
+    kp_inputs = [i.name for i in kp.get_inputs()]
+    if "depth" in manifest["graphs"]:
+        depth = session("depth")
+    enc_names = [o["name"] for o in manifest["graphs"]["source_encoder"]["outputs"]]
+    kp_names = [o["name"] for o in manifest["graphs"]["keypoints"]["outputs"]]
+    out: dict[str, list[dict[str, np.ndarray]]] = {g: [] for g in graphs}
+    gen_inputs = (
+        [s["name"] for s in manifest["graphs"]["generator"]["inputs"]] if "generator" in graphs else []
+    )
+    for clip in clips:
+        cached = dict(zip(enc_names, enc.run(None, {"source": _to_input(clip.source)}), strict=True))
+        for driver in clip.drivers:
+            image = _to_input(driver)
+            feed = {"image": image}
+            if depth is not None:
+                feed["depth"] = depth.run(None, {"image": image})[0]
+            if "depth" in out:
+                out["depth"].append({"image": image})
+            if "keypoints" in out:
+                out["keypoints"].append({k: feed[k] for k in kp_inputs})
+            if "generator" in out:
+                kps = dict(zip(kp_names, kp.run(None, {k: feed[k] for k in kp_inputs}), strict=True))
+                values = {**cached, "kp_driving_value": kps["kp_value"]}
+                if "kp_jacobian" in kps:
+                    values["kp_driving_jacobian"] = kps["kp_jacobian"]
+                out["generator"].append({n: values[n] for n in gen_inputs})
+    return out
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -338,6 +472,80 @@ def output_psnr(reference: Any, test: Any, clips: Sequence[FaceClip], relative: 
             b = test.animate_batch([s_test], [driver])[0].image
             out.append(psnr(a, b))
     return out
+
+
+def split_path_psnr(fp32_dir: str | Path, int8_dir: str | Path, clips: Sequence[FaceClip]) -> dict[str, Any]:
+    """Like :func:`held_out_psnr` for the split per-frame path (``depth`` → ``keypoints`` →
+    ``generator``, what a stream with steadied keypoints runs): each export's own graphs end to end,
+    absolute motion, against the fp32 export's."""
+    import onnxruntime as ort
+
+    def path(onnx_dir: str | Path) -> Any:
+        manifest = read_manifest(onnx_dir)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        s = {
+            g: ort.InferenceSession(str(Path(onnx_dir) / e["file"]), opts, providers=["CPUExecutionProvider"])
+            for g, e in manifest["graphs"].items()
+            if g in ("depth", "keypoints", "generator")
+        }
+        kp_in = [i.name for i in s["keypoints"].get_inputs()]
+        kp_out = [o.name for o in s["keypoints"].get_outputs()]
+        gen_in = [i.name for i in s["generator"].get_inputs()]
+
+        def run(cached: dict[str, np.ndarray], image: np.ndarray) -> np.ndarray:
+            feed = {"image": image}
+            if "depth" in s:
+                feed["depth"] = s["depth"].run(None, {"image": image})[0]
+            kps = dict(zip(kp_out, s["keypoints"].run(None, {k: feed[k] for k in kp_in}), strict=True))
+            values = {
+                **cached,
+                "kp_driving_value": kps["kp_value"],
+                "kp_driving_jacobian": kps.get("kp_jacobian"),
+            }
+            return s["generator"].run(["prediction"], {n: values[n] for n in gen_in})[0]
+
+        return run
+
+    if "generator" not in read_manifest(fp32_dir)["graphs"]:
+        return {}
+    ref, q = path(fp32_dir), path(int8_dir)
+
+    manifest = read_manifest(fp32_dir)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    entry = manifest["graphs"]["source_encoder"]
+    enc = ort.InferenceSession(str(Path(fp32_dir) / entry["file"]), opts, providers=["CPUExecutionProvider"])
+    names = [o["name"] for o in entry["outputs"]]
+    scores = []
+    for clip in clips:
+        cached = dict(zip(names, enc.run(None, {"source": _to_input(clip.source)}), strict=True))
+        for driver in clip.drivers:
+            image = _to_input(driver)
+            scores.append(psnr(_to_uint8(ref(cached, image)), _to_uint8(q(cached, image))))
+    if not scores:
+        raise ExportError("the check clips gave no driving frames")
+    return {"frames": len(scores), "psnr_db": float(np.mean(scores)), "psnr_min_db": float(np.min(scores))}
+
+
+def record_quality(fp32_dir: str | Path, int8_dir: str | Path, check: Sequence[FaceClip], label: str) -> dict:
+    """Measure :func:`held_out_psnr` (the fused frame graph) and :func:`split_path_psnr` (the steadied
+    path) of ``int8_dir`` against ``fp32_dir`` on ``check`` and write them into the int8 manifest
+    (``"quality"``: the worse of the two as ``psnr_db``), where the default-engine choice reads it."""
+    frame = held_out_psnr(fp32_dir, int8_dir, check)
+    split = split_path_psnr(fp32_dir, int8_dir, check)
+    worst = min([frame, split] if split else [frame], key=lambda r: r["psnr_db"])
+    quality = {
+        **worst,
+        "frame_graph": frame,
+        "split_path": split,
+        "clips": [c.name for c in check],
+        "source": label,
+    }
+    manifest = read_manifest(int8_dir)
+    manifest["quality"] = quality
+    atomic_write(Path(int8_dir) / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))
+    return quality
 
 
 def _frame_session(onnx_dir: str | Path) -> Any:
