@@ -6,6 +6,7 @@ const ui = {
   source: $("source"), file: $("file"), drop: $("drop"), sample: $("sample"),
   local: $("local"), avatar: $("avatar"), start: $("start"), stop: $("stop"),
   recalibrate: $("recalibrate"), depth: $("depth"), state: $("state"), stats: $("stats"),
+  picture: $("picture"), autoNeutral: $("auto-neutral"),
   message: $("message"), untrained: $("untrained"),
 };
 
@@ -163,7 +164,12 @@ function onServerMessage(ev) {
     clearTimeout(state.stateTimer);  // back to the connection state after a moment
     state.stateTimer = setTimeout(() => { if (state.pc) setState(state.pc.connectionState); }, 2500);
   } else if (msg.type === "error") {
+    // Also the server's "why": bad_video (the camera's frames cannot be used), rate_limited (messages).
+    state.badVideo = msg.error === "bad_video" ? msg.message : state.badVideo;
     show(msg.message, "error");
+  } else if (msg.type === "video_ok") {
+    if (state.badVideo && ui.message.textContent === state.badVideo) show("");
+    state.badVideo = null;
   }
 }
 
@@ -176,7 +182,9 @@ async function start() {
     ui.local.srcObject = state.camera;
 
     setState("creating session…");
-    const session = await api("POST", "/api/sessions", JSON.stringify({ show_depth: ui.depth.checked }),
+    // The picture (face crop or full photo) and the automatic neutral pose are per-session settings.
+    const options = { show_depth: ui.depth.checked, picture: ui.picture.value, auto_neutral: ui.autoNeutral.checked };
+    const session = await api("POST", "/api/sessions", JSON.stringify(options),
       { "Content-Type": "application/json" });
     state.sessionId = session.id;
     setState("uploading photo…");
@@ -258,6 +266,7 @@ ui.start.addEventListener("click", start);
 ui.stop.addEventListener("click", () => stop());
 ui.recalibrate.addEventListener("click", () => send({ type: "recalibrate" }));
 ui.depth.addEventListener("change", () => send({ type: "show_depth", value: ui.depth.checked }));
+ui.picture.addEventListener("change", () => send({ type: "picture", value: ui.picture.value }));
 window.addEventListener("pagehide", () => {
   if (state.sessionId) fetch(`/api/sessions/${state.sessionId}`, { method: "DELETE", keepalive: true, headers: auth() });
 });
@@ -266,6 +275,8 @@ window.addEventListener("pagehide", () => {
   try {
     state.config = await api("GET", "/api/config");
     ui.untrained.hidden = !state.config.untrained;
+    if (state.config.picture) ui.picture.value = state.config.picture;  // the server's default
+    ui.autoNeutral.checked = !!state.config.auto_neutral;
     if (!navigator.mediaDevices || !window.RTCPeerConnection)
       show("This browser cannot use the camera here: open the page over https:// or on localhost.", "error");
     await loadSample();

@@ -6,7 +6,9 @@ takes minutes, so they are cached in a named volume under a key made of (GPU mod
 checkpoint digest). The first start builds (ONNX export, then FP16 engines) into a temporary folder that
 is renamed into place only when complete; later starts find the key and reuse it; a new GPU, a new
 TensorRT or new weights give a new key and a rebuild. A file lock keeps two replicas from building the
-same key at once. The CPU profile caches the ONNX export the same way (key ``cpu-onnxruntime``).
+same key at once. On a host without a GPU (``DAGAN_BACKEND=auto``, the CPU image's default) the server
+makes its own choice of CPU engine (``engine.select``) and caches its exports under ``/engines/cpu``;
+``DAGAN_BACKEND=onnxruntime`` caches a plain ONNX export the same way (key ``cpu-onnxruntime``).
 
 A TensorRT build that fails falls back to the next backend, ONNX Runtime (its CUDA provider on a GPU),
 with one log line, and is recorded so that a restart does not spend minutes failing the same way again:
@@ -174,6 +176,14 @@ def serve_command(backend: str, engine_dir: Path, extra: list[str]) -> list[str]
     return ["dagan", "serve", "--backend", "onnxruntime", "--checkpoint", str(engine_dir / "onnx"), *extra]
 
 
+def cpu_serve_command(checkpoint: Path, cache_root: Path, extra: list[str]) -> list[str]:
+    """``dagan serve`` on a CPU host: the server's own engine choice (``engine.select``: int8 where it holds
+    quality, else bf16 or fp32, on the graph rewritten for the CPU), its exports prepared on first start
+    into the engine volume (``DAGAN_CACHE``) so that later starts and other replicas reuse them."""
+    os.environ.setdefault("DAGAN_CACHE", str(cache_root / "cpu"))
+    return ["dagan", "serve", "--checkpoint", str(checkpoint), *extra]
+
+
 def cache_unwritable(cache_root: Path) -> str | None:
     """Why the engine cache cannot be used, as one line, or None when it can.
 
@@ -242,6 +252,10 @@ def main(argv: list[str]) -> int:
                 cmd = serve_command("tensorrt", engine_dir, argv)
                 log("exec " + " ".join(cmd))
                 os.execvp(cmd[0], cmd)
+    if gpu is None and wanted == "auto":
+        cmd = cpu_serve_command(checkpoint, cache_root, argv)
+        log("no GPU: exec " + " ".join(cmd) + " (it picks the fastest CPU engine that holds quality)")
+        os.execvp(cmd[0], cmd)
     engine_dir, _ = ensure_engines(
         cache_root,
         checkpoint,

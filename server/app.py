@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -32,26 +33,40 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dagan.face import NoFaceError, crop_source
+from dagan.face import NoFaceError, locate_source
+from dagan.paste import DEFAULT_MASK, plan_paste
+from dagan.smoothing import OneEuroFilter
 from engine import Engine
+from engine.paste import Paster
 
-from .guard import RequestGuard, TokenBucket, ice_servers_for
+from .guard import Bucket, RequestGuard, TokenBucket, check_ice_candidates, client_key, ice_servers_for
 from .metrics import CONTENT_TYPE, Metrics
 from .pipeline import instrument_codecs
-from .sessions import LiveSession, OutputFrame, ServerBusyError, SessionNotFoundError, SessionRegistry
+from .sessions import (
+    ClientLimitError,
+    LiveSession,
+    OutputFrame,
+    ServerBusyError,
+    SessionNotFoundError,
+    SessionRegistry,
+)
 from .settings import ServerSettings
 from .tracks import AvatarTrack, consume_input, host_candidates, send_json
 from .worker import InferenceWorker
 
 log = logging.getLogger("dagan.server")
+#: The automatic neutral pose's window (seconds) for a session that asks for it when the server's own
+#: setting (--auto-neutral) is off.
+AUTO_NEUTRAL_S = 2.0
 
 
 class ApiError(Exception):
     """An HTTP error with a stable machine-readable ``code`` and a message a person can act on."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.headers = headers  # e.g. Retry-After on a 429
 
 
 # ------------------------------------------------------------------------------------------- schemas
@@ -68,6 +83,16 @@ class SessionOptions(BaseModel):
         None, description="relative motion transfer (default: the server's setting, normally true)"
     )
     show_depth: bool = Field(False, description="send the driving depth map beside the avatar")
+    picture: Literal["crop", "full"] | None = Field(
+        None,
+        description="crop: the model's face crop; full: the avatar pasted back into the whole photo, "
+        "fitted to the server's picture size (default: the server's setting, normally crop)",
+    )
+    auto_neutral: bool | None = Field(
+        None,
+        description="choose the neutral pose automatically: the frame closest to the photo's pose in the "
+        "first seconds (default: the server's setting, normally off)",
+    )
 
 
 class IceServerInfo(BaseModel):
@@ -85,6 +110,7 @@ class SessionInfo(BaseModel):
     frames_in: int
     frames_dropped: int
     frames_out: int
+    picture: str = "crop"
 
 
 class NewSession(SessionInfo):
@@ -230,7 +256,7 @@ def sample_source_jpeg() -> bytes:
 _CONTROL_CHARS = {chr(c) for c in range(32)} - {"\r", "\n", "\t"} | {"\x7f"}
 
 
-def check_sdp(sdp: str, max_media: int) -> None:
+def check_sdp(sdp: str, max_media: int, max_candidates: int = 32) -> None:
     """Cheap checks before aiortc parses an offer: SDP text, a video section, a bounded media count.
 
     Each m= section costs aiortc a transceiver with its own ICE and DTLS transports (UDP sockets), so a
@@ -247,6 +273,10 @@ def check_sdp(sdp: str, max_media: int) -> None:
         raise ApiError(
             400, "bad_sdp", f"the SDP offer has {len(media)} media sections; at most {max_media} are accepted"
         )
+    # Every candidate field, since aiortc only int()s them (server.guard.check_ice_candidates).
+    problem = check_ice_candidates(sdp, max_candidates)
+    if problem is not None:
+        raise ApiError(400, "bad_sdp", f"malformed SDP offer: {problem}")
     # What aiortc accepts here but fails on later, in a background task, leaving a dead call behind a
     # 200: every section needs its ICE credentials, a DTLS fingerprint and a mid of its own.
     from aiortc.sdp import SessionDescription
@@ -326,7 +356,13 @@ class AvatarService:
             detect_processes=settings.detect_processes,
         )
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.session_limiter = TokenBucket(settings.sessions_per_minute, settings.session_burst)
+        self.session_limiter = TokenBucket(settings.sessions_per_minute, settings.session_burst_size)
+        # Camera frames that cannot be cropped: counted, logged once a minute, the peer told why.
+        self.worker.min_video_side = settings.min_video_side
+        self.worker.max_video_side = settings.max_video_side
+        self.worker.bad_video_notice_s = settings.bad_video_notice_s
+        self.worker.on_notice = self.notify
+        self.worker.smoothing = settings.smoothing  # the One-Euro filter of each session's crop box
         # Photos are decoded and face-searched on their own few threads: that bounds how many run at once,
         # and only these threads' malloc arenas ever hold a big decoded picture (with asyncio's shared
         # executor every one of its threads kept hundreds of MB after a burst of uploads).
@@ -363,20 +399,42 @@ class AvatarService:
 
     # -- sessions ----------------------------------------------------------------------------------
     def create_session(self, options: SessionOptions, client: str = "?") -> LiveSession:
+        """A new session for ``client`` (the address the request guard resolved): 429 over the
+        per-address rate or share of the slots, 503 when every slot is taken."""
         relative = self.settings.relative if options.relative is None else options.relative
-        wait = self.session_limiter.take(client)
-        if wait > 0:
-            self.metrics.add("sessions_rejected")
-            raise ApiError(
-                429,
-                "rate_limited",
-                f"too many new sessions from this address; try again in {max(1, round(wait))} s",
-            )
+        key = client_key(client)
+
+        def admit() -> None:  # there is room: within the per-address rate?
+            wait = self.session_limiter.take(key)
+            if wait > 0:
+                self.metrics.count("sessions_limited", "rate")
+                seconds = max(1, math.ceil(wait))
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    f"too many new sessions from this address; try again in {seconds} s",
+                    {"Retry-After": str(seconds)},
+                )
+
         try:
-            session = self.registry.create(relative=relative, show_depth=options.show_depth)
+            session = self.registry.create(
+                relative=relative,
+                show_depth=options.show_depth,
+                client=key,
+                per_client=self.settings.sessions_per_client,
+                admit=admit,
+            )
+        except ClientLimitError as err:
+            self.metrics.count("sessions_limited", "per_client")
+            raise ApiError(429, "too_many_sessions", str(err), {"Retry-After": "10"}) from err
         except ServerBusyError as err:
             self.metrics.add("sessions_rejected")
-            raise ApiError(503, "server_busy", str(err)) from err
+            raise ApiError(503, "server_busy", str(err), {"Retry-After": "10"}) from err
+        s = self.settings
+        session.messages = Bucket(s.messages_per_s, s.message_burst)
+        session.picture = options.picture or s.picture
+        auto = s.auto_neutral_s > 0 if options.auto_neutral is None else options.auto_neutral
+        session.auto_neutral = (s.auto_neutral_s or AUTO_NEUTRAL_S) if auto else 0.0
         self.metrics.add("sessions_created")
         log.info("session %s created (%d/%d)", session.id, len(self.registry), self.settings.max_sessions)
         return session
@@ -399,31 +457,43 @@ class AvatarService:
         def work() -> tuple[np.ndarray, np.ndarray, Any]:
             rgb = decode_upload(data, side)
             try:
-                crop, box = crop_source(rgb, self.engine.image_size)
+                face = locate_source(rgb)  # the face and its crop box (kept for the paste-back)
             except NoFaceError as err:
                 raise ApiError(422, "no_face", str(err)) from err
-            return rgb, crop, box
+            return rgb, face.crop_box.crop(rgb, self.engine.image_size), face
 
         return await asyncio.get_running_loop().run_in_executor(self._decode_pool, work)
 
     async def check_source(self, data: bytes) -> CheckedSource:
-        rgb, _, box = await self.decode_and_crop(data)
-        return CheckedSource(width=rgb.shape[1], height=rgb.shape[0], face_box=box.to_dict())
+        rgb, _, face = await self.decode_and_crop(data)
+        return CheckedSource(width=rgb.shape[1], height=rgb.shape[0], face_box=face.crop_box.to_dict())
 
     async def set_source(self, session: LiveSession, data: bytes) -> SourceInfo:
-        rgb, crop, box = await self.decode_and_crop(data)
+        rgb, crop, face = await self.decode_and_crop(data)
+        box = face.crop_box
+        # The paste-back plan (framed photo, mask) for full-picture frames: per photo, on a decode thread.
+        plan = await asyncio.get_running_loop().run_in_executor(
+            self._decode_pool, plan_paste, rgb, face, crop, self.settings.picture_size, DEFAULT_MASK
+        )
+        size = (rgb.shape[1], rgb.shape[0])
+        del rgb  # only the plan's frame-sized picture of it is kept
 
         def build() -> None:  # on the worker thread: the engine is only ever used there
             engine_session = self.engine.new_session(crop, relative=session.relative)
+            if self.settings.smoothing is not None:
+                engine_session.kp_filter = OneEuroFilter(self.settings.smoothing)
+            if session.auto_neutral > 0:
+                engine_session.choose_neutral_automatically(session.auto_neutral)
+            session.paster = Paster(plan, getattr(self.engine, "device", "cpu"))
             session.source_crop = crop
             session.engine_session = engine_session
-            session.source_size = (rgb.shape[1], rgb.shape[0])
+            session.source_size = size
 
         await self.worker.call(build)
         if session.closed:  # deleted while the photo was being processed
-            session.engine_session = session.source_crop = None
+            session.engine_session = session.source_crop = session.paster = None
             raise ApiError(404, "session_not_found", f"session {session.id!r} ended during the upload")
-        return SourceInfo(id=session.id, width=rgb.shape[1], height=rgb.shape[0], face_box=box.to_dict())
+        return SourceInfo(id=session.id, width=size[0], height=size[1], face_box=box.to_dict())
 
     async def answer(self, session: LiveSession, offer: SdpMessage) -> SdpMessage:
         from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -436,7 +506,7 @@ class AvatarService:
             )
         if session.pc is not None:
             raise ApiError(409, "already_connected", "this session already has a peer; create a new session")
-        check_sdp(offer.sdp, self.settings.max_sdp_media)
+        check_sdp(offer.sdp, self.settings.max_sdp_media, self.settings.max_ice_candidates)
         ice = [
             RTCIceServer(list(s.urls), s.username, s.credential)
             for s in ice_servers_for(self.settings, f"server-{session.id}")
@@ -508,8 +578,26 @@ class AvatarService:
 
         Runs inside aiortc's SCTP receive path, where an exception would end the whole connection, so
         nothing escapes: an oversized, undecodable or unknown message gets one short error reply that
-        never repeats what was sent.
+        never repeats what was sent. Over the session's message rate, messages are dropped before they
+        are looked at (counted; the peer is told once): a flood must not cost the call its frames.
         """
+        if session.messages is not None and not session.messages.allow():
+            session.messages_dropped += 1
+            self.metrics.add("messages_dropped")
+            if not session.messages_told:
+                session.messages_told = True
+                rate = self.settings.messages_per_s
+                log.warning("session %s: data-channel messages over %g/s are being dropped", session.id, rate)
+                send_json(
+                    session.channel,
+                    {
+                        "type": "error",
+                        "error": "rate_limited",
+                        "message": f"too many control messages: at most {rate:g} a second are read, the "
+                        "rest are dropped",
+                    },
+                )
+            return
         try:
             error = self._control(session, message)
         except Exception:  # pragma: no cover - _control handles every input; this guards the DTLS loop
@@ -550,7 +638,25 @@ class AvatarService:
                 return ("bad_message", 'show_depth needs "value": true or false')
             session.show_depth = value
             return None
-        return ("unknown_message", 'unknown control message; known types: "recalibrate", "show_depth"')
+        if kind == "picture":
+            value = data.get("value")
+            if value not in ("crop", "full"):
+                return ("bad_message", 'picture needs "value": "crop" or "full"')
+            session.picture = value
+            return None
+        return (
+            "unknown_message",
+            'unknown control message; known types: "recalibrate", "show_depth", "picture"',
+        )
+
+    def notify(self, session: LiveSession, message: dict) -> None:
+        """Send ``message`` on the session's data channel from any thread (the worker tells the peer
+        why its video cannot be used); aiortc's objects are only touched on the event loop."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
+            loop.call_soon_threadsafe(lambda: session.closed or send_json(session.channel, message))
 
     def _on_input(self, dropped: bool) -> None:
         self.metrics.add("frames_in")
@@ -596,6 +702,7 @@ class AvatarService:
             await close_quietly(session.pc)
         session.input.clear()
         session.engine_session = session.source_crop = session.channel = session.pc = None
+        session.paster = None
         session.tasks.clear()
         self.worker.wake()  # lets the worker free the session's face tracker now
         return True
@@ -651,11 +758,12 @@ def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
         swagger_ui_oauth2_redirect_url="/docs/oauth2-redirect" if settings.docs else None,
     )
     app.state.service = service
-    app.add_middleware(RequestGuard, settings=settings)
+    app.add_middleware(RequestGuard, settings=settings, metrics=service.metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": exc.code, "message": exc.message, "status": exc.status}, exc.status)
+        body = {"error": exc.code, "message": exc.message, "status": exc.status}
+        return JSONResponse(body, exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -693,6 +801,9 @@ def create_app(settings: ServerSettings, engine: Engine) -> FastAPI:
             "backend": service.metrics.info["backend"],
             "image_size": engine.image_size,
             "output_size": settings.output_size,
+            "picture": settings.picture,
+            "picture_size": list(settings.picture_size),
+            "auto_neutral": settings.auto_neutral_s,
             "max_upload_bytes": settings.max_upload_bytes,
             "max_image_side": settings.max_image_side,
             "max_message_bytes": settings.max_message_bytes,

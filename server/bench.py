@@ -5,7 +5,11 @@ here in a child process so its CPU time is its own) and receive the avatar back.
 real face photo moved, turned and zoomed per frame (face detection really runs), encoded once to VP8
 packets that every client replays: a client then costs packetisation, not a VP8 encoder, so on a small
 machine the clients leave the server its CPU. Two engines: ``zero`` (a real :class:`~engine.base.Engine`
-that returns the crop resized, no network: the server's own cost) and ``bundled`` (the shipped weights).
+that returns the crop resized, no network: the server's own cost) and ``bundled`` (the shipped weights on
+the engine ``dagan serve`` would run here: the same selection, :func:`engine.select.default_engine`, with
+the same ``DAGAN_BACKEND`` / ``DAGAN_PRECISION`` / ``DAGAN_INFER_THREADS`` overrides; the report names it).
+``bundled@DAGAN_X=1+DAGAN_Y=2`` runs a variant with its own server variables, so settings are compared in
+one run on one machine; ``--keep-going`` measures every N given.
 
 Per N it reports per-stream avatar fps, glass-to-glass latency p50/p95 (each avatar frame paired with the
 driving frame it came from through the per-frame data-channel message's ``src_pts``: from the packet
@@ -282,25 +286,47 @@ def serve_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--engine", default="zero")
     p.add_argument("--max-sessions", type=int, default=16)
-    p.add_argument("--torch-threads", type=int, default=1)
     a = p.parse_args(argv)
-    import torch
     import uvicorn
 
     from server.app import create_app
     from server.settings import ServerSettings
 
-    torch.set_num_threads(a.torch_threads)
     if a.engine == "zero":
         engine: Engine = ZeroCostEngine()
+        choice = {"backend": "zero", "precision": "-", "reason": "no network: the server's own cost"}
     else:
+        # exactly what `dagan serve` runs: the same selection (engine.select.default_engine), the same
+        # variables (DAGAN_BACKEND, DAGAN_PRECISION, DAGAN_INFER_THREADS), the same thread split
         from dagan.animate import resolve_checkpoint
-        from engine import create_engine
+        from engine.select import default_engine
 
-        engine = create_engine(resolve_checkpoint(None), backend="torch", device="cpu")
+        threads = int(os.environ.get("DAGAN_INFER_THREADS") or os.environ.get("DAGAN_TORCH_THREADS") or 0)
+        engine, chosen = default_engine(
+            resolve_checkpoint(None),
+            backend=os.environ.get("DAGAN_BACKEND") or "auto",
+            device=os.environ.get("DAGAN_DEVICE") or "auto",
+            precision=os.environ.get("DAGAN_PRECISION") or None,
+            threads=threads or None,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+        choice = chosen.as_dict()
+    print("ENGINE " + json.dumps(choice), flush=True)
+    from server.cli import SETTING_OPTIONS
+
+    # The picture and motion settings a variant may set (bundled@DAGAN_PICTURE=full+DAGAN_PICTURE_SIZE=...)
+    picture = ("picture", "picture_size", "smooth_min_cutoff", "smooth_beta", "auto_neutral_s")
+    overrides = {
+        o.field: o.convert(os.environ[o.env], f"${o.env}")
+        for o in SETTING_OPTIONS
+        if o.field in picture and os.environ.get(o.env)
+    }
     settings = ServerSettings(
+        **overrides,
         ice_host_addresses=("127.0.0.1",),
         max_sessions=a.max_sessions,
+        max_sessions_per_client=a.max_sessions,  # every client of the benchmark is on 127.0.0.1
+        max_uploads_per_client=8,
         sessions_per_minute=1e6,
         session_burst=10_000,
         peer_timeout_s=30.0,
@@ -328,12 +354,16 @@ def server_process(engine: str, max_sessions: int, env: dict[str, str]) -> Any:
     )
     try:
         assert proc.stdout is not None
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + float(os.environ.get("DAGAN_BENCH_START_S", "900"))  # a first
+        # start prepares the CPU exports (minutes on a busy 2-core machine); later starts take seconds
         port = None
+        proc.engine_choice = {}  # type: ignore[attr-defined]
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
+            if line.startswith("ENGINE "):
+                proc.engine_choice = json.loads(line[7:])  # type: ignore[attr-defined]
             if line.startswith("PORT "):
                 port = int(line.split()[1])
                 break
@@ -427,8 +457,11 @@ def run(
     warmup_s: float,
     budget_s: float,
     env: dict[str, str],
+    keep_going: bool = False,
 ) -> list[dict]:
-    """The sweep: for each engine, N = streams... until a step misses 24 fps or the budget runs out."""
+    """The sweep: for each engine, N = streams... until a step misses 24 fps (unless ``keep_going``) or
+    the budget runs out. An engine may carry its own server variables, ``bundled@K=V+K2=V2`` (variants
+    of one setting compared in one run, on one machine at one load)."""
     from server.tracks import host_candidates
 
     started = time.monotonic()
@@ -440,22 +473,57 @@ def run(
     assert ok
     results = []
     with host_candidates(("127.0.0.1",)):
-        for engine in engines:
-            entry = {"engine": engine, "env": env, "steps": [], "max_streams_at_24fps": 0}
+        for spec in engines:
+            engine, own = parse_engine_spec(spec)
+            entry = {
+                "engine": spec,
+                "env": {**env, **own},
+                "steps": [],
+                "max_streams_at_24fps": 0,
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "load_before": [round(x, 2) for x in os.getloadavg()],
+            }
             results.append(entry)
-            with server_process(engine, max(streams), env) as (proc, port):
+            with server_process(engine, max(streams), {**env, **own}) as (proc, port):
+                entry["engine_choice"] = getattr(proc, "engine_choice", {})
+                if entry["engine_choice"]:
+                    print(f"[{spec}] engine: {_choice_text(entry['engine_choice'])}", flush=True)
                 for n in streams:
                     if time.monotonic() - started + warmup_s + seconds + 5 > budget_s:
                         entry["stopped"] = f"time budget of {budget_s:g} s reached before N={n}"
                         break
                     step = asyncio.run(measure(port, proc.pid, n, packets, jpeg.tobytes(), warmup_s, seconds))
                     entry["steps"].append(step)
-                    _print_step(engine, step)
+                    _print_step(spec, step)
                     if step["held"]:
-                        entry["max_streams_at_24fps"] = n
-                    else:
+                        entry["max_streams_at_24fps"] = max(entry["max_streams_at_24fps"], n)
+                    elif not keep_going:
                         break
+            entry["load_after"] = [round(x, 2) for x in os.getloadavg()]
     return results
+
+
+def parse_engine_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``bundled@DAGAN_INFER_THREADS=2+DAGAN_MEDIA_THREADS=1`` → ("bundled", {those variables})."""
+    name, _, rest = spec.partition("@")
+    env = {}
+    for item in filter(None, rest.split("+")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.startswith("DAGAN_"):
+            raise SystemExit(f"python -m server.bench: bad engine variant {item!r} (want DAGAN_NAME=VALUE)")
+        env[key] = value
+    if name not in ("zero", "bundled"):
+        raise SystemExit(f"python -m server.bench: unknown engine {name!r} (zero or bundled)")
+    return name, env
+
+
+def _choice_text(choice: dict) -> str:
+    parts = [f"{choice.get('backend')} {choice.get('precision')}"]
+    if choice.get("threads"):
+        parts.append(f"{choice['threads']} inference thread(s)")
+    if choice.get("frame_ms"):
+        parts.append(f"{choice['frame_ms']:.1f} ms/frame at start")
+    return ", ".join(parts) + f" ({choice.get('reason', '')})"
 
 
 def _print_step(engine: str, s: dict) -> None:
@@ -483,12 +551,22 @@ def markdown(results: list[dict]) -> str:
     from server.pipeline import STAGES
 
     m = machine_description(torch.device("cpu"))
-    lines = [f"Machine: {m['cpu']}, {m['cpu_count']} CPUs.", ""]
+    lines = [f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, onnxruntime {m.get('onnxruntime', '-')}.", ""]
     for r in results:
         lines += [
             f"Engine `{r['engine']}`, settings {r['env'] or 'default'}: largest N at >= 24 fps: "
             f"**{r['max_streams_at_24fps']}**",
             "",
+        ]
+        if r.get("engine_choice"):
+            lines += [f"Engine run by the server: {_choice_text(r['engine_choice'])}.", ""]
+        if "load_before" in r:
+            lines += [
+                f"{r.get('date', '')}, load average (1/5/15 min) before {r['load_before']}, "
+                f"after {r.get('load_after')}.",
+                "",
+            ]
+        lines += [
             "| N | fps/stream (median, min) | g2g p50 / p95 ms | server CPU ms per frame (other) | "
             "CPU-bound streams estimate | server cores | client cores | load |",
             "|---:|---|---|---:|---:|---:|---:|---|",
@@ -524,7 +602,17 @@ def main(argv: list[str] | None = None) -> int:
         serve_main(argv[1:])
         return 0
     p = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--engine", default="zero,bundled", help="comma list of zero, bundled")
+    p.add_argument(
+        "--engine",
+        default="zero,bundled",
+        help="comma list of zero, bundled; a variant with its own server variables: "
+        "bundled@DAGAN_INFER_THREADS=2+DAGAN_MEDIA_THREADS=1",
+    )
+    p.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="measure every N given, not only up to the first below 24 fps",
+    )
     p.add_argument("--streams", default="1,2,4,6,8,10,12", help="N values of the sweep, in order")
     p.add_argument("--seconds", type=float, default=8.0, help="measured window per N")
     p.add_argument("--warmup", type=float, default=4.0, help="seconds before the window (ICE, ramp-up)")
@@ -532,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--detect-every", type=int, help="DAGAN_DETECT_EVERY for the server")
     p.add_argument("--media-threads", type=int, help="DAGAN_MEDIA_THREADS for the server")
     p.add_argument("--detect-processes", type=int, help="DAGAN_DETECT_PROCESSES for the server")
+    p.add_argument(
+        "--infer-threads", type=int, help="DAGAN_INFER_THREADS for the server (default: its split)"
+    )
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", help="write the tables here")
     a = p.parse_args(argv)
@@ -540,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         ("detect_every", "DAGAN_DETECT_EVERY"),
         ("media_threads", "DAGAN_MEDIA_THREADS"),
         ("detect_processes", "DAGAN_DETECT_PROCESSES"),
+        ("infer_threads", "DAGAN_INFER_THREADS"),
     ):
         if getattr(a, flag) is not None:
             env[name] = str(getattr(a, flag))
@@ -550,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         a.warmup,
         a.budget_s,
         env,
+        keep_going=a.keep_going,
     )
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2))

@@ -21,7 +21,7 @@ from typing import Any
 
 from dagan.checkpoint import CheckpointError
 
-from .settings import ServerSettings, SettingsError, parse_ice_servers
+from .settings import ServerSettings, SettingsError, parse_ice_servers, parse_picture_size
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -56,7 +56,13 @@ def _list_or_none(text: str) -> tuple[str, ...] | None:
     return _list(text) or None
 
 
-_SETTING_TYPES = typing.get_type_hints(ServerSettings)
+def _plain(kind: Any) -> Any:
+    """``int | None`` → ``int``: a setting whose None means "derived from another" is given as an int."""
+    args = [t for t in typing.get_args(kind) if t is not type(None)]
+    return args[0] if len(args) == 1 and args[0] in (int, float) else kind
+
+
+_SETTING_TYPES = {name: _plain(kind) for name, kind in typing.get_type_hints(ServerSettings).items()}
 _SETTING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerSettings)}
 EXPOSURE = "exposure beyond localhost (docs/security.md)"
 
@@ -127,6 +133,37 @@ SETTING_OPTIONS: tuple[SettingOption, ...] = (
         "output_size", "DAGAN_OUTPUT_SIZE", "avatar video side in pixels (the model output is resized to it)"
     ),
     SettingOption(
+        "picture",
+        "DAGAN_PICTURE",
+        "what a session shows unless it asks: crop (the model's face crop) or full (the avatar pasted "
+        "back into the whole photo)",
+    ),
+    SettingOption(
+        "picture_size",
+        "DAGAN_PICTURE_SIZE",
+        "video size of full-picture sessions, WIDTHxHEIGHT (the photo is fitted into it)",
+        parse=parse_picture_size,
+        default_text="640x360",
+    ),
+    SettingOption(
+        "smooth_min_cutoff",
+        "DAGAN_SMOOTH_MIN_CUTOFF",
+        "One-Euro filter on each session's crop box and keypoints: cutoff (Hz) of a still face, lower is "
+        "steadier; 0 turns the filters off",
+    ),
+    SettingOption(
+        "smooth_beta",
+        "DAGAN_SMOOTH_BETA",
+        "One-Euro speed coefficient: higher follows fast motion with less lag",
+    ),
+    SettingOption(
+        "auto_neutral_s",
+        "DAGAN_AUTO_NEUTRAL",
+        "> 0: sessions choose their neutral pose automatically, the frame closest to the photo's pose in "
+        "their first this-many seconds (a session can ask for it too)",
+        flag="--auto-neutral",
+    ),
+    SettingOption(
         "client_dir",
         "DAGAN_CLIENT_DIR",
         "serve the browser client from this folder",
@@ -145,7 +182,7 @@ SETTING_OPTIONS: tuple[SettingOption, ...] = (
         "DAGAN_ALLOWED_HOSTS",
         "comma-separated host names the server answers to, e.g. avatar.example.org",
         parse=_list_or_none,
-        default_text="loopback names when bound to loopback, else any",
+        default_text="loopback names when bound to loopback, else this machine's own addresses and names",
         group=EXPOSURE,
     ),
     SettingOption(
@@ -178,7 +215,23 @@ SETTING_OPTIONS: tuple[SettingOption, ...] = (
     SettingOption(
         "sessions_per_minute",
         "DAGAN_SESSIONS_PER_MINUTE",
-        f"new sessions per client address per minute after a burst of {_SETTING_DEFAULTS['session_burst']}",
+        "new sessions per client address per minute, after a burst as large as --max-sessions-per-client",
+        group=EXPOSURE,
+    ),
+    SettingOption(
+        "max_sessions_per_client",
+        "DAGAN_MAX_SESSIONS_PER_CLIENT",
+        "sessions one client address may hold at once (IPv6: per /64); one more gets 429",
+        default_text="half of --max-sessions, at least 1",
+        group=EXPOSURE,
+    ),
+    SettingOption(
+        "forwarded_allow_ips",
+        "DAGAN_FORWARDED_ALLOW_IPS",
+        "comma-separated addresses or networks of the reverse proxies whose X-Forwarded-For names the "
+        "client, e.g. 10.0.0.5; from any other peer the header is ignored",
+        parse=_list,
+        default_text="none: the TCP peer is the client",
         group=EXPOSURE,
     ),
 )
@@ -205,7 +258,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="weights (.safetensors) or engine dir (env DAGAN_CHECKPOINT, default: the shipped weights)",
     )
     p.add_argument("--device", help="auto, cpu or cuda[:N] (env DAGAN_DEVICE, default auto)")
-    p.add_argument("--precision", help="fp32, fp16 (CUDA) or bf16 (env DAGAN_PRECISION, default fp32)")
+    p.add_argument(
+        "--precision",
+        help="fp32, int8 (onnxruntime, CPU), bf16 (torch, CPU) or fp16 (CUDA) (env DAGAN_PRECISION; default: "
+        "on a CPU the fastest that holds quality, chosen and prepared on first start, see docs/export.md)",
+    )
     p.add_argument(
         "--ice-servers",
         help="STUN/TURN servers for use beyond a LAN: comma-separated URLs or a JSON list of RTCIceServer "
@@ -224,10 +281,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="serve RANDOMLY INITIALISED tiny weights (no checkpoint needed) to try the service end to end",
     )
     p.add_argument(
+        "--infer-threads",
         "--torch-threads",
+        dest="torch_threads",
         type=int,
-        help="PyTorch CPU threads (env DAGAN_TORCH_THREADS; default half the cores, at least 1: the video "
-        "codecs and face tracking need the rest)",
+        help="CPU threads for inference, onnxruntime or torch (env DAGAN_INFER_THREADS or "
+        "DAGAN_TORCH_THREADS; default: the cores split between inference and media by measured costs)",
     )
     groups[EXPOSURE].add_argument(
         "--docs", action="store_true", help="serve Swagger UI at /docs (it loads scripts from a CDN)"
@@ -285,6 +344,17 @@ def exposure_warnings(settings: ServerSettings, tls: bool) -> list[str]:
     if not is_loopback(settings.host):
         if not settings.access_token:
             out.append(EXPOSED_BANNER.format(host=settings.host))
+        if settings.allowed_hosts is None:
+            from .guard import own_host_names
+
+            names = sorted(own_host_names(settings.host))
+            shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+            out.append(
+                f"note: no --allowed-hosts: answering only to this machine's own addresses and names "
+                f"({shown}); any other Host gets 403, because a web page could otherwise reach the API "
+                "through DNS rebinding (its own name resolved to this machine). Set --allowed-hosts "
+                "(DAGAN_ALLOWED_HOSTS) to the names clients use"
+            )
         if not tls:
             out.append(
                 "note: browsers allow the camera only on https:// or localhost, and without TLS the token "
@@ -300,12 +370,13 @@ def exposure_warnings(settings: ServerSettings, tls: bool) -> list[str]:
 
 def build_engine(args: argparse.Namespace):
     """The engine to serve: ``--untrained-tiny`` random weights, or a checkpoint resolved like ``animate``."""
-    from engine import create_engine
+    from engine.select import default_engine
 
     device = args.device or _env("DAGAN_DEVICE", "auto")
-    precision = args.precision or _env("DAGAN_PRECISION", "fp32")
+    precision = args.precision or _env("DAGAN_PRECISION")
     backend = args.backend or _env("DAGAN_BACKEND", "auto")
     if args.untrained_tiny:
+        precision = precision or "fp32"
         import torch
 
         from dagan.config import load_config
@@ -324,7 +395,13 @@ def build_engine(args: argparse.Namespace):
         raise CheckpointError(
             f"{err}. To try the service without trained weights, run `dagan serve --untrained-tiny`"
         ) from err
-    engine = create_engine(checkpoint, backend=backend, device=device, precision=precision)
+    # on a CPU: the fastest backend and precision that holds quality, prepared on first start (engine.select)
+    threads = getattr(args, "torch_threads", None)
+    if threads is None:
+        threads = _env_int("DAGAN_INFER_THREADS", 0) or _env_int("DAGAN_TORCH_THREADS", 0) or None
+    engine, args.engine_choice = default_engine(
+        checkpoint, backend=backend, device=device, precision=precision, threads=threads
+    )
     untrained = False
     if checkpoint.is_file():
         untrained = warn_if_untrained(checkpoint)
@@ -351,9 +428,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .guard import uvicorn_config
 
     settings_from_args(args)  # fail on bad flags before loading any weights
-    _set_torch_threads(
-        args.torch_threads if args.torch_threads is not None else _env_int("DAGAN_TORCH_THREADS", 0)
-    )
+    if args.untrained_tiny:
+        _set_torch_threads(
+            args.torch_threads if args.torch_threads is not None else _env_int("DAGAN_TORCH_THREADS", 0)
+        )
     engine, untrained = build_engine(args)
     settings = settings_from_args(args, untrained=untrained)
     logging.basicConfig(
@@ -362,8 +440,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings, engine)
     scheme = "https" if args.ssl_certfile else "http"
     shown = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
+    choice = getattr(args, "engine_choice", None)
+    chosen = f": {choice.describe()}" if choice is not None else ""
     print(
-        f"dagan serve: {engine.backend} engine ({engine.image_size}px), "
+        f"dagan serve: {engine.backend} engine ({engine.image_size}px){chosen}; "
         f"up to {settings.max_sessions} sessions; open {scheme}://{shown}:{settings.port}/",
         file=sys.stderr,
     )

@@ -75,11 +75,16 @@ class Metrics:
         self.active_sessions: Callable[[], int] = lambda: 0
         self.max_sessions = 0
         self.sessions_created = 0
-        self.sessions_rejected = 0
+        self.sessions_rejected = 0  # 503: the server was full (the rate limits count in sessions_limited)
         self.frames_in = 0
         self.frames_out = 0
         self.dropped = {"input": 0, "output": 0}
         self.errors = 0
+        # Refusals and drops of what hostile or broken clients send (docs/security.md), by reason.
+        self.sessions_limited = {"rate": 0, "per_client": 0}
+        self.uploads_refused = {"busy": 0, "per_client": 0, "too_slow": 0}
+        self.bad_frames = {"too_small": 0, "too_large": 0, "unusable": 0}
+        self.messages_dropped = 0
         self.frame_latency = Histogram(LATENCY_BUCKETS)
         self.inference = Histogram(LATENCY_BUCKETS)
         self.batch = Histogram(BATCH_BUCKETS)
@@ -92,6 +97,12 @@ class Metrics:
     def add(self, name: str, amount: int = 1) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + amount)
+
+    def count(self, name: str, label: str) -> None:
+        """One more in the labelled counter ``name`` (a dict attribute) under ``label``."""
+        with self._lock:
+            table = getattr(self, name)
+            table[label] = table.get(label, 0) + 1
 
     def drop(self, stage: str) -> None:
         with self._lock:
@@ -179,9 +190,33 @@ class Metrics:
                 "# HELP dagan_sessions_created_total Sessions created since start.",
                 "# TYPE dagan_sessions_created_total counter",
                 f"dagan_sessions_created_total {self.sessions_created}",
-                "# HELP dagan_sessions_rejected_total Session requests refused because the server was full.",
+                "# HELP dagan_sessions_rejected_total Session requests refused with 503 because every "
+                "slot was taken (429s are in dagan_sessions_limited_total).",
                 "# TYPE dagan_sessions_rejected_total counter",
                 f"dagan_sessions_rejected_total {self.sessions_rejected}",
+                "# HELP dagan_sessions_limited_total Session requests refused with 429: reason=rate (the "
+                "per-address rate limit), per_client (the address already holds its share of slots).",
+                "# TYPE dagan_sessions_limited_total counter",
+                *(
+                    f'dagan_sessions_limited_total{{reason="{k}"}} {v}'
+                    for k, v in self.sessions_limited.items()
+                ),
+                "# HELP dagan_uploads_refused_total Photo uploads refused: reason=busy (503, every upload "
+                "slot taken), per_client (429, the address holds its share), too_slow (408, the body "
+                "arrived below the minimum rate).",
+                "# TYPE dagan_uploads_refused_total counter",
+                *(
+                    f'dagan_uploads_refused_total{{reason="{k}"}} {v}'
+                    for k, v in self.uploads_refused.items()
+                ),
+                "# HELP dagan_bad_frames_total Camera frames that could not be cropped, by reason "
+                "(too_small, too_large, unusable); the session keeps its last picture.",
+                "# TYPE dagan_bad_frames_total counter",
+                *(f'dagan_bad_frames_total{{reason="{k}"}} {v}' for k, v in self.bad_frames.items()),
+                "# HELP dagan_messages_dropped_total Data-channel messages dropped by the per-session "
+                "rate limit.",
+                "# TYPE dagan_messages_dropped_total counter",
+                f"dagan_messages_dropped_total {self.messages_dropped}",
                 "# HELP dagan_frames_in_total Webcam frames received from peers.",
                 "# TYPE dagan_frames_in_total counter",
                 f"dagan_frames_in_total {self.frames_in}",

@@ -101,6 +101,10 @@ def instrument_codecs(clock: StageClock = CLOCK) -> None:
             return
         from aiortc.codecs import h264, vpx
 
+        from .tracks import tune_encoders
+
+        tune_encoders()  # the cheaper encoder settings measured for the avatar video (server.tracks)
+
         def wrap(cls: type, name: str, stage: str) -> None:
             original = getattr(cls, name)
 
@@ -311,7 +315,9 @@ def prepare(lane: Lane, item: Any, seq: int, out_size: int, clock: StageClock = 
     tracker = lane.tracker
     detector = getattr(tracker, "_detector", None)
     calls = getattr(detector, "calls", 0)
-    box = tracker.locate(rgb)  # the detector (TimedDetector / process pool) times real detections only
+    # the detector (TimedDetector / process pool) times real detections only; the frame's arrival time
+    # is the clock of the box's One-Euro filter
+    box = tracker.locate(rgb, item.arrived)
     if getattr(detector, "calls", 0) != calls:
         stages["detect"] = round(detector.last_wall_s * 1000, 3)
     face = bool(tracker.face_found)

@@ -9,9 +9,10 @@ sees the newest picture of the user, and the delay stays at about one inference 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import threading
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,10 @@ from dagan.latest import LatestSlot
 
 class ServerBusyError(UserError, RuntimeError):
     """All session slots are taken (HTTP 503)."""
+
+
+class ClientLimitError(UserError, RuntimeError):
+    """This client address already holds its share of the session slots (HTTP 429)."""
 
 
 class SessionNotFoundError(UserError, KeyError):
@@ -82,6 +87,23 @@ class LiveSession:
     closed: bool = False
     frames_out: int = 0
     face_missing: int = 0
+    client: str = "?"  # server.guard.client_key of the address that created it (the per-address cap)
+    # Camera frames that could not be used (server.worker, pool threads): how many, when the current run
+    # of nothing but such frames began, when one was last logged, whether the peer was told about it.
+    bad_frames: int = 0
+    bad_since: float | None = None
+    bad_logged_at: float | None = None
+    bad_told: bool = False
+    # Data-channel messages (event loop): the session's rate limit (server.guard.Bucket), what it
+    # dropped, whether the peer was told.
+    messages: Any = None
+    messages_dropped: int = 0
+    messages_told: bool = False
+    # Paste-back (docs/server.md, "Paste-back"): "crop" or "full" (event loop writes, pool reads), and
+    # the photo's engine.paste.Paster, built with each upload; the automatic neutral pose, per session.
+    picture: str = "crop"
+    paster: Any = None
+    auto_neutral: float = 0.0
 
     def info(self) -> dict:
         """The session as the HTTP API reports it."""
@@ -94,6 +116,7 @@ class LiveSession:
             "frames_in": self.input.put_count,
             "frames_dropped": self.input.dropped,
             "frames_out": self.frames_out,
+            "picture": self.picture,
         }
 
 
@@ -106,13 +129,37 @@ class SessionRegistry:
         self._sessions: dict[str, LiveSession] = {}
         self.created_total = 0
 
-    def create(self, relative: bool, show_depth: bool = False) -> LiveSession:
+    def create(
+        self,
+        relative: bool,
+        show_depth: bool = False,
+        client: str = "?",
+        per_client: int | None = None,
+        admit: Callable[[], None] | None = None,
+    ) -> LiveSession:
+        """A new session for ``client`` (a :func:`server.guard.client_key`), which may hold at most
+        ``per_client`` at once (None: no per-address cap). ``admit()`` runs once there is room and may
+        refuse by raising (the rate limit: only a request that would get a session spends a token, so a
+        client told "full" is not also told "too fast" when a slot frees). The id is 128 random bits
+        from the OS's CSPRNG, as 32 hex digits: it is a capability (docs/security.md), and uuid4 has
+        only 122."""
         with self._lock:
+            if per_client is not None and per_client < self.max_sessions:  # else: "full" says it all
+                held = sum(1 for s in self._sessions.values() if s.client == client)
+                if held >= per_client:
+                    raise ClientLimitError(
+                        f"this address already holds {held} sessions, the most one address may; end one "
+                        "(or wait for an unused one to time out) and try again"
+                    )
             if len(self._sessions) >= self.max_sessions:
                 raise ServerBusyError(
                     f"server busy: all {self.max_sessions} session slots are in use, try again later"
                 )
-            session = LiveSession(id=uuid.uuid4().hex, relative=relative, show_depth=show_depth)
+            if admit is not None:
+                admit()
+            session = LiveSession(
+                id=secrets.token_hex(16), relative=relative, show_depth=show_depth, client=client
+            )
             self._sessions[session.id] = session
             self.created_total += 1
             return session

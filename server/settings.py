@@ -7,6 +7,7 @@ the documented defaults in docs/server.md are the ones the code uses.
 from __future__ import annotations
 
 import importlib.resources
+import ipaddress
 import json
 import os
 import socket
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagan.errors import UserError
+from dagan.paste import parse_size
+from dagan.smoothing import OneEuroParams
 
 # The page beside the sources: only a fallback for a checkout that was never installed (``PYTHONPATH=.``).
 _SOURCE_CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
@@ -46,6 +49,17 @@ def _env_int(name: str, default: int) -> int:
 
 class SettingsError(UserError, ValueError):
     """A server option that cannot be used as given (bad ICE server list, impossible limit)."""
+
+
+PICTURES = ("crop", "full")
+
+
+def parse_picture_size(value: str | tuple[int, int]) -> tuple[int, int]:
+    """``"1280x720"`` (or a (width, height) pair) → (width, height), checked like every output size."""
+    try:
+        return parse_size(value if isinstance(value, str) else f"{value[0]}x{value[1]}")
+    except (ValueError, TypeError, IndexError) as err:
+        raise SettingsError(f"picture size: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,16 @@ class ServerSettings:
     peer_timeout_s: float = 8.0
     # Side of the avatar video sent back: the model's output is resized to it (bilinear up, INTER_AREA down).
     output_size: int = 256
+    # Full-picture sessions: the avatar pasted back into the whole photo (dagan.paste, docs/server.md
+    # "Paste-back") at this width × height; ``picture`` is what a session shows unless it asks ("crop":
+    # the model's face crop at output_size², "full").
+    picture_size: tuple[int, int] = (640, 360)
+    picture: str = "crop"
+    # One-Euro filter on every session's crop box and driving keypoints (dagan.smoothing): min cutoff in
+    # Hz (0 turns both filters off) and beta; and, > 0, the automatic neutral pose over that many seconds.
+    smooth_min_cutoff: float = 1.0
+    smooth_beta: float = 30.0
+    auto_neutral_s: float = 0.0
     relative: bool = True
     # The browser page. None: the page shipped with the package (default_client_dir), checked only once
     # it is given explicitly, so `--client-dir` / DAGAN_CLIENT_DIR can still rescue an install whose
@@ -141,20 +165,46 @@ class ServerSettings:
     # -- exposure beyond localhost (docs/security.md lists every limit and why) -----------------------
     # Bearer token every /api route, /metrics and the page's calls need (None: no token, localhost use).
     access_token: str | None = None
-    # Host names the server answers to (None: the loopback names when bound to loopback, else any).
+    # Host names the server answers to (None: the loopback names when bound to loopback, else this
+    # machine's own addresses and names; any other Host is how a DNS-rebinding page would arrive).
     allowed_hosts: tuple[str, ...] | None = None
     # Other web origins allowed to call the API from a browser (the page's own origin always is).
     allowed_origins: tuple[str, ...] = ()
-    # Session creations per client address: a burst, then this many a minute (429 beyond).
+    # Reverse proxies (IP addresses or networks) whose X-Forwarded-For names the client. Any other
+    # peer's header is ignored, loopback included: the TCP peer is the client (docs/security.md).
+    forwarded_allow_ips: tuple[str, ...] = ()
+    # Sessions one client address may hold at once (None: half of max_sessions, at least 1), so one
+    # address can never take every slot. IPv6 clients count per /64, the usual allocation of one host.
+    max_sessions_per_client: int | None = None
+    # Session creations per client address: a burst (None: the per-client cap, and never more than
+    # it), then this many a minute (429 beyond).
     sessions_per_minute: float = 20.0
-    session_burst: int = 10
+    session_burst: int | None = None
     max_json_bytes: int = 64 * 1024  # any non-upload request body (an SDP offer is 2-10 KB)
     max_concurrent_decodes: int = 2  # photos decoded and face-searched at once (each up to ~150 MB)
     max_pending_uploads: int = 8  # uploads being received or waiting for a decode (503 beyond)
+    # Of those, what one client address may hold (None: a quarter, at least 1; 429 beyond), so a few
+    # slow connections from one address cannot take every upload slot.
+    max_uploads_per_client: int | None = None
     max_message_bytes: int = 4096  # one data-channel control message
+    # Data-channel messages one session may send: this many a second after a burst (excess dropped).
+    messages_per_s: float = 20.0
+    message_burst: int = 40
     max_sdp_media: int = 4  # m= sections in one offer
+    max_ice_candidates: int = 32  # a=candidate lines per media section of an offer
+    # Camera frames outside these sides cannot be cropped (a 1×1 frame) or cost too much to convert;
+    # after bad_video_notice_s of nothing else the peer is told why on the data channel.
+    min_video_side: int = 32
+    max_video_side: int = 4096
+    bad_video_notice_s: float = 3.0
     header_timeout_s: float = 10.0  # request line + headers must arrive within this
+    max_header_bytes: int = 16 * 1024  # request line + headers (431 beyond)
+    max_header_count: int = 100  # header lines in one request (431 beyond)
     body_timeout_s: float = 60.0  # a whole request body must arrive within this
+    # After the first body_grace_s, a body must keep arriving at this many bytes a second on average
+    # (408 otherwise): a trickled body cannot hold its upload slot or connection for body_timeout_s.
+    min_body_bytes_per_s: int = 16 * 1024
+    body_grace_s: float = 5.0
     shutdown_timeout_s: float = 5.0  # open requests get this long after SIGTERM
     max_connections: int = 256  # open HTTP connections (503 beyond)
     # TURN REST API (coturn use-auth-secret): URLs and the shared secret; credentials expire after ttl.
@@ -185,6 +235,11 @@ class ServerSettings:
                 )
         if self.output_size < 16 or self.output_size % 2:
             raise SettingsError(f"output size must be an even number of pixels >= 16, got {self.output_size}")
+        object.__setattr__(self, "picture_size", parse_picture_size(self.picture_size))
+        if self.picture not in PICTURES:
+            raise SettingsError(f"picture must be one of {', '.join(PICTURES)}, got {self.picture!r}")
+        if self.smooth_min_cutoff < 0 or self.smooth_beta < 0 or self.auto_neutral_s < 0:
+            raise SettingsError("the smoothing parameters and the auto-neutral window must be >= 0")
         if bool(self.turn_urls) != bool(self.turn_secret):
             raise SettingsError("TURN needs both --turn-urls and --turn-secret (coturn's static-auth-secret)")
         for url in self.turn_urls:
@@ -194,3 +249,41 @@ class ServerSettings:
             raise SettingsError(f"TURN credential lifetime must be at least 60 s, got {self.turn_ttl_s}")
         if self.access_token is not None and len(self.access_token) < 8:
             raise SettingsError("the access token must be at least 8 characters long")
+        for name in ("max_sessions_per_client", "session_burst", "max_uploads_per_client"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise SettingsError(f"{name} must be at least 1, got {value}")
+        for entry in self.forwarded_allow_ips:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError as err:
+                raise SettingsError(
+                    f"forwarded-allow-ips: {entry!r} is not an IP address or network; name the reverse "
+                    "proxy by its address, e.g. 10.0.0.5 or 172.18.0.0/16"
+                ) from err
+
+    @property
+    def smoothing(self) -> OneEuroParams | None:
+        """The sessions' One-Euro parameters (None: filters off)."""
+        if self.smooth_min_cutoff <= 0:
+            return None
+        return OneEuroParams(min_cutoff=self.smooth_min_cutoff, beta=self.smooth_beta)
+
+    # -- limits derived from others (properties, so dataclasses.replace keeps them consistent) ------
+    @property
+    def sessions_per_client(self) -> int:
+        """Sessions one client address may hold: the setting, else half the cap (never above it)."""
+        value = self.max_sessions_per_client or max(1, self.max_sessions // 2)
+        return min(value, self.max_sessions)
+
+    @property
+    def session_burst_size(self) -> int:
+        """The rate limiter's burst: never more than one address may hold, so a burst cannot be used
+        to fill that share, drop it and fill it again at once."""
+        return min(self.session_burst or self.sessions_per_client, self.sessions_per_client)
+
+    @property
+    def uploads_per_client(self) -> int:
+        """Upload slots one client address may hold: the setting, else a quarter of them."""
+        value = self.max_uploads_per_client or max(1, self.max_pending_uploads // 4)
+        return min(value, self.max_pending_uploads)

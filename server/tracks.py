@@ -150,3 +150,62 @@ def host_candidates(addresses: Iterable[str] | None) -> Iterator[None]:
         yield
     finally:
         aioice.ice.get_host_addresses = original
+
+
+#: Encoder options merged over aiortc's own for the avatar video (``python -m server.bench`` and
+#: runs/enc measurements in docs/benchmarks.md, 256² avatar frames at 500 kbit/s, one thread):
+#: libvpx without its denoiser (``noise-sensitivity`` 4 smooths a picture that a network made, at a
+#: cost) and ``cpu-used`` -10 instead of -6: 1.63 → 1.08 ms of CPU per frame, 39.5 → 40.0 dB;
+#: libx264 ``superfast`` instead of its default preset (medium) under ``zerolatency``: 6.5 → 1.0 ms,
+#: 40.6 → 39.7 dB.
+ENCODER_OPTIONS: dict[str, dict[str, str]] = {
+    "libvpx": {"cpu-used": "-10", "noise-sensitivity": "0"},
+    "libx264": {"preset": "superfast"},
+}
+
+_tuned = False
+
+
+def tune_encoders(options: dict[str, dict[str, str]] | None = None) -> None:
+    """Make aiortc's VP8 and H.264 encoders (once per process) open their codecs with
+    :data:`ENCODER_OPTIONS` merged over aiortc's settings (bitrate control, keyframes, packetisation
+    untouched). aiortc creates the codec inside ``encode`` and assigns its options right after
+    ``CodecContext.create``, so the modules' ``av`` is given a stand-in whose ``create`` returns the
+    context behind a thin wrapper that adds the extra options to that assignment."""
+    global _tuned
+    if _tuned:
+        return
+    import av
+    from aiortc.codecs import h264, vpx
+
+    extra = ENCODER_OPTIONS if options is None else options
+
+    class _Context:
+        def __init__(self, ctx: Any, name: str) -> None:
+            object.__setattr__(self, "_ctx", ctx)
+            object.__setattr__(self, "_name", name)
+
+        def __getattr__(self, key: str) -> Any:
+            return getattr(self._ctx, key)
+
+        def __setattr__(self, key: str, value: Any) -> None:
+            if key == "options":
+                value = {**value, **extra.get(self._name, {})}
+                object.__setattr__(self, "requested_options", value)  # libav keeps only what it did not use
+            setattr(self._ctx, key, value)
+
+    class _CodecContext:
+        @staticmethod
+        def create(name: str, mode: str = "r") -> Any:
+            ctx = av.CodecContext.create(name, mode)
+            return _Context(ctx, name) if mode == "w" and name in extra else ctx
+
+    class _Av:
+        CodecContext = _CodecContext
+
+        def __getattr__(self, key: str) -> Any:
+            return getattr(av, key)
+
+    for module in (vpx, h264):
+        module.av = _Av()
+    _tuned = True

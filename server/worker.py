@@ -36,7 +36,9 @@ import numpy as np
 
 from dagan.animate import colorize_depth
 from dagan.face import FaceDetector, FaceTracker
+from dagan.smoothing import OneEuroParams
 from engine import Engine
+from engine.paste import animate_pictures
 
 from .metrics import Metrics
 from .pipeline import (
@@ -54,6 +56,17 @@ from .sessions import LiveSession, OutputFrame, SessionRegistry
 
 log = logging.getLogger("dagan.server")
 
+#: A session's unusable camera frames are logged at most this often (one line, with the reason).
+BAD_FRAME_LOG_INTERVAL_S = 60.0
+
+
+class UnusableFrame(ValueError):
+    """A camera frame the pipeline cannot crop for the model (``reason`` is the metric label)."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason, self.text = reason, text
+
 
 def compose(avatar: np.ndarray, depth: np.ndarray | None, size: int) -> np.ndarray:
     """The frame sent to the viewer: the avatar at size×size, with the driving depth beside it if given."""
@@ -65,6 +78,16 @@ def compose(avatar: np.ndarray, depth: np.ndarray | None, size: int) -> np.ndarr
             d = cv2.resize(d, (size, size), interpolation=interp)
         out = np.concatenate([out, d], axis=1)
     return np.ascontiguousarray(out)
+
+
+def compose_picture(picture: np.ndarray, depth: np.ndarray | None) -> np.ndarray:
+    """A full-picture frame (the avatar pasted into its photo), with the driving depth beside it, at the
+    picture's height, if given."""
+    if depth is None:
+        return picture
+    side = picture.shape[0]
+    d = cv2.resize(colorize_depth(depth), (side, side), interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(np.concatenate([picture, d], axis=1))
 
 
 @dataclass
@@ -124,6 +147,15 @@ class InferenceWorker:
         self._busy_until = 0.0  # monotonic time the running engine call is expected to end (0: idle)
         self._infer_ewma = 0.0  # seconds per engine call
         self._prep_ewma = 0.0  # seconds per preparation
+        # Camera frames that cannot be used (server.settings: min/max_video_side, bad_video_notice_s);
+        # on_notice(session, message) sends the peer a data-channel message from this side of the loop.
+        self.min_video_side = 32
+        self.max_video_side = 4096
+        self.bad_video_notice_s = 3.0
+        self.on_notice: Callable[[LiveSession, dict], None] | None = None
+        # One-Euro parameters of each session's crop-box filter (dagan.smoothing; None: the tracker's
+        # fixed average); the keypoint filter is on the engine session (server.app).
+        self.smoothing: OneEuroParams | None = None
         metrics.stage_clock = clock
         metrics.worker_busy = lambda: self.busy_s
 
@@ -195,7 +227,8 @@ class InferenceWorker:
         else:
             detector = TimedDetector(FaceDetector(), self.clock)
         size, every = self.engine.image_size, self.detect_every
-        return Lane(FaceTracker(out_size=size, detect_every=every, detector=detector), detector)
+        tracker = FaceTracker(out_size=size, detect_every=every, detector=detector, box_filter=self.smoothing)
+        return Lane(tracker, detector)
 
     def _schedule(self) -> None:
         """Free the lanes of ended sessions; start a preparation for every idle lane with a new frame."""
@@ -238,15 +271,16 @@ class InferenceWorker:
 
     def _prepare(self, lane: Lane, session: LiveSession, item: Any, seq: int) -> None:
         t0 = time.perf_counter()
+        bad = False
         try:
-            prepared = prepare(lane, item, seq, self.engine.image_size, self.clock)
+            problem = self.frame_problem(item.frame)
+            if problem is not None:
+                raise UnusableFrame(*problem)
+            prepared: Prepared | None = prepare(lane, item, seq, self.engine.image_size, self.clock)
             self._prep_ewma += 0.2 * (time.perf_counter() - t0 - self._prep_ewma)
-        except Exception:
-            log.exception("session %s: could not read or crop a frame", session.id)
-            self.metrics.add("errors")
-            with lane.lock:
-                lane.busy = False
-            return
+        except Exception as err:
+            bad = True
+            prepared = self._bad_frame(session, lane, item, seq, err)
         finally:
             with lane.lock:
                 dead = lane.dead
@@ -254,8 +288,80 @@ class InferenceWorker:
                 lane.close()
         if dead:
             return
-        lane.put_ready(prepared)
+        if not bad and session.bad_since is not None:
+            session.bad_since = None  # usable video again
+            if session.bad_told:
+                session.bad_told = False
+                self._notify(session, {"type": "video_ok"})
+        if prepared is None:
+            with lane.lock:
+                lane.busy = False
+        else:
+            lane.put_ready(prepared)
         self.wake()  # the engine may take it now; this lane may take the frame that came meanwhile
+
+    def frame_problem(self, frame: Any) -> tuple[str, str] | None:
+        """(reason, sentence) when a decoded camera frame cannot be cropped for the model: too small
+        to hold a face (a 1×1 stream), or larger than any camera (a costly conversion for nothing)."""
+        width, height = getattr(frame, "width", None), getattr(frame, "height", None)
+        if not isinstance(width, int) or not isinstance(height, int):
+            return None
+        low, high = self.min_video_side, self.max_video_side
+        if width < low or height < low:
+            return "too_small", f"the camera sends {width}×{height} frames; a face needs at least {low}×{low}"
+        if width > high or height > high:
+            return "too_large", f"the camera sends {width}×{height} frames; at most {high}×{high} are used"
+        return None
+
+    def _bad_frame(
+        self, session: LiveSession, lane: Lane, item: Any, seq: int, err: Exception
+    ) -> Prepared | None:
+        """A frame that could not be converted or cropped: counted, logged at most once a minute per
+        session (with its reason, no traceback: a bad stream sends 30 a second), and after
+        ``bad_video_notice_s`` of nothing else the peer is told why. The session keeps showing its
+        last picture; until it has shown one, the photo (the returned frame without a crop)."""
+        if isinstance(err, UnusableFrame):
+            reason, text = err.reason, err.text
+        else:
+            reason = "unusable"
+            text = f"the camera frame could not be read ({type(err).__name__}: {err})"[:200]
+        self.metrics.count("bad_frames", reason)
+        now = time.monotonic()
+        session.bad_frames += 1
+        if session.bad_since is None:
+            session.bad_since = now
+        if session.bad_logged_at is None or now - session.bad_logged_at >= BAD_FRAME_LOG_INTERVAL_S:
+            session.bad_logged_at = now
+            log.warning(
+                "session %s: camera frame not usable (%s): %s; %d so far (logged once a minute)",
+                session.id,
+                reason,
+                text,
+                session.bad_frames,
+            )
+            if not isinstance(err, UnusableFrame):
+                log.debug("session %s: the unusable frame's error", session.id, exc_info=err)
+        if not session.bad_told and now - session.bad_since >= self.bad_video_notice_s:
+            session.bad_told = True
+            self._notify(
+                session,
+                {
+                    "type": "error",
+                    "error": "bad_video",
+                    "reason": reason,
+                    "message": f"{text}: the avatar cannot follow this video (it keeps its last picture)",
+                },
+            )
+        with lane.lock:
+            shown = lane.delivered >= 0
+        return None if shown else Prepared(item, None, False, seq)
+
+    def _notify(self, session: LiveSession, message: dict) -> None:
+        if self.on_notice is not None:
+            try:
+                self.on_notice(session, message)
+            except Exception:  # telling the peer must never break the frame path
+                log.debug("session %s: could not queue a notice", session.id, exc_info=True)
 
     # -- the thread --------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -314,6 +420,7 @@ class InferenceWorker:
             if session.recalibrate:
                 session.recalibrate = False
                 engine_session.reset_reference()
+            engine_session.frame_time = prepared.item.arrived  # the keypoint filter's clock
             batch.append((session, lane, prepared, engine_session))
         if not batch:
             return
@@ -322,9 +429,12 @@ class InferenceWorker:
 
         want_depth = any(s.show_depth for s, *_ in batch)
         t0, c0 = time.perf_counter(), time.thread_time()
+        # Full pictures are pasted here, on the device, when the engine is on a GPU; on the CPU the
+        # compose jobs paste them with OpenCV on the pool (engine.paste).
+        pasters = [s.paster if s.picture == "full" else None for s, *_ in batch]
         try:
-            results = self.engine.animate_batch(
-                [b[3] for b in batch], [b[2].crop for b in batch], return_depth=want_depth
+            results = animate_pictures(
+                self.engine, [b[3] for b in batch], [b[2].crop for b in batch], pasters, want_depth
             )
         except Exception:
             log.exception("engine.animate_batch failed for %d session(s)", len(batch))
@@ -346,7 +456,16 @@ class InferenceWorker:
             if output is None:
                 continue
             pool.submit(
-                self._post, session, lane, output, prepared, result.image, result.driving_depth, infer_s, n
+                self._post,
+                session,
+                lane,
+                output,
+                prepared,
+                result.image,
+                result.driving_depth,
+                infer_s,
+                n,
+                result.picture,
             )
 
     def _post(
@@ -359,15 +478,23 @@ class InferenceWorker:
         depth: np.ndarray | None,
         infer_s: float,
         batch: int,
+        picture: np.ndarray | None = None,
     ) -> None:
-        """compose + RGB → YUV on a pool thread, then hand the frame to the session's track."""
+        """compose + RGB → YUV on a pool thread, then hand the frame to the session's track. A
+        full-picture session's frame is the avatar pasted back into its photo (``picture`` when the
+        worker already pasted it on the device)."""
         show_depth = session.show_depth
         depth = depth if show_depth else None
         if show_depth and depth is None:
             depth = np.zeros(image.shape[:2], np.uint8)  # keep the frame size stable until depth exists
+        paster = session.paster if session.picture == "full" else None
         try:
             with self.clock.timed("compose", prepared.stages):
-                frame = rgb_to_video_frame(compose(image, depth, self.output_size))
+                if paster is not None:
+                    rgb = compose_picture(picture if picture is not None else paster(image), depth)
+                else:
+                    rgb = compose(image, depth, self.output_size)
+                frame = rgb_to_video_frame(rgb)
         except Exception:
             log.exception("session %s: could not compose an output frame", session.id)
             self.metrics.add("errors")

@@ -186,6 +186,33 @@ def test_failed_tensorrt_build_falls_back_to_onnxruntime_once(tmp_path, monkeypa
     assert builds == [True]
 
 
+def test_cpu_host_serves_the_servers_own_engine_choice(tmp_path, monkeypatch, ckpt):
+    """No GPU and DAGAN_BACKEND=auto: nothing is built by the entrypoint; ``dagan serve`` gets the weights
+    and its export cache in the engine volume; DAGAN_BACKEND=onnxruntime keeps the plain ONNX export."""
+    builds: list[bool] = []
+    monkeypatch.setenv("DAGAN_CHECKPOINT", str(ckpt))
+    monkeypatch.setenv("DAGAN_ENGINE_CACHE", str(tmp_path / "engines"))
+    monkeypatch.setenv("DAGAN_CACHE", "recorded, so that the test's change is undone")
+    monkeypatch.delenv("DAGAN_CACHE")
+    monkeypatch.setattr(ep, "probe_gpu", lambda: None)
+    monkeypatch.setattr(ep, "probe_tensorrt", lambda: None)
+    monkeypatch.setattr(ep, "build_with_cli", lambda c, o, trt, b: (builds.append(trt), (o / "onnx").mkdir()))
+
+    def fake_exec(file: str, cmd: list[str]) -> None:
+        raise Exec(cmd)
+
+    monkeypatch.setattr(ep.os, "execvp", fake_exec)
+    monkeypatch.setenv("DAGAN_BACKEND", "auto")
+    with pytest.raises(Exec) as exc:
+        ep.main(["--max-sessions", "2"])
+    assert exc.value.args[0] == ["dagan", "serve", "--checkpoint", str(ckpt), "--max-sessions", "2"]
+    assert builds == [] and ep.os.environ["DAGAN_CACHE"] == str(tmp_path / "engines" / "cpu")
+    monkeypatch.setenv("DAGAN_BACKEND", "onnxruntime")
+    with pytest.raises(Exec) as exc:
+        ep.main([])
+    assert builds == [False] and exc.value.args[0][:4] == ["dagan", "serve", "--backend", "onnxruntime"]
+
+
 def test_working_tensorrt_build_serves_tensorrt(tmp_path, monkeypatch, ckpt):
     cmd, builds = _run_entrypoint(monkeypatch, tmp_path, ckpt, trt_fails=False)
     assert builds == [True] and cmd[3] == "tensorrt"
@@ -219,7 +246,8 @@ def test_compose_file_has_what_the_service_needs():
     for key in ("DAGAN_CHECKPOINT", "DAGAN_BACKEND", "DAGAN_MAX_SESSIONS", "DAGAN_ICE_SERVERS"):
         assert key in gpu["environment"]
     cpu = doc["services"]["dagan-cpu"]
-    assert "deploy" not in cpu and cpu["environment"]["DAGAN_BACKEND"] == "onnxruntime"
+    # the CPU service lets the server choose its CPU engine (entrypoint: cpu_serve_command)
+    assert "deploy" not in cpu and cpu["environment"]["DAGAN_BACKEND"] == "${DAGAN_BACKEND:-auto}"
     for svc in (gpu, cpu):
         assert (ROOT / svc["build"]["dockerfile"]).is_file()
         # the port inside is the server's own setting; published by the default override (below)

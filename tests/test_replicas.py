@@ -112,6 +112,8 @@ def test_sessions_pinned_to_their_replica_and_moved_when_it_dies(tmp_path):
             "127.0.0.1",
             "--max-sessions",
             "10",
+            "--max-sessions-per-client",
+            "10",
             "--sessions-per-minute",
             "100000",
         ]

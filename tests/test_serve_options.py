@@ -24,6 +24,11 @@ SAMPLES = {
     "max_sessions": ("3", 3),
     "ice_host_addresses": ("127.0.0.1, 10.0.0.2", ("127.0.0.1", "10.0.0.2")),
     "output_size": ("320", 320),
+    "picture": ("full", "full"),
+    "picture_size": ("1280x720", (1280, 720)),
+    "smooth_min_cutoff": ("0.5", 0.5),
+    "smooth_beta": ("10", 10.0),
+    "auto_neutral_s": ("1.5", 1.5),
     "access_token": ("s3cret-token", "s3cret-token"),
     "allowed_hosts": ("a.example,b.example", ("a.example", "b.example")),
     "allowed_origins": ("https://x.example", ("https://x.example",)),
@@ -31,6 +36,8 @@ SAMPLES = {
     "turn_secret": ("k", "k"),
     "turn_ttl_s": ("60", 60),
     "sessions_per_minute": ("2.5", 2.5),
+    "max_sessions_per_client": ("3", 3),
+    "forwarded_allow_ips": ("10.0.0.5, 172.18.0.0/16", ("10.0.0.5", "172.18.0.0/16")),
 }
 # Settings that are only valid together: the other half, given as a flag.
 COMPANION = {

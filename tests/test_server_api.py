@@ -34,7 +34,11 @@ def png(width: int, height: int, value: int = 128) -> bytes:
 
 @pytest.fixture
 def client(engine):
-    settings = ServerSettings(max_sessions=2, ice_host_addresses=("127.0.0.1",))
+    # One test client (one address) fills both slots and creates more at once: lift the per-address
+    # cap to the global one and the rate limit out of the way (tests/test_security_* test them).
+    settings = ServerSettings(
+        max_sessions=2, max_sessions_per_client=2, sessions_per_minute=1e6, ice_host_addresses=("127.0.0.1",)
+    )
     with TestClient(create_app(settings, engine), base_url=BASE) as c:
         yield c
 

@@ -101,3 +101,36 @@ def test_gpu_check_smoke_runs_on_the_cpu(tmp_path):
     table = (tmp_path / "gpu_check.md").read_text()
     assert "SMOKE RUN" in table and "| fp32 |" in table
     assert (tmp_path / "nvidia-smi.txt").exists()
+
+
+def test_engine_variants_and_the_engine_named_in_the_tables():
+    """``bundled@K=V+K2=V2`` runs the bundled engine with its own server variables (variants of one
+    setting in one run), and the tables say which engine the server ran, the date and the load."""
+    assert sb.parse_engine_spec("zero") == ("zero", {})
+    assert sb.parse_engine_spec("bundled@DAGAN_INFER_THREADS=2+DAGAN_DETECT_EVERY=3") == (
+        "bundled",
+        {"DAGAN_INFER_THREADS": "2", "DAGAN_DETECT_EVERY": "3"},
+    )
+    with pytest.raises(SystemExit, match="bad engine variant"):
+        sb.parse_engine_spec("bundled@THREADS=2")
+    with pytest.raises(SystemExit, match="unknown engine"):
+        sb.parse_engine_spec("fast")
+    stages = {s: {"calls": 1, "cpu_ms_per_call": 1.0, "wall_ms_per_call": 1.0} for s in STAGES}
+    step = {
+        "streams": 1, "fps_per_stream_median": 25.0, "fps_per_stream_min": 24.9, "latency_p50_ms": 120,
+        "latency_p95_ms": 140, "server_cpu_ms_per_frame_out": 30.0, "other_cpu_ms_per_frame_out": 4.0,
+        "cpu_bound_streams_estimate": 2.6, "server_cpu_cores": 0.75, "client_cpu_cores": 0.05,
+        "load_avg_1min": [0.1, 0.8], "stages": stages,
+    }  # fmt: skip
+    choice = {"backend": "onnxruntime", "precision": "int8", "threads": 1, "frame_ms": 21.5, "reason": "why"}
+    text = sb.markdown(
+        [
+            {
+                "engine": "bundled", "env": {}, "steps": [step], "max_streams_at_24fps": 1,
+                "engine_choice": choice, "date": "2026-12-04 13:00 UTC", "load_before": [0.1, 0.2, 0.3],
+                "load_after": [0.8, 0.4, 0.3],
+            }
+        ]
+    )  # fmt: skip
+    assert "onnxruntime int8, 1 inference thread(s), 21.5 ms/frame at start (why)" in text
+    assert "2026-12-04 13:00 UTC" in text and "[0.1, 0.2, 0.3]" in text and "| 1 | 25.0, 24.9 |" in text

@@ -23,37 +23,60 @@ def _stdin_keys(controls: Controls) -> None:
 
 def run_cam(args: argparse.Namespace, source=None, sink=None) -> int:
     """Build sink, camera and animator from ``args``; ``source``/``sink`` can be injected (tests)."""
+    from dagan.cli import picture_options
     from dagan.media import load_image
 
     from .io import OpenCVCamera, VirtualCameraSink
 
     photo = load_image(args.source)
+    options = picture_options(args)
+    width, height = options["output_size"] or (1280, 720)
+    width, height = args.width or width, args.height or height  # the older --width/--height
+    full = args.picture == "full"
     # Open the virtual camera first: a missing device is the most common problem and should be reported
     # before minutes are spent loading models.
     sink = sink or VirtualCameraSink(
-        args.width, args.height, args.fps, backend=args.vcam_backend, device=args.vcam_device
+        width, height, args.fps, backend=args.vcam_backend, device=args.vcam_device
     )
     source = source or OpenCVCamera(args.camera, fps=args.fps)
     if args.server:
         from .remote import RemoteAnimator
 
+        # The server's own settings (size, filters) apply; what comes back is fitted to the camera.
         animator = RemoteAnimator(
             args.server,
             photo,
             relative=not args.absolute,
             verify_tls=not args.insecure,
             token=args.token,
+            **({"picture": "full"} if full else {}),
+            **({"auto_neutral": True} if options["auto_neutral"] > 0 else {}),
         )
     else:
         from dagan.animate import resolve_checkpoint, warn_if_untrained
-        from engine import create_engine
+        from engine.select import default_engine
 
         from .pipeline import LocalAnimator
 
         checkpoint = resolve_checkpoint(args.checkpoint)
-        engine = create_engine(checkpoint, backend=args.backend, device=args.device)
+        # on a CPU the fastest engine that holds quality, prepared on first use, cores split with the
+        # camera and tracking by measured cost (engine.select, as `dagan serve`)
+        engine, choice = default_engine(
+            checkpoint, args.backend, args.device, getattr(args, "precision", None), threads=None
+        )
+        print(f"engine: {choice.describe()}", file=sys.stderr)
         warn_if_untrained(checkpoint)
-        animator = LocalAnimator(engine, photo, relative=not args.absolute, crop=not args.no_crop)
+        animator = LocalAnimator(
+            engine,
+            photo,
+            relative=not args.absolute,
+            crop=not args.no_crop,
+            full_picture=full,
+            output_size=(sink.width, sink.height),
+            mask=options["mask"],
+            smoothing=options["smoothing"],
+            auto_neutral=options["auto_neutral"],
+        )
     controls = Controls()
     print(f"virtual camera ready ({sink.width}×{sink.height}); {Controls.HELP}", file=sys.stderr)
     if sys.stdin is not None and sys.stdin.isatty():
@@ -89,13 +112,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--backend", default="auto", help="local engine backend (auto, torch, ...)")
     p.add_argument(
+        "--precision",
+        help="local engine precision: fp32, int8 (onnxruntime), bf16 (torch), fp16 (CUDA); default: on a "
+        "CPU the fastest that holds quality (docs/export.md)",
+    )
+    p.add_argument(
         "--checkpoint", help="local model weights; default: $DAGAN_CHECKPOINT, then the bundled weights"
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (local mode)")
     p.add_argument("--absolute", action="store_true", help="absolute instead of relative motion transfer")
     p.add_argument("--no-crop", action="store_true", help="camera frames are already face crops")
-    p.add_argument("--width", type=int, default=1280)
-    p.add_argument("--height", type=int, default=720)
+    p.add_argument(
+        "--picture",
+        choices=("full", "crop"),
+        default="full",
+        help="full: the avatar pasted back into the whole photo, fitted to --output-size (default); "
+        "crop: the model's square face crop, centred with bars",
+    )
+    from dagan.cli import add_picture_arguments
+
+    add_picture_arguments(p, full_default=True)
+    p.add_argument("--width", type=int, help=argparse.SUPPRESS)  # before --output-size: still accepted
+    p.add_argument("--height", type=int, help=argparse.SUPPRESS)
     p.add_argument("--fps", type=float, default=30.0)
     p.add_argument("--vcam-backend", help="pyvirtualcam backend (v4l2loopback, obs, unitycapture)")
     p.add_argument("--vcam-device", help="virtual camera device, e.g. /dev/video10")

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from dagan.latest import LatestSlot
+from dagan.smoothing import DEFAULT_PARAMS, OneEuroFilter, OneEuroParams
 
 from .io import FrameSink, FrameSource, fit_frame
 
@@ -33,17 +34,61 @@ class Animator(Protocol):
 
 
 class LocalAnimator:
-    """Animate with an engine on this machine: face tracking + cached source + per-frame path."""
+    """Animate with an engine on this machine: face tracking + cached source + per-frame path.
 
-    def __init__(self, engine, source_image: np.ndarray, relative: bool = True, crop: bool = True) -> None:
-        from dagan.face import DrivingCropper, source_crop
+    ``full_picture``: return the avatar pasted back into the whole photo (:mod:`dagan.paste`), fitted to
+    ``output_size`` (width, height; None: the photo's own size), on the engine's device where it is a
+    GPU; else the model's square crop. ``smoothing``: One-Euro parameters for the crop box and the
+    keypoints (None: unfiltered), with the camera frames' arrival times as the clock. ``auto_neutral``
+    > 0: choose the neutral pose automatically over that many seconds (and again after ``recalibrate``
+    only when the person asks for it: a recalibration is their choice).
+    """
+
+    def __init__(
+        self,
+        engine,
+        source_image: np.ndarray,
+        relative: bool = True,
+        crop: bool = True,
+        *,
+        full_picture: bool = False,
+        output_size: tuple[int, int] | None = None,
+        mask: str = "ellipse",
+        smoothing: OneEuroParams | None = DEFAULT_PARAMS,
+        auto_neutral: float = 0.0,
+    ) -> None:
+        from dagan.errors import UserError
+        from dagan.face import DrivingCropper, locate_source, source_crop
+        from dagan.paste import plan_paste
+        from engine.paste import Paster
 
         self.engine = engine
-        self.engine.set_source(source_crop(source_image, engine.image_size, crop), relative=relative)
-        self.cropper = DrivingCropper(engine.image_size, crop)
+        self.paster: Paster | None = None
+        if full_picture:
+            if not crop:
+                raise UserError("the full picture needs the face found in the photo: drop --no-crop")
+            face = locate_source(source_image)
+            face_crop = face.crop_box.crop(source_image, engine.image_size)
+            plan = plan_paste(source_image, face, face_crop, output_size, mask)
+            self.paster = Paster(plan, getattr(engine, "device", "cpu"))
+        else:
+            face_crop = source_crop(source_image, engine.image_size, crop)
+        self.session = self.engine.set_source(face_crop, relative=relative)
+        if smoothing is not None:
+            self.session.kp_filter = OneEuroFilter(smoothing)
+        if auto_neutral > 0 and relative:
+            self.session.choose_neutral_automatically(auto_neutral)
+        self.cropper = DrivingCropper(engine.image_size, crop, box_filter=smoothing)
 
     def process(self, frame: np.ndarray) -> np.ndarray:
-        return self.engine.animate(self.cropper(frame)).image
+        from engine.paste import animate_pictures
+
+        t = time.monotonic()  # the frame's arrival: the filters' clock
+        self.session.frame_time = t
+        result = animate_pictures(self.engine, [self.session], [self.cropper(frame, t)], [self.paster])[0]
+        if self.paster is None:
+            return result.image
+        return result.picture if result.picture is not None else self.paster(result.image)
 
     def recalibrate(self) -> None:
         self.engine.reset_reference()

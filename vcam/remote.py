@@ -105,6 +105,8 @@ class RemoteAnimator:
         reconnect_delay: float = 1.0,
         max_reconnect_delay: float = 10.0,
         token: str | None = None,
+        picture: str = "crop",
+        auto_neutral: bool = False,
     ) -> None:
         ok, jpeg = cv2.imencode(
             ".jpg", cv2.cvtColor(photo, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
@@ -115,6 +117,13 @@ class RemoteAnimator:
         self.token = token or url_token or os.environ.get("DAGAN_ACCESS_TOKEN") or None
         self.photo_jpeg = jpeg.tobytes()
         self.relative = relative
+        # The session's options: only what differs from the server's defaults is sent, so a server that
+        # predates them still accepts the session.
+        self.session_options: dict[str, Any] = {"relative": relative}
+        if picture != "crop":
+            self.session_options["picture"] = picture
+        if auto_neutral:
+            self.session_options["auto_neutral"] = True
         self.verify_tls = verify_tls
         self.reconnect_delay = reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
@@ -208,7 +217,7 @@ class RemoteAnimator:
             resp = await http.get("/api/config")
             _raise_for(resp)
             ice = resp.json().get("ice_servers", [])
-            resp = await http.post("/api/sessions", json={"relative": self.relative})
+            resp = await http.post("/api/sessions", json=self.session_options)
             _raise_for(resp)
             session = resp.json()
             sid = session["id"]
