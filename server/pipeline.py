@@ -99,28 +99,11 @@ def instrument_codecs(clock: StageClock = CLOCK) -> None:
     with _codec_lock:
         if _codec_patched:
             return
-        from aiortc.codecs import h264, vpx
-
+        from .compat import time_codec_calls
         from .tracks import tune_encoders
 
         tune_encoders()  # the cheaper encoder settings measured for the avatar video (server.tracks)
-
-        def wrap(cls: type, name: str, stage: str) -> None:
-            original = getattr(cls, name)
-
-            def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
-                w0, c0 = time.perf_counter(), time.thread_time()
-                try:
-                    return original(self, *args, **kwargs)
-                finally:
-                    clock.add(stage, time.perf_counter() - w0, time.thread_time() - c0)
-
-            timed.__wrapped__ = original  # type: ignore[attr-defined]
-            setattr(cls, name, timed)
-
-        for module, dec, enc in ((vpx, "Vp8Decoder", "Vp8Encoder"), (h264, "H264Decoder", "H264Encoder")):
-            wrap(getattr(module, dec), "decode", "decode")
-            wrap(getattr(module, enc), "encode", "encode")
+        time_codec_calls(clock.add)
         _codec_patched = True
 
 

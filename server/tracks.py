@@ -1,4 +1,5 @@
-"""aiortc glue: the task that feeds a peer's webcam into its latest-frame slot, and the avatar track.
+"""aiortc glue: the task that feeds a peer's webcam into its latest-frame slot, the avatar track, the ICE
+host addresses and the encoder settings (the aiortc/aioice internals these need are in server.compat).
 
 Nothing here touches pixels: decoded ``av.VideoFrame`` objects go into the slot as they are (the worker
 thread converts them), and the worker hands back ready ``av.VideoFrame`` objects, so the event loop only
@@ -19,6 +20,7 @@ from typing import Any
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
+from .compat import override_encoder_options, replace_host_addresses
 from .sessions import InputFrame, LiveSession, OutputFrame
 
 log = logging.getLogger("dagan.server")
@@ -130,26 +132,20 @@ def host_candidates(addresses: Iterable[str] | None) -> Iterator[None]:
     """Restrict the ICE host candidates of every peer connection in this process to ``addresses``.
 
     aioice offers every non-loopback interface address and cannot be told otherwise per connection, so
-    this replaces its address lookup while the service runs. ``("127.0.0.1",)`` keeps all media on the
-    loopback interface (same-machine use and the tests); a LAN address pins a multi-homed host to one
-    network. ``None`` leaves aioice's default.
+    this replaces its address lookup while the service runs (server.compat). ``("127.0.0.1",)`` keeps all
+    media on the loopback interface (same-machine use and the tests); a LAN address pins a multi-homed
+    host to one network. ``None`` leaves aioice's default.
     """
     if addresses is None:
         yield
         return
-    import aioice.ice
-
     chosen = list(addresses)
-    original = aioice.ice.get_host_addresses
 
     def restricted(use_ipv4: bool, use_ipv6: bool) -> list[str]:
         return [a for a in chosen if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
 
-    aioice.ice.get_host_addresses = restricted
-    try:
+    with replace_host_addresses(restricted):
         yield
-    finally:
-        aioice.ice.get_host_addresses = original
 
 
 #: Encoder options merged over aiortc's own for the avatar video (``python -m server.bench`` and
@@ -169,43 +165,9 @@ _tuned = False
 def tune_encoders(options: dict[str, dict[str, str]] | None = None) -> None:
     """Make aiortc's VP8 and H.264 encoders (once per process) open their codecs with
     :data:`ENCODER_OPTIONS` merged over aiortc's settings (bitrate control, keyframes, packetisation
-    untouched). aiortc creates the codec inside ``encode`` and assigns its options right after
-    ``CodecContext.create``, so the modules' ``av`` is given a stand-in whose ``create`` returns the
-    context behind a thin wrapper that adds the extra options to that assignment."""
+    untouched); how is :func:`server.compat.override_encoder_options`."""
     global _tuned
     if _tuned:
         return
-    import av
-    from aiortc.codecs import h264, vpx
-
-    extra = ENCODER_OPTIONS if options is None else options
-
-    class _Context:
-        def __init__(self, ctx: Any, name: str) -> None:
-            object.__setattr__(self, "_ctx", ctx)
-            object.__setattr__(self, "_name", name)
-
-        def __getattr__(self, key: str) -> Any:
-            return getattr(self._ctx, key)
-
-        def __setattr__(self, key: str, value: Any) -> None:
-            if key == "options":
-                value = {**value, **extra.get(self._name, {})}
-                object.__setattr__(self, "requested_options", value)  # libav keeps only what it did not use
-            setattr(self._ctx, key, value)
-
-    class _CodecContext:
-        @staticmethod
-        def create(name: str, mode: str = "r") -> Any:
-            ctx = av.CodecContext.create(name, mode)
-            return _Context(ctx, name) if mode == "w" and name in extra else ctx
-
-    class _Av:
-        CodecContext = _CodecContext
-
-        def __getattr__(self, key: str) -> Any:
-            return getattr(av, key)
-
-    for module in (vpx, h264):
-        module.av = _Av()
+    override_encoder_options(ENCODER_OPTIONS if options is None else options)
     _tuned = True

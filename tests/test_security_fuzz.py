@@ -433,7 +433,7 @@ def test_16_bit_grey_png_keeps_its_face(client, astronaut):
     data = buf.getvalue()
     with Image.open(io.BytesIO(data)) as im:
         assert im.mode.startswith("I"), im.mode  # really a 16-bit grey file
-    from server.app import decode_upload
+    from server.uploads import decode_upload
 
     rgb = decode_upload(data, 4096)
     assert rgb.shape == (512, 512, 3) and abs(float(rgb.mean()) - float(grey.mean())) < 2
