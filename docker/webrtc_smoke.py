@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """A real WebRTC call against a running ``dagan serve`` (the container in CI), as a viewer makes it.
 
-Uses only the server's public API, like the browser page and ``dagan cam`` do: create a session, upload a
-photo, send an SDP offer with a camera track (a real face photo moving: ``dagan.samples.driving_frames``)
-and a control data channel, then count the avatar frames that come back. Prints one JSON line with what
+Uses only the server's public API through its Python client (``server.client``, as ``dagan cam`` does):
+create a session, upload a photo, send an SDP offer with a camera track (a real face photo moving:
+``dagan.samples.driving_frames``) and the control data channel, then count the avatar frames that come
+back. Prints one JSON line with what
 it saw and exits 0 only if at least ``--frames`` avatar frames arrived within ``--timeout`` seconds and
 they are real pictures (the right size, not all one colour).
 
@@ -21,11 +22,12 @@ import sys
 import time
 
 import cv2
-import httpx
 import numpy as np
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
+
+from server.client import ServiceClient, ServiceError
 
 FPS = 25
 
@@ -51,73 +53,45 @@ class MovingFaceTrack(MediaStreamTrack):
         return frame
 
 
-def _check(resp: httpx.Response, what: str) -> dict:
-    if resp.status_code >= 400:
-        raise SystemExit(f"webrtc_smoke: {what}: HTTP {resp.status_code}: {resp.text[:300]}")
-    return resp.json() if resp.content else {}
-
-
 async def call(url: str, photo: np.ndarray, want: int, timeout: float, token: str | None) -> dict:
     """One session end to end; returns the measurements (frames received, timings, frame size)."""
     from dagan.samples import driving_frames
 
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(photo, cv2.COLOR_RGB2BGR))
     assert ok
     received: list[np.ndarray] = []
     done = asyncio.Event()
     t0 = time.monotonic()
     first_at: float | None = None
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as http:
-        health = _check(await http.get("/healthz"), "GET /healthz")
-        if token:  # the token must have reached the server: a call without it is refused
-            async with httpx.AsyncClient(base_url=url, timeout=60) as anonymous:
-                refused = (await anonymous.post("/api/sessions", json={})).status_code
-            if refused != 401:
-                raise SystemExit(f"webrtc_smoke: a session without the token got HTTP {refused}, not 401")
-        sid = _check(await http.post("/api/sessions", json={}), "POST /api/sessions")["id"]
-        files = {"file": ("photo.jpg", jpeg.tobytes(), "image/jpeg")}
-        _check(await http.put(f"/api/sessions/{sid}/source", files=files), "PUT source")
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        reader: asyncio.Task | None = None
-        try:
-            pc.createDataChannel("control")
-            pc.addTrack(MovingFaceTrack(driving_frames(photo, num_frames=50, size=160, amplitude=1.5)))
 
-            @pc.on("track")
-            def on_track(track) -> None:
-                nonlocal reader
+    def on_frame(frame: VideoFrame) -> None:
+        nonlocal first_at
+        if len(received) >= want:
+            return
+        if first_at is None:
+            first_at = time.monotonic()
+        received.append(frame.to_ndarray(format="rgb24"))
+        if len(received) >= want:
+            done.set()
 
-                async def read() -> None:
-                    nonlocal first_at
-                    with contextlib.suppress(MediaStreamError):
-                        while len(received) < want:
-                            frame = await track.recv()
-                            if first_at is None:
-                                first_at = time.monotonic()
-                            received.append(frame.to_ndarray(format="rgb24"))
-                    done.set()
-
-                reader = asyncio.ensure_future(read())
-
-            await pc.setLocalDescription(await pc.createOffer())
-            answer = _check(
-                await http.post(
-                    f"/api/sessions/{sid}/offer",
-                    json={"sdp": pc.localDescription.sdp, "type": pc.localDescription.type},
-                ),
-                "POST offer",
-            )
-            await pc.setRemoteDescription(RTCSessionDescription(**answer))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), timeout)
-        finally:
-            await pc.close()
-            if reader is not None:
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
-            with contextlib.suppress(httpx.HTTPError):
-                await http.delete(f"/api/sessions/{sid}")
+    try:
+        async with ServiceClient(url, token, timeout=60) as service:
+            health = await service.health()
+            if token:  # the token must have reached the server: a call without it is refused
+                async with ServiceClient(url, timeout=60) as anonymous:
+                    try:
+                        await anonymous.create_session()
+                        refused = 201
+                    except ServiceError as err:
+                        refused = err.status
+                if refused != 401:
+                    raise SystemExit(f"webrtc_smoke: a session without the token got HTTP {refused}, not 401")
+            track = MovingFaceTrack(driving_frames(photo, num_frames=50, size=160, amplitude=1.5))
+            async with await service.call(jpeg.tobytes(), track, on_frame=on_frame):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), timeout)
+    except ServiceError as err:
+        raise SystemExit(f"webrtc_smoke: {err}") from err
     end = time.monotonic()
     shapes = sorted({f.shape for f in received})
     stds = [float(f.std()) for f in received]

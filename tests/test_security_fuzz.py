@@ -23,11 +23,12 @@ import zlib
 
 import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc import VideoStreamTrack
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from server.app import create_app
+from server.client import ServiceClient, local_offer
 from server.guard import uvicorn_config
 from server.settings import ServerSettings
 
@@ -72,20 +73,10 @@ def assert_refusal(r, *statuses: int) -> dict:
 
 def real_offer() -> str:
     """A genuine aiortc offer: video track + data channel, candidates included."""
-
-    async def make() -> str:
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTrack(VideoStreamTrack())
-        pc.createDataChannel("control")
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = pc.localDescription.sdp
-        await pc.close()
-        return sdp
-
     from server.tracks import host_candidates
 
     with host_candidates(("127.0.0.1",)):
-        return asyncio.run(make())
+        return asyncio.run(local_offer())
 
 
 def mutate(sdp: str, rng: random.Random) -> str:
@@ -628,47 +619,38 @@ def test_hostile_data_channel_messages_do_not_kill_the_session(engine, astronaut
             return frame
 
     async def scenario():
-        import httpx
-
         with Server(engine) as server:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=20) as http:
-                sid = (await http.post("/api/sessions")).json()["id"]
-                r = await http.put(f"/api/sessions/{sid}/source", files={"file": ("p.jpg", astronaut_jpeg)})
-                assert r.status_code == 200
-                pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-                channel = pc.createDataChannel("control")
+            async with ServiceClient(f"http://127.0.0.1:{server.port}", timeout=20) as service:
                 replies: list = []
                 received = []
-                channel.on(
-                    "message", lambda m: replies.append(m) if '"frame"' not in m else received.append(1)
-                )
-                pc.addTrack(Camera())
-                await pc.setLocalDescription(await pc.createOffer())
-                r = await http.post(
-                    f"/api/sessions/{sid}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}
-                )
-                await pc.setRemoteDescription(RTCSessionDescription(**r.json()))
+
+                def on_message(m) -> None:
+                    (received if isinstance(m, dict) and m.get("type") == "frame" else replies).append(m)
+
+                call = await service.call(astronaut_jpeg, Camera(), on_message=on_message)
                 t0 = time.monotonic()
-                while len(received) < 5 or channel.readyState != "open":
+                while len(received) < 5 or call.channel.readyState != "open":
                     assert time.monotonic() - t0 < 30, "the call did not start"
                     await asyncio.sleep(0.05)
                 for message in HOSTILE_MESSAGES:
                     with contextlib.suppress(Exception):  # aiortc refuses some sizes itself
-                        channel.send(message)
+                        call.send(message)
                     await asyncio.sleep(0.02)
-                channel.send('{"type": "recalibrate"}')
+                call.send('{"type": "recalibrate"}')
                 before = len(received)
                 t0 = time.monotonic()
-                while not any('"recalibrated"' in m for m in replies) or len(received) < before + 10:
+                while (
+                    not any(m.get("type") == "recalibrated" for m in replies) or len(received) < before + 10
+                ):
                     assert time.monotonic() - t0 < 20, ("session died", replies[-3:])
                     await asyncio.sleep(0.05)
-                info = (await http.get(f"/api/sessions/{sid}")).json()
-                await pc.close()
+                info = await service.session(call.session_id)
+                await call.hang_up()
                 return replies, info
 
     replies, info = asyncio.run(scenario())
     assert info["connected"] is True
-    errors = [json.loads(m) for m in replies if '"error"' in m]
+    errors = [m for m in replies if "error" in m]
     assert len(errors) >= len(HOSTILE_MESSAGES) - 3  # one short reply each (aiortc may drop the biggest)
     for e in errors:
         assert e["type"] == "error" and e["error"] in ("message_too_large", "bad_message", "unknown_message")

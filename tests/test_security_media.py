@@ -21,11 +21,12 @@ import time
 import av
 import numpy as np
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc import VideoStreamTrack
 from fastapi.testclient import TestClient
 from test_security_clients import LiveServer
 
 from server.app import create_app
+from server.client import ServiceClient, local_offer
 from server.guard import candidate_problem, check_ice_candidates
 from server.settings import ServerSettings
 
@@ -34,20 +35,10 @@ BASE = "http://127.0.0.1:8000"
 
 def real_offer() -> str:
     """A genuine aiortc offer (video + data channel) with its loopback candidates."""
-
-    async def make() -> str:
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        pc.addTrack(VideoStreamTrack())
-        pc.createDataChannel("control")
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = pc.localDescription.sdp
-        await pc.close()
-        return sdp
-
     from server.tracks import host_candidates
 
     with host_candidates(("127.0.0.1",)):
-        return asyncio.run(make())
+        return asyncio.run(local_offer())
 
 
 def with_candidate(sdp: str, candidate: str) -> str:
@@ -146,32 +137,27 @@ class Camera(VideoStreamTrack):
 
 
 class Call:
-    """One peer: a session with the photo, a camera, the data channel and what came back on it."""
+    """One peer (a call of server.client): the camera and what came back on the data channel."""
 
     def __init__(self, http, camera: Camera) -> None:
-        self.http, self.camera = http, camera
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.channel = self.pc.createDataChannel("control")
+        self.service, self.camera = ServiceClient(http=http), camera
         self.frames: list[dict] = []  # the server's per-frame records (one per avatar frame sent)
         self.other: list[dict] = []  # everything else
-        self.channel.on("message", self._on_message)
-        self.pc.addTrack(camera)
+        self.call = None
 
-    def _on_message(self, text: str) -> None:
-        message = json.loads(text)
+    def _on_message(self, message: dict) -> None:
         (self.frames if message.get("type") == "frame" else self.other).append(message)
 
     async def start(self, photo: bytes) -> None:
-        self.sid = (await self.http.post("/api/sessions")).json()["id"]
-        r = await self.http.put(f"/api/sessions/{self.sid}/source", files={"file": ("p.jpg", photo)})
-        assert r.status_code == 200, r.text
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        r = await self.http.post(
-            f"/api/sessions/{self.sid}/offer", json={"sdp": self.pc.localDescription.sdp, "type": "offer"}
-        )
-        assert r.status_code == 200, r.text
-        await self.pc.setRemoteDescription(RTCSessionDescription(**r.json()))
-        await until(lambda: self.channel.readyState == "open", 20, "the data channel to open")
+        self.call = await self.service.call(photo, self.camera, on_message=self._on_message)
+        self.sid = self.call.session_id
+        await self.call.wait_open(20)
+
+    def send(self, message: str) -> None:
+        assert self.call is not None and self.call.send(message)
+
+    async def hang_up(self) -> None:
+        await self.call.hang_up()
 
     def seen(self, **fields) -> list[dict]:
         return [m for m in self.other if all(m.get(k) == v for k, v in fields.items())]
@@ -220,7 +206,7 @@ def test_unusable_frames_are_counted_logged_once_and_explained(engine, astronaut
                 await until(lambda: len(call.frames) > shown + during + 5, 20, "frames after recovery")
                 session = server.service.registry.get(call.sid)
                 info = session.info()
-                await call.pc.close()
+                await call.hang_up()
                 return call, shown, during, bad, info, session.bad_frames
 
     call, shown, during, bad, info, total = asyncio.run(scenario())
@@ -256,7 +242,7 @@ def test_data_channel_flood_is_dropped_counted_and_told_once(engine, astronaut_j
                 await until(lambda: len(call.frames) >= 3, 20, "the first avatar frames")
                 t0 = time.monotonic()
                 for k in range(flood):
-                    call.channel.send(json.dumps({"type": f"nonsense-{k}"}))
+                    call.send(json.dumps({"type": f"nonsense-{k}"}))
                     if k % 100 == 99:
                         await asyncio.sleep(0)  # let aiortc's SCTP drain its queue
                 metrics = server.service.metrics
@@ -272,11 +258,11 @@ def test_data_channel_flood_is_dropped_counted_and_told_once(engine, astronaut_j
                 # The limit refills: a normal message is answered again, and frames kept flowing.
                 await asyncio.sleep(2.5)
                 before = len(call.frames)
-                call.channel.send('{"type": "recalibrate"}')
+                call.send('{"type": "recalibrate"}')
                 await until(lambda: call.seen(type="recalibrated"), 10, "recalibrated")
                 await until(lambda: len(call.frames) > before + 3, 10, "frames after the flood")
                 metrics = (await http.get("/metrics")).text
-                await call.pc.close()
+                await call.hang_up()
                 return call, replies, dropped, elapsed, metrics
 
     call, replies, dropped, elapsed, metrics = asyncio.run(scenario())

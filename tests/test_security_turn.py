@@ -9,7 +9,6 @@ server, and an expired credential must get no relay at all. coturn comes from De
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import socket
@@ -18,17 +17,11 @@ import sys
 import time
 
 import pytest
-from aiortc import (
-    RTCConfiguration,
-    RTCIceServer,
-    RTCIceTransportPolicy,
-    RTCPeerConnection,
-    RTCSessionDescription,
-    VideoStreamTrack,
-)
-from aiortc.mediastreams import MediaStreamError
+from aiortc import VideoStreamTrack
 
 from dagan.helpers import stop_process
+from server.client import ServiceClient, local_offer
+from server.compat import nominated_local_candidate_types
 from server.guard import turn_credentials
 from server.settings import ServerSettings
 
@@ -119,22 +112,7 @@ class Camera(VideoStreamTrack):
         return frame
 
 
-def _ice(servers: list[dict]) -> list[RTCIceServer]:
-    return [RTCIceServer(s["urls"], s.get("username"), s.get("credential")) for s in servers]
-
-
-def _nominated_types(pc: RTCPeerConnection) -> set[str]:
-    """Candidate types of the local side of every nominated ICE pair (aioice's view of the call)."""
-    types = set()
-    for transceiver in pc.getTransceivers():
-        ice = transceiver.receiver.transport.transport
-        for pair in ice._connection._nominated.values():
-            types.add(pair.local_candidate.type)
-    return types
-
-
 def test_relay_only_call_through_coturn(engine, astronaut_jpeg, grace_hopper, coturn):
-    import httpx
     import uvicorn
 
     from dagan.samples import driving_frames
@@ -161,57 +139,28 @@ def test_relay_only_call_through_coturn(engine, astronaut_jpeg, grace_hopper, co
             await asyncio.sleep(0.02)
         http_port = server.servers[0].sockets[0].getsockname()[1]
         try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=20) as http:
-                session = (await http.post("/api/sessions")).json()
-                sid = session["id"]
-                (turn,) = session["ice_servers"]
-                assert turn["username"].endswith(":" + sid)
-                r = await http.put(f"/api/sessions/{sid}/source", files={"file": ("p.jpg", astronaut_jpeg)})
-                assert r.status_code == 200
-                pc = RTCPeerConnection(
-                    RTCConfiguration(
-                        iceServers=_ice(session["ice_servers"]),
-                        iceTransportPolicy=RTCIceTransportPolicy.RELAY,
-                    )
-                )
+            async with ServiceClient(f"http://127.0.0.1:{http_port}", timeout=20) as service:
                 received = []
-                readers = []
-
-                @pc.on("track")
-                def on_track(track):
-                    async def read():
-                        with contextlib.suppress(MediaStreamError):
-                            while True:
-                                received.append(await track.recv())
-
-                    readers.append(asyncio.ensure_future(read()))
-
-                pc.addTrack(Camera(frames))
-                await pc.setLocalDescription(await pc.createOffer())
-                offer = pc.localDescription.sdp
-                r = await http.post(f"/api/sessions/{sid}/offer", json={"sdp": offer, "type": "offer"})
-                assert r.status_code == 200, r.text
-                await pc.setRemoteDescription(RTCSessionDescription(**r.json()))
+                call = await service.call(
+                    astronaut_jpeg, Camera(frames), on_frame=received.append, relay_only=True
+                )
+                sid = call.session_id
+                (turn,) = call.ice_servers
+                assert turn["username"].endswith(":" + sid)
+                offer = call.pc.localDescription.sdp
                 t0 = time.monotonic()
                 while len(received) < 5:
-                    assert time.monotonic() - t0 < 30, f"no avatar through the relay ({pc.connectionState})"
+                    assert time.monotonic() - t0 < 30, (
+                        f"no avatar through the relay ({call.pc.connectionState})"
+                    )
                     await asyncio.sleep(0.05)
-                types = _nominated_types(pc)
-                await pc.close()
-                await asyncio.gather(*readers, return_exceptions=True)
+                types = nominated_local_candidate_types(call.pc)
+                await call.hang_up()
 
                 # An expired credential: coturn refuses the allocation, so there is no relay candidate.
                 user, password = turn_credentials(SECRET, "late", ttl_s=60, now=time.time() - 3600)
-                late = RTCPeerConnection(
-                    RTCConfiguration(
-                        iceServers=[RTCIceServer(turn["urls"], user, password)],
-                        iceTransportPolicy=RTCIceTransportPolicy.RELAY,
-                    )
-                )
-                late.addTrack(Camera(frames))
-                await late.setLocalDescription(await late.createOffer())
-                late_sdp = late.localDescription.sdp
-                await late.close()
+                expired = [{"urls": turn["urls"], "username": user, "credential": password}]
+                late_sdp = await local_offer(ice_servers=expired, relay_only=True)
                 return offer, types, len(received), late_sdp, sid
         finally:
             server.should_exit = True

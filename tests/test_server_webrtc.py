@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import fractions
 import itertools
-import json
 import statistics
 import sys
 import time
@@ -26,13 +25,14 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from dagan.face import crop_source
 from dagan.samples import driving_frames
 from engine.base import Engine
 from server.app import create_app
+from server.client import Call, ServiceClient, local_offer
 from server.settings import ServerSettings
 
 FPS = 25
@@ -101,16 +101,33 @@ class DrivingTrack(MediaStreamTrack):
 
 @dataclass
 class Peer:
-    """One in-process viewer."""
+    """One in-process viewer: a call of server.client with what came back on it."""
 
-    pc: RTCPeerConnection
     track: DrivingTrack
-    session_id: str
     received: list[tuple[int, float, np.ndarray]] = field(default_factory=list)  # pts, time, RGB
     messages: dict[int, dict] = field(default_factory=dict)  # avatar pts -> side-channel message
     other: list[dict] = field(default_factory=list)
-    channel: object = None
-    reader: asyncio.Task | None = None
+    call: Call | None = None
+
+    @property
+    def session_id(self) -> str:
+        assert self.call is not None
+        return self.call.session_id
+
+    @property
+    def channel(self):
+        """The call's control data channel (tests/test_paste_apps.py sends on it)."""
+        assert self.call is not None
+        return self.call.channel
+
+    def on_frame(self, frame) -> None:
+        self.received.append((frame.pts, time.monotonic(), frame.to_ndarray(format="rgb24")))
+
+    def on_message(self, msg: dict) -> None:
+        if msg["type"] == "frame":
+            self.messages[msg["pts"]] = msg
+        else:
+            self.other.append(msg)
 
     def message_for(self, pts: int) -> dict | None:
         """The side-channel message of a received avatar frame. The decoder may round a 90 kHz pts by a
@@ -160,48 +177,17 @@ def loopback_settings(**kw) -> ServerSettings:
 
 
 async def connect(client: httpx.AsyncClient, photo: bytes, track: DrivingTrack, **options) -> Peer:
-    r = await client.post("/api/sessions", json=options)
-    assert r.status_code == 201, r.text
-    sid = r.json()["id"]
-    r = await client.put(f"/api/sessions/{sid}/source", files={"file": ("p.jpg", photo, "image/jpeg")})
-    assert r.status_code == 200, r.text
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    peer = Peer(pc, track, sid)
-    peer.channel = pc.createDataChannel("control")
-
-    @peer.channel.on("message")
-    def on_message(message):
-        msg = json.loads(message)
-        if msg["type"] == "frame":
-            peer.messages[msg["pts"]] = msg
-        else:
-            peer.other.append(msg)
-
-    @pc.on("track")
-    def on_track(remote):
-        async def read():
-            with contextlib.suppress(MediaStreamError):
-                while True:
-                    frame = await remote.recv()
-                    peer.received.append((frame.pts, time.monotonic(), frame.to_ndarray(format="rgb24")))
-
-        peer.reader = asyncio.ensure_future(read())
-
-    pc.addTrack(track)
-    await pc.setLocalDescription(await pc.createOffer())
-    r = await client.post(
-        f"/api/sessions/{sid}/offer", json={"sdp": pc.localDescription.sdp, "type": pc.localDescription.type}
+    peer = Peer(track)
+    peer.call = await ServiceClient(http=client).call(
+        photo, track, options=options, on_frame=peer.on_frame, on_message=peer.on_message
     )
-    assert r.status_code == 200, r.text
-    await pc.setRemoteDescription(RTCSessionDescription(**r.json()))
     return peer
 
 
 async def hang_up(peer: Peer) -> None:
-    await peer.pc.close()
-    if peer.reader is not None:
-        peer.reader.cancel()
-        await asyncio.gather(peer.reader, return_exceptions=True)
+    """Close the peer connection without a DELETE: the server must notice the peer going by itself."""
+    assert peer.call is not None
+    await peer.call.hang_up()
 
 
 async def wait_until(predicate, timeout: float, step: float = 0.05) -> float:
@@ -280,7 +266,7 @@ def test_avatar_follows_the_moving_face_and_session_is_freed(engine, astronaut_j
                 bounds.append(track.i)
                 moving_from.append(track.i)
             await wait_until(lambda: len(made_from(peer, bounds[-1] + settle, None)) >= 12, 30)
-            peer.channel.send(json.dumps({"type": "recalibrate"}))
+            assert peer.call.send({"type": "recalibrate"})
             await wait_until(lambda: any(m["type"] == "recalibrated" for m in peer.other), 3)
             metrics = (await client.get("/metrics")).text
             info = (await client.get(f"/api/sessions/{peer.session_id}")).json()
@@ -474,18 +460,12 @@ def test_offer_that_is_not_webrtc_video_is_refused_without_disturbing_a_live_ses
             r = await client.post("/api/sessions", json={})
             other = r.json()["id"]
             await client.put(f"/api/sessions/{other}/source", files={"file": ("p.jpg", astronaut_jpeg)})
-            # An audio-only offer from a real peer connection: well-formed SDP but nothing to animate.
-            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-            pc.createDataChannel("x")
-            await pc.setLocalDescription(await pc.createOffer())
-            bad = await client.post(
-                f"/api/sessions/{other}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}
-            )
-            await pc.close()
+            # A real offer with no media but the data channel: well-formed SDP but nothing to animate.
+            sdp = await local_offer(video=False)
+            bad = await client.post(f"/api/sessions/{other}/offer", json={"sdp": sdp, "type": "offer"})
             # A second offer for the live session.
             again = await client.post(
-                f"/api/sessions/{peer.session_id}/offer",
-                json={"sdp": pc.localDescription.sdp, "type": "offer"},
+                f"/api/sessions/{peer.session_id}/offer", json={"sdp": sdp, "type": "offer"}
             )
             before = len(peer.received)
             await asyncio.sleep(0.6)

@@ -16,10 +16,11 @@ import uvicorn
 
 from dagan.samples import astronaut, driving_frames, grace_hopper
 from server.app import create_app
+from server.client import rtc_configuration, split_token
 from server.settings import ServerSettings
 from vcam.io import MemorySink
 from vcam.pipeline import CamRunner
-from vcam.remote import RemoteAnimator, RemoteError, rtc_configuration, split_token
+from vcam.remote import RemoteAnimator, RemoteError
 
 TOKEN = "test-token-0123456789"
 
@@ -168,6 +169,8 @@ def test_remote_ice_configuration_is_the_servers():
         (["turn:t.example:3478"], "1700000000:s", "c")
     ]
     assert rtc_configuration([]).iceServers == []  # a list: aiortc's None would mean Google's STUN
+    assert rtc_configuration([]).iceTransportPolicy.value == "all"
+    assert rtc_configuration([], relay_only=True).iceTransportPolicy.value == "relay"
     assert split_token("https://h:8000/#token=abc") == ("https://h:8000", "abc")
     assert split_token("https://h:8000/") == ("https://h:8000", None)
 

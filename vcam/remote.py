@@ -3,10 +3,11 @@ server's. The webcam goes up as a video track; the avatar track comes back and i
 camera. Both directions keep only the newest frame, and the client reconnects (new session, source
 uploaded again) whenever the connection fails or the server restarts.
 
-The peer connection uses exactly the ICE servers the server hands out (``/api/config``, and the
-session's own time-limited TURN credentials), never aiortc's public default STUN server. A server with
-an access token gets it as ``Authorization: Bearer``: from ``token=``, ``$DAGAN_ACCESS_TOKEN`` or the
-URL's fragment (``https://host:8000/#token=...``, the same link the page uses).
+The call itself is :class:`server.client.ServiceClient`'s: the peer connection uses exactly the ICE
+servers the server hands out (the session's own time-limited TURN credentials), never aiortc's public
+default STUN server. A server with an access token gets it as ``Authorization: Bearer``: from ``token=``,
+``$DAGAN_ACCESS_TOKEN`` or the URL's fragment (``https://host:8000/#token=...``, the same link the page
+uses).
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import cv2
 import numpy as np
 
 from dagan.errors import UserError
 from dagan.latest import LatestSlot
+from server.client import ServiceClient, ServiceError, split_token
 
 log = logging.getLogger(__name__)
 
@@ -34,32 +34,9 @@ class RemoteError(UserError):
     """The server refused the session or the photo (busy, no face, bad URL, wrong access token)."""
 
 
-def split_token(server: str) -> tuple[str, str | None]:
-    """``https://host:8000/#token=abc`` → (``https://host:8000``, ``abc``); no fragment: (url, None)."""
-    parts = urlsplit(server)
-    token = parse_qs(parts.fragment).get("token", [None])[0]
-    base = urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
-    return base.rstrip("/"), token
-
-
-def rtc_configuration(ice_servers: list[dict]) -> Any:
-    """An ``RTCConfiguration`` with exactly these servers: a list, never None (aiortc's None means a
-    public Google STUN server, which a client of a private server must not contact)."""
-    from aiortc import RTCConfiguration, RTCIceServer
-
-    servers = []
-    for item in ice_servers:
-        if not isinstance(item, dict) or "urls" not in item:
-            continue
-        urls = item["urls"]
-        servers.append(
-            RTCIceServer(
-                urls=[urls] if isinstance(urls, str) else list(urls),
-                username=item.get("username"),
-                credential=item.get("credential"),
-            )
-        )
-    return RTCConfiguration(iceServers=servers)
+#: HTTP statuses that are the server's answer to this client (reported as a refusal); any other failure
+#: is a network error or a restart (retried as a lost connection).
+REFUSALS = (401, 403, 413, 415, 422, 429, 503)
 
 
 def _camera_track_class():
@@ -136,7 +113,7 @@ class RemoteAnimator:
         self.ice_servers: list[dict] | None = None  # what the last peer connection was configured with
         self.delays: collections.deque[float] = collections.deque(maxlen=32)  # back-off waits, newest last
         self._good_session = False
-        self._channel: Any = None
+        self._call: Any = None  # server.client.Call while connected
         self._closing = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="webrtc", daemon=True)
@@ -169,20 +146,10 @@ class RemoteAnimator:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def wait_for_avatar(self, timeout: float) -> bool:
-        """Block until the first avatar frame arrived (for start-up messages and tests)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.avatars_received:
-                return True
-            time.sleep(0.02)
-        return False
-
     # -- connection -------------------------------------------------------------------------------
     def _send_control(self, message: str) -> None:
-        channel = self._channel
-        if channel is not None and getattr(channel, "readyState", "") == "open":
-            channel.send(message)
+        if self._call is not None:
+            self._call.send(message)
 
     async def _run(self) -> None:
         delay = self.reconnect_delay
@@ -207,88 +174,30 @@ class RemoteAnimator:
             delay = min(self.max_reconnect_delay, delay * 2)
 
     async def _session_once(self) -> None:
-        import httpx
-        from aiortc import RTCPeerConnection, RTCSessionDescription
-
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        async with httpx.AsyncClient(
-            base_url=self.server, verify=self.verify_tls, timeout=30, headers=headers
-        ) as http:
-            resp = await http.get("/api/config")
-            _raise_for(resp)
-            ice = resp.json().get("ice_servers", [])
-            resp = await http.post("/api/sessions", json=self.session_options)
-            _raise_for(resp)
-            session = resp.json()
-            sid = session["id"]
-            # The session's list carries TURN credentials minted for it; the config's is the fallback.
-            self.ice_servers = session.get("ice_servers", ice)
-            pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
-            receivers: list[asyncio.Future] = []
+        async with ServiceClient(self.server, self.token, verify=self.verify_tls, timeout=30) as service:
             try:
-                resp = await http.put(
-                    f"/api/sessions/{sid}/source",
-                    files={"file": ("source.jpg", self.photo_jpeg, "image/jpeg")},
+                call = await service.call(
+                    self.photo_jpeg,
+                    _camera_track_class()(self.outgoing),
+                    options=self.session_options,
+                    on_frame=self._on_avatar,
                 )
-                _raise_for(resp)
-                self._channel = pc.createDataChannel("control")
-                pc.addTrack(_camera_track_class()(self.outgoing))
-                done = asyncio.Event()
-
-                @pc.on("track")
-                def on_track(track: Any) -> None:
-                    if track.kind == "video":
-                        receivers.append(asyncio.ensure_future(self._receive(track, done)))
-
-                @pc.on("connectionstatechange")
-                async def on_state() -> None:
-                    if pc.connectionState in ("failed", "closed"):
-                        done.set()
-
-                await pc.setLocalDescription(await pc.createOffer())
-                resp = await http.post(
-                    f"/api/sessions/{sid}/offer",
-                    json={"sdp": pc.localDescription.sdp, "type": pc.localDescription.type},
-                )
-                _raise_for(resp)
-                await pc.setRemoteDescription(RTCSessionDescription(**resp.json()))
-                self.connections += 1
-                log.info("connected to %s (session %s)", self.server, sid)
-                await done.wait()
+            except ServiceError as err:
+                raise (RemoteError if err.status in REFUSALS else ConnectionError)(str(err)) from err
+            self.ice_servers = call.ice_servers
+            self._call = call
+            self.connections += 1
+            log.info("connected to %s (session %s)", self.server, call.session_id)
+            try:
+                await call.wait_ended()
             finally:
-                self._channel = None
-                await pc.close()
-                for task in receivers:
-                    task.cancel()
-                with contextlib.suppress(Exception):
-                    await http.delete(f"/api/sessions/{sid}")
+                self._call = None
+                await call.close()
             raise ConnectionError("the avatar stream ended")
 
-    async def _receive(self, track: Any, done: asyncio.Event) -> None:
-        from aiortc.mediastreams import MediaStreamError
-
-        try:
-            while True:
-                frame = await track.recv()
-                image = frame.to_ndarray(format="rgb24")
-                with self._avatar_lock:
-                    self._avatar = image
-                self.avatars_received += 1
-                self._good_session = True
-        except MediaStreamError:
-            pass
-        finally:
-            done.set()
-
-
-def _raise_for(resp: Any) -> None:
-    """Turn the server's JSON errors into one readable line (they carry a ``message``)."""
-    if resp.status_code < 400:
-        return
-    try:
-        body = resp.json()
-        message = body.get("message") or body.get("detail") or body
-    except ValueError:
-        message = resp.text[:200]
-    error = RemoteError if resp.status_code in (401, 403, 413, 415, 422, 429, 503) else ConnectionError
-    raise error(f"{resp.request.method} {resp.request.url.path}: HTTP {resp.status_code}: {message}")
+    def _on_avatar(self, frame: Any) -> None:
+        image = frame.to_ndarray(format="rgb24")
+        with self._avatar_lock:
+            self._avatar = image
+        self.avatars_received += 1
+        self._good_session = True
