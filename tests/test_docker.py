@@ -374,7 +374,7 @@ def test_dependencies_are_installed_before_the_sources(name):
     runtime = text[text.index("AS runtime") :]
     assert "COPY --from=build /wheels" in runtime and "pip install --no-deps /tmp/wheels/" in runtime
     assert "rm -rf /tmp/wheels" in runtime
-    assert not re.search(r"^COPY (dagan|engine|server|export|client_web) ", runtime, re.M)
+    assert not re.search(r"^COPY (dagan|engine|export|commands|server|client_web) ", runtime, re.M)
 
 
 def test_gpu_pins_are_the_checked_ones():
