@@ -489,7 +489,8 @@ def test_page_is_package_data_and_found_in_any_install(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     # what the images copy (docker/Dockerfile*): the library, the dispatcher's package, the service
-    for item in ("pyproject.toml", "README.md", "dagan", "engine", "export", "commands", "server", "client_web"):
+    image = ("pyproject.toml", "README.md", "dagan", "engine", "export", "commands", "server", "client_web")
+    for item in image:
         (shutil.copytree if (ROOT / item).is_dir() else shutil.copy)(ROOT / item, src / item)
     wheel_cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
     result = subprocess.run(
