@@ -9,7 +9,8 @@ application's ``cli`` module, and nothing imports the dispatcher.
 The checker reads each file with :mod:`ast` (nothing is imported), so it sees what a grep would miss:
 imports inside functions and ``TYPE_CHECKING`` blocks, relative imports (resolved to absolute names),
 ``from package import module`` (resolved to the module), and dynamic imports by literal name. A test
-plants violations of each kind in a temporary tree and proves the checker reports every one.
+plants violations of each kind in a temporary tree and proves the checker reports every one. Modules
+also may not import each other round a loop (:func:`import_cycles`), inside a package too.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def check(
             out.append(Violation(rel, 0, module, "-", "its top-level folder has no row in LAYERS"))
             continue
         own = module.split(".")[0]
-        for line, name in imported_names(root, path):
+        for line, name in sorted(set(imported_names(root, path))):
             if name == "<dynamic>":
                 if module not in dynamic_ok:
                     out.append(Violation(rel, line, module, name, "a dynamic import the checker cannot read"))
@@ -169,12 +170,84 @@ def check(
     return out
 
 
+def import_cycles(root: Path) -> list[list[str]]:
+    """Groups of modules that import each other, directly or round a loop (any import, at any depth:
+    a function-level import does not make a cycle go away, it only hides it until run time)."""
+    modules = {module_name(root, p): p for p in python_files(root)}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        for _, name in imported_names(root, path):
+            parts = name.split(".")
+            target = next(
+                (".".join(parts[:k]) for k in range(len(parts), 0, -1) if ".".join(parts[:k]) in modules),
+                None,
+            )
+            if target is not None and target != module:
+                graph[module].add(target)
+    # Tarjan's strongly connected components, iteratively (no recursion limit on deep graphs)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                group = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    group.append(member)
+                    if member == node:
+                        break
+                if len(group) > 1:
+                    cycles.append(sorted(group))
+    return cycles
+
+
 # ------------------------------------------------------------------------------------------------ tests
 
 
 def test_every_import_respects_the_declared_layers():
     violations = check(ROOT)
     assert not violations, "layering violations:\n" + "\n".join(map(str, violations))
+
+
+def test_no_module_imports_itself_round_a_loop():
+    assert import_cycles(ROOT) == []
+
+
+def test_a_cycle_hidden_in_a_function_is_found(tmp_path):
+    _write(
+        tmp_path,
+        {
+            "training/__init__.py": "",
+            "training/losses.py": "def build():\n    from .perceptual import Loss\n",
+            "training/perceptual.py": "from training.losses import build\nclass Loss: ...\n",
+            "training/stage.py": "from . import losses, perceptual\n",
+        },
+    )
+    assert import_cycles(tmp_path) == [["training.losses", "training.perceptual"]]
 
 
 def test_every_package_has_a_row_and_the_library_imports_no_application():
