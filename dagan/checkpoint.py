@@ -6,12 +6,17 @@ Tensors are stored under the module names of :class:`dagan.model.DaGAN` (``depth
 into a model built from a *different* config fails with a list of the tensors that do not fit, rather
 than a half-loaded network. Writes go to a temporary file that is renamed into place, so a crash never
 leaves a truncated checkpoint under the final name.
+
+Which checkpoint a command uses when none is named (:func:`resolve_checkpoint`) and the warning for
+untrained weights live here too, because every application (``dagan animate``, ``serve``, ``cam``,
+``eval``, the benchmarks) needs the same answer and none of them may import another's modules.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +30,9 @@ from .config import ConfigError, ModelConfig, config_from_dict
 from .errors import UserError
 
 FORMAT = "dagan-checkpoint/1"
+DEFAULT_CHECKPOINT_ENV = "DAGAN_CHECKPOINT"
+# The bundled default weights (see weights/ and its model card).
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "dagan-default.safetensors"
 
 
 class CheckpointError(UserError, ValueError):
@@ -99,6 +107,33 @@ def checkpoint_metadata(path: str | Path) -> dict[str, str]:
             return dict(fh.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a safetensors checkpoint ({exc})") from exc
+
+
+def resolve_checkpoint(checkpoint: str | None) -> Path:
+    """The checkpoint to use: the argument, then $DAGAN_CHECKPOINT, then the bundled default weights."""
+    if checkpoint:
+        return Path(checkpoint)
+    if os.environ.get(DEFAULT_CHECKPOINT_ENV):
+        return Path(os.environ[DEFAULT_CHECKPOINT_ENV])
+    if DEFAULT_CHECKPOINT.is_file():
+        return DEFAULT_CHECKPOINT
+    raise CheckpointError(
+        f"no trained weights found (the bundled {DEFAULT_CHECKPOINT} is missing): pass --checkpoint PATH "
+        f"(or set ${DEFAULT_CHECKPOINT_ENV}); `dagan init-checkpoint` writes an UNTRAINED one that only "
+        "exercises the pipeline"
+    )
+
+
+def warn_if_untrained(path: Path) -> bool:
+    """Say loudly when a checkpoint holds random weights, so nobody mistakes its output for a result."""
+    if checkpoint_metadata(path).get("trained") == "false":
+        print(
+            f"warning: {path} holds UNTRAINED random weights: the video shows the pipeline running, "
+            "not a real avatar",
+            file=sys.stderr,
+        )
+        return True
+    return False
 
 
 def describe_mismatch(module: nn.Module, tensors: Mapping[str, torch.Tensor], prefix: str = "") -> list[str]:

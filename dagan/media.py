@@ -34,6 +34,7 @@ __all__ = [
     "MediaError",
     "VideoReader",
     "VideoWriter",
+    "colorize_depth",
     "load_image",
     "read_video",
     "write_video",
@@ -422,3 +423,9 @@ def write_video(path: str | os.PathLike[str], frames: Iterable[np.ndarray], fps:
         for frame in frames:
             writer.write(frame)
     return writer.frames_written
+
+
+def colorize_depth(depth_u8: np.ndarray) -> np.ndarray:
+    """H×W uint8 depth visualisation → H×W×3 RGB with a perceptual colour map (``dagan animate
+    --show-depth`` and the server's depth preview draw it the same way)."""
+    return cv2.cvtColor(cv2.applyColorMap(depth_u8, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)

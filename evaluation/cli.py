@@ -1,5 +1,5 @@
 """``dagan eval``, ``dagan eval-cross`` and ``dagan fetch-eval-assets`` (registered through
-``COMMAND_MODULES`` in dagan/cli.py)."""
+``COMMAND_MODULES`` in commands/cli.py)."""
 
 from __future__ import annotations
 

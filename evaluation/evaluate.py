@@ -258,7 +258,7 @@ def _engine(
 ):
     """The deployed inference path for ``checkpoint`` (default: $DAGAN_CHECKPOINT, then the bundled
     weights), with torch (and onnxruntime) limited to ``threads`` CPU threads when given."""
-    from dagan.animate import resolve_checkpoint
+    from dagan.checkpoint import resolve_checkpoint
     from engine import create_engine
 
     path = resolve_checkpoint(str(checkpoint) if checkpoint is not None else None)

@@ -5,7 +5,7 @@
 #   bash scripts/gpu_train.sh --smoke [ROOT]   # 2 CPU steps of each stage on a tiny pack (CI runs this):
 #                                              # ROOT = a prepared dataset, else drawn faces made here
 # The device has torch, numpy, opencv, pyyaml, safetensors, tqdm, tensorboard (no mediapipe, no network,
-# the project not installed), so everything runs as `python3 -m dagan.cli` from the repository root.
+# the project not installed), so everything runs as `python3 -m commands.cli` from the repository root.
 # What comes back ($OUT, top level, <= 8 files): dagan.safetensors (final weights, depth net included),
 # depth.safetensors, gpu_train.log, summary.json, run-logs.tar.gz (config.yaml, run.json, TensorBoard of
 # both run folders), nvidia-smi.txt. Each stage runs under --time-limit, so a stage cut short still ends
@@ -58,7 +58,7 @@ if [ "$smoke" = 1 ]; then
     "$PY" -c "import sys; from training.pack import write_smoke_dataset; write_smoke_dataset(sys.argv[1])" "$src"
   fi
   DATA="$WORK/gpu_data"
-  "$PY" -m dagan.cli pack-data "$src" "$DATA" --frame-stride 2 --max-mb 2 --quiet
+  "$PY" -m commands.cli pack-data "$src" "$DATA" --frame-stride 2 --max-mb 2 --quiet
   common=(--device cpu --quiet --set data.workers=0 --set data.repeats=1 --set checkpoint_every=1)
   depth_args=(--steps "${DEPTH_STEPS:-2}" --batch-size 2 --time-limit 5)
   dagan_args=(--steps "${DAGAN_STEPS:-2}" --batch-size 2 --time-limit 5)
@@ -111,7 +111,7 @@ weights_of() {
 
 t0=$SECONDS
 rc_depth=0
-"$PY" -m dagan.cli train depth --config "$RECIPE" --data "$DATA" --run-dir "$WORK/depth" \
+"$PY" -m commands.cli train depth --config "$RECIPE" --data "$DATA" --run-dir "$WORK/depth" \
   --set "depth.source_offsets=$offsets" "${common[@]}" "${depth_args[@]}" || rc_depth=$?
 depth_s=$((SECONDS - t0))
 depth_ckpt=$(weights_of "$WORK/depth" depth) || { echo "gpu_train.sh: the depth stage left no weights" >&2; exit 1; }
@@ -124,7 +124,7 @@ if [ "$smoke" = 0 ]; then
 fi
 t0=$SECONDS
 rc_dagan=0
-"$PY" -m dagan.cli train dagan --config "$RECIPE" --data "$DATA" --run-dir "$WORK/dagan" \
+"$PY" -m commands.cli train dagan --config "$RECIPE" --data "$DATA" --run-dir "$WORK/dagan" \
   --depth "$depth_ckpt" --init "$INIT" "${face[@]}" "${common[@]}" "${dagan_args[@]}" || rc_dagan=$?
 dagan_s=$((SECONDS - t0))
 dagan_ckpt=$(weights_of "$WORK/dagan" dagan) || { echo "gpu_train.sh: the DaGAN stage left no weights" >&2; exit 1; }

@@ -298,7 +298,7 @@ def serve_main(argv: list[str]) -> None:
     else:
         # exactly what `dagan serve` runs: the same selection (engine.select.default_engine), the same
         # variables (DAGAN_BACKEND, DAGAN_PRECISION, DAGAN_INFER_THREADS), the same thread split
-        from dagan.animate import resolve_checkpoint
+        from dagan.checkpoint import resolve_checkpoint
         from engine.select import default_engine
 
         threads = int(os.environ.get("DAGAN_INFER_THREADS") or os.environ.get("DAGAN_TORCH_THREADS") or 0)

@@ -387,7 +387,7 @@ def build_engine(args: argparse.Namespace):
         print(UNTRAINED_BANNER, file=sys.stderr)
         return TorchEngine(DaGAN(load_config("tiny")), device=device, precision=precision), True
 
-    from dagan.animate import resolve_checkpoint, warn_if_untrained
+    from dagan.checkpoint import resolve_checkpoint, warn_if_untrained
 
     try:
         checkpoint = resolve_checkpoint(args.checkpoint)

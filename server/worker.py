@@ -34,8 +34,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from dagan.animate import colorize_depth
 from dagan.face import FaceDetector, FaceTracker
+from dagan.media import colorize_depth
 from dagan.smoothing import OneEuroParams
 from engine import Engine
 from engine.paste import animate_pictures

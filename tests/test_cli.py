@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from helpers import make_model
 
+from commands.cli import main
 from dagan.checkpoint import checkpoint_metadata, save_checkpoint
-from dagan.cli import main
 from dagan.config import load_config
 from dagan.media import VideoReader, write_video
 from dagan.samples import driving_frames
@@ -46,9 +46,9 @@ def grace_module():
 @pytest.fixture
 def no_default_weights(monkeypatch, tmp_path):
     """As on an install without the bundled weights."""
-    import dagan.animate
+    import dagan.checkpoint
 
-    monkeypatch.setattr(dagan.animate, "DEFAULT_CHECKPOINT", tmp_path / "missing.safetensors")
+    monkeypatch.setattr(dagan.checkpoint, "DEFAULT_CHECKPOINT", tmp_path / "missing.safetensors")
 
 
 @pytest.fixture(autouse=True)
@@ -202,7 +202,7 @@ def test_demo_without_weights_says_untrained(tmp_path, capsys, no_default_weight
 
 
 def test_missing_optional_command_module_keeps_cli_working(monkeypatch):
-    import dagan.cli as cli
+    import commands.cli as cli
 
     def _no_such_package():
         from no_such_package import cli as missing  # type: ignore[import-not-found]
@@ -217,7 +217,7 @@ def test_missing_optional_command_module_keeps_cli_working(monkeypatch):
 
 def test_bundled_weights_are_the_default(tmp_path, capsys):
     """The repository ships trained weights, and every command uses them when no checkpoint is given."""
-    from dagan.animate import DEFAULT_CHECKPOINT, resolve_checkpoint
+    from dagan.checkpoint import DEFAULT_CHECKPOINT, resolve_checkpoint
 
     assert resolve_checkpoint(None) == DEFAULT_CHECKPOINT and DEFAULT_CHECKPOINT.is_file()
     meta = checkpoint_metadata(DEFAULT_CHECKPOINT)

@@ -248,7 +248,7 @@ def test_contact_sheet_shows_driver_photo_and_moments(fake_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    from dagan.cli import main
+    from commands.cli import main
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny-untrained.safetensors"
     assert main(["init-checkpoint", "--config", "tiny", "--out", str(path)]) == 0
@@ -258,7 +258,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 def test_command_end_to_end_on_the_tiny_model(scene, tiny_ckpt, tmp_path, capsys):
     from skimage import data
 
-    from dagan.cli import main
+    from commands.cli import main
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -300,7 +300,7 @@ def test_command_end_to_end_on_the_tiny_model(scene, tiny_ckpt, tmp_path, capsys
 
 @pytest.mark.parametrize("case", ["no_photos", "no_clip_folder", "bad_clip", "no_face_anywhere"])
 def test_bad_input_is_one_line_and_exit_2(case, scene, tiny_ckpt, tmp_path, capsys):
-    from dagan.cli import main
+    from commands.cli import main
 
     photos, clips = tmp_path / "photos", tmp_path / "clips"
     photos.mkdir()

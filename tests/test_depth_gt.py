@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from helpers import make_model
 
+from commands.cli import main
 from dagan.checkpoint import save_checkpoint
-from dagan.cli import main
 from dagan.config import load_config
 from evaluation.depth_gt import evaluate_depth, si_log_error
 

@@ -150,7 +150,7 @@ def test_eval_returns_every_metric_without_identity_assets(tiny_eval_set, tmp_pa
 
 
 def test_eval_cli_and_errors(tiny_eval_set, tmp_path, monkeypatch, capsys):
-    from dagan.cli import main
+    from commands.cli import main
 
     ckpt, test = tiny_eval_set
     code = main(
@@ -229,7 +229,7 @@ def test_eval_scores_the_engine_output_in_both_modes(tiny_eval_set, monkeypatch,
 def test_eval_cli_defaults_to_the_bundled_weights_and_takes_threads(tiny_eval_set, tmp_path, monkeypatch):
     import torch
 
-    from dagan.cli import main
+    from commands.cli import main
 
     ckpt, test = tiny_eval_set
     monkeypatch.setenv("DAGAN_CHECKPOINT", str(ckpt))  # resolve_checkpoint: env, then the bundled file

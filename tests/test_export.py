@@ -12,7 +12,7 @@ from helpers import make_model
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from dagan.cli import main  # noqa: E402
+from commands.cli import main  # noqa: E402
 from dagan.graph_contract import (  # noqa: E402
     GRAPH_NAMES,
     ROLE_CACHED,

@@ -13,15 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from dagan.face_api import ExpressionNet, FaceRecognitionNet, TfjsWeightsError, read_tfjs_weights
 from evaluation.assets import EvalAssetsError, extract_face_api_tarball, find_eval_assets
-from evaluation.face_id import (
-    ExpressionNet,
-    FaceRecognitionNet,
-    TfjsWeightsError,
-    align_box,
-    crop_aligned,
-    read_tfjs_weights,
-)
+from evaluation.face_id import align_box, crop_aligned
 
 
 def _write_manifest(folder: Path, entries: list[dict], blobs: list[bytes], shards: int = 1) -> Path:
@@ -106,7 +100,7 @@ def _recognition_layout() -> dict[str, tuple[int, ...]]:
         shapes[f"{prefix}/scale/biases"] = (cout,)
 
     conv("conv32_down", 7, 3, 32)
-    from evaluation.face_id import _RESNET_LAYOUT
+    from dagan.face_api import _RESNET_LAYOUT
 
     for name, cin, cout, _ in _RESNET_LAYOUT:
         conv(f"{name}/conv1", 3, cin, cout)

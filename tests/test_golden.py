@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 import torch
 
+from commands.cli import main
 from dagan.checkpoint import load_model, read_checkpoint
-from dagan.cli import main
 from dagan.keypoint_ops import movement_scale, relative_keypoints
 from dagan.model import DaGAN
 from engine.torch_backend import TorchEngine

@@ -114,7 +114,7 @@ def test_pack_raises_the_stride_to_fit_the_cap_and_copies_the_face_weights(tmp_p
 
 
 def test_pack_errors_and_clips_without_tracks(source, tmp_path, capsys):
-    from dagan.cli import main
+    from commands.cli import main
 
     with pytest.raises(PackError, match="train"):
         pack_dataset(tmp_path / "nothing", tmp_path / "out", progress=False)
@@ -134,7 +134,7 @@ def test_pack_errors_and_clips_without_tracks(source, tmp_path, capsys):
 
 
 def test_time_limit_stops_cleanly_with_loadable_weights_and_resume_continues(source, tmp_path, capsys):
-    from dagan.cli import main
+    from commands.cli import main
 
     run = tmp_path / "run"
     base = ["train", "depth", "--data", str(source), "--model", "tiny", "--quiet", "--device", "cpu"]

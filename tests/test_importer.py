@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from commands.cli import main
 from dagan.checkpoint import load_model, read_checkpoint
-from dagan.cli import main
 from dagan.config import load_config
 from dagan.importer import CheckpointImportError, import_release, import_state_dicts, load_reference_file
 

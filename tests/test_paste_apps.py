@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import make_model
 
+from commands.cli import main
 from dagan.checkpoint import save_checkpoint
-from dagan.cli import main
 from dagan.config import load_config
 from dagan.media import VideoReader, write_video
 from dagan.samples import astronaut, driving_frames, grace_hopper

@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from dagan.cli import main
+from commands.cli import main
 from engine import EngineError, create_engine
 from engine.onnx_backend import OnnxRuntimeEngine
 from engine.torch_backend import TorchEngine

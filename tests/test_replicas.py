@@ -135,7 +135,7 @@ def test_sessions_pinned_to_their_replica_and_moved_when_it_dies(tmp_path):
     jpeg = cv2.imencode(".jpg", cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR))[1].tobytes()
 
     def serve(name: str):
-        cmd = [sys.executable, "-m", "dagan.cli", "serve", "--untrained-tiny", "--port", str(ports[name])]
+        cmd = [sys.executable, "-m", "commands.cli", "serve", "--untrained-tiny", "--port", str(ports[name])]
         cmd += [
             "--ice-host-addresses",
             "127.0.0.1",

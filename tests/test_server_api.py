@@ -392,11 +392,11 @@ def test_ice_server_parsing():
 
 
 def test_serve_without_weights_says_what_to_do(monkeypatch, tmp_path):
-    import dagan.animate
+    import dagan.checkpoint
     from server.cli import build_engine
 
     monkeypatch.delenv("DAGAN_CHECKPOINT", raising=False)
-    monkeypatch.setattr(dagan.animate, "DEFAULT_CHECKPOINT", tmp_path / "missing.safetensors")
+    monkeypatch.setattr(dagan.checkpoint, "DEFAULT_CHECKPOINT", tmp_path / "missing.safetensors")
     with pytest.raises(CheckpointError, match="--untrained-tiny"):
         build_engine(_serve_args([]))
 
@@ -410,7 +410,7 @@ def test_untrained_tiny_engine_is_flagged(capsys):
 
 
 def test_serve_is_a_dagan_command():
-    from dagan.cli import build_parser
+    from commands.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--untrained-tiny", "--port", "8001"])
     assert args.port == 8001 and args.untrained_tiny and args.func.__name__ == "_cmd_serve"

@@ -292,7 +292,7 @@ def test_dataset_layout_split_and_determinism(tmp_path, builtin_report):
 
 
 def test_cli_synth(tmp_path, capsys):
-    from dagan.synth.cli import add_commands
+    from commands.synth_cli import add_commands
 
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers())

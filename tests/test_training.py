@@ -18,6 +18,7 @@ from dagan.config import ConfigError
 from dagan.media import write_video
 from dagan.samples import astronaut, driving_frames, grace_hopper
 from training import losses as L
+from training import perceptual as P
 from training.config import load_train_config, parse_override
 from training.data import ConsecutiveFramesDataset, DatasetError, ResumableSampler, SourceDrivingDataset
 from training.trainer import Trainer, TrainingError, cleanup_distributed
@@ -195,25 +196,25 @@ def test_keypoint_distance_loss_matches_eq13_and_has_a_gradient():
 
 def test_vgg19_loader_takes_a_torchvision_state_dict_and_rejects_others(tmp_path):
     torch.manual_seed(0)
-    net = L.VGG19Features()
+    net = P.VGG19Features()
     state = dict(net.state_dict())
     state["features.30.weight"] = torch.zeros(1)  # torchvision files go on past relu5_1 ...
     state["classifier.0.weight"] = torch.zeros(2, 2)  # ... and hold the classifier: both ignored
     path = tmp_path / "vgg19-test.pth"
     torch.save(state, path)
-    loaded = L.load_vgg19(path)
+    loaded = P.load_vgg19(path)
     x = torch.rand(1, 3, 32, 32)
     assert all(torch.equal(a, b) for a, b in zip(loaded(x), net(x), strict=True))
-    loss = L.build_perceptual_loss(str(path), (1.0, 0.5))
-    assert isinstance(loss, L.PyramidPerceptualLoss)
+    loss = P.build_perceptual_loss(str(path), (1.0, 0.5))
+    assert isinstance(loss, P.PyramidPerceptualLoss)
     assert float(loss(x, x)) == 0.0 and float(loss(x, torch.rand_like(x))) > 0
     del state["features.0.weight"]
     torch.save(state, path)
-    with pytest.raises(L.VGGWeightsError, match=r"features\.0\.weight"):
-        L.load_vgg19(path)
-    with pytest.raises(L.VGGWeightsError, match="do not exist"):
-        L.load_vgg19(tmp_path / "missing.pth")
-    sub = L.build_perceptual_loss("", (1.0, 0.5, 0.25))
+    with pytest.raises(P.VGGWeightsError, match=r"features\.0\.weight"):
+        P.load_vgg19(path)
+    with pytest.raises(P.VGGWeightsError, match="do not exist"):
+        P.load_vgg19(tmp_path / "missing.pth")
+    sub = P.build_perceptual_loss("", (1.0, 0.5, 0.25))
     assert "substitute" in sub.name and float(sub(x, x)) == 0.0 and float(sub(x, 1 - x)) > 0
 
 
@@ -394,7 +395,7 @@ def test_start_and_resume_remove_temp_files_of_killed_saves(face_root, tmp_path,
 
 
 def test_half_made_run_folders_give_one_clear_line(depth_run, face_root, tmp_path, capsys):
-    from dagan.cli import main
+    from commands.cli import main
     from training.run_dir import RunDir
 
     def resume_error(run: Path, stage: str = "depth") -> str:

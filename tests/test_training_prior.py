@@ -11,13 +11,13 @@ from training.config import TrainConfig, load_train_config
 from training.data import LANDMARKS_FILE, SourceDrivingDataset
 from training.landmarks import MESH_POINTS, annotate_clip
 from training.losses import (
-    build_perceptual_loss,
     keypoint_distance_loss,
     landmark_motion_loss,
     landmark_prior_loss,
     landmark_region_mask,
     region_l1_loss,
 )
+from training.perceptual import build_perceptual_loss
 
 POINTS = TrainConfig().dagan.kp_landmark_points  # the default anchors: eyelids, nose, mouth, jaw, brows
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import pyvirtualcam
 
-from dagan.cli import main
+from commands.cli import main
 from dagan.latest import LatestSlot
 from dagan.samples import astronaut, driving_frames, grace_hopper
 from vcam.io import IterableSource, MemorySink, VirtualCameraMissing, VirtualCameraSink, fit_frame

@@ -1,6 +1,7 @@
-"""``dagan prepare``, ``landmarks``, ``pack-data`` and ``train depth|dagan`` (via dagan.cli.COMMAND_MODULES).
+"""``dagan prepare``, ``landmarks``, ``pack-data`` and ``train depth|dagan`` (loaded by the dispatcher,
+:mod:`commands.cli`).
 
-Multi-GPU: ``torchrun --nproc_per_node N -m dagan.cli train dagan ...`` (multi-node: add torchrun's
+Multi-GPU: ``torchrun --nproc_per_node N -m commands.cli train dagan ...`` (multi-node: add torchrun's
 ``--nnodes/--node_rank/--rdzv_endpoint``); the trainer reads torchrun's environment.
 """
 

@@ -3,9 +3,9 @@
 Depth stage: photometric error Pe (SSIM + L1, α = 0.8), monodepth2's per-pixel minimum reprojection and
 auto-masking, edge-aware disparity smoothness.
 
-DaGAN stage: pyramid perceptual loss on VGG19 features (or a clearly named substitute when no local VGG19
-weights are configured), LSGAN + discriminator feature matching, equivariance under random affine +
-thin-plate-spline transforms, and the keypoint distance loss.
+DaGAN stage: LSGAN + discriminator feature matching, equivariance under random affine + thin-plate-spline
+transforms, the keypoint distance loss and the landmark terms. The pyramid perceptual loss and its
+feature networks are in :mod:`training.perceptual`.
 
 Everything here computes in float32 even under autocast: SSIM's variance terms and small keypoint
 distances lose too much in half precision.
@@ -14,14 +14,11 @@ distances lose too much in half precision.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from dagan.errors import UserError
-from dagan.nets.blocks import AntiAliasInterpolation2d, inverse_2x2, make_coordinate_grid
+from dagan.nets.blocks import inverse_2x2, make_coordinate_grid
 
 # ==================================================================================== depth stage
 
@@ -102,157 +99,7 @@ def edge_aware_smoothness(disp: torch.Tensor, image: torch.Tensor) -> torch.Tens
     return (gdx * torch.exp(-gix)).mean() + (gdy * torch.exp(-giy)).mean()
 
 
-# ============================================================================== perceptual loss
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# torchvision's vgg19 "features" layout up to relu5_1 (index 29): channel counts of the convs, "M" = pool.
-_VGG19_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512)
-# Outputs taken after relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 (indices in ``features``), as FOMM.
-_VGG19_TAPS = (1, 6, 11, 20, 29)
-
-
-class VGG19Features(nn.Module):
-    """VGG19 (Simonyan & Zisserman) up to relu5_1: B×3×H×W in [0, 1] → 5 feature maps.
-
-    Maps: relu1_1 B×64×H×W, relu2_1 B×128×H/2×W/2, relu3_1 B×256×H/4×W/4, relu4_1 B×512×H/8×W/8,
-    relu5_1 B×512×H/16×W/16. ``features`` is an ``nn.Sequential`` with torchvision's indices, so a
-    torchvision ``vgg19`` state dict loads by name (``features.0.weight`` …); the classifier and the
-    layers after relu5_1 are not built. The net is frozen: it only measures, it is never trained.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        in_ch = 3
-        for item in _VGG19_LAYOUT:
-            if item == "M":
-                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-            else:
-                layers += [nn.Conv2d(in_ch, int(item), kernel_size=3, padding=1), nn.ReLU(inplace=False)]
-                in_ch = int(item)
-        self.features = nn.Sequential(*layers)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = (x - self.mean) / self.std
-        out = []
-        for i, layer in enumerate(self.features):
-            x = layer(x)
-            if i in _VGG19_TAPS:
-                out.append(x)
-        return out
-
-
-class VGGWeightsError(UserError, ValueError):
-    """The configured VGG19 weights file is missing or is not a torchvision-format VGG19."""
-
-
-def load_vgg19(path: str | Path) -> VGG19Features:
-    """VGG19 features with weights from a LOCAL torchvision-format file (``.pth`` state dict as
-    torchvision saves it, e.g. vgg19-dcbb9e9d.pth, or a ``.safetensors`` with the same keys)."""
-    path = Path(path)
-    if not path.is_file():
-        raise VGGWeightsError(f"VGG19 weights {path} do not exist (dagan.vgg19_weights in the config)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable file is the user's to fix
-        raise VGGWeightsError(f"{path} could not be read as VGG19 weights ({exc})") from exc
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    net = VGG19Features()
-    expected = net.state_dict()
-    problems = []
-    for key, value in expected.items():
-        if key not in state:
-            problems.append(f"missing {key}")
-        elif tuple(state[key].shape) != tuple(value.shape):
-            problems.append(f"{key} has shape {list(state[key].shape)}, VGG19 needs {list(value.shape)}")
-    if problems:
-        raise VGGWeightsError(f"{path} is not a torchvision VGG19 state dict: " + "; ".join(problems[:4]))
-    net.load_state_dict({k: state[k] for k in expected}, strict=True)
-    return net.eval()
-
-
-class ImagePyramid(nn.Module):
-    """B×C×H×W → {scale: anti-aliased downscaled image} for each scale (1, 0.5, 0.25, 0.125 …)."""
-
-    def __init__(self, scales: Sequence[float], channels: int = 3) -> None:
-        super().__init__()
-        self.scales = tuple(float(s) for s in scales)
-        self.downs = nn.ModuleList(AntiAliasInterpolation2d(channels, s) for s in self.scales)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [down(x) for down in self.downs]
-
-
-class PyramidPerceptualLoss(nn.Module):
-    """L_P (paper eq. 11): Σ over pyramid scales, Σ over VGG19 taps of mean |φ(G_i) − φ(R_i)|.
-
-    prediction, target: B×3×H×W in [0, 1] → scalar. Target features carry no gradient.
-    """
-
-    name = "vgg19-pyramid"
-
-    def __init__(self, vgg: VGG19Features, scales: Sequence[float]) -> None:
-        super().__init__()
-        self.vgg = vgg
-        self.pyramid = ImagePyramid(scales)
-
-    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        total = prediction.new_zeros((), dtype=torch.float32)
-        for p, t in zip(self.pyramid(prediction.float()), self.pyramid(target.float()), strict=True):
-            with torch.no_grad():
-                t_feats = self.vgg(t)
-            for pf, tf in zip(self.vgg(p), t_feats, strict=True):
-                total = total + (pf.float() - tf.float()).abs().mean()
-        return total
-
-
-class PixelPyramidSubstituteLoss(nn.Module):
-    """SUBSTITUTE for L_P when no ImageNet VGG19 weights are available ("pixel-pyramid-l1-grad").
-
-    Σ over the same pyramid scales of mean |R − G| + mean |∂x R − ∂x G| + mean |∂y R − ∂y G|. The
-    gradient terms keep some of the edge sensitivity a perceptual loss gives, but this is NOT a
-    perceptual loss: it has no learned features and expect blurrier results than with VGG19. It is
-    deterministic and needs no download; the trainer announces it at start and records its name in
-    every checkpoint (``perceptual_loss`` metadata).
-    """
-
-    name = "pixel-pyramid-l1-grad (substitute: no VGG19 weights configured)"
-
-    def __init__(self, scales: Sequence[float]) -> None:
-        super().__init__()
-        self.pyramid = ImagePyramid(scales)
-
-    def forward(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        total = prediction.new_zeros((), dtype=torch.float32)
-        for p, t in zip(self.pyramid(prediction.float()), self.pyramid(target.float()), strict=True):
-            total = total + (p - t).abs().mean()
-            total = total + ((p[..., :, 1:] - p[..., :, :-1]) - (t[..., :, 1:] - t[..., :, :-1])).abs().mean()
-            total = total + ((p[..., 1:, :] - p[..., :-1, :]) - (t[..., 1:, :] - t[..., :-1, :])).abs().mean()
-        return total
-
-
-def build_perceptual_loss(
-    vgg19_weights: str, scales: Sequence[float], face_landmark_weights: str = ""
-) -> nn.Module:
-    """VGG19 pyramid loss when a weights path is given; else face-api landmark features when those are
-    given; else the named pixel substitute (the caller warns)."""
-    if vgg19_weights:
-        return PyramidPerceptualLoss(load_vgg19(vgg19_weights), scales)
-    if face_landmark_weights:
-        from .face_perceptual import FaceFeaturePyramidLoss, load_face_landmark_features
-
-        return FaceFeaturePyramidLoss(load_face_landmark_features(face_landmark_weights), scales)
-    return PixelPyramidSubstituteLoss(scales)
+# =================================================================================== landmark terms
 
 
 def landmark_prior_loss(kp: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
@@ -463,13 +310,7 @@ def gradient_norm(parameters) -> float:
 
 
 __all__ = [
-    "ImagePyramid",
-    "PixelPyramidSubstituteLoss",
-    "PyramidPerceptualLoss",
     "RandomTransform",
-    "VGG19Features",
-    "VGGWeightsError",
-    "build_perceptual_loss",
     "edge_aware_smoothness",
     "equivariance_losses",
     "feature_matching_loss",
@@ -477,7 +318,6 @@ __all__ = [
     "landmark_motion_loss",
     "landmark_prior_loss",
     "landmark_region_mask",
-    "load_vgg19",
     "lsgan_discriminator_loss",
     "lsgan_generator_loss",
     "photometric_error",

@@ -19,6 +19,7 @@ from . import losses as L
 from .config import TrainConfig
 from .data import SourceDrivingDataset
 from .distributed import DistInfo, unwrap
+from .perceptual import build_perceptual_loss
 from .rng import step_seed
 from .stage import Stage, draw_keypoints, grid, milestone_lambda
 
@@ -47,7 +48,7 @@ class DaganStage(Stage):
                 load_into(self.model.depth_net, tensors, "depth_net.", depth_checkpoint)
             self.model.depth_net.eval().requires_grad_(False)
         self.discriminator = discriminator_from_config(m.discriminator).to(device)
-        self.perceptual = L.build_perceptual_loss(
+        self.perceptual = build_perceptual_loss(
             g.vgg19_weights, g.pyramid_scales, g.face_landmark_weights
         ).to(device)
         self.batch_size, self.total_steps = g.batch_size, g.steps

@@ -23,8 +23,8 @@ def _stdin_keys(controls: Controls) -> None:
 
 def run_cam(args: argparse.Namespace, source=None, sink=None) -> int:
     """Build sink, camera and animator from ``args``; ``source``/``sink`` can be injected (tests)."""
-    from dagan.cli import picture_options
     from dagan.media import load_image
+    from dagan.picture_options import picture_options
 
     from .io import OpenCVCamera, VirtualCameraSink
 
@@ -53,7 +53,7 @@ def run_cam(args: argparse.Namespace, source=None, sink=None) -> int:
             **({"auto_neutral": True} if options["auto_neutral"] > 0 else {}),
         )
     else:
-        from dagan.animate import resolve_checkpoint, warn_if_untrained
+        from dagan.checkpoint import resolve_checkpoint, warn_if_untrained
         from engine.select import default_engine
 
         from .pipeline import LocalAnimator
@@ -129,7 +129,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="full: the avatar pasted back into the whole photo, fitted to --output-size (default); "
         "crop: the model's square face crop, centred with bars",
     )
-    from dagan.cli import add_picture_arguments
+    from dagan.picture_options import add_picture_arguments
 
     add_picture_arguments(p, full_default=True)
     p.add_argument("--width", type=int, help=argparse.SUPPRESS)  # before --output-size: still accepted

@@ -15,7 +15,7 @@ def _positive(text: str) -> int:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from .dataset import SynthError, collect_identities, write_dataset
+    from dagan.synth.dataset import SynthError, collect_identities, write_dataset
 
     builtin = args.builtin or not args.portraits
     if args.size < 64:

@@ -1,8 +1,9 @@
 """Offline animation: a source photo driven by a video, written as an mp4 (``dagan animate``).
 
 Uses the same pieces as the live service: the shared face module crops the source and tracks the
-driver's face, and the engine caches the source once and runs only the per-frame path. Like
-:mod:`dagan.cli`, this is the application layer: it may import ``engine``; the core of ``dagan/`` may not.
+driver's face, and the engine caches the source once and runs only the per-frame path. An application
+(:mod:`commands`): it uses the library layers ``dagan``, ``export`` and ``engine``, and nothing imports it
+but the ``dagan`` dispatcher (:mod:`commands.cli`).
 
 Two outputs: the comparison row ``source | driving | result`` (the default), or with ``full_picture``
 the avatar pasted back into the whole photo (:mod:`dagan.paste`), at the photo's resolution or fitted to
@@ -12,7 +13,6 @@ the avatar pasted back into the whole photo (:mod:`dagan.paste`), at the photo's
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,30 +21,14 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, checkpoint_metadata
-from .errors import UserError
-from .face import DrivingCropper, locate_source, source_crop
-from .media import MediaError, VideoReader, VideoWriter, load_image
-from .smoothing import DEFAULT_PARAMS, OneEuroFilter, OneEuroParams
-
-DEFAULT_CHECKPOINT_ENV = "DAGAN_CHECKPOINT"
-# The bundled default weights (see weights/ and its model card).
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "weights" / "dagan-default.safetensors"
-
-
-def resolve_checkpoint(checkpoint: str | None) -> Path:
-    """The checkpoint to use: the argument, then $DAGAN_CHECKPOINT, then the bundled default weights."""
-    if checkpoint:
-        return Path(checkpoint)
-    if os.environ.get(DEFAULT_CHECKPOINT_ENV):
-        return Path(os.environ[DEFAULT_CHECKPOINT_ENV])
-    if DEFAULT_CHECKPOINT.is_file():
-        return DEFAULT_CHECKPOINT
-    raise CheckpointError(
-        f"no trained weights found (the bundled {DEFAULT_CHECKPOINT} is missing): pass --checkpoint PATH "
-        f"(or set ${DEFAULT_CHECKPOINT_ENV}); `dagan init-checkpoint` writes an UNTRAINED one that only "
-        "exercises the pipeline"
-    )
+from dagan.checkpoint import resolve_checkpoint, warn_if_untrained
+from dagan.errors import UserError
+from dagan.face import DrivingCropper, locate_source, source_crop
+from dagan.media import MediaError, VideoReader, VideoWriter, colorize_depth, load_image
+from dagan.paste import plan_paste
+from dagan.smoothing import DEFAULT_PARAMS, OneEuroFilter, OneEuroParams
+from engine.paste import Paster, animate_pictures
+from engine.select import cpu_cores, default_engine
 
 
 def set_threads(threads: int | None) -> None:
@@ -56,23 +40,6 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-def warn_if_untrained(path: Path) -> bool:
-    """Say loudly when a checkpoint holds random weights, so nobody mistakes its output for a result."""
-    if checkpoint_metadata(path).get("trained") == "false":
-        print(
-            f"warning: {path} holds UNTRAINED random weights: the video shows the pipeline running, "
-            "not a real avatar",
-            file=sys.stderr,
-        )
-        return True
-    return False
-
-
-def colorize_depth(depth_u8: np.ndarray) -> np.ndarray:
-    """H×W uint8 depth visualisation → H×W×3 RGB with a perceptual colour map."""
-    return cv2.cvtColor(cv2.applyColorMap(depth_u8, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
 
 
 def compose_row(panels: list[np.ndarray], panel_size: int) -> np.ndarray:
@@ -129,9 +96,6 @@ def animate_video(
     ``show_depth`` the driving depth is appended at the picture's height. ``smoothing``: the One-Euro
     parameters of the crop-box and keypoint filters (None: unfiltered). ``auto_neutral`` > 0: choose the
     reference pose automatically over that many seconds of the video (relative motion only)."""
-    from engine.paste import Paster, animate_pictures
-    from engine.select import cpu_cores, default_engine
-
     set_threads(threads)
     full_picture = full_picture or output_size is not None
     if full_picture and not crop:
@@ -153,8 +117,6 @@ def animate_video(
         size = engine.image_size
         paster = None
         if full_picture:
-            from .paste import plan_paste
-
             face = locate_source(source_image)
             source_face = face.crop_box.crop(source_image, size)
             plan = plan_paste(source_image, face, source_face, output_size, mask)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .importer import CheckpointImportError, import_release
+from dagan.importer import CheckpointImportError, import_release
 
 
 def _cmd_import(args: argparse.Namespace) -> int:

@@ -1,9 +1,9 @@
 """``dagan`` command line: one entry point, one sub-command per job.
 
-This module (with :mod:`dagan.animate`) is the **application layer**: it sits above every package it
-wires together (``engine``, ``export``, ``training``, ``evaluation``, ``server``, ``vcam``), and no module
-below imports it. The core of ``dagan/`` (config, nets, model, checkpoint, graph contract, helpers,
-media, face) imports none of those packages (tests/test_engine.py checks the direction of every import).
+The dispatcher sits on top of the layering (README.md, tests/test_layers.py): it is the one module that
+imports other applications, and only their ``cli`` module (``add_commands``); the commands of this
+package (``animate``, ``demo``, ``init-checkpoint``, ``bench``, ``import``, ``synth``, ``export``) use the
+library layers ``dagan``, ``export`` and ``engine``. No module of any other package imports this one.
 
 Errors a user can fix (missing file, no face, wrong checkpoint, bad config) are printed as one line and
 exit with status 2; a traceback means a bug.
@@ -16,12 +16,13 @@ import sys
 from collections.abc import Callable
 from types import ModuleType
 
-from .checkpoint import CheckpointError
-from .config import PRESETS
-from .errors import UserError
+from dagan.checkpoint import CheckpointError
+from dagan.config import PRESETS
+from dagan.errors import UserError
+from dagan.picture_options import add_picture_arguments, picture_options
 
 
-# Sub-commands that live in other packages: each loader imports (statically, so tools and readers see
+# Sub-commands that live in other modules: each loader imports (statically, so tools and readers see
 # the dependency) a module with ``add_commands(subparsers)``. A loader whose optional extra is missing
 # raises ImportError, and every other command keeps working.
 def _vcam() -> ModuleType:
@@ -43,9 +44,9 @@ def _evaluation() -> ModuleType:
 
 
 def _synth() -> ModuleType:
-    from .synth import cli
+    from . import synth_cli
 
-    return cli
+    return synth_cli
 
 
 def _training() -> ModuleType:
@@ -55,9 +56,9 @@ def _training() -> ModuleType:
 
 
 def _export() -> ModuleType:
-    from export import cli
+    from . import export_cli
 
-    return cli
+    return export_cli
 
 
 def _server() -> ModuleType:
@@ -106,85 +107,17 @@ def _cmd_animate(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_picture_arguments(p: argparse.ArgumentParser, full_default: bool = False) -> None:
-    """The paste-back, smoothing and neutral-pose flags ``dagan animate`` and ``dagan cam`` share."""
-    from .paste import MASKS
-    from .smoothing import DEFAULT_PARAMS
-
-    if not full_default:
-        p.add_argument(
-            "--full-picture",
-            action="store_true",
-            help="write the avatar pasted back into the whole photo instead of source | driving | result",
-        )
-    p.add_argument(
-        "--output-size",
-        metavar="WxH",
-        help="fit the full picture into this frame, e.g. 1280x720 (cropped or padded to the aspect, the "
-        "face in the upper middle)" + ("; default 1280x720" if full_default else "; implies --full-picture"),
-    )
-    p.add_argument(
-        "--mask", choices=MASKS, default="ellipse", help="paste-back mask (default ellipse; docs/server.md)"
-    )
-    p.add_argument(
-        "--smooth-min-cutoff",
-        type=float,
-        default=DEFAULT_PARAMS.min_cutoff,
-        metavar="HZ",
-        help="One-Euro filter on the crop box and keypoints: cutoff of a still face "
-        f"(lower: steadier; default {DEFAULT_PARAMS.min_cutoff:g})",
-    )
-    p.add_argument(
-        "--smooth-beta",
-        type=float,
-        default=DEFAULT_PARAMS.beta,
-        metavar="BETA",
-        help=f"One-Euro speed coefficient (higher: less lag on fast motion; default {DEFAULT_PARAMS.beta:g})",
-    )
-    p.add_argument("--no-smooth", action="store_true", help="no motion filtering (the pipeline before it)")
-    p.add_argument(
-        "--auto-neutral",
-        type=float,
-        nargs="?",
-        const=2.0,
-        default=0.0,
-        metavar="SECONDS",
-        help="choose the neutral pose automatically: the frame closest to the photo's pose and expression "
-        "in the first SECONDS (default 2) instead of the first frame",
-    )
-
-
-def picture_options(args: argparse.Namespace) -> dict:
-    """:func:`add_picture_arguments`'s flags as keyword arguments, checked (a bad value is a UserError)."""
-    from .paste import parse_size
-    from .smoothing import OneEuroParams
-
-    try:
-        size = parse_size(args.output_size) if args.output_size else None
-        smoothing = (
-            None
-            if args.no_smooth
-            else OneEuroParams(min_cutoff=args.smooth_min_cutoff, beta=args.smooth_beta)
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from err
-    if args.auto_neutral < 0:
-        raise UserError(f"--auto-neutral must be a number of seconds > 0, got {args.auto_neutral:g}")
-    out = {"output_size": size, "mask": args.mask, "smoothing": smoothing, "auto_neutral": args.auto_neutral}
-    if hasattr(args, "full_picture"):
-        out["full_picture"] = args.full_picture
-    return out
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     """The README's first command: a real photo, a generated driving video, the offline pipeline."""
     from pathlib import Path
 
     import cv2
 
-    from .animate import animate_video, resolve_checkpoint
-    from .media import write_video
-    from .samples import astronaut, driving_frames, grace_hopper
+    from dagan.checkpoint import resolve_checkpoint
+    from dagan.media import write_video
+    from dagan.samples import astronaut, driving_frames, grace_hopper
+
+    from .animate import animate_video
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -217,9 +150,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_init_checkpoint(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import save_checkpoint
-    from .config import load_config
-    from .model import DaGAN
+    from dagan.checkpoint import save_checkpoint
+    from dagan.config import load_config
+    from dagan.model import DaGAN
 
     cfg = load_config(args.config)
     torch.manual_seed(args.seed)

@@ -8,8 +8,7 @@ import argparse
 
 def _cmd_onnx(args: argparse.Namespace) -> int:
     from dagan.checkpoint import CheckpointError
-
-    from .onnx_export import check_parity, export_onnx
+    from export.onnx_export import check_parity, export_onnx
 
     try:
         manifest = export_onnx(args.checkpoint, args.out, progress=not args.quiet, opset=args.opset)
@@ -30,7 +29,7 @@ def _cmd_onnx(args: argparse.Namespace) -> int:
 
 
 def _cmd_trt(args: argparse.Namespace) -> int:
-    from .trt_build import build_engines, check_batch_profile
+    from export.trt_build import build_engines, check_batch_profile
 
     check_batch_profile(args.max_batch, args.opt_batch)  # bad numbers fail before TensorRT is even imported
     result = build_engines(
@@ -47,8 +46,8 @@ def _cmd_trt(args: argparse.Namespace) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from .onnx_export import read_manifest
-    from .quantize import GROUPS, face_clips, find_clips, held_out_psnr, quantize_export
+    from export.onnx_export import read_manifest
+    from export.quantize import GROUPS, face_clips, find_clips, held_out_psnr, quantize_export
 
     size = int(read_manifest(args.onnx)["image_size"])  # a bad --onnx fails before any video is read
     keep = [g for g in args.keep_float.split(",") if g] if args.keep_float != "none" else []
@@ -75,7 +74,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_optimize(args: argparse.Namespace) -> int:
-    from .optimize import PASSES, optimize_export
+    from export.optimize import PASSES, optimize_export
 
     passes = [x for x in args.passes.split(",") if x] if args.passes else list(PASSES)
     manifest = optimize_export(args.onnx, args.out, passes, progress=not args.quiet)
