@@ -37,7 +37,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "training": LIBRARY,
     "evaluation": LIBRARY,
     "server": LIBRARY,
-    "vcam": LIBRARY,
+    # dagan cam --server drives the service through the server package's one public client (its API,
+    # not its internals: server.client imports nothing of the server)
+    "vcam": (*LIBRARY, "server.client"),
     "client_web": (),  # the browser page's package: files only, no imports
     "commands": LIBRARY,  # the offline commands: animate, demo, init-checkpoint, bench, import, synth, export
     # the `dagan` dispatcher: the one place that reaches other applications, through their `cli` module
