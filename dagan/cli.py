@@ -1,7 +1,7 @@
 """``dagan`` command line: one entry point, one sub-command per job.
 
 This module (with :mod:`dagan.animate`) is the **application layer**: it sits above every package it
-wires together (``engine``, ``export``, ``training``, ``evaluation``, ``server``, ``vcam``), and no module
+wires together (``engine``, ``export``, ``training``, ``evaluation``, ``server``, ``vcam``, ``bench``), and no module
 below imports it. The core of ``dagan/`` (config, nets, model, checkpoint, graph contract, helpers,
 media, face) imports none of those packages (tests/test_engine.py checks the direction of every import).
 
@@ -66,6 +66,12 @@ def _server() -> ModuleType:
     return cli
 
 
+def _bench() -> ModuleType:
+    from bench import model
+
+    return model
+
+
 COMMAND_MODULES: tuple[Callable[[], ModuleType], ...] = (
     _vcam,
     _importer,
@@ -74,6 +80,7 @@ COMMAND_MODULES: tuple[Callable[[], ModuleType], ...] = (
     _training,
     _export,
     _server,
+    _bench,
 )
 
 
@@ -228,14 +235,6 @@ def _cmd_init_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from engine.bench import run_bench
-
-    presets = args.preset if args.preset is not None else ([] if args.checkpoint else list(PRESETS))
-    run_bench(presets, args.checkpoint, args.frames, args.warmup, args.device, args.json)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dagan", description="DaGAN talking-head avatars")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -298,15 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_init_checkpoint)
-
-    p = sub.add_parser("bench", help="per-frame latency: cached engine path vs uncached forward")
-    p.add_argument("--checkpoint", help="time this checkpoint's model")
-    p.add_argument("--preset", action="append", choices=PRESETS, help="time a preset (repeatable)")
-    p.add_argument("--frames", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    p.set_defaults(func=_cmd_bench)
 
     unavailable = []
     for load in COMMAND_MODULES:

@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench import server as sb
 from dagan.helpers import stop_process
-from server import bench as sb
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY = shutil.which("haproxy") or next(
