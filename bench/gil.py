@@ -98,7 +98,9 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.gil", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.gil", description=__doc__.split("\n\n")[0].replace("``", "")
+    )
     p.add_argument(
         "--seconds", type=float, default=1.0, help="length of each 1- and 2-thread run (default %(default)g)"
     )

@@ -236,7 +236,9 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.gpu", description=__doc__.split("\n\n")[0].replace("``", "")
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes and few iterations (CI, no GPU needed)")
     p.add_argument(
         "--out", default=str(GPU_CHECK_OUT), help="folder for gpu_check.md/.json/.log (default %(default)s)"

@@ -42,6 +42,10 @@ from engine.select import cpu_has_bf16
 from .engines import BenchModel, checkpoint_model, preset_model, torch_engine, variant_engine, workdir
 from .report import load_average, machine_description, stats, timestamp, write_report
 
+DESCRIPTION = (
+    "Per-frame latency and multi-stream throughput of every backend available here, the cache's speedup "
+    "over the uncached forward, FLOPs and the machine (docs/benchmarks.md)."
+)
 BATCHES = (1, 2, 4, 8, 16, 32)
 BACKEND_NAMES = ("torch", "onnxruntime", "tensorrt")
 
@@ -595,14 +599,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
         help="per-frame latency: cached engine path vs uncached forward, every backend here",
-        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        description=DESCRIPTION,
     )
     add_arguments(p)
     p.set_defaults(func=run_from_args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.model", description=DESCRIPTION)
     add_arguments(p)
     return run_from_args(p.parse_args(argv))
 

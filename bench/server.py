@@ -584,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     p = argparse.ArgumentParser(
         prog="python -m bench.server",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
         epilog="python -m bench.server --serve ... is the server process the sweep starts (not by hand).",
     )
     p.add_argument(
