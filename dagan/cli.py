@@ -1,8 +1,8 @@
 """``dagan`` command line: one entry point, one sub-command per job.
 
 This module (with :mod:`dagan.animate`) is the **application layer**: it sits above every package it
-wires together (``engine``, ``export``, ``training``, ``evaluation``, ``server``, ``vcam``, ``bench``), and no module
-below imports it. The core of ``dagan/`` (config, nets, model, checkpoint, graph contract, helpers,
+wires together (``engine``, ``export``, ``training``, ``evaluation``, ``server``, ``vcam``, ``bench``), and
+no module below imports it. The core of ``dagan/`` (config, nets, model, checkpoint, graph contract, helpers,
 media, face) imports none of those packages (tests/test_engine.py checks the direction of every import).
 
 Errors a user can fix (missing file, no face, wrong checkpoint, bad config) are printed as one line and
