@@ -1,9 +1,9 @@
 """``dagan`` command line: one entry point, one sub-command per job.
 
 The dispatcher sits on top of the layering (README.md, tests/test_layers.py): it is the one module that
-imports other applications, and only their ``cli`` module (``add_commands``); the commands of this
-package (``animate``, ``demo``, ``init-checkpoint``, ``bench``, ``import``, ``synth``, ``export``) use the
-library layers ``dagan``, ``export`` and ``engine``. No module of any other package imports this one.
+imports other applications, and only their ``cli`` module (``add_commands``; ``bench.model`` for
+``dagan bench``); the commands of this package (``animate``, ``demo``, ``init-checkpoint``, ``import``,
+``synth``, ``export``) use the library layers ``dagan``, ``export`` and ``engine``. No module of any other package imports this one.
 
 Errors a user can fix (missing file, no face, wrong checkpoint, bad config) are printed as one line and
 exit with status 2; a traceback means a bug.
@@ -67,6 +67,12 @@ def _server() -> ModuleType:
     return cli
 
 
+def _bench() -> ModuleType:
+    from bench import model
+
+    return model
+
+
 COMMAND_MODULES: tuple[Callable[[], ModuleType], ...] = (
     _vcam,
     _importer,
@@ -75,6 +81,7 @@ COMMAND_MODULES: tuple[Callable[[], ModuleType], ...] = (
     _training,
     _export,
     _server,
+    _bench,
 )
 
 
@@ -161,14 +168,6 @@ def _cmd_init_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from engine.bench import run_bench
-
-    presets = args.preset if args.preset is not None else ([] if args.checkpoint else list(PRESETS))
-    run_bench(presets, args.checkpoint, args.frames, args.warmup, args.device, args.json)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dagan", description="DaGAN talking-head avatars")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -231,15 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_init_checkpoint)
-
-    p = sub.add_parser("bench", help="per-frame latency: cached engine path vs uncached forward")
-    p.add_argument("--checkpoint", help="time this checkpoint's model")
-    p.add_argument("--preset", action="append", choices=PRESETS, help="time a preset (repeatable)")
-    p.add_argument("--frames", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    p.set_defaults(func=_cmd_bench)
 
     unavailable = []
     for load in COMMAND_MODULES:

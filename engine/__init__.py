@@ -10,11 +10,14 @@ from __future__ import annotations
 import importlib.util
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .base import Engine, EngineError, FrameResult, Session
+
+if TYPE_CHECKING:
+    from dagan.model import DaGAN
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
@@ -58,14 +61,15 @@ def _onnx_ready(path: Path) -> bool:
 
 
 def create_engine(
-    checkpoint: str | Path,
+    checkpoint: str | Path | DaGAN,
     backend: str = "auto",
     device: str = "auto",
     precision: str = "fp32",
     **options: Any,
 ) -> Engine:
     """Build an engine for ``checkpoint`` (a .safetensors file; for the graph backends also an ONNX
-    export directory, and for ``tensorrt`` an engine directory).
+    export directory, and for ``tensorrt`` an engine directory; or a :class:`~dagan.model.DaGAN` already
+    in memory, see below).
 
     Options are passed to the backend (:func:`backend_options` lists what each accepts): torch
     ``channels_last``/``cuda_graphs``; onnxruntime ``threads``, ``tensorrt_provider``, ``cache_dir``;
@@ -73,9 +77,21 @@ def create_engine(
     error, never silently dropped. ``auto`` tries :func:`available_backends` in order, skipping those
     that do not take every given option, passes the options through, and falls back to the next on an
     :class:`EngineError` (for example onnxruntime without a GPU provider on a CUDA machine).
+
+    An in-memory model (the benchmarks' randomly initialised presets, which have no file) runs on the
+    torch backend, which ``auto`` means for it: the graph backends need an export, made from a file
+    (``dagan export onnx``). The model is used as is: the engine moves and casts it in place, so pass a
+    copy to keep the original in fp32.
     """
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if isinstance(checkpoint, torch.nn.Module):
+        if backend not in ("auto", "torch"):
+            raise EngineError(
+                f"an in-memory model runs on the torch backend, not {backend!r}: save it and export it "
+                "(`dagan export onnx`) for the graph backends"
+            )
+        backend = "torch"
     if backend != "auto":
         unknown = sorted(set(options) - backend_options(backend))
         if unknown:
@@ -118,10 +134,14 @@ def backend_options(backend: str) -> set[str]:
     raise EngineError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
 
 
-def _create(backend: str, checkpoint: str | Path, device: str, precision: str, options: dict) -> Engine:
+def _create(
+    backend: str, checkpoint: str | Path | DaGAN, device: str, precision: str, options: dict
+) -> Engine:
     if backend == "torch":
         from .torch_backend import TorchEngine
 
+        if isinstance(checkpoint, torch.nn.Module):
+            return TorchEngine(checkpoint, device=device, precision=precision, **options)
         if Path(checkpoint).is_dir():
             raise EngineError("the torch backend needs a .safetensors checkpoint, not an export directory")
         return TorchEngine.from_checkpoint(checkpoint, device=device, precision=precision, **options)

@@ -1,6 +1,6 @@
 """The engine a command runs by default: on a CPU, the fastest backend and precision that holds quality.
 
-``dagan serve``, ``dagan cam``, ``dagan animate`` and ``python -m server.bench`` all call
+``dagan serve``, ``dagan cam``, ``dagan animate`` and ``python -m bench.server`` all call
 :func:`default_engine`, so the benchmark measures what the service runs. With ``--backend`` or
 ``--precision`` given, that is what runs. Otherwise, on a CPU with trained weights:
 
@@ -43,7 +43,7 @@ from .base import Engine, EngineError
 INT8_MIN_PSNR_DB = 35.0
 #: Server CPU per stream-frame of everything but inference (decode, convert, detect, crop, compose,
 #: encode, WebRTC) on a quiet 2-core machine: 6.4 ms measured with the zero-cost engine by
-#: ``python -m server.bench`` with detection on every 3rd frame, plus ~2.5 ms of mediapipe for the
+#: ``python -m bench.server`` with detection on every 3rd frame, plus ~2.5 ms of mediapipe for the
 #: default of detecting on every frame (docs/benchmarks.md). What :func:`split_threads` weighs the
 #: inference cost against.
 MEDIA_MS_PER_FRAME = 9.0
@@ -110,6 +110,16 @@ def split_threads(cores: int, infer_ms: float | None, media_ms: float = MEDIA_MS
     return int(min(cores - 1, max(1, int(cores * share))))
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX-512 BF16 / AMX): without it torch emulates bf16,
+    slower than fp32, so neither the policy above nor the benchmark's bf16 row should use it."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
 def _is_untrained(checkpoint: Path) -> bool:
     from dagan.checkpoint import checkpoint_metadata
 
@@ -149,8 +159,6 @@ def choose_cpu(
     """The CPU policy of the module docstring, for a trained checkpoint file; prepares (or finds) the
     int8 export and reads its held-out quality. Never raises for a failed preparation: it falls back."""
     import importlib.util
-
-    from .bench import cpu_has_bf16
 
     bf16 = cpu_has_bf16()
     if importlib.util.find_spec("onnxruntime") is None:
@@ -282,6 +290,7 @@ __all__ = [
     "EngineChoice",
     "EngineError",
     "cpu_cores",
+    "cpu_has_bf16",
     "default_engine",
     "split_threads",
     "time_engine",

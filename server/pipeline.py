@@ -7,7 +7,7 @@ engine call for every session with a frame ready), **compose** (avatar scaled to
 beside it, RGB → YUV 4:2:0) and **encode** (in aiortc's sender, on the default executor). Everything but
 inference is per session and independent, so it runs on a :class:`MediaPool` of threads sized to the
 cores: what runs there is C code that releases the GIL (OpenCV's conversions and resamples, libvpx),
-measured with ``python -m server.pipeline --gil``. mediapipe's face detector does not scale across Python
+measured with ``python -m bench.gil``. mediapipe's face detector does not scale across Python
 threads (its calls serialise), so detection can run in worker processes instead
 (``detect_processes``); with ``detect_every`` > 1 it is a small share of the frame anyway.
 
@@ -340,107 +340,3 @@ class MediaPool:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-# ------------------------------------------------------------------------------- GIL measurement CLI
-
-
-def measure_gil(seconds: float = 1.0) -> dict[str, float]:
-    """For each library the pipeline uses: throughput of 2 threads ÷ 1 thread on the same work.
-
-    ~2 means the call releases the GIL (and the machine has 2 free cores); ~1 means it serialises.
-    Measured on a shared machine the absolute times are noisy; the ratio is what matters.
-    """
-    import av
-
-    from dagan.samples import astronaut
-
-    rng = np.random.default_rng(0)
-    frame = cv2.resize(astronaut(), (640, 480))
-    vf = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
-    yuv = vf.to_ndarray(format="yuv420p")
-    packets = _vp8_packets([np.roll(frame, 3 * i, axis=1) for i in range(8)])
-    out = {}
-
-    def ratio(make: Any) -> float:
-        fns = [make(), make()]
-        for fn in fns:
-            fn()
-        n = [0, 0]
-
-        def loop(k: int, deadline: float) -> None:
-            while time.perf_counter() < deadline:
-                fns[k]()
-                n[k] += 1
-
-        loop(0, time.perf_counter() + seconds)
-        single = n[0] / seconds
-        n[:] = [0, 0]
-        deadline = time.perf_counter() + seconds
-        threads = [threading.Thread(target=loop, args=(k, deadline)) for k in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        return round(sum(n) / seconds / single, 2)
-
-    def vp8_decoder() -> Any:
-        codec = av.CodecContext.create("libvpx", "r")
-        return lambda: [codec.decode(p) for p in packets]
-
-    def detector() -> Any:
-        det = FaceDetector()
-        return lambda: det.detect(frame)
-
-    out["python (reference: holds the GIL)"] = ratio(lambda: lambda: sum(range(20000)))
-    out["opencv yuv420p->rgb 640x480"] = ratio(lambda: lambda: cv2.cvtColor(yuv, cv2.COLOR_YUV2RGB_I420))
-    noise = rng.integers(0, 255, (480, 640, 3), np.uint8)
-    out["opencv warpAffine crop 320->64"] = ratio(
-        lambda: (
-            lambda: cv2.resize(
-                cv2.warpAffine(noise, np.float64([[1, 0, 5], [0, 1, 3]]), (320, 320)),
-                (64, 64),
-                interpolation=cv2.INTER_AREA,
-            )
-        )
-    )
-    out["libvpx vp8 decode 640x480 (pyav)"] = ratio(vp8_decoder)
-    out["mediapipe face detection 640x480"] = ratio(detector)
-    return out
-
-
-def _vp8_packets(frames: list[np.ndarray], bitrate: int = 800_000, fps: int = 25) -> list[Any]:
-    """Encode RGB frames to VP8 packets (first a keyframe) with libvpx's realtime settings."""
-    import fractions
-
-    import av
-
-    h, w = frames[0].shape[:2]
-    codec = av.CodecContext.create("libvpx", "w")
-    codec.width, codec.height, codec.pix_fmt = w, h, "yuv420p"
-    codec.bit_rate = bitrate
-    codec.time_base = fractions.Fraction(1, fps)
-    codec.gop_size = len(frames)
-    codec.options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
-    packets = []
-    for i, rgb in enumerate(frames):
-        vf = rgb_to_video_frame(rgb)
-        vf.pts = i
-        if i == 0:
-            import av.video.frame
-
-            vf.pict_type = av.video.frame.PictureType.I
-        packets += codec.encode(vf)
-    packets += codec.encode(None)
-    return packets
-
-
-if __name__ == "__main__":  # pragma: no cover - a measurement, run by hand
-    import json
-    import sys
-
-    if "--gil" not in sys.argv:
-        raise SystemExit(
-            "usage: python -m server.pipeline --gil   (2-thread / 1-thread throughput per library)"
-        )
-    print(json.dumps(measure_gil(), indent=2))

@@ -148,7 +148,7 @@ def host_candidates(addresses: Iterable[str] | None) -> Iterator[None]:
         yield
 
 
-#: Encoder options merged over aiortc's own for the avatar video (``python -m server.bench`` and
+#: Encoder options merged over aiortc's own for the avatar video (``python -m bench.server`` and
 #: runs/enc measurements in docs/benchmarks.md, 256² avatar frames at 500 kbit/s, one thread):
 #: libvpx without its denoiser (``noise-sensitivity`` 4 smooths a picture that a network made, at a
 #: cost) and ``cpu-used`` -10 instead of -6: 1.63 → 1.08 ms of CPU per frame, 39.5 → 40.0 dB;

@@ -1,6 +1,6 @@
 """The CPU engine: the frame graph rewritten for ONNX Runtime's CPU kernels (export/optimize.py, same
 function), the cached CPU / int8 exports a checkpoint gets on first use, and the default-engine choice
-(engine/select.py) that `dagan serve`, `cam`, `animate` and `python -m server.bench` share."""
+(engine/select.py) that `dagan serve`, `cam`, `animate` and `python -m bench.server` share."""
 
 from __future__ import annotations
 
@@ -248,7 +248,7 @@ def test_default_engine_prepares_int8_once_and_says_why(tmp_path, monkeypatch, a
     assert not any("first start" in line for line in lines) and int8.stat().st_mtime_ns == stamp
     # a check that misses the bound: fp32 on the CPU graph (bf16 only where the CPU has it)
     monkeypatch.setattr(select, "INT8_MIN_PSNR_DB", 1000.0)
-    monkeypatch.setattr("engine.bench.cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(select, "cpu_has_bf16", lambda: False)
     eng, choice = select.default_engine(ckpt, device="cpu", progress=False, measure=False, threads=1)
     assert (eng.backend, choice.precision) == ("onnxruntime", "fp32") and "misses" in choice.reason
     assert "onnx-cpu" in str(eng.runner.sessions["frame"]._model_path)
@@ -266,14 +266,16 @@ def test_calibration_source_is_named_without_reading_frames(monkeypatch, tmp_pat
         default_calibration(env=str(tmp_path))
 
 
-def test_bench_has_the_cpu_graph_rows_and_an_op_profile(monkeypatch, capsys):
+def test_bench_has_the_cpu_graph_rows_and_an_op_profile(tmp_path, capsys):
     """`dagan bench` times the plain and CPU-graph onnxruntime engines side by side, and with
-    DAGAN_BENCH_PROFILE=1 says where each frame graph's time goes, by operator."""
-    from engine.bench import run_bench
+    --profile says where each frame graph's time goes, by operator."""
+    from commands.cli import main
 
-    monkeypatch.setenv("DAGAN_BENCH_PROFILE", "1")
-    monkeypatch.setenv("DAGAN_BENCH_THREADS", "1")
-    (r,) = run_bench(["tiny"], None, 2, 1, "cpu", None, backends=["onnxruntime"], interleaved=True)
+    out = tmp_path / "bench.json"
+    args = ["bench", "--preset", "tiny", "--frames", "2", "--warmup", "1", "--device", "cpu"]
+    args += ["--backends", "onnxruntime", "--interleaved", "--profile", "--threads", "1", "--json", str(out)]
+    assert main(args) == 0
+    (r,) = json.loads(out.read_text())
     rows = r["interleaved"]["rows"]
     for name in ("onnxruntime fp32", "onnxruntime fp32 +cpu_graph", "onnxruntime int8 +cpu_graph"):
         assert rows[name]["frames"] == 2, r["errors"]

@@ -194,7 +194,7 @@ def test_quantize_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_bench_times_low_precision_rows_interleaved(model, exports):
-    from engine.bench import AUTHORS, bench_interleaved
+    from bench.model import AUTHORS, bench_interleaved
 
     _, int8 = exports
     engines = [("onnxruntime int8", OnnxRuntimeEngine(int8, device="cpu", precision="int8"))]

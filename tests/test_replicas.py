@@ -26,8 +26,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench import server as sb
 from dagan.helpers import stop_process
-from server import bench as sb
 from server.client import Call, ServiceClient
 
 ROOT = Path(__file__).resolve().parent.parent

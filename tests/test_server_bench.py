@@ -1,8 +1,10 @@
-"""The server benchmark (server/bench.py) and the prepared GPU check (scripts/gpu_check.sh).
+"""The benchmark package (bench/): the server sweep, the GIL measurement, the prepared GPU check
+(scripts/gpu_check.sh → bench/gpu.py) and what they share (engines, cache keys, reports, flags).
 
-The benchmark runs for real, briefly: one client, the zero-cost engine, a few seconds, so CI proves that
-it starts a server, gets video back, pairs frames for latency and reads every stage from /metrics. The
-GPU check runs its ``--smoke`` mode on the CPU.
+The server benchmark runs for real, briefly: one client, the zero-cost engine, a few seconds, so CI proves
+that it starts a server, gets video back, pairs frames for latency and reads every stage from /metrics.
+The GPU check runs its ``--smoke`` mode on the CPU. The model benchmark (``dagan bench``) is run in
+tests/test_cli.py and tests/test_cpu_engine.py.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server import bench as sb
+from bench import media
+from bench import server as sb
 from server.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,14 +42,14 @@ def test_zero_cost_engine_returns_the_crop_resized():
 
 
 def test_driving_video_has_a_detectable_moving_face():
-    frames = sb.moving_face_frames(sb.face_photo(), n=10)
+    frames = media.moving_face_frames(media.face_photo(), n=10)
     assert frames[0].shape == (480, 640, 3)
     assert np.abs(frames[0].astype(int) - frames[5]).mean() > 5  # it moves
     from dagan.face import FaceDetector
 
     with FaceDetector() as det:
         assert all(det.detect(f) for f in frames[::3])
-    packets = sb.encode_vp8(frames)
+    packets = media.encode_vp8(frames)
     assert len(packets) == 10 and len(packets[0]) > len(packets[1])  # a keyframe, then deltas
 
 
@@ -67,10 +70,12 @@ def test_stage_table_from_two_scrapes():
 
 @pytest.mark.slow
 def test_server_bench_one_stream_end_to_end(tmp_path):
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "server.bench", "--engine", "zero", "--streams", "1"]
+    out, table = tmp_path / "bench.json", tmp_path / "bench.md"
+    cmd = [sys.executable, "-m", "bench.server", "--engine", "zero", "--streams", "1"]
     cmd += ["--seconds", "3", "--warmup", "1", "--budget-s", "150", "--detect-every", "3", "--json", str(out)]
+    cmd += ["--markdown", str(table), "--photos", str(tmp_path / "no-photos"), "--start-timeout-s", "120"]
     subprocess.run(cmd, cwd=ROOT, check=True, timeout=240)
+    assert "Engine `zero`, settings {'DAGAN_DETECT_EVERY': '3'}" in table.read_text()
     (result,) = json.loads(out.read_text())
     (step,) = result["steps"]
     assert result["engine"] == "zero" and result["env"] == {"DAGAN_DETECT_EVERY": "3"}

@@ -1,4 +1,4 @@
-"""``python -m server.bench``: streams per machine for ``dagan serve``, end to end on loopback.
+"""``python -m bench.server``: streams per machine for ``dagan serve``, end to end on loopback.
 
 N aiortc clients send 640×480 video at 25 fps to a real server process (``dagan serve``'s app, started
 here in a child process so its CPU time is its own) and receive the avatar back. The driving video is a
@@ -17,6 +17,10 @@ handed to the client's RTP sender to the avatar frame decoded by the client), se
 stream-frame by stage (from the server's /metrics: ``dagan_stage_seconds_total`` and
 ``process_cpu_seconds_total``) and the load average; then the largest N held at >= 24 fps. Loopback only
 (ICE host candidates pinned to 127.0.0.1), bounded by ``--budget-s``, stops by itself.
+
+The ``DAGAN_*`` variables are the server's own: the sweep passes them to the server process it starts
+(``--detect-every`` and the like set them; ``bundled@…`` variants add their own); the benchmark's own
+settings are flags only.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import asyncio
 import contextlib
 import fractions
 import json
-import math
 import os
 import re
 import statistics
@@ -43,11 +46,14 @@ import numpy as np
 from dagan.helpers import stop_process
 from engine.base import Engine, FrameResult, Session, check_batch
 
-FPS = 25
-TICK = 90_000 // FPS
-WIDTH, HEIGHT = 640, 480
+from .media import FPS, PHOTOS, encode_vp8, face_photo, moving_face_frames
+from .paths import REPO_ROOT
+from .report import load_average, machine_description, percentile, timestamp, write_report
+
 TARGET_FPS = 24.0
-PHOTOS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real-faces" / "photos"
+#: How long the sweep waits for its server to start (a first start prepares the CPU exports: minutes on
+#: a busy 2-core machine; later starts take seconds).
+START_TIMEOUT_S = 900.0
 
 
 class ZeroCostEngine(Engine):
@@ -82,50 +88,12 @@ class ZeroCostEngine(Engine):
         return out
 
 
-# ------------------------------------------------------------------------------------------ driving video
-
-
-def face_photo() -> np.ndarray:
-    """A real face photo (the shared real-faces set when present, else the bundled astronaut sample)."""
-    for path in sorted(PHOTOS.glob("*.jpg")) if PHOTOS.is_dir() else []:
-        image = cv2.imread(str(path))
-        if image is not None:
-            return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    from dagan.samples import astronaut
-
-    return astronaut()
-
-
-def moving_face_frames(
-    photo: np.ndarray, n: int = 50, width: int = WIDTH, height: int = HEIGHT
-) -> list[np.ndarray]:
-    """``n`` frames (one loop) of the photo on a width×height canvas, shifted, turned and zoomed smoothly
-    (a head moving about ±8 % of the frame, ±8°, ±6 % size; the loop closes without a jump)."""
-    scale = 0.9 * height / photo.shape[0]
-    frames = []
-    for i in range(n):
-        phase = 2 * math.pi * i / n
-        dx, dy = 0.08 * width * math.sin(phase), 0.05 * height * math.sin(2 * phase)
-        angle, zoom = 8.0 * math.sin(phase + 1.0), scale * (1.0 + 0.06 * math.cos(phase))
-        m = cv2.getRotationMatrix2D((photo.shape[1] / 2, photo.shape[0] / 2), angle, zoom)
-        m[0, 2] += width / 2 - photo.shape[1] / 2 + dx
-        m[1, 2] += height / 2 - photo.shape[0] / 2 + dy
-        frames.append(cv2.warpAffine(photo, m, (width, height), borderMode=cv2.BORDER_REFLECT))
-    return frames
-
-
-def encode_vp8(frames: list[np.ndarray], bitrate: int = 900_000, fps: int = FPS) -> list[bytes]:
-    """One VP8 packet per frame, the first a keyframe and the loop a single GOP (so every loop restarts
-    on a keyframe and a receiver can join at any loop)."""
-    from server.pipeline import _vp8_packets
-
-    packets = _vp8_packets(frames, bitrate=bitrate, fps=fps)
-    if len(packets) != len(frames):
-        raise RuntimeError(f"VP8 encoder gave {len(packets)} packets for {len(frames)} frames")
-    return [bytes(p) for p in packets]
-
-
-# ------------------------------------------------------------------------------------------------- client
+# ------------------------------------------------------------------------------------------- the client
+# The only code here that speaks the service's HTTP + WebRTC API: :func:`connect` opens a call (session,
+# photo, data channel, offer/answer) with :func:`packet_track` as its camera, and fills the :class:`Client`
+# record that the measurement reads (driving packets sent, avatar frames decoded, the per-frame data-channel
+# messages); :func:`hang_up` ends it. A shared client of the API can replace the body of ``connect`` as
+# long as it keeps these three hooks.
 
 
 @dataclass
@@ -271,67 +239,22 @@ def stage_table(before: dict[str, float], after: dict[str, float], frames_out: f
     return out
 
 
-def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
-
-
 # --------------------------------------------------------------------------------------------- server
 
 
 def serve_main(argv: list[str]) -> None:
     """The child process: the real app with the chosen engine on 127.0.0.1; prints its port."""
-    p = argparse.ArgumentParser()
-    p.add_argument("--engine", default="zero")
+    p = argparse.ArgumentParser(prog="python -m bench.server --serve")
+    p.add_argument("--engine", default="zero", choices=("zero", "bundled"))
     p.add_argument("--max-sessions", type=int, default=16)
     a = p.parse_args(argv)
     import uvicorn
 
     from server.app import create_app
-    from server.settings import ServerSettings
 
-    if a.engine == "zero":
-        engine: Engine = ZeroCostEngine()
-        choice = {"backend": "zero", "precision": "-", "reason": "no network: the server's own cost"}
-    else:
-        # exactly what `dagan serve` runs: the same selection (engine.select.default_engine), the same
-        # variables (DAGAN_BACKEND, DAGAN_PRECISION, DAGAN_INFER_THREADS), the same thread split
-        from dagan.checkpoint import resolve_checkpoint
-        from engine.select import default_engine
-
-        threads = int(os.environ.get("DAGAN_INFER_THREADS") or os.environ.get("DAGAN_TORCH_THREADS") or 0)
-        engine, chosen = default_engine(
-            resolve_checkpoint(None),
-            backend=os.environ.get("DAGAN_BACKEND") or "auto",
-            device=os.environ.get("DAGAN_DEVICE") or "auto",
-            precision=os.environ.get("DAGAN_PRECISION") or None,
-            threads=threads or None,
-            progress=lambda line: print(line, file=sys.stderr, flush=True),
-        )
-        choice = chosen.as_dict()
+    engine, choice = serve_engine(a.engine)
     print("ENGINE " + json.dumps(choice), flush=True)
-    from server.cli import SETTING_OPTIONS
-
-    # The picture and motion settings a variant may set (bundled@DAGAN_PICTURE=full+DAGAN_PICTURE_SIZE=...)
-    picture = ("picture", "picture_size", "smooth_min_cutoff", "smooth_beta", "auto_neutral_s")
-    overrides = {
-        o.field: o.convert(os.environ[o.env], f"${o.env}")
-        for o in SETTING_OPTIONS
-        if o.field in picture and os.environ.get(o.env)
-    }
-    settings = ServerSettings(
-        **overrides,
-        ice_host_addresses=("127.0.0.1",),
-        max_sessions=a.max_sessions,
-        max_sessions_per_client=a.max_sessions,  # every client of the benchmark is on 127.0.0.1
-        max_uploads_per_client=8,
-        sessions_per_minute=1e6,
-        session_burst=10_000,
-        peer_timeout_s=30.0,
-    )
-    app = create_app(settings, engine)
+    app = create_app(server_settings(a.max_sessions), engine)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
 
@@ -345,17 +268,72 @@ def serve_main(argv: list[str]) -> None:
     asyncio.run(run())
 
 
-@contextlib.contextmanager
-def server_process(engine: str, max_sessions: int, env: dict[str, str]) -> Any:
-    cmd = [sys.executable, "-m", "server.bench", "--serve", "--engine", engine]
-    cmd += ["--max-sessions", str(max_sessions)]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **env}, cwd=Path(__file__).parent.parent
+def serve_engine(name: str) -> tuple[Engine, dict[str, Any]]:
+    """The benchmark server's engine and what the report says about it: ``zero`` (:class:`ZeroCostEngine`)
+    or ``bundled``, exactly what ``dagan serve`` runs — the same selection
+    (:func:`engine.select.default_engine`), the same server variables (``DAGAN_CHECKPOINT``,
+    ``DAGAN_BACKEND``, ``DAGAN_DEVICE``, ``DAGAN_PRECISION``, ``DAGAN_INFER_THREADS``), the same thread
+    split."""
+    if name == "zero":
+        return ZeroCostEngine(), {
+            "backend": "zero",
+            "precision": "-",
+            "reason": "no network: the server's own cost",
+        }
+    from dagan.checkpoint import resolve_checkpoint
+    from engine.select import default_engine
+
+    threads = int(os.environ.get("DAGAN_INFER_THREADS") or os.environ.get("DAGAN_TORCH_THREADS") or 0)
+    engine, chosen = default_engine(
+        resolve_checkpoint(None),
+        backend=os.environ.get("DAGAN_BACKEND") or "auto",
+        device=os.environ.get("DAGAN_DEVICE") or "auto",
+        precision=os.environ.get("DAGAN_PRECISION") or None,
+        threads=threads or None,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
+    return engine, chosen.as_dict()
+
+
+def server_settings(max_sessions: int) -> Any:
+    """The benchmark server's settings: the server's own ``DAGAN_*`` variables for the media work
+    (``DAGAN_DETECT_EVERY``, ``DAGAN_MEDIA_THREADS``, ``DAGAN_DETECT_PROCESSES``, read by
+    :class:`~server.settings.ServerSettings`) and the picture and motion settings a variant may set
+    (``bundled@DAGAN_PICTURE=full+DAGAN_PICTURE_SIZE=...``); loopback only, and limits that let every
+    client of the sweep in from 127.0.0.1."""
+    from server.cli import SETTING_OPTIONS
+    from server.settings import ServerSettings
+
+    picture = ("picture", "picture_size", "smooth_min_cutoff", "smooth_beta", "auto_neutral_s")
+    overrides = {
+        o.field: o.convert(os.environ[o.env], f"${o.env}")
+        for o in SETTING_OPTIONS
+        if o.field in picture and os.environ.get(o.env)
+    }
+    return ServerSettings(
+        **overrides,
+        ice_host_addresses=("127.0.0.1",),
+        max_sessions=max_sessions,
+        max_sessions_per_client=max_sessions,  # every client of the benchmark is on 127.0.0.1
+        max_uploads_per_client=8,
+        sessions_per_minute=1e6,
+        session_burst=10_000,
+        peer_timeout_s=30.0,
+    )
+
+
+@contextlib.contextmanager
+def server_process(
+    engine: str, max_sessions: int, env: dict[str, str], start_timeout_s: float = START_TIMEOUT_S
+) -> Any:
+    """The benchmark server in a child process (its CPU time its own) with the server variables ``env``;
+    yields (process, port) once it listens."""
+    cmd = [sys.executable, "-m", "bench.server", "--serve", "--engine", engine]
+    cmd += ["--max-sessions", str(max_sessions)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **env}, cwd=REPO_ROOT)
     try:
         assert proc.stdout is not None
-        deadline = time.monotonic() + float(os.environ.get("DAGAN_BENCH_START_S", "900"))  # a first
-        # start prepares the CPU exports (minutes on a busy 2-core machine); later starts take seconds
+        deadline = time.monotonic() + start_timeout_s
         port = None
         proc.engine_choice = {}  # type: ignore[attr-defined]
         while time.monotonic() < deadline:
@@ -433,8 +411,8 @@ async def measure(
         "streams": n,
         "fps_per_stream_median": statistics.median(fps),
         "fps_per_stream_min": min(fps),
-        "latency_p50_ms": 1000 * _pct(lat, 0.5),
-        "latency_p95_ms": 1000 * _pct(lat, 0.95),
+        "latency_p50_ms": 1000 * percentile(lat, 0.5),
+        "latency_p95_ms": 1000 * percentile(lat, 0.95),
         "frames_in": int(frames_in),
         "frames_out": int(frames_out),
         "server_cpu_ms_per_frame_out": per_frame,
@@ -458,14 +436,17 @@ def run(
     budget_s: float,
     env: dict[str, str],
     keep_going: bool = False,
+    photos: str | Path = PHOTOS,
+    start_timeout_s: float = START_TIMEOUT_S,
 ) -> list[dict]:
     """The sweep: for each engine, N = streams... until a step misses 24 fps (unless ``keep_going``) or
-    the budget runs out. An engine may carry its own server variables, ``bundled@K=V+K2=V2`` (variants
-    of one setting compared in one run, on one machine at one load)."""
+    the budget runs out. ``env``: server variables for every engine; an engine may carry its own,
+    ``bundled@K=V+K2=V2`` (variants of one setting compared in one run, on one machine at one load).
+    The driving face is the first photo in ``photos`` (else a bundled sample)."""
     from server.tracks import host_candidates
 
     started = time.monotonic()
-    photo_rgb = face_photo()
+    photo_rgb = face_photo(photos)
     packets = encode_vp8(moving_face_frames(photo_rgb))
     from dagan.samples import astronaut
 
@@ -480,11 +461,12 @@ def run(
                 "env": {**env, **own},
                 "steps": [],
                 "max_streams_at_24fps": 0,
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "load_before": [round(x, 2) for x in os.getloadavg()],
+                "date": timestamp(),
+                "load_before": load_average(),
             }
             results.append(entry)
-            with server_process(engine, max(streams), {**env, **own}) as (proc, port):
+            server = server_process(engine, max(streams), {**env, **own}, start_timeout_s)
+            with server as (proc, port):
                 entry["engine_choice"] = getattr(proc, "engine_choice", {})
                 if entry["engine_choice"]:
                     print(f"[{spec}] engine: {_choice_text(entry['engine_choice'])}", flush=True)
@@ -499,7 +481,7 @@ def run(
                         entry["max_streams_at_24fps"] = max(entry["max_streams_at_24fps"], n)
                     elif not keep_going:
                         break
-            entry["load_after"] = [round(x, 2) for x in os.getloadavg()]
+            entry["load_after"] = load_average()
     return results
 
 
@@ -510,10 +492,10 @@ def parse_engine_spec(spec: str) -> tuple[str, dict[str, str]]:
     for item in filter(None, rest.split("+")):
         key, eq, value = item.partition("=")
         if not eq or not key.startswith("DAGAN_"):
-            raise SystemExit(f"python -m server.bench: bad engine variant {item!r} (want DAGAN_NAME=VALUE)")
+            raise SystemExit(f"python -m bench.server: bad engine variant {item!r} (want DAGAN_NAME=VALUE)")
         env[key] = value
     if name not in ("zero", "bundled"):
-        raise SystemExit(f"python -m server.bench: unknown engine {name!r} (zero or bundled)")
+        raise SystemExit(f"python -m bench.server: unknown engine {name!r} (zero or bundled)")
     return name, env
 
 
@@ -547,7 +529,6 @@ def markdown(results: list[dict]) -> str:
     """The results as the tables of docs/benchmarks.md."""
     import torch
 
-    from engine.bench import machine_description
     from server.pipeline import STAGES
 
     m = machine_description(torch.device("cpu"))
@@ -601,7 +582,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--serve"]:
         serve_main(argv[1:])
         return 0
-    p = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.server",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+        epilog="python -m bench.server --serve ... is the server process the sweep starts (not by hand).",
+    )
     p.add_argument(
         "--engine",
         default="zero,bundled",
@@ -617,6 +602,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8.0, help="measured window per N")
     p.add_argument("--warmup", type=float, default=4.0, help="seconds before the window (ICE, ramp-up)")
     p.add_argument("--budget-s", type=float, default=600.0, help="stop the sweep after this long")
+    p.add_argument(
+        "--start-timeout-s",
+        type=float,
+        default=START_TIMEOUT_S,
+        help="wait this long for each server to start (a first start prepares the CPU exports; default "
+        "%(default)g)",
+    )
+    p.add_argument(
+        "--photos",
+        default=str(PHOTOS),
+        help="folder of face photos; the first *.jpg drives the clients (default %(default)s; a bundled "
+        "sample when missing)",
+    )
     p.add_argument("--detect-every", type=int, help="DAGAN_DETECT_EVERY for the server")
     p.add_argument("--media-threads", type=int, help="DAGAN_MEDIA_THREADS for the server")
     p.add_argument("--detect-processes", type=int, help="DAGAN_DETECT_PROCESSES for the server")
@@ -643,13 +641,10 @@ def main(argv: list[str] | None = None) -> int:
         a.budget_s,
         env,
         keep_going=a.keep_going,
+        photos=a.photos,
+        start_timeout_s=a.start_timeout_s,
     )
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=2))
-    text = markdown(results)
-    if a.markdown:
-        Path(a.markdown).write_text(text)
-    print(text)
+    write_report(results, markdown(results), a.json, a.markdown)
     return 0
 
 

@@ -1,98 +1,77 @@
-"""``dagan bench``: per-frame latency and multi-stream throughput of every backend available here.
+"""``dagan bench`` (also ``python -m bench.model``): per-frame latency and multi-stream throughput of
+every backend available here.
 
 For each model it reports, in one run on one machine (named in the output):
 
 - the cached PyTorch path vs. the uncached full forward (the source branch recomputed every frame, as
   the reference DaGAN demo does), so the cache's speedup is a measured ratio;
 - for each available backend × precision (torch fp32 / fp16 / fp16+channels_last+CUDA graphs on a GPU,
-  onnxruntime, tensorrt): p50/p99 latency and fps at batch 1, then throughput at batch 1, 2, 4, 8, 16, 32
-  (frames/s and how many concurrent 30-fps streams that is), and peak memory;
+  torch bf16 on a CPU with native bf16, onnxruntime plain and on the CPU graph, fp32 and int8, tensorrt):
+  p50/p99 latency and fps at batch 1, then throughput at each ``--batches`` size (frames/s and how many
+  concurrent 30-fps streams that is), and peak memory;
 - the FLOPs of the per-frame path (and of the uncached forward), so fps can be set against a device's
   peak FLOP/s.
 
-Weights do not change the cost of a forward pass, so presets are timed with random weights (the report
-says so). The JSON written with ``--json`` holds everything printed.
+``--interleaved`` times every row at batch 1 round-robin with the authors' forward instead (the fair
+comparison on a shared machine). Presets are timed with random weights (the report says so). ``--json``
+holds everything printed, ``--markdown`` the printed report.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
+import argparse
+import collections
 import json
 import math
-import os
-import platform
-import resource
-import shutil
 import statistics
-import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from dagan.checkpoint import load_model
-from dagan.config import load_config
+from dagan.config import PRESETS
+from dagan.helpers import resolve_device
 from dagan.model import DaGAN
+from engine.select import cpu_has_bf16
 
-from .torch_backend import TorchEngine
+from .engines import BenchModel, checkpoint_model, preset_model, torch_engine, variant_engine, workdir
+from .report import load_average, machine_description, stats, timestamp, write_report
 
-
-def machine_description(device: torch.device) -> dict[str, str | int]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, str | int] = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count() or 0,
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = str(torch.version.cuda)
-        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
-        info["driver"] = _nvidia_driver()
-    for mod in ("onnxruntime", "tensorrt"):
-        with contextlib.suppress(ImportError):
-            info[mod] = __import__(mod).__version__
-    return info
+DESCRIPTION = (
+    "Per-frame latency and multi-stream throughput of every backend available here, the cache's speedup "
+    "over the uncached forward, FLOPs and the machine (docs/benchmarks.md)."
+)
+BATCHES = (1, 2, 4, 8, 16, 32)
+BACKEND_NAMES = ("torch", "onnxruntime", "tensorrt")
 
 
-def _nvidia_driver() -> str:
-    if shutil.which("nvidia-smi") is None:
-        return "unknown"
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=10, check=False,
-        )  # fmt: skip
-        return out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+@dataclass
+class ModelBenchSettings:
+    """Everything ``dagan bench`` can be told (one flag each, :func:`add_arguments`)."""
+
+    presets: list[str] = field(default_factory=list)
+    checkpoint: str | None = None
+    frames: int = 20
+    warmup: int = 3
+    device: str = "auto"
+    backends: tuple[str, ...] = ()  # empty: every backend available here
+    batches: tuple[int, ...] = BATCHES
+    interleaved: bool = False
+    threads: int | None = None  # onnxruntime's intra-op threads and torch's; None: each runtime's default
+    workdir: str | None = None  # keep the exports here, keyed by the weights; None: a temporary folder
+    calib: tuple[str, ...] = ()  # real face clips (files or folders) for the int8 rows
+    profile: bool = False  # onnxruntime op profile per graph row
+    passes: bool = False  # one CPU-graph rewrite at a time as extra rows
+    json: str | None = None
+    markdown: str | None = None
 
 
-def _stats(samples_s: list[float]) -> dict[str, float]:
-    ms = sorted(s * 1000.0 for s in samples_s)
-    p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
-    return {
-        "median_ms": statistics.median(ms),
-        "p99_ms": p99,
-        "mean_ms": statistics.fmean(ms),
-        "fps": 1000.0 / statistics.fmean(ms),
-        "frames": len(ms),
-    }
-
-
-def _time(fn, frames: int, warmup: int, device: torch.device) -> list[float]:
+def _time(fn: Callable[[], Any], frames: int, warmup: int, device: torch.device) -> list[float]:
     for _ in range(warmup):
         fn()
     samples = []
@@ -109,7 +88,7 @@ def _time(fn, frames: int, warmup: int, device: torch.device) -> list[float]:
 
 def bench_model(model: DaGAN, label: str, frames: int = 20, warmup: int = 3, device: str = "auto") -> dict:
     """Time one model's cached per-frame path and its uncached forward on random uint8 frames."""
-    engine = TorchEngine(model, device=device)
+    engine = torch_engine(model, device)
     size = engine.image_size
     rng = np.random.default_rng(0)
     source = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -132,15 +111,12 @@ def bench_model(model: DaGAN, label: str, frames: int = 20, warmup: int = 3, dev
     result = {
         "model": label,
         "parameters": sum(p.numel() for p in engine.model.parameters()),
-        "cached": _stats(_time(cached, frames, warmup, engine.device)),
-        "uncached": _stats(_time(uncached, frames, warmup, engine.device)),
+        "cached": stats(_time(cached, frames, warmup, engine.device)),
+        "uncached": stats(_time(uncached, frames, warmup, engine.device)),
         "machine": machine_description(engine.device),
     }
     result["speedup"] = result["uncached"]["median_ms"] / result["cached"]["median_ms"]
     return result
-
-
-BATCHES = (1, 2, 4, 8, 16, 32)
 
 
 def count_flops(model: DaGAN) -> dict[str, float]:
@@ -170,10 +146,12 @@ def count_flops(model: DaGAN) -> dict[str, float]:
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
-def _variants(device: torch.device) -> list[tuple[str, str, dict]]:
+def _variants(device: torch.device, passes: bool = False) -> list[tuple[str, str, dict]]:
     """(backend, precision, options) worth timing on this device, from the installed runtimes."""
     import importlib.util
 
@@ -192,7 +170,7 @@ def _variants(device: torch.device) -> list[tuple[str, str, dict]]:
                 ("onnxruntime", "int8", {}),
                 ("onnxruntime", "int8", {"cpu_graph": True}),
             ]
-            if os.environ.get("DAGAN_BENCH_PASSES"):  # what each CPU-graph rewrite buys on its own
+            if passes:  # what each CPU-graph rewrite buys on its own
                 from export.optimize import PASSES
 
                 out += [("onnxruntime", "fp32", {"cpu_graph": p}) for p in PASSES]
@@ -208,85 +186,11 @@ def _variant_name(backend: str, precision: str, options: dict) -> str:
     )
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has native bf16 arithmetic (AVX-512 BF16 / AMX): without it torch emulates bf16
-    and the row would only show the emulation's cost."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
-
-
-def _calibration_clips(size: int) -> tuple[list, str]:
-    """Calibration material for the int8 row: real face clips from ``DAGAN_BENCH_CALIB`` (files or
-    folders, comma-separated) when set, else four random frames — latency does not depend on the ranges
-    calibration picks, only the output quality does, and quality is measured elsewhere (docs/export.md)."""
-    from export.quantize import FaceClip, face_clips, find_clips
-
-    env = os.environ.get("DAGAN_BENCH_CALIB")
-    if env:
-        clips = face_clips(find_clips(env.split(",")), size, frames_per_clip=2)
-        return clips, f"{sum(len(c.drivers) for c in clips)} real frames"
-    rng = np.random.default_rng(2)
-    frames = rng.integers(0, 256, (5, size, size, 3), dtype=np.uint8)
-    return [FaceClip("random", frames[0], list(frames[1:]))], "4 random frames (latency only)"
-
-
-def _make_engine(model, backend, precision, options, device, workdir: Path):
-    if backend == "torch":
-        if precision != "fp32":  # .to(dtype) is in place: keep the shared fp32 weights for the others
-            model = copy.deepcopy(model)
-        return TorchEngine(model, device=device, precision=precision, **options)
-    onnx_dir = workdir / "onnx"
-    if not (onnx_dir / "manifest.json").is_file():
-        from export.onnx_export import export_model
-
-        export_model(model, onnx_dir, progress=False)
-    threads = _bench_threads()
-    if backend == "onnxruntime" and options.get("cpu_graph"):
-        from export.optimize import PASSES, optimize_export
-
-        only = options["cpu_graph"]
-        cpu_dir = workdir / ("onnx-cpu" if only is True else f"onnx-cpu-{only}")
-        if not (cpu_dir / "manifest.json").is_file():
-            optimize_export(onnx_dir, cpu_dir, PASSES if only is True else [only])
-        onnx_dir = cpu_dir
-    if backend == "onnxruntime" and precision == "int8":
-        from export.quantize import quantize_export
-
-        from .onnx_backend import OnnxRuntimeEngine
-
-        int8_dir = onnx_dir.parent / f"{onnx_dir.name}-int8"
-        if not (int8_dir / "manifest.json").is_file():
-            clips, _ = _calibration_clips(model.config.image_size)
-            quantize_export(onnx_dir, int8_dir, clips, keep_float=("kp_detector",), progress=False)
-        return OnnxRuntimeEngine(int8_dir, device=device, precision="int8", threads=threads)
-    if backend == "onnxruntime":
-        from .onnx_backend import OnnxRuntimeEngine
-
-        return OnnxRuntimeEngine(onnx_dir, device=device, precision=precision, threads=threads)
-    from .trt_backend import TensorRTEngine
-
-    return TensorRTEngine.from_path(
-        onnx_dir, device=device, precision=precision, max_batch=max(BATCHES), cache_dir=workdir
-    )
-
-
-def _bench_threads() -> int | None:
-    """``DAGAN_BENCH_THREADS``: onnxruntime's intra-op threads (and torch's, set in :func:`run_bench`);
-    unset: each runtime's default (one per core)."""
-    value = os.environ.get("DAGAN_BENCH_THREADS")
-    return int(value) if value else None
-
-
-def op_profile(engine, frames: int = 30, warmup: int = 5) -> list[dict]:
+def op_profile(engine: Any, frames: int = 30, warmup: int = 5) -> list[dict]:
     """Where an onnxruntime engine's frame graph spends its time, by operator type: onnxruntime's own
     profiler over ``frames`` batch-1 frames (after ``warmup``), kernel time per frame (median over the
     frames of each node's time, summed per op type), share, nodes. A profiled copy of the frame session
     is made with the engine's options, so the engine itself is not slowed."""
-    import collections
-
     import onnxruntime as ort
 
     runner = engine.runner
@@ -342,7 +246,9 @@ def op_profile(engine, frames: int = 30, warmup: int = 5) -> list[dict]:
     return rows
 
 
-def bench_backend(engine, frames: int, warmup: int, batches: tuple[int, ...], device: torch.device) -> dict:
+def bench_backend(
+    engine: Any, frames: int, warmup: int, batches: tuple[int, ...], device: torch.device
+) -> dict:
     """Latency at batch 1 and throughput at each batch size (B sessions, one frame each per call)."""
     size = engine.image_size
     rng = np.random.default_rng(1)
@@ -355,7 +261,7 @@ def bench_backend(engine, frames: int, warmup: int, batches: tuple[int, ...], de
         engine.animate(drivers[i[0] % 4])
         i[0] += 1
 
-    result = {"latency": _stats(_time(one, frames, warmup, device)), "throughput": []}
+    result = {"latency": stats(_time(one, frames, warmup, device)), "throughput": []}
     for b in batches:
         sessions = [engine.new_session(sources[k % 4]) for k in range(b)]
         batch_frames = [drivers[k % 4] for k in range(b)]
@@ -380,14 +286,14 @@ AUTHORS = "authors' forward (torch fp32, uncached)"
 
 
 def bench_interleaved(
-    model: DaGAN, engines: list[tuple[str, object]], frames: int, warmup: int, device: torch.device
+    model: DaGAN, engines: list[tuple[str, Any]], frames: int, warmup: int, device: torch.device
 ) -> dict:
     """Batch-1 latency of the authors' per-frame forward (the full uncached ``DaGAN.forward``, source
     branch recomputed every frame, as their demo does), our torch fp32 engine and each engine in
     ``engines``, measured round-robin: every round times one frame of each, in a rotating order, so a
     change in machine load (a shared machine) hits every row alike and the ratios stay fair.
     """
-    ref = TorchEngine(model, device=str(device))
+    ref = torch_engine(model, str(device))
     size = ref.image_size
     rng = np.random.default_rng(0)
     source = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -412,7 +318,7 @@ def bench_interleaved(
             fn()
     names = list(fns)
     samples: dict[str, list[float]] = {n: [] for n in names}
-    load_before = os.getloadavg()
+    load_before = load_average()
     for k in range(frames):
         for n in names[k % len(names) :] + names[: k % len(names)]:
             if device.type == "cuda":
@@ -422,176 +328,145 @@ def bench_interleaved(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             samples[n].append(time.perf_counter() - t0)
-    rows = {n: _stats(v) for n, v in samples.items()}
+    rows = {n: stats(v) for n, v in samples.items()}
     base = rows[AUTHORS]["median_ms"]
     for r in rows.values():
         r["vs_authors"] = base / r["median_ms"]
-    return {"rows": rows, "load_before": list(load_before), "load_after": list(os.getloadavg())}
+    return {"rows": rows, "load_before": load_before, "load_after": load_average()}
 
 
-def run_bench(
-    presets: list[str],
-    checkpoint: str | None,
-    frames: int,
-    warmup: int,
-    device: str,
-    out: str | None,
-    backends: list[str] | None = None,
-    batches: tuple[int, ...] | None = None,
-    interleaved: bool | None = None,
-) -> list[dict]:
-    """Benchmark each model on every available backend. ``backends`` / ``batches`` restrict the sweep
-    (also from the environment: ``DAGAN_BENCH_BACKENDS=torch,onnxruntime``, ``DAGAN_BENCH_BATCHES=1,4``).
+def load_models(presets: Sequence[str], checkpoint: str | None) -> list[BenchModel]:
+    """The checkpoint (if any), then each preset with random weights (cost does not depend on them)."""
+    models = [checkpoint_model(checkpoint)] if checkpoint else []
+    label = "preset {} (random init: latency does not depend on weights)"
+    return models + [preset_model(name, label.format(name)) for name in presets]
 
-    ``interleaved`` (or ``DAGAN_BENCH_INTERLEAVED=1``): instead of the sweep, time every variant at
-    batch 1 round-robin with the authors' uncached forward (:func:`bench_interleaved`) — the fair
-    comparison on a shared machine. ``DAGAN_BENCH_WORKDIR``: keep the ONNX / int8 exports there
-    (keyed by the weights) so a rerun does not export and quantize again.
-    """
-    if interleaved is None:
-        interleaved = os.environ.get("DAGAN_BENCH_INTERLEAVED", "") not in ("", "0")
-    if _bench_threads():
-        torch.set_num_threads(_bench_threads())
-    if backends is None and os.environ.get("DAGAN_BENCH_BACKENDS"):
-        backends = os.environ["DAGAN_BENCH_BACKENDS"].split(",")
-    if batches is None:
-        env = os.environ.get("DAGAN_BENCH_BATCHES")
-        batches = tuple(int(x) for x in env.split(",")) if env else BATCHES
-    models: list[tuple[str, DaGAN]] = []
-    if checkpoint:
-        models.append((f"checkpoint {checkpoint}", load_model(checkpoint)))
-    for name in presets:
-        torch.manual_seed(0)
-        models.append(
-            (f"preset {name} (random init: latency does not depend on weights)", DaGAN(load_config(name)))
-        )
+
+def run_bench(settings: ModelBenchSettings) -> list[dict]:
+    """Benchmark each model on every available backend (restricted to ``settings.backends``), or with
+    ``settings.interleaved`` every variant at batch 1 round-robin with the authors' uncached forward
+    (:func:`bench_interleaved`). Prints each model's report as it is done; returns the results."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     results = []
-    for label, model in models:
-        flops = count_flops(model)
-        if interleaved:
-            r = _run_interleaved(model, label, frames, warmup, device, backends)
-            r["flops"] = flops
-            _print(r)
-            results.append(r)
-            continue
-        r = bench_model(model, label, frames, warmup, device)
+    for bm in load_models(settings.presets, settings.checkpoint):
+        date, load_before = timestamp(), load_average()
+        flops = count_flops(bm.model)
+        r = _run_interleaved(bm, settings) if settings.interleaved else _run_sweep(bm, settings)
         r["flops"] = flops
-        dev = torch.device(r["machine"]["device"])
-        r["backends"], r["errors"] = [], {}
-        with _workdir(model) as tmp:
-            for backend, precision, options in _variants(dev):
-                if backends and backend not in backends:
-                    continue
-                name = _variant_name(backend, precision, options)
-                try:
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
-                        torch.cuda.reset_peak_memory_stats(dev)
-                    engine = _make_engine(model, backend, precision, options, str(dev), Path(tmp))
-                    entry = {"name": name, "backend": backend, "precision": precision, "options": options}
-                    entry.update(bench_backend(engine, frames, warmup, batches, dev))
-                    if backend == "onnxruntime" and os.environ.get("DAGAN_BENCH_PROFILE"):
-                        entry["op_profile"] = op_profile(engine)
-                    r["backends"].append(entry)
-                    del engine
-                except Exception as exc:  # one backend failing must not hide the others' numbers
-                    r["errors"][name] = f"{type(exc).__name__}: {exc}"
-        _print(r)
+        r.update(date=date, load_before=load_before, load_after=load_average())
+        print(report_text(r), flush=True)
         results.append(r)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=2))
     return results
 
 
-@contextlib.contextmanager
-def _workdir(model: DaGAN):
-    """Where the exports of a benchmark live: a temporary folder, or ``$DAGAN_BENCH_WORKDIR/<key>``
-    with the key hashing the weights, so a kept export is only reused for the same model."""
-    root = os.environ.get("DAGAN_BENCH_WORKDIR")
-    if not root:
-        with tempfile.TemporaryDirectory(prefix="dagan-bench-") as tmp:
-            yield tmp
-        return
-    import hashlib
+def _run_sweep(bm: BenchModel, settings: ModelBenchSettings) -> dict:
+    r = bench_model(bm.model, bm.label, settings.frames, settings.warmup, settings.device)
+    dev = torch.device(r["machine"]["device"])
+    r["backends"], r["errors"] = [], {}
+    with workdir(bm, settings.workdir) as work:
+        for backend, precision, options in _variants(dev, settings.passes):
+            if settings.backends and backend not in settings.backends:
+                continue
+            name = _variant_name(backend, precision, options)
+            try:
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(dev)
+                engine = _engine(bm, backend, precision, options, dev, work, settings)
+                entry = {"name": name, "backend": backend, "precision": precision, "options": options}
+                entry.update(bench_backend(engine, settings.frames, settings.warmup, settings.batches, dev))
+                if backend == "onnxruntime" and settings.profile:
+                    entry["op_profile"] = op_profile(engine)
+                r["backends"].append(entry)
+                del engine
+            except Exception as exc:  # one backend failing must not hide the others' numbers
+                r["errors"][name] = f"{type(exc).__name__}: {exc}"
+    return r
 
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for t in model.state_dict().values():
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    path = Path(root) / h.hexdigest()[:16]
-    path.mkdir(parents=True, exist_ok=True)
-    yield str(path)
+
+def _engine(
+    bm: BenchModel,
+    backend: str,
+    precision: str,
+    options: dict,
+    dev: torch.device,
+    work: Path,
+    settings: ModelBenchSettings,
+) -> Any:
+    return variant_engine(
+        bm.model, backend, precision, options, str(dev), work, settings.threads, settings.calib, max(BATCHES)
+    )
 
 
-def _run_interleaved(
-    model: DaGAN, label: str, frames: int, warmup: int, device: str, backends: list[str] | None
-) -> dict:
-    from .torch_backend import resolve_device
-
-    dev = resolve_device(device)
+def _run_interleaved(bm: BenchModel, settings: ModelBenchSettings) -> dict:
+    dev = resolve_device(settings.device)
     r: dict = {
-        "model": label,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "model": bm.label,
+        "parameters": sum(p.numel() for p in bm.model.parameters()),
         "machine": machine_description(dev),
         "backends": [],
         "errors": {},
     }
     engines = []
-    with _workdir(model) as tmp:
-        for backend, precision, options in _variants(dev):
+    with workdir(bm, settings.workdir) as work:
+        for backend, precision, options in _variants(dev, settings.passes):
             name = _variant_name(backend, precision, options)
-            if (backends and backend not in backends) or name == "torch fp32":
+            if (settings.backends and backend not in settings.backends) or name == "torch fp32":
                 continue
             try:
-                eng = _make_engine(model, backend, precision, options, str(dev), Path(tmp))
+                eng = _engine(bm, backend, precision, options, dev, work, settings)
                 engines.append((name, eng))
-                if backend == "onnxruntime" and os.environ.get("DAGAN_BENCH_PROFILE"):
+                if backend == "onnxruntime" and settings.profile:
                     r.setdefault("op_profile", {})[name] = op_profile(eng)
             except Exception as exc:  # one backend failing must not hide the others' numbers
                 r["errors"][name] = f"{type(exc).__name__}: {exc}"
-        r["interleaved"] = bench_interleaved(model, engines, frames, warmup, dev)
+        r["interleaved"] = bench_interleaved(bm.model, engines, settings.frames, settings.warmup, dev)
     rows = r["interleaved"]["rows"]
     r["cached"], r["uncached"] = rows["torch fp32"], rows[AUTHORS]
     r["speedup"] = r["uncached"]["median_ms"] / r["cached"]["median_ms"]
     return r
 
 
-def _print(r: dict) -> None:
+def report_text(r: dict) -> str:
+    """One model's results as the lines ``dagan bench`` prints (and ``--markdown`` writes)."""
+    lines: list[str] = []
+    out = lines.append
     m = r["machine"]
     where = (
         f"{m['device']} ({m.get('gpu', m['cpu'])}, {m['cpu_count']} CPUs, torch {m['torch_threads']} threads)"
     )
     f = r["flops"]
-    print(f"{r['model']}: {r['parameters'] / 1e6:.2f} M parameters on {where}")
-    print(
+    out(f"{r['model']}: {r['parameters'] / 1e6:.2f} M parameters on {where}")
+    out(
         f"  FLOPs per frame: {f['per_frame_gflops']:.2f} G cached path, {f['uncached_forward_gflops']:.2f} G "
         f"uncached forward (source encode {f['source_encode_gflops']:.2f} G)"
     )
     for mode in ("cached", "uncached"):
         s = r[mode]
-        print(
+        out(
             f"  torch {mode:9s} median {s['median_ms']:8.1f} ms   p99 {s['p99_ms']:8.1f} ms   "
             f"{s['fps']:7.2f} fps   ({s['frames']} frames)"
         )
-    print(f"  cache speedup (median): {r['speedup']:.2f}x")
+    out(f"  cache speedup (median): {r['speedup']:.2f}x")
     for b in r["backends"]:
         s = b["latency"]
-        print(
+        out(
             f"  {b['name']:40s} p50 {s['median_ms']:8.1f} ms  p99 {s['p99_ms']:8.1f} ms  "
             f"{s['fps']:7.2f} fps  peak {b['peak_memory_mb']:.0f} MB"
         )
         row = "  ".join(
             f"B{t['batch']}: {t['fps']:.1f} fps/{t['streams_30fps']} str" for t in b["throughput"]
         )
-        print(f"    throughput  {row}")
+        out(f"    throughput  {row}")
     if "interleaved" in r:
         il = r["interleaved"]
-        print(
+        out(
             f"  interleaved at batch 1 (load average {il['load_before'][0]:.1f} before, "
             f"{il['load_after'][0]:.1f} after):"
         )
         for name, s in il["rows"].items():
-            print(
+            out(
                 f"  {name:40s} p50 {s['median_ms']:8.1f} ms  p99 {s['p99_ms']:8.1f} ms  "
                 f"{s['fps']:7.2f} fps  {s['vs_authors']:5.2f}x the authors' forward"
             )
@@ -600,6 +475,141 @@ def _print(r: dict) -> None:
     for name, rows in profiles.items():
         total = sum(x["ms"] for x in rows)
         top = ", ".join(f"{x['op']} {x['ms']:.1f} ({100 * x['share']:.0f} %)" for x in rows[:8])
-        print(f"  {name}: kernel time {total:.1f} ms per frame by op: {top}")
+        out(f"  {name}: kernel time {total:.1f} ms per frame by op: {top}")
     for name, err in r["errors"].items():
-        print(f"  {name}: not measured ({err})")
+        out(f"  {name}: not measured ({err})")
+    if "date" in r:
+        out(f"  {r['date']}, load average (1/5/15 min) before {r['load_before']}, after {r['load_after']}")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------- command line
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x.strip()) for x in text.split(",") if x.strip())
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list: {text!r}") from err
+
+    return parse
+
+
+def _backend_list(text: str) -> tuple[str, ...]:
+    names = _csv(str)(text)
+    unknown = sorted(set(names) - set(BACKEND_NAMES))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown backend {', '.join(unknown)} ({', '.join(BACKEND_NAMES)})")
+    return names
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every setting of the model benchmark, as a flag (the defaults are :class:`ModelBenchSettings`')."""
+    d = ModelBenchSettings()
+    p.add_argument("--checkpoint", help="time this checkpoint's model")
+    p.add_argument(
+        "--preset",
+        action="append",
+        choices=PRESETS,
+        help="time a preset with random weights (repeatable; default: every preset unless --checkpoint)",
+    )
+    p.add_argument("--frames", type=int, default=d.frames, help="timed frames per row (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed frames first (default %(default)s)")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default %(default)s)")
+    p.add_argument(
+        "--backends",
+        type=_backend_list,
+        default=d.backends,
+        help=f"comma list of the backends to time, of {', '.join(BACKEND_NAMES)} (default: every one "
+        "available here)",
+    )
+    p.add_argument(
+        "--batches",
+        type=_csv(int),
+        default=d.batches,
+        help=f"batch sizes of the throughput sweep (default {','.join(map(str, d.batches))})",
+    )
+    p.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="instead of the sweep, time every row at batch 1 round-robin with the authors' uncached "
+        "forward: the fair comparison on a shared machine",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads of onnxruntime and torch (default: each runtime's own, one per core)",
+    )
+    p.add_argument(
+        "--workdir",
+        help="keep the ONNX / CPU-graph / int8 exports here, keyed by the weights, so a rerun does not "
+        "export and quantize again (default: a temporary folder)",
+    )
+    p.add_argument(
+        "--calib",
+        type=_csv(str),
+        default=d.calib,
+        help="comma list of real face clips or folders to calibrate the int8 rows on (default: four "
+        "random frames; latency does not depend on them, quality does: docs/export.md)",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="onnxruntime's op profile of each onnxruntime row's graph"
+    )
+    p.add_argument(
+        "--passes",
+        action="store_true",
+        help="also the CPU graph with one rewrite of export/optimize.py at a time (what each buys alone)",
+    )
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--markdown", help="also write the printed report to this file")
+
+
+def settings_from_args(args: argparse.Namespace) -> ModelBenchSettings:
+    presets = args.preset if args.preset is not None else ([] if args.checkpoint else list(PRESETS))
+    return ModelBenchSettings(
+        presets=presets,
+        checkpoint=args.checkpoint,
+        frames=args.frames,
+        warmup=args.warmup,
+        device=args.device,
+        backends=tuple(args.backends),
+        batches=tuple(args.batches) or BATCHES,
+        interleaved=args.interleaved,
+        threads=args.threads,
+        workdir=args.workdir,
+        calib=tuple(args.calib),
+        profile=args.profile,
+        passes=args.passes,
+        json=args.json,
+        markdown=args.markdown,
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    results = run_bench(settings)
+    text = "\n\n".join(report_text(r) for r in results)
+    write_report(results, text, settings.json, settings.markdown, echo=False)  # printed as measured
+    return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """``dagan bench``."""
+    p = subparsers.add_parser(
+        "bench",
+        help="per-frame latency: cached engine path vs uncached forward, every backend here",
+        description=DESCRIPTION,
+    )
+    add_arguments(p)
+    p.set_defaults(func=run_from_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.model", description=DESCRIPTION)
+    add_arguments(p)
+    return run_from_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

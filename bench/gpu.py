@@ -1,4 +1,5 @@
-"""The prepared GPU check (run by scripts/gpu_check.sh): PyTorch variants × models × batch sizes, one table.
+"""``python -m bench.gpu``, the prepared GPU check (run by scripts/gpu_check.sh): PyTorch variants × models
+× batch sizes, one table.
 
 For the bundled default weights, ``tiny`` and ``vox-256`` (random weights: cost does not depend on them)
 and each PyTorch variant (fp32, fp16, fp16 + channels_last, fp16 + channels_last + CUDA graphs, and
@@ -8,7 +9,8 @@ torch.compile when asked and time allows), at batch 1, 2, 4, …, 64 sessions pe
 - streams at 30 fps: throughput ÷ 30, counted only when the call's p99 fits in 33 ms (else 0),
 - fp16 vs fp32: max and mean absolute difference of the uint8 avatar frames, and their PSNR.
 
-It writes ``gpu_check.md`` and ``gpu_check.json`` to ``--out`` ($OUT when set), keeps to ``--budget-s``
+It writes ``gpu_check.md``, ``gpu_check.json`` and ``gpu_check.log`` to ``--out`` (scripts/gpu_check.sh
+passes ``$OUT``), keeps to ``--budget-s``
 (default 7 minutes: the whole check must fit in 8 on an H100/H200), and records what it skipped and why.
 ``--smoke`` runs on whatever device there is (the CPU in CI) with tiny sizes and few iterations, so the
 script is tested where no GPU is.
@@ -17,29 +19,28 @@ script is tested where no GPU is.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
-import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from dagan.checkpoint import DEFAULT_CHECKPOINT
+from dagan.helpers import resolve_device
+from dagan.model import DaGAN
+from engine import create_engine
+from engine.base import Engine
 
-from dagan.checkpoint import load_model  # noqa: E402
-from dagan.config import load_config  # noqa: E402
-from dagan.model import DaGAN  # noqa: E402
-from engine.bench import machine_description  # noqa: E402
-from engine.torch_backend import TorchEngine  # noqa: E402
+from .engines import BenchModel, checkpoint_model, preset_model
+from .paths import GPU_CHECK_OUT
+from .report import load_average, machine_description, percentile, timestamp, write_report
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
-BUNDLED = ROOT / "weights" / "dagan-default.safetensors"
 
 
 def variants(device: torch.device, compile_: bool) -> list[tuple[str, dict]]:
@@ -64,15 +65,16 @@ def variants(device: torch.device, compile_: bool) -> list[tuple[str, dict]]:
     return out
 
 
-def models(names: list[str]) -> list[tuple[str, DaGAN]]:
+def models(names: list[str], checkpoint: Path = DEFAULT_CHECKPOINT) -> list[BenchModel]:
+    """``bundled``: the weights at ``checkpoint`` (skipped when the file is missing); any other name: that
+    preset with random weights."""
     out = []
     for name in names:
         if name == "bundled":
-            if BUNDLED.is_file():
-                out.append((f"bundled ({BUNDLED.name})", load_model(BUNDLED)))
+            if checkpoint.is_file():
+                out.append(checkpoint_model(checkpoint, f"bundled ({checkpoint.name})"))
             continue
-        torch.manual_seed(0)
-        out.append((f"{name} (random init)", DaGAN(load_config(name))))
+        out.append(preset_model(name, f"{name} (random init)"))
     return out
 
 
@@ -81,7 +83,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn, iters: int, warmup: int, device: torch.device) -> list[float]:
+def time_calls(fn: Callable[[], Any], iters: int, warmup: int, device: torch.device) -> list[float]:
     for _ in range(warmup):
         fn()
     sync(device)
@@ -94,10 +96,12 @@ def time_calls(fn, iters: int, warmup: int, device: torch.device) -> list[float]
     return out
 
 
-def make_engine(model: DaGAN, device: torch.device, options: dict) -> TorchEngine:
+def make_engine(model: DaGAN, device: torch.device, options: dict) -> Engine:
+    """The torch engine of one variant (the shared fp32 model, cast in place as the variants go, as
+    this check always ran); ``compile``: its frame step through ``torch.compile``."""
     options = dict(options)
     compile_ = options.pop("compile", False)
-    engine = TorchEngine(model, device=str(device), **options)
+    engine = create_engine(model, backend="torch", device=str(device), **options)
     if compile_:
         engine._run_frame = torch.compile(engine._run_frame, dynamic=False)  # type: ignore[method-assign]
     return engine
@@ -108,7 +112,17 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def check_model(label, model, device, batches, iters, warmup, deadline, compile_, log) -> dict:
+def check_model(
+    label: str,
+    model: DaGAN,
+    device: torch.device,
+    batches: tuple[int, ...],
+    iters: int,
+    warmup: int,
+    deadline: float,
+    compile_: bool,
+    log: Callable[[str], None],
+) -> dict:
     size = model.config.image_size
     rng = np.random.default_rng(0)
     sources = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(4)]
@@ -148,8 +162,8 @@ def check_model(label, model, device, batches, iters, warmup, deadline, compile_
                 samples = time_calls(
                     lambda e=engine, s=sessions, f=frames: e.animate_batch(s, f), iters, warmup, device
                 )
-                ms = sorted(x * 1000 for x in samples)
-                p50, p99 = statistics.median(ms), ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+                ms = [x * 1000 for x in samples]
+                p50, p99 = statistics.median(ms), percentile(ms, 0.99)
                 fps = b * 1000 / p50
                 row["batches"].append(
                     {
@@ -222,21 +236,32 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.gpu", description=__doc__.split("\n\n")[0].replace("``", "")
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes and few iterations (CI, no GPU needed)")
-    p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "runs" / "gpu_check"))
+    p.add_argument(
+        "--out", default=str(GPU_CHECK_OUT), help="folder for gpu_check.md/.json/.log (default %(default)s)"
+    )
     p.add_argument("--budget-s", type=float, default=420.0, help="stop measuring after this long")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--models", default="bundled,tiny,vox-256")
-    p.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default %(default)s)")
+    p.add_argument(
+        "--models",
+        default="bundled,tiny,vox-256",
+        help="comma list: bundled (the --checkpoint weights) and presets with random weights",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=DEFAULT_CHECKPOINT,
+        help="the weights the 'bundled' model loads (default: the shipped weights; skipped if missing)",
+    )
+    p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes (default %(default)s)")
+    p.add_argument("--iters", type=int, default=30, help="timed calls per cell (default %(default)s)")
     p.add_argument("--compile", action="store_true", help="also torch.compile (minutes of compilation)")
     a = p.parse_args(argv)
     started = time.monotonic()
-    if a.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(a.device)
+    device = resolve_device(a.device)
     names = [n.strip() for n in a.models.split(",") if n.strip()]
     batches = tuple(int(b) for b in a.batches.split(","))
     iters, warmup = a.iters, 3
@@ -256,21 +281,27 @@ def main(argv: list[str] | None = None) -> int:
         log_lines.append(line)
 
     deadline = started + a.budget_s
-    report = {"machine": machine_description(device), "smoke": a.smoke, "iterations": iters, "models": []}
+    report: dict[str, Any] = {
+        "machine": machine_description(device),
+        "smoke": a.smoke,
+        "iterations": iters,
+        "date": timestamp(),
+        "load_before": load_average(),
+        "models": [],
+    }
     log(
         f"gpu_check on {report['machine'].get('gpu', report['machine']['cpu'])}: "
         f"models {names}, batches {batches}"
     )
     # Small models first: if the budget runs out it is the big model's large batches that are missing.
-    for label, model in models(names):
+    for bm in models(names, a.checkpoint):
         report["models"].append(
-            check_model(label, model, device, batches, iters, warmup, deadline, a.compile, log)
+            check_model(bm.label, bm.model, device, batches, iters, warmup, deadline, a.compile, log)
         )
     report["elapsed_s"] = time.monotonic() - started
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    (out / "gpu_check.md").write_text(markdown(report))
+    report["load_after"] = load_average()
     (out / "gpu_check.log").write_text("\n".join(log_lines) + "\n")
-    print(markdown(report))
+    write_report(report, markdown(report), out / "gpu_check.json", out / "gpu_check.md")
     print(f"written: {out / 'gpu_check.md'}, {out / 'gpu_check.json'}")
     return 0
 
