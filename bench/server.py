@@ -98,15 +98,22 @@ class ZeroCostEngine(Engine):
 
 @dataclass
 class Client:
-    """One viewer: its peer connection, the driving packets it sent (pts → time) and what came back."""
+    """One viewer: its call (:class:`server.client.Call`), the driving packets it sent (pts → time) and
+    what came back."""
 
-    pc: Any
-    session_id: str
+    call: Any = None
     sent_at: dict[int, float] = field(default_factory=dict)
     received: list[tuple[int, float]] = field(default_factory=list)  # avatar pts, decode time
     messages: dict[int, int] = field(default_factory=dict)  # avatar pts -> src_pts
-    reader: Any = None
-    replica: str | None = None  # X-Dagan-Replica of the response that created the session
+
+    @property
+    def session_id(self) -> str:
+        return self.call.session_id
+
+    @property
+    def replica(self) -> str | None:
+        """X-Dagan-Replica of the response that created the session."""
+        return self.call.replica if self.call is not None else None
 
     def window(self, t0: float, t1: float) -> tuple[int, list[float]]:
         """(avatar frames decoded in [t0, t1), their glass-to-glass latencies in seconds)."""
@@ -153,52 +160,34 @@ def packet_track(packets: list[bytes], client: Client, offset: int, fps: int = F
 
 async def connect(http: Any, photo_jpeg: bytes, packets: list[bytes], offset: int, fps: int = FPS) -> Client:
     """A session through ``http`` (a server or the load balancer in front of replicas), photo uploaded,
-    WebRTC call up with the packet track; raises on any refusal."""
-    from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
-    from aiortc.mediastreams import MediaStreamError
+    WebRTC call up with the packet track (VP8 only: the packets are VP8), made by the service's one
+    client (:mod:`server.client`); raises on any refusal."""
+    from server.client import ServiceClient
 
-    r = await http.post("/api/sessions", json={})
-    r.raise_for_status()
-    sid = r.json()["id"]
-    replica = r.headers.get("x-dagan-replica")
-    r = await http.put(f"/api/sessions/{sid}/source", files={"file": ("p.jpg", photo_jpeg, "image/jpeg")})
-    r.raise_for_status()
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    client = Client(pc, sid, replica=replica)
-    channel = pc.createDataChannel("control")
+    client = Client()
 
-    @channel.on("message")
-    def on_message(message: Any) -> None:
-        msg = json.loads(message)
-        if msg.get("type") == "frame":
+    def on_message(msg: Any) -> None:
+        if isinstance(msg, dict) and msg.get("type") == "frame":
             client.messages[msg["pts"]] = msg["src_pts"]
 
-    @pc.on("track")
-    def on_track(remote: Any) -> None:
-        async def read() -> None:
-            with contextlib.suppress(MediaStreamError):
-                while True:
-                    frame = await remote.recv()
-                    client.received.append((frame.pts, time.monotonic()))
+    def on_frame(frame: Any) -> None:
+        client.received.append((frame.pts, time.monotonic()))
 
-        client.reader = asyncio.ensure_future(read())
-
-    transceiver = pc.addTransceiver(packet_track(packets, client, offset, fps), direction="sendrecv")
-    vp8 = [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType.lower() == "video/vp8"]
-    transceiver.setCodecPreferences(vp8)  # the packets are VP8: the call must be too
-    await pc.setLocalDescription(await pc.createOffer())
-    r = await http.post(f"/api/sessions/{sid}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"})
-    r.raise_for_status()
-    await pc.setRemoteDescription(RTCSessionDescription(**r.json()))
+    client.call = await ServiceClient(http=http).call(
+        photo_jpeg,
+        packet_track(packets, client, offset, fps),
+        codec="video/VP8",
+        on_frame=on_frame,
+        on_message=on_message,
+    )
     return client
 
 
 async def hang_up(http: Any, client: Client) -> None:
-    with contextlib.suppress(Exception):
-        await http.delete(f"/api/sessions/{client.session_id}")
-    await client.pc.close()
-    if client.reader is not None:
-        client.reader.cancel()
+    """Hang up and delete the session (``http`` is the client's own; kept for the callers' symmetry)."""
+    if client.call is not None:
+        with contextlib.suppress(Exception):
+            await client.call.close()
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -28,7 +27,6 @@ import pytest
 
 from bench import server as sb
 from dagan.helpers import stop_process
-from server.client import Call, ServiceClient
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY = shutil.which("haproxy") or next(
@@ -85,33 +83,6 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> No
     raise AssertionError(f"{url} did not answer within {timeout:g} s:\n{log.read_text()[-3000:]}")
 
 
-@dataclass
-class Viewer:
-    """One client of the proxy: its call (server.client) and when each avatar frame arrived."""
-
-    sent_at: dict[int, float] = field(default_factory=dict)  # driving pts -> send time (the packet track's)
-    received: list[tuple[int, float]] = field(default_factory=list)  # avatar pts, arrival time
-    call: Call | None = None
-
-    @property
-    def session_id(self) -> str:
-        return self.call.session_id
-
-    @property
-    def replica(self) -> str | None:
-        return self.call.replica  # X-Dagan-Replica of the response that created the session
-
-
-async def connect(service: ServiceClient, photo: bytes, packets: list[bytes], offset: int) -> Viewer:
-    """A call through the proxy that sends pre-encoded VP8 packets (so the call must be VP8)."""
-    viewer = Viewer()
-    track = sb.packet_track(packets, viewer, offset, fps=FPS)
-    viewer.call = await service.call(
-        photo, track, codec="video/VP8", on_frame=lambda f: viewer.received.append((f.pts, time.monotonic()))
-    )
-    return viewer
-
-
 async def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -163,11 +134,10 @@ def test_sessions_pinned_to_their_replica_and_moved_when_it_dies(tmp_path):
         async def scenario() -> dict:
             base = f"http://127.0.0.1:{lb_port}"
             async with httpx.AsyncClient(base_url=base, timeout=60) as http:
-                service = ServiceClient(http=http)
                 # Both replicas must be marked up before the round-robin is meaningful.
                 clients = []
                 for k in range(8):
-                    clients.append(await connect(service, jpeg, packets, k))
+                    clients.append(await sb.connect(http, jpeg, packets, k, fps=FPS))
                 owners = [c.replica for c in clients]
                 owner_of = {c.session_id: c.replica for c in clients}
                 # Every call of a session reaches its owner: through the proxy it answers (a replica that
@@ -200,7 +170,7 @@ def test_sessions_pinned_to_their_replica_and_moved_when_it_dies(tmp_path):
                     await c.call.close()
                     for _attempt in range(20):
                         try:
-                            clients[i] = await connect(service, jpeg, packets, i)
+                            clients[i] = await sb.connect(http, jpeg, packets, i, fps=FPS)
                             break
                         except httpx.HTTPError:
                             await asyncio.sleep(0.5)
