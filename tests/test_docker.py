@@ -374,7 +374,7 @@ def test_dependencies_are_installed_before_the_sources(name):
     runtime = text[text.index("AS runtime") :]
     assert "COPY --from=build /wheels" in runtime and "pip install --no-deps /tmp/wheels/" in runtime
     assert "rm -rf /tmp/wheels" in runtime
-    assert not re.search(r"^COPY (dagan|engine|export|commands|server|client_web) ", runtime, re.M)
+    assert not re.search(r"^COPY (dagan|engine|bench|export|commands|server|client_web) ", runtime, re.M)
 
 
 def test_gpu_pins_are_the_checked_ones():
@@ -489,7 +489,7 @@ def test_page_is_package_data_and_found_in_any_install(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     # what the images copy (docker/Dockerfile*): the library, the dispatcher's package, the service
-    image = ("pyproject.toml", "README.md", "dagan", "engine", "export", "commands", "server", "client_web")
+    image = ("pyproject.toml", "README.md", "dagan", "engine", "bench", "export", "commands", "server", "client_web")
     for item in image:
         (shutil.copytree if (ROOT / item).is_dir() else shutil.copy)(ROOT / item, src / item)
     wheel_cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
@@ -504,6 +504,7 @@ def test_page_is_package_data_and_found_in_any_install(tmp_path):
     (wheel,) = tmp_path.glob("dagan_avatar-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "commands/cli.py" in names  # the console script's module
+    assert "bench/model.py" in names  # dagan bench works inside the images too
     for f in (ROOT / "client_web").iterdir():
         if f.is_file() and f.suffix != ".pyc":
             assert f"client_web/{f.name}" in names, f"client_web/{f.name} is not package data"
