@@ -117,7 +117,7 @@ class Option:
 
 
 def add_options(
-    parser: argparse.ArgumentParser,
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     options: Iterable[Option],
     groups: Mapping[str | None, Any] | None = None,
 ) -> None:
