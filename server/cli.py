@@ -242,6 +242,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="run the live WebRTC avatar service (browser page at http://HOST:PORT/)",
         description="Serve the browser client and the WebRTC avatar API. Flags override DAGAN_* variables.",
+        epilog="Variables without a flag: " + "; ".join(o.help_text() for o in SETTING_OPTIONS if not o.cli),
     )
     groups = {None: p, EXPOSURE: p.add_argument_group(EXPOSURE)}
     add_options(p, SETTING_OPTIONS, groups)  # ServerSettings fields: flag, variable and default, one table
