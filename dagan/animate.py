@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, checkpoint_metadata
 from .errors import UserError
-from .face import DrivingCropper, locate_source, source_crop
+from .face import DrivingCropper, locate_source, prepare_source
 from .media import MediaError, VideoReader, VideoWriter, load_image
 from .smoothing import DEFAULT_PARAMS, OneEuroFilter, OneEuroParams
 
@@ -160,7 +160,7 @@ def animate_video(
             plan = plan_paste(source_image, face, source_face, output_size, mask)
             paster = Paster(plan, getattr(engine, "device", "cpu"))
         else:
-            source_face = source_crop(source_image, size, crop)
+            source_face = prepare_source(source_image, size, crop)
         session = engine.set_source(source_face, relative=relative, adapt_scale=adapt_scale)
         if smoothing is not None:
             session.kp_filter = OneEuroFilter(smoothing, rate=reader.fps)
