@@ -271,14 +271,15 @@ def serve_engine(name: str) -> tuple[Engine, dict[str, Any]]:
         }
     from dagan.checkpoint import resolve_checkpoint
     from engine.select import default_engine
+    from server.cli import engine_options
 
-    threads = int(os.environ.get("DAGAN_INFER_THREADS") or os.environ.get("DAGAN_TORCH_THREADS") or 0)
+    opts = engine_options()  # the variables `dagan serve` reads, through the same reader
     engine, chosen = default_engine(
-        resolve_checkpoint(None),
-        backend=os.environ.get("DAGAN_BACKEND") or "auto",
-        device=os.environ.get("DAGAN_DEVICE") or "auto",
-        precision=os.environ.get("DAGAN_PRECISION") or None,
-        threads=threads or None,
+        resolve_checkpoint(opts["checkpoint"]),
+        backend=opts["backend"] or "auto",
+        device=opts["device"] or "auto",
+        precision=opts["precision"] or None,
+        threads=opts["threads"] or None,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     return engine, chosen.as_dict()
@@ -286,21 +287,26 @@ def serve_engine(name: str) -> tuple[Engine, dict[str, Any]]:
 
 def server_settings(max_sessions: int) -> Any:
     """The benchmark server's settings: the server's own ``DAGAN_*`` variables for the media work
-    (``DAGAN_DETECT_EVERY``, ``DAGAN_MEDIA_THREADS``, ``DAGAN_DETECT_PROCESSES``, read by
-    :class:`~server.settings.ServerSettings`) and the picture and motion settings a variant may set
-    (``bundled@DAGAN_PICTURE=full+DAGAN_PICTURE_SIZE=...``); loopback only, and limits that let every
-    client of the sweep in from 127.0.0.1."""
-    from server.cli import SETTING_OPTIONS
+    (``DAGAN_DETECT_EVERY``, ``DAGAN_MEDIA_THREADS``, ``DAGAN_DETECT_PROCESSES``) and the picture and
+    motion settings a variant may set (``bundled@DAGAN_PICTURE=full+DAGAN_PICTURE_SIZE=...``), read by
+    the server's one reader (:func:`server.cli.read_server_options`); loopback only, and limits that let
+    every client of the sweep in from 127.0.0.1."""
+    from server.cli import SETTING_OPTIONS, read_server_options
     from server.settings import ServerSettings
 
-    picture = ("picture", "picture_size", "smooth_min_cutoff", "smooth_beta", "auto_neutral_s")
-    overrides = {
-        o.field: o.convert(os.environ[o.env], f"${o.env}")
-        for o in SETTING_OPTIONS
-        if o.field in picture and os.environ.get(o.env)
-    }
+    wanted = (
+        "picture",
+        "picture_size",
+        "smooth_min_cutoff",
+        "smooth_beta",
+        "auto_neutral_s",
+        "media_threads",
+        "detect_every",
+        "detect_processes",
+    )
+    values = read_server_options([o for o in SETTING_OPTIONS if o.field in wanted])
     return ServerSettings(
-        **overrides,
+        **values,
         ice_host_addresses=("127.0.0.1",),
         max_sessions=max_sessions,
         max_sessions_per_client=max_sessions,  # every client of the benchmark is on 127.0.0.1

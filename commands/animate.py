@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from dagan.checkpoint import resolve_checkpoint, warn_if_untrained
 from dagan.errors import UserError
-from dagan.face import DrivingCropper, locate_source, source_crop
+from dagan.face import DrivingCropper, locate_source, prepare_source
 from dagan.media import MediaError, VideoReader, VideoWriter, colorize_depth, load_image
 from dagan.paste import plan_paste
 from dagan.smoothing import DEFAULT_PARAMS, OneEuroFilter, OneEuroParams
@@ -122,7 +122,7 @@ def animate_video(
             plan = plan_paste(source_image, face, source_face, output_size, mask)
             paster = Paster(plan, getattr(engine, "device", "cpu"))
         else:
-            source_face = source_crop(source_image, size, crop)
+            source_face = prepare_source(source_image, size, crop)
         session = engine.set_source(source_face, relative=relative, adapt_scale=adapt_scale)
         if smoothing is not None:
             session.kp_filter = OneEuroFilter(smoothing, rate=reader.fps)

@@ -3,7 +3,8 @@
 The dispatcher sits on top of the layering (README.md, tests/test_layers.py): it is the one module that
 imports other applications, and only their ``cli`` module (``add_commands``; ``bench.model`` for
 ``dagan bench``); the commands of this package (``animate``, ``demo``, ``init-checkpoint``, ``import``,
-``synth``, ``export``) use the library layers ``dagan``, ``export`` and ``engine``. No module of any other package imports this one.
+``synth``, ``export``) use the library layers ``dagan``, ``export`` and ``engine``. No module of any
+other package imports this one.
 
 Errors a user can fix (missing file, no face, wrong checkpoint, bad config) are printed as one line and
 exit with status 2; a traceback means a bug.

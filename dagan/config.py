@@ -133,7 +133,7 @@ class ModelConfig:
         return self.keypoints.use_depth or self.generator.attention.enabled
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        return to_plain(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -164,11 +164,15 @@ def set_dotted(data: dict[str, Any], changes: dict[str, Any], kind: str = "confi
     return data
 
 
-def _to_plain(obj: Any) -> Any:
+def to_plain(obj: Any) -> Any:
+    """A config dataclass (or any value in one) → plain dicts, lists and scalars, as YAML and JSON hold
+    them: the inverse of :func:`build_dataclass`. Tuples become lists, so the result round-trips through
+    ``yaml.safe_dump`` and back into an equal config. Other config schemas (the training config) use it
+    for their ``to_dict``."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, tuple):
-        return [_to_plain(v) for v in obj]
+        return [to_plain(v) for v in obj]
     return obj
 
 
@@ -178,7 +182,7 @@ def _check_value(value: Any, annotation: Any, path: str) -> Any:
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
-        return _build(annotation, value, path)
+        return build_dataclass(annotation, value, path)
     if origin is tuple:
         (item_type, _ellipsis) = typing.get_args(annotation)
         if not isinstance(value, list | tuple):
@@ -211,7 +215,16 @@ def _check_value(value: Any, annotation: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported schema type {annotation!r}")  # pragma: no cover
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """The frozen dataclass ``cls`` from the plain dict ``data``, validated strictly: an unknown key or a
+    value of the wrong type is a :class:`ConfigError` naming its full key path (``prefix`` is the path of
+    ``data`` itself, for nested sections); missing keys take the dataclass defaults; nested dataclasses,
+    tuples, unions and scalars are checked recursively.
+
+    The one schema builder of the project: :func:`config_from_dict` builds the model config with it, and
+    any other config written the same way (the training config, :mod:`training.config`) uses it too, so
+    every config file has the same rules and the same error messages. Range checks that types cannot
+    express are the caller's (:func:`config_from_dict` adds the model's)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
@@ -229,7 +242,7 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     """Build and validate a config; missing keys take the schema defaults (the vox-256 sizes)."""
     if not isinstance(data, dict):
         raise ConfigError(f"config must be a mapping at the top level, got {type(data).__name__}")
-    cfg = _build(ModelConfig, data)
+    cfg = build_dataclass(ModelConfig, data)
     _check_semantics(cfg)
     return cfg
 

@@ -41,6 +41,7 @@ __all__ = [
     "crop_source",
     "face_landmarks",
     "locate_source",
+    "prepare_source",
     "square_box",
 ]
 
@@ -732,9 +733,10 @@ class FaceTracker:
 # ------------------------------------------------------------------------------------ entry points
 
 
-def source_crop(image_rgb: np.ndarray, out_size: int, crop: bool = True) -> np.ndarray:
-    """The source photo as the model sees it: the face crop, or (``crop=False``, inputs that already are
-    face crops) a plain resize."""
+def prepare_source(image_rgb: np.ndarray, out_size: int, crop: bool = True) -> np.ndarray:
+    """The source photo as the model gets it, out_size²: the face crop of :func:`crop_source` (without
+    its box), or (``crop=False``, inputs that already are face crops) a plain resize. What the offline
+    and camera commands hand the engine as the source."""
     if crop:
         return crop_source(image_rgb, out_size=out_size)[0]
     return cv2.resize(

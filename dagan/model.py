@@ -30,35 +30,6 @@ class SourceState(NamedTuple):
     kp: Keypoints
     features: SourceFeatures
 
-    @staticmethod
-    def cat(states: list[SourceState]) -> SourceState:
-        """Stack several sessions' cached sources into one batch (for ``animate_batch``)."""
-        return _tree_cat(states)
-
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SourceState:
-        return _tree_map(self, lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
-
-
-def _tree_map(obj, fn):
-    if obj is None:
-        return None
-    if isinstance(obj, torch.Tensor):
-        return fn(obj)
-    if type(obj) is tuple:  # a plain tuple field (the generator's skip maps), not a NamedTuple
-        return tuple(_tree_map(v, fn) for v in obj)
-    return type(obj)(*(_tree_map(v, fn) for v in obj))
-
-
-def _tree_cat(items: list):
-    first = items[0]
-    if first is None:
-        return None
-    if isinstance(first, torch.Tensor):
-        return torch.cat(items, dim=0)
-    if type(first) is tuple:
-        return tuple(_tree_cat([it[i] for it in items]) for i in range(len(first)))
-    return type(first)(*(_tree_cat([it[i] for it in items]) for i in range(len(first))))
-
 
 class Animation(NamedTuple):
     """Per-frame output: prediction B×3×H×W in (0,1), the driving depth (or None), driving keypoints

@@ -14,11 +14,17 @@ A TensorRT build that fails falls back to the next backend, ONNX Runtime (its CU
 with one log line, and is recorded so that a restart does not spend minutes failing the same way again:
 without that, a restart policy turns one bad build into a loop. An unwritable cache folder (a root-owned
 host folder bind-mounted at /engines) is one clear line and exit status 2, not a traceback.
+
+Its variables are read like every ``DAGAN_*`` variable of the project: rows of a table
+(:data:`ENTRYPOINT_OPTIONS`: the engine's own rows of :data:`dagan.options.ENGINE_OPTIONS` with the
+image's defaults, and the cache's) read by :func:`dagan.options.read_options`, from the installed package
+(this file is copied alone into the image, as ``dagan-entrypoint``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -29,7 +35,30 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dagan.options import ENGINE_OPTIONS, Option, OptionError, read_options
+
 READY = "READY.json"
+
+
+def _is_one(text: str) -> bool:
+    return text == "1"
+
+
+_ENGINE = {opt.field: opt for opt in ENGINE_OPTIONS}
+ENTRYPOINT_OPTIONS: tuple[Option, ...] = (
+    # the weights file the image ships (the Dockerfiles set the same path)
+    dataclasses.replace(_ENGINE["checkpoint"], default="/weights/dagan-default.safetensors"),
+    _ENGINE["backend"],
+    Option("engine_cache", "DAGAN_ENGINE_CACHE", "the engine cache volume", default="/engines"),
+    Option("max_batch", "DAGAN_MAX_BATCH", "largest batch of the TensorRT engines", kind=int, default=8),
+    Option(
+        "retry_tensorrt",
+        "DAGAN_RETRY_TENSORRT",
+        "1: try again a TensorRT build that failed before for this GPU, TensorRT and weights",
+        parse=_is_one,
+        default=False,
+    ),
+)
 
 
 def log(msg: str) -> None:
@@ -211,10 +240,13 @@ def failure_marker(cache_root: Path, checkpoint: Path, gpu: str, trt_version: st
 
 
 def main(argv: list[str]) -> int:
-    checkpoint = Path(os.environ.get("DAGAN_CHECKPOINT", "/weights/dagan-default.safetensors"))
-    cache_root = Path(os.environ.get("DAGAN_ENGINE_CACHE", "/engines"))
-    wanted = os.environ.get("DAGAN_BACKEND", "auto")
-    max_batch = int(os.environ.get("DAGAN_MAX_BATCH", "8"))
+    try:
+        options = read_options(ENTRYPOINT_OPTIONS)
+    except OptionError as err:  # a mistyped variable: one line, as every other problem here
+        log(str(err))
+        return 2
+    checkpoint, cache_root = Path(options["checkpoint"]), Path(options["engine_cache"])
+    wanted, max_batch = options["backend"], options["max_batch"]
     if not checkpoint.is_file():
         log(f"no weights at {checkpoint}: mount a checkpoint there or set DAGAN_CHECKPOINT (see README)")
         return 2
@@ -230,7 +262,7 @@ def main(argv: list[str]) -> int:
     if use_trt:
         assert gpu is not None and trt_version is not None
         marker = failure_marker(cache_root, checkpoint, gpu, trt_version)
-        if marker.is_file() and os.environ.get("DAGAN_RETRY_TENSORRT") != "1":
+        if marker.is_file() and not options["retry_tensorrt"]:
             log(
                 f"TensorRT build failed before for this GPU, TensorRT and weights ({marker}): serving ONNX "
                 "Runtime instead; set DAGAN_RETRY_TENSORRT=1 or delete that file to try again"

@@ -26,10 +26,9 @@ from dagan.model import DaGAN, SourceState
 from dagan.nets.keypoints import Keypoints
 
 from .base import EngineError, Session, resolve_device
-from .hot_path import FramePathEngine, ensure_references, motion_inputs, reference_scale
+from .hot_path import FramePathEngine
 
-# Names other modules imported from here before the hot path had its own file.
-__all__ = ["TorchEngine", "ensure_references", "motion_inputs", "reference_scale", "resolve_device"]
+__all__ = ["TorchEngine"]
 
 
 class _GraphedFrame:

@@ -62,12 +62,12 @@ class FaceClip:
 def face_clips(
     clips: Sequence[str | Path], size: int, frames_per_clip: int = 4, stride: int = 8
 ) -> list[FaceClip]:
-    """Real face crops as the engine gets them: ``source_crop`` of each clip's first frame, then every
+    """Real face crops as the engine gets them: ``prepare_source`` of each clip's first frame, then every
     ``stride``-th frame (after the first) through the tracking :class:`~dagan.face.DrivingCropper`.
 
     Clips whose first frame has no face are skipped (their source would fail in the service too).
     """
-    from dagan.face import DrivingCropper, NoFaceError, source_crop
+    from dagan.face import DrivingCropper, NoFaceError, prepare_source
     from dagan.media import read_video
 
     out = []
@@ -76,7 +76,7 @@ def face_clips(
         if not frames:
             continue
         try:
-            source = source_crop(frames[0], size)
+            source = prepare_source(frames[0], size)
         except NoFaceError:
             continue
         cropper = DrivingCropper(size)
@@ -165,7 +165,7 @@ def default_calibration(env: str | None = None) -> CalibrationSource:
 def sample_clips(size: int, frames: int = 32, every: int = 4) -> tuple[list[FaceClip], list[FaceClip]]:
     """Calibration (astronaut) and check (Grace Hopper) clips from the portraits shipped with every
     install, each moved smoothly (turn, shift, zoom) and tracked like a webcam by the face module."""
-    from dagan.face import DrivingCropper, source_crop
+    from dagan.face import DrivingCropper, prepare_source
     from dagan.samples import astronaut, driving_frames, grace_hopper
 
     out = []
@@ -175,7 +175,7 @@ def sample_clips(size: int, frames: int = 32, every: int = 4) -> tuple[list[Face
             drivers = [cropper(f) for f in driving_frames(photo, frames, size=512)]
         finally:
             cropper.close()
-        out.append([FaceClip(name, source_crop(photo, size), drivers[every::every])])
+        out.append([FaceClip(name, prepare_source(photo, size), drivers[every::every])])
     return out[0], out[1]
 
 

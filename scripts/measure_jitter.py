@@ -127,7 +127,7 @@ def run_config(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Animate the clip in one configuration: the avatar's landmark track, and the lags (frames) of the
     box against the raw detections and of the keypoints against the unfiltered ones."""
-    from dagan.face import DrivingCropper, source_crop
+    from dagan.face import DrivingCropper, prepare_source
     from dagan.smoothing import DEFAULT_BOX, DEFAULT_KEYPOINTS, OneEuroFilter
 
     box = kp = None
@@ -141,7 +141,7 @@ def run_config(
     elif config != "before":
         raise SystemExit(f"unknown configuration {config!r}")
     size = engine.image_size
-    session = engine.set_source(source_crop(photo, size), relative=True)
+    session = engine.set_source(prepare_source(photo, size), relative=True)
     # Without a filter the recorder passes the keypoints through (the split path renders exactly what
     # the fused one does), so the unfiltered configuration is recorded the same way.
     recorder = _Recorder(OneEuroFilter(kp, rate=fps) if kp is not None else None)

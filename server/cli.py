@@ -1,10 +1,12 @@
 """``dagan serve``: run the live avatar service with uvicorn.
 
-The :class:`~server.settings.ServerSettings` flags and their ``DAGAN_*`` environment variables come from
-one table (:data:`SETTING_OPTIONS`: field, flag, variable, help; type and default from the dataclass),
-so a container or a systemd unit can be configured without a command line. Flags win over variables.
-The engine flags (``--backend``, ``--device``, ...) have variables too; ``--absolute``, ``--docs``,
-``--untrained-tiny``, ``--ssl-*`` and ``--log-level`` are flags only (docs/server.md lists them).
+Every :class:`~server.settings.ServerSettings` flag and ``DAGAN_*`` variable is a row of one table
+(:data:`SETTING_OPTIONS`: field, variable, help; type and default from the dataclass), the engine's are
+the shared :data:`dagan.options.ENGINE_OPTIONS`, and :func:`settings_from_args` reads them all with the
+one reader :func:`dagan.options.read_options`, so a container or a systemd unit can be configured without
+a command line. Flags win over variables. A few settings are variables only (the media pipeline and the
+replica name), and ``--absolute``, ``--docs``, ``--untrained-tiny``, ``--ssl-*`` and ``--log-level`` are
+flags only (docs/server.md lists them all).
 """
 
 from __future__ import annotations
@@ -12,32 +14,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
 import sys
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from dagan.checkpoint import CheckpointError
+from dagan.options import (
+    ENGINE_OPTIONS,
+    Option,
+    OptionError,
+    add_options,
+    parse_list,
+    parse_list_or_none,
+    read_options,
+)
 
+from . import settings as settings_module
 from .settings import ServerSettings, SettingsError, parse_ice_servers, parse_picture_size
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
-
-
-def _env_int(name: str, default: int) -> int:
-    value = _env(name)
-    if value is None:
-        return default
-    try:
-        return int(value)
-    except ValueError as err:
-        raise SettingsError(f"${name} must be an integer, got {value!r}") from err
-
 
 UNTRAINED_BANNER = """\
 ################################################################################
@@ -48,14 +44,6 @@ UNTRAINED_BANNER = """\
 
 
 # -- ServerSettings on the command line and in the environment, declared once ------------------------
-def _list(text: str | None) -> tuple[str, ...]:
-    return tuple(x.strip() for x in (text or "").split(",") if x.strip())
-
-
-def _list_or_none(text: str) -> tuple[str, ...] | None:
-    return _list(text) or None
-
-
 def _plain(kind: Any) -> Any:
     """``int | None`` → ``int``: a setting whose None means "derived from another" is given as an int."""
     args = [t for t in typing.get_args(kind) if t is not type(None)]
@@ -67,174 +55,186 @@ _SETTING_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerSetting
 EXPOSURE = "exposure beyond localhost (docs/security.md)"
 
 
-@dataclass(frozen=True)
-class SettingOption:
-    """One :class:`ServerSettings` field as a ``dagan serve`` flag and a ``DAGAN_*`` variable.
-
-    The flag (``--max-sessions``) derives from the field name unless given, the default shown in
-    ``--help`` and the type come from the dataclass, and flag and variable go through the same parser
-    (a flag wins over the variable, the variable over the default), so the three cannot drift apart.
-    """
-
-    field: str
-    env: str
-    help: str
-    flag: str | None = None
-    parse: Callable[[str], Any] | None = None  # text → value; default: by the field's type
-    default_text: str | None = None  # for a default that is not a plain value
-    group: str | None = None
-
-    @property
-    def flag_name(self) -> str:
-        return self.flag or "--" + self.field.replace("_", "-")
-
-    @property
-    def dest(self) -> str:
-        return self.flag_name[2:].replace("-", "_")
-
-    def convert(self, text: str, source: str) -> Any:
-        if self.parse is not None:
-            return self.parse(text)
-        kind = _SETTING_TYPES[self.field]
-        if kind is int:
-            try:
-                return int(text)
-            except ValueError as err:
-                raise SettingsError(f"{source} must be an integer, got {text!r}") from err
-        if kind is float:
-            try:
-                return float(text)
-            except ValueError as err:
-                raise SettingsError(f"{source} must be a number, got {text!r}") from err
-        return text
-
-    def help_text(self) -> str:
-        default = self.default_text
-        if default is None:
-            value = _SETTING_DEFAULTS[self.field]
-            default = (
-                "none" if value in (None, ()) else f"{value:g}" if isinstance(value, float) else str(value)
-            )
-        return f"{self.help} (env {self.env}; default {default})"
+def setting(field: str, env: str, help: str, **row: Any) -> Option:
+    """A :class:`ServerSettings` field as an :class:`~dagan.options.Option`: type (int and float are
+    converted, anything else is text unless the row has its own parser) and default from the dataclass,
+    so the table cannot disagree with it."""
+    kind = _SETTING_TYPES[field]
+    return Option(
+        field,
+        env,
+        help,
+        kind=kind if kind in (int, float) else str,
+        default=_SETTING_DEFAULTS[field],
+        **row,
+    )
 
 
-SETTING_OPTIONS: tuple[SettingOption, ...] = (
-    SettingOption("host", "DAGAN_HOST", "interface to listen on"),
-    SettingOption("port", "DAGAN_PORT", "TCP port"),
-    SettingOption("max_sessions", "DAGAN_MAX_SESSIONS", "concurrent sessions; one more gets 503"),
-    SettingOption(
+def _installed_page() -> Any:
+    # looked up when read, so that a test can stand in for a broken install
+    return settings_module.default_client_dir()
+
+
+SETTING_OPTIONS: tuple[Option, ...] = (
+    setting("host", "DAGAN_HOST", "interface to listen on"),
+    setting("port", "DAGAN_PORT", "TCP port"),
+    setting("max_sessions", "DAGAN_MAX_SESSIONS", "concurrent sessions; one more gets 503"),
+    setting(
         "ice_host_addresses",
         "DAGAN_ICE_HOST_ADDRESSES",
         "comma-separated local addresses to offer as ICE host candidates, e.g. 127.0.0.1",
-        parse=_list_or_none,
+        parse=parse_list_or_none,
         default_text="all non-loopback interfaces",
     ),
-    SettingOption(
+    setting(
         "output_size", "DAGAN_OUTPUT_SIZE", "avatar video side in pixels (the model output is resized to it)"
     ),
-    SettingOption(
+    setting(
         "picture",
         "DAGAN_PICTURE",
         "what a session shows unless it asks: crop (the model's face crop) or full (the avatar pasted "
         "back into the whole photo)",
     ),
-    SettingOption(
+    setting(
         "picture_size",
         "DAGAN_PICTURE_SIZE",
         "video size of full-picture sessions, WIDTHxHEIGHT (the photo is fitted into it)",
         parse=parse_picture_size,
         default_text="640x360",
     ),
-    SettingOption(
+    setting(
         "smooth_min_cutoff",
         "DAGAN_SMOOTH_MIN_CUTOFF",
         "One-Euro filter on each session's crop box and keypoints: cutoff (Hz) of a still face, lower is "
         "steadier; 0 turns the filters off",
     ),
-    SettingOption(
+    setting(
         "smooth_beta",
         "DAGAN_SMOOTH_BETA",
         "One-Euro speed coefficient: higher follows fast motion with less lag",
     ),
-    SettingOption(
+    setting(
         "auto_neutral_s",
         "DAGAN_AUTO_NEUTRAL",
         "> 0: sessions choose their neutral pose automatically, the frame closest to the photo's pose in "
         "their first this-many seconds (a session can ask for it too)",
         flag="--auto-neutral",
     ),
-    SettingOption(
+    setting(
         "client_dir",
         "DAGAN_CLIENT_DIR",
         "serve the browser client from this folder",
         parse=Path,
+        # The page folder is checked when it is given, so the default one is given too: a broken install
+        # fails at start with a message naming --client-dir, not on the first page request.
+        fallback=_installed_page,
         default_text="the installed client_web page",
     ),
-    SettingOption(
+    setting(
         "access_token",
         "DAGAN_ACCESS_TOKEN",
         "require this bearer token on every /api route and /metrics; 'random' makes one and prints it. "
         "The page takes it from its address: http://HOST:PORT/#token=TOKEN",
         group=EXPOSURE,
     ),
-    SettingOption(
+    setting(
         "allowed_hosts",
         "DAGAN_ALLOWED_HOSTS",
         "comma-separated host names the server answers to, e.g. avatar.example.org",
-        parse=_list_or_none,
+        parse=parse_list_or_none,
         default_text="loopback names when bound to loopback, else this machine's own addresses and names",
         group=EXPOSURE,
     ),
-    SettingOption(
+    setting(
         "allowed_origins",
         "DAGAN_ALLOWED_ORIGINS",
         "comma-separated other web origins allowed to call the API",
-        parse=_list,
+        parse=parse_list,
         group=EXPOSURE,
     ),
-    SettingOption(
+    setting(
         "turn_urls",
         "DAGAN_TURN_URLS",
         "TURN server URLs using coturn's REST API secret, e.g. turn:turn.example.org:3478",
-        parse=_list,
+        parse=parse_list,
         group=EXPOSURE,
     ),
-    SettingOption(
+    setting(
         "turn_secret",
         "DAGAN_TURN_SECRET",
         "coturn's static-auth-secret: credentials are minted per session",
         group=EXPOSURE,
     ),
-    SettingOption(
+    setting(
         "turn_ttl_s",
         "DAGAN_TURN_TTL",
         "TURN credential lifetime in seconds",
         flag="--turn-ttl",
         group=EXPOSURE,
     ),
-    SettingOption(
+    setting(
         "sessions_per_minute",
         "DAGAN_SESSIONS_PER_MINUTE",
         "new sessions per client address per minute, after a burst as large as --max-sessions-per-client",
         group=EXPOSURE,
     ),
-    SettingOption(
+    setting(
         "max_sessions_per_client",
         "DAGAN_MAX_SESSIONS_PER_CLIENT",
         "sessions one client address may hold at once (IPv6: per /64); one more gets 429",
         default_text="half of --max-sessions, at least 1",
         group=EXPOSURE,
     ),
-    SettingOption(
+    setting(
         "forwarded_allow_ips",
         "DAGAN_FORWARDED_ALLOW_IPS",
         "comma-separated addresses or networks of the reverse proxies whose X-Forwarded-For names the "
         "client, e.g. 10.0.0.5; from any other peer the header is ignored",
-        parse=_list,
+        parse=parse_list,
         default_text="none: the TCP peer is the client",
         group=EXPOSURE,
     ),
+    # The media pipeline and the replica's name: variables only (docs/deployment-scale.md).
+    setting(
+        "media_threads",
+        "DAGAN_MEDIA_THREADS",
+        "threads for the per-session media work (YUV to RGB, face tracking, crop, compose); 0: one per core",
+        cli=False,
+    ),
+    setting(
+        "detect_every",
+        "DAGAN_DETECT_EVERY",
+        "face detection on every k-th frame of a session, constant-velocity prediction in between",
+        cli=False,
+    ),
+    setting(
+        "detect_processes",
+        "DAGAN_DETECT_PROCESSES",
+        "> 0: face detection in that many worker processes instead of the media threads",
+        cli=False,
+    ),
+    setting(
+        "replica_id",
+        "DAGAN_REPLICA_ID",
+        "this process's name behind a load balancer (X-Dagan-Replica, dagan_replica_info)",
+        fallback=socket.gethostname,
+        default_text="the host name",
+        cli=False,
+    ),
 )
+
+# Three rows that make one setting (ServerSettings.ice_servers, by parse_ice_servers).
+ICE_OPTIONS: tuple[Option, ...] = (
+    Option(
+        "ice_servers",
+        "DAGAN_ICE_SERVERS",
+        "STUN/TURN servers for use beyond a LAN: comma-separated URLs or a JSON list of RTCIceServer objects",
+    ),
+    Option("ice_username", "DAGAN_ICE_USERNAME", "TURN username for --ice-servers URLs"),
+    Option("ice_credential", "DAGAN_ICE_CREDENTIAL", "TURN credential"),
+)
+# Every row `dagan serve` reads (the compose file passes each variable through: tests/test_docker.py).
+SERVE_OPTIONS: tuple[Option, ...] = (*SETTING_OPTIONS, *ICE_OPTIONS, *ENGINE_OPTIONS)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -242,34 +242,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="run the live WebRTC avatar service (browser page at http://HOST:PORT/)",
         description="Serve the browser client and the WebRTC avatar API. Flags override DAGAN_* variables.",
+        epilog="Variables without a flag: " + "; ".join(o.help_text() for o in SETTING_OPTIONS if not o.cli),
     )
     groups = {None: p, EXPOSURE: p.add_argument_group(EXPOSURE)}
-    for opt in SETTING_OPTIONS:  # ServerSettings fields: flag, variable and default from one table
-        kind = _SETTING_TYPES[opt.field]
-        typed = {"type": kind} if kind in (int, float) and opt.parse is None else {}
-        groups[opt.group].add_argument(opt.flag_name, dest=opt.dest, help=opt.help_text(), **typed)
-    # The engine and the process (not ServerSettings fields).
-    p.add_argument(
-        "--backend",
-        help="engine backend: auto, torch, onnxruntime or tensorrt (env DAGAN_BACKEND, default auto)",
-    )
-    p.add_argument(
-        "--checkpoint",
-        help="weights (.safetensors) or engine dir (env DAGAN_CHECKPOINT, default: the shipped weights)",
-    )
-    p.add_argument("--device", help="auto, cpu or cuda[:N] (env DAGAN_DEVICE, default auto)")
-    p.add_argument(
-        "--precision",
-        help="fp32, int8 (onnxruntime, CPU), bf16 (torch, CPU) or fp16 (CUDA) (env DAGAN_PRECISION; default: "
-        "on a CPU the fastest that holds quality, chosen and prepared on first start, see docs/export.md)",
-    )
-    p.add_argument(
-        "--ice-servers",
-        help="STUN/TURN servers for use beyond a LAN: comma-separated URLs or a JSON list of RTCIceServer "
-        "objects (env DAGAN_ICE_SERVERS)",
-    )
-    p.add_argument("--ice-username", help="TURN username for --ice-servers URLs (env DAGAN_ICE_USERNAME)")
-    p.add_argument("--ice-credential", help="TURN credential (env DAGAN_ICE_CREDENTIAL)")
+    add_options(p, SETTING_OPTIONS, groups)  # ServerSettings fields: flag, variable and default, one table
+    add_options(p, ENGINE_OPTIONS)  # the engine, as `dagan cam` and the container's entry point read it
+    add_options(p, ICE_OPTIONS)
     p.add_argument("--absolute", action="store_true", help="absolute instead of relative motion by default")
     p.add_argument(
         "--ssl-certfile", help="TLS certificate: browsers only allow the camera on https or localhost"
@@ -280,14 +258,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="serve RANDOMLY INITIALISED tiny weights (no checkpoint needed) to try the service end to end",
     )
-    p.add_argument(
-        "--infer-threads",
-        "--torch-threads",
-        dest="torch_threads",
-        type=int,
-        help="CPU threads for inference, onnxruntime or torch (env DAGAN_INFER_THREADS or "
-        "DAGAN_TORCH_THREADS; default: the cores split between inference and media by measured costs)",
-    )
     groups[EXPOSURE].add_argument(
         "--docs", action="store_true", help="serve Swagger UI at /docs (it loads scripts from a CDN)"
     )
@@ -295,36 +265,49 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
-def settings_from_args(args: argparse.Namespace, untrained: bool = False) -> ServerSettings:
-    """Flags, then environment variables, then defaults (:data:`SETTING_OPTIONS`)."""
-    values: dict[str, Any] = {}
-    for opt in SETTING_OPTIONS:
-        value = getattr(args, opt.dest)  # argparse already converted int/float flags
-        if value is None and (text := _env(opt.env)) is not None:
-            value = opt.convert(text, f"${opt.env}")
-        elif isinstance(value, str):
-            value = opt.convert(value, opt.flag_name)
-        if value is not None:
-            values[opt.field] = value
-    # The page folder is checked when it is passed explicitly, so pass the default one too: a broken
-    # install fails here with a message naming --client-dir, not on the first page request.
-    values.setdefault("client_dir", ServerSettings().client_dir)
+def read_server_options(
+    options: Iterable[Option],
+    args: argparse.Namespace | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """:func:`dagan.options.read_options` with its errors as :class:`SettingsError` (what callers of the
+    server's configuration catch)."""
+    try:
+        return read_options(options, args, environ)
+    except SettingsError:
+        raise
+    except OptionError as err:
+        raise SettingsError(str(err)) from err
+
+
+def settings_from_args(
+    args: argparse.Namespace | None = None,
+    untrained: bool = False,
+    environ: Mapping[str, str] | None = None,
+) -> ServerSettings:
+    """The one reading of ``dagan serve``'s configuration: flags, then ``DAGAN_*`` variables, then
+    defaults (:data:`SETTING_OPTIONS`, :data:`ICE_OPTIONS`). ``args`` None: variables only."""
+    values = read_server_options(SETTING_OPTIONS, args, environ)
+    ice = read_server_options(ICE_OPTIONS, args, environ)
     if values.get("access_token") == "random":
         from .guard import new_token
 
-        # the same token when called again after loading weights
-        values["access_token"] = args.access_token = new_token()
+        values["access_token"] = new_token()
+        if args is not None:  # the same token when called again after loading weights
+            args.access_token = values["access_token"]
     return ServerSettings(
         **values,
-        ice_servers=parse_ice_servers(
-            args.ice_servers or _env("DAGAN_ICE_SERVERS"),
-            args.ice_username or _env("DAGAN_ICE_USERNAME"),
-            args.ice_credential or _env("DAGAN_ICE_CREDENTIAL"),
-        ),
-        relative=not args.absolute,
+        ice_servers=parse_ice_servers(ice["ice_servers"], ice["ice_username"], ice["ice_credential"]),
+        relative=not getattr(args, "absolute", False),
         untrained=untrained,
-        docs=args.docs,
+        docs=getattr(args, "docs", False),
     )
+
+
+def engine_options(args: argparse.Namespace | None = None) -> dict[str, Any]:
+    """The engine to run, as flags and variables give it (:data:`dagan.options.ENGINE_OPTIONS`):
+    ``backend``, ``checkpoint``, ``device``, ``precision``, ``threads``."""
+    return read_server_options(ENGINE_OPTIONS, args)
 
 
 EXPOSED_BANNER = """\
@@ -372,9 +355,8 @@ def build_engine(args: argparse.Namespace):
     """The engine to serve: ``--untrained-tiny`` random weights, or a checkpoint resolved like ``animate``."""
     from engine.select import default_engine
 
-    device = args.device or _env("DAGAN_DEVICE", "auto")
-    precision = args.precision or _env("DAGAN_PRECISION")
-    backend = args.backend or _env("DAGAN_BACKEND", "auto")
+    opts = engine_options(args)
+    device, precision = opts["device"], opts["precision"]
     if args.untrained_tiny:
         precision = precision or "fp32"
         import torch
@@ -390,17 +372,14 @@ def build_engine(args: argparse.Namespace):
     from dagan.checkpoint import resolve_checkpoint, warn_if_untrained
 
     try:
-        checkpoint = resolve_checkpoint(args.checkpoint)
+        checkpoint = resolve_checkpoint(opts["checkpoint"])
     except CheckpointError as err:
         raise CheckpointError(
             f"{err}. To try the service without trained weights, run `dagan serve --untrained-tiny`"
         ) from err
     # on a CPU: the fastest backend and precision that holds quality, prepared on first start (engine.select)
-    threads = getattr(args, "torch_threads", None)
-    if threads is None:
-        threads = _env_int("DAGAN_INFER_THREADS", 0) or _env_int("DAGAN_TORCH_THREADS", 0) or None
     engine, args.engine_choice = default_engine(
-        checkpoint, backend=backend, device=device, precision=precision, threads=threads
+        checkpoint, backend=opts["backend"], device=device, precision=precision, threads=opts["threads"]
     )
     untrained = False
     if checkpoint.is_file():
@@ -408,13 +387,13 @@ def build_engine(args: argparse.Namespace):
     return engine, untrained
 
 
-def _set_torch_threads(threads: int) -> None:
+def _set_torch_threads(threads: int | None) -> None:
     """CPU inference shares the machine with VP8 encoding/decoding and face detection; PyTorch's default
     (one thread per core, spinning while idle) starves them, so the default is half the cores (the
     measurement behind it is in docs/benchmarks.md)."""
     import torch
 
-    if threads <= 0:
+    if not threads:
         threads = max(1, (os.cpu_count() or 2) // 2)
     torch.set_num_threads(threads)
 
@@ -429,9 +408,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     settings_from_args(args)  # fail on bad flags before loading any weights
     if args.untrained_tiny:
-        _set_torch_threads(
-            args.torch_threads if args.torch_threads is not None else _env_int("DAGAN_TORCH_THREADS", 0)
-        )
+        _set_torch_threads(engine_options(args)["threads"])
     engine, untrained = build_engine(args)
     settings = settings_from_args(args, untrained=untrained)
     logging.basicConfig(

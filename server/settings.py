@@ -1,7 +1,10 @@
 """Server configuration: one frozen dataclass, filled from CLI flags and ``DAGAN_*`` environment variables.
 
 Limits live here (not scattered as constants) so tests can shrink the timeouts and the session cap, and
-the documented defaults in docs/server.md are the ones the code uses.
+the documented defaults in docs/server.md are the ones the code uses. The dataclass is pure: its defaults
+are constants and it reads no environment; flags and variables are read by one function
+(:func:`server.cli.settings_from_args`, over the table :data:`server.cli.SETTING_OPTIONS`), which also
+computes the defaults that depend on the machine (the replica's host name).
 """
 
 from __future__ import annotations
@@ -9,12 +12,10 @@ from __future__ import annotations
 import importlib.resources
 import ipaddress
 import json
-import os
-import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from dagan.errors import UserError
+from dagan.options import OptionError
 from dagan.paste import parse_size
 from dagan.smoothing import OneEuroParams
 
@@ -36,18 +37,7 @@ def default_client_dir() -> Path:
     return path if (path / "index.html").is_file() else _SOURCE_CLIENT_DIR
 
 
-def _env_int(name: str, default: int) -> int:
-    """An integer ``DAGAN_*`` variable (the pipeline settings have no CLI flag of their own)."""
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        return int(value)
-    except ValueError as err:
-        raise SettingsError(f"${name} must be an integer, got {value!r}") from err
-
-
-class SettingsError(UserError, ValueError):
+class SettingsError(OptionError):
     """A server option that cannot be used as given (bad ICE server list, impossible limit)."""
 
 
@@ -152,16 +142,15 @@ class ServerSettings:
     cleanup_interval_s: float = 0.5
     # -- the media pipeline and replicas (docs/deployment-scale.md); set by DAGAN_* variables ----------
     # Threads for the per-session media work: YUV→RGB, face tracking, crop, compose (0: one per core).
-    media_threads: int = field(default_factory=lambda: _env_int("DAGAN_MEDIA_THREADS", 0))
+    media_threads: int = 0
     # Face detection on every k-th frame of a session, constant-velocity prediction in between
     # (docs/benchmarks.md has the measurement behind the default).
-    detect_every: int = field(default_factory=lambda: _env_int("DAGAN_DETECT_EVERY", 1))
+    detect_every: int = 1
     # > 0: face detection in that many worker processes (mediapipe serialises across threads).
-    detect_processes: int = field(default_factory=lambda: _env_int("DAGAN_DETECT_PROCESSES", 0))
+    detect_processes: int = 0
     # This process's name behind a load balancer: in /healthz, /metrics and the X-Dagan-Replica header.
-    replica_id: str = field(
-        default_factory=lambda: os.environ.get("DAGAN_REPLICA_ID") or socket.gethostname()
-    )
+    # `dagan serve` without DAGAN_REPLICA_ID uses the host name (computed where the variables are read).
+    replica_id: str = "local"
     # -- exposure beyond localhost (docs/security.md lists every limit and why) -----------------------
     # Bearer token every /api route, /metrics and the page's calls need (None: no token, localhost use).
     access_token: str | None = None

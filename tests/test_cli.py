@@ -90,6 +90,7 @@ def test_animate_end_to_end(inputs, tmp_path, capsys):
 
 
 def _bad(inputs, tmp_path, capsys, expect: str, **override):
+    assert expect.strip(), "name the message the user must see: an empty one matches any error"
     args = {"source": inputs["source"], "driving": inputs["driving"], "checkpoint": inputs["ckpt"]}
     args.update(override)
     out = tmp_path / "never.mp4"
@@ -138,8 +139,8 @@ def test_empty_driving(inputs, tmp_path, capsys):
     w.release()
     folder = tmp_path / "frames"
     folder.mkdir()
-    for bad in (empty, folder):
-        _bad(inputs, tmp_path, capsys, "", driving=bad)
+    _bad(inputs, tmp_path, capsys, f"{empty} contains no frames", driving=empty)
+    _bad(inputs, tmp_path, capsys, f"{folder} contains no frames (no .png/.jpg", driving=folder)
 
 
 def test_checkpoint_problems(inputs, tmp_path, capsys, no_default_weights):

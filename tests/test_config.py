@@ -1,8 +1,18 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from dagan.config import PRESETS, ConfigError, load_config
+from dagan.config import PRESETS, ConfigError, DenseMotionConfig, load_config
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """A schema of a test's own, with a nested section of the model's."""
+
+    scales: tuple[float, ...] = (1.0,)
+    motion: DenseMotionConfig = dataclasses.field(default_factory=DenseMotionConfig)
 
 
 def test_presets_load_and_vox_has_reference_sizes():
@@ -76,3 +86,24 @@ def test_replace_with_dotted_keys():
     assert cfg.generator.attention.enabled  # original untouched (frozen dataclasses)
     with pytest.raises(ConfigError, match=r"generator\.atention"):
         cfg.replace(**{"generator.atention.enabled": False})
+
+
+def test_schema_builder_is_public_and_shared_with_the_training_config():
+    """build_dataclass / to_plain are the one strict schema builder: any frozen dataclass gets the model
+    config's rules (unknown key and wrong type named by path), and the training config is built with it."""
+    import inspect
+
+    import training.config
+    from dagan.config import build_dataclass, to_plain
+
+    built = build_dataclass(Section, {"scales": [1, 0.5], "motion": {"num_blocks": 3}})
+    assert built.scales == (1.0, 0.5) and built.motion.num_blocks == 3
+    assert to_plain(built)["scales"] == [1.0, 0.5] and build_dataclass(Section, to_plain(built)) == built
+    with pytest.raises(ConfigError, match=r"unknown config key: top\.motion\.blocks"):
+        build_dataclass(Section, {"motion": {"blocks": 3}}, "top")
+    with pytest.raises(ConfigError, match=r"motion\.num_blocks: expected an integer"):
+        build_dataclass(Section, {"motion": {"num_blocks": "3"}})
+    source = inspect.getsource(training.config)
+    assert "build_dataclass" in source and "import _" not in source and ", _" not in source
+    for function in (build_dataclass, to_plain):
+        assert len(inspect.getdoc(function)) > 80

@@ -6,6 +6,7 @@ started and called over WebRTC by the docker CI lane (scripts/ci_docker.sh), whi
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -288,12 +289,20 @@ NOT_PASSED = {"DAGAN_HOST", "DAGAN_CLIENT_DIR", "DAGAN_DEVICE", "DAGAN_PRECISION
 
 
 def test_compose_passes_every_server_setting_through():
-    """Every DAGAN_* variable the server reads reaches the container, TURN and host-address settings
-    included, without writing a value (a secret) into the compose file."""
-    read = set()
+    """Every DAGAN_* variable the server reads (the rows of its option tables, read by one function)
+    reaches the container, TURN and host-address settings included, without writing a value (a secret)
+    into the compose file; and no module of the server reads a variable outside those tables."""
+    from server.cli import SERVE_OPTIONS
+
+    read = {name for opt in SERVE_OPTIONS for name in opt.envs}
+    assert {
+        "DAGAN_ICE_SERVERS",
+        "DAGAN_ICE_HOST_ADDRESSES",
+        "DAGAN_REPLICA_ID",
+        "DAGAN_INFER_THREADS",
+    } <= read
     for source in ("cli.py", "settings.py"):
-        read |= set(re.findall(r"DAGAN_[A-Z0-9_]+", (ROOT / "server" / source).read_text()))
-    assert {"DAGAN_ICE_SERVERS", "DAGAN_ICE_HOST_ADDRESSES"} <= read
+        assert "os.environ" not in (ROOT / "server" / source).read_text(), source
     for name in ("gpu", "cpu"):
         env = _compose()["services"]["dagan" if name == "gpu" else "dagan-cpu"]["environment"]
         missing = sorted(read - NOT_PASSED - set(env))
@@ -301,6 +310,43 @@ def test_compose_passes_every_server_setting_through():
         for key, value in env.items():
             if any(word in key for word in ("SECRET", "CREDENTIAL", "TOKEN", "PASSWORD")):
                 assert value is None, f"{key} must be passed through from the host, not set in the file"
+
+
+def test_entrypoint_reads_the_engine_rows_of_the_server():
+    """The entry point reads DAGAN_BACKEND and DAGAN_CHECKPOINT through the same rows (variable, parser)
+    as `dagan serve`, with the image's own defaults, and all of its variables through the one reader."""
+    from dagan.options import ENGINE_OPTIONS, read_options
+
+    rows = {opt.field: opt for opt in ep.ENTRYPOINT_OPTIONS}
+    engine = {opt.field: opt for opt in ENGINE_OPTIONS}
+    assert rows["backend"] == engine["backend"]
+    assert rows["checkpoint"].env == engine["checkpoint"].env == "DAGAN_CHECKPOINT"
+    assert ep.read_options is read_options
+    assert read_options(ep.ENTRYPOINT_OPTIONS, environ={}) == {
+        "checkpoint": "/weights/dagan-default.safetensors",
+        "backend": "auto",
+        "engine_cache": "/engines",
+        "max_batch": 8,
+        "retry_tensorrt": False,
+    }
+    assert "os.environ.get" not in (ROOT / "docker" / "entrypoint.py").read_text()
+
+
+def test_entrypoint_runs_as_a_standalone_script(tmp_path):
+    """In the image the file is /usr/local/bin/dagan-entrypoint, run alone outside any source tree: it
+    finds its helpers in the installed package. A mistyped variable is one line and exit status 2."""
+    script = tmp_path / "dagan-entrypoint"
+    shutil.copy(ROOT / "docker" / "entrypoint.py", script)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGAN_")}
+    env["PYTHONPATH"] = str(ROOT)  # the package these tests run, standing in for the image's install
+    env["DAGAN_CHECKPOINT"] = str(tmp_path / "missing.safetensors")
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 2 and "no weights at" in run.stderr, run.stderr
+    env["DAGAN_MAX_BATCH"] = "eight"
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "[entrypoint] $DAGAN_MAX_BATCH must be an integer, got 'eight'"
+    ]
 
 
 def _compose_cli() -> list[str] | None:
@@ -489,7 +535,17 @@ def test_page_is_package_data_and_found_in_any_install(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     # what the images copy (docker/Dockerfile*): the library, the dispatcher's package, the service
-    image = ("pyproject.toml", "README.md", "dagan", "engine", "bench", "export", "commands", "server", "client_web")
+    image = (
+        "pyproject.toml",
+        "README.md",
+        "dagan",
+        "engine",
+        "bench",
+        "export",
+        "commands",
+        "server",
+        "client_web",
+    )
     for item in image:
         (shutil.copytree if (ROOT / item).is_dir() else shutil.copy)(ROOT / item, src / item)
     wheel_cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]

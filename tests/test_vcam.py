@@ -195,3 +195,53 @@ def test_cam_token_flag_reaches_the_remote_client(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         run_cam(args, source=object(), sink=object())
     assert seen["server"] == "http://127.0.0.1:1" and seen["token"] == "s3cret"
+
+
+def test_cam_engine_options_are_the_servers_rows(tmp_path, monkeypatch):
+    """`dagan cam` runs its local engine from the rows `dagan serve` reads (dagan.options.ENGINE_OPTIONS):
+    the same flags and the same DAGAN_* variables, flags winning."""
+    import argparse
+
+    import dagan.checkpoint
+    import engine.select
+    from dagan.options import ENGINE_OPTIONS
+    from vcam.cli import add_commands, run_cam
+
+    seen: dict = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_engine(checkpoint, backend, device, precision, threads=None):
+        seen.update(checkpoint=str(checkpoint), backend=backend, device=device, precision=precision)
+        seen["threads"] = threads
+        raise Stop
+
+    monkeypatch.setattr(engine.select, "default_engine", fake_engine)
+    monkeypatch.setattr(dagan.checkpoint, "DEFAULT_CHECKPOINT", tmp_path / "bundled.safetensors")
+    for opt in ENGINE_OPTIONS:
+        for name in opt.envs:
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DAGAN_BACKEND", "onnxruntime")
+    monkeypatch.setenv("DAGAN_INFER_THREADS", "2")
+    monkeypatch.setenv("DAGAN_CHECKPOINT", str(tmp_path / "env.safetensors"))
+    src = tmp_path / "src.png"
+    cv2.imwrite(str(src), cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR))
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    cam = parser._subparsers._group_actions[0].choices["cam"]
+    flags = {s for action in cam._actions for s in action.option_strings}
+    assert {"--backend", "--checkpoint", "--device", "--precision", "--infer-threads"} <= flags
+    with pytest.raises(Stop):
+        run_cam(
+            parser.parse_args(["cam", "--source", str(src), "--device", "cpu"]),
+            source=object(),
+            sink=object(),
+        )
+    assert seen == {
+        "checkpoint": str(tmp_path / "env.safetensors"),
+        "backend": "onnxruntime",
+        "device": "cpu",
+        "precision": None,
+        "threads": 2,
+    }

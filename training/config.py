@@ -1,7 +1,8 @@
 """The training config: one YAML file for both stages, validated as strictly as the model config.
 
 It follows :mod:`dagan.config` exactly (frozen dataclasses, unknown keys and wrong types are errors naming
-the full key path) and reuses its validator. The ``model`` key holds the *model* config — a preset name
+the full key path) and builds itself with its public :func:`dagan.config.build_dataclass` and
+:func:`dagan.config.to_plain`. The ``model`` key holds the *model* config — a preset name
 (``vox-256``, ``tiny``), a path to a model YAML, or the model config inline — and is resolved with
 :func:`dagan.config.load_config`, so the same network definition ends up embedded in every checkpoint.
 
@@ -19,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from dagan.config import ConfigError, ModelConfig, _build, _to_plain, load_config, set_dotted
+from dagan.config import ConfigError, ModelConfig, build_dataclass, load_config, set_dotted, to_plain
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -111,7 +112,7 @@ class DaganStageConfig:
     # ImageNet VGG available, the documented substitute loss is used and training says so loudly.
     vgg19_weights: str = ""
     # face-api's landmark-68 model (a `dagan fetch-eval-assets` folder or its manifest): the perceptual
-    # term uses its features when no VGG19 is configured (training/face_perceptual.py).
+    # term uses its features when no VGG19 is configured (training/perceptual.py).
     face_landmark_weights: str = ""
     kp_distance_threshold: float = 0.2
     # Face-mesh points (mediapipe indices) the keypoint prior anchors keypoint k to, one per keypoint:
@@ -163,7 +164,7 @@ class TrainConfig:
     sync_batchnorm: bool = True  # SyncBatchNorm for multi-GPU runs (not available on CPU/gloo)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        return to_plain(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -188,7 +189,7 @@ def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
         model = load_config(model_source)
     except ConfigError as exc:
         raise ConfigError(f"model: {exc}") from exc
-    rest = _build(TrainConfig, data)
+    rest = build_dataclass(TrainConfig, data)
     cfg = dataclasses.replace(rest, model=model)
     _check_semantics(cfg)
     return cfg

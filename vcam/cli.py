@@ -1,10 +1,16 @@
-"""``dagan cam``: webcam → avatar → virtual camera, with a local engine or a remote ``dagan serve``."""
+"""``dagan cam``: webcam → avatar → virtual camera, with a local engine or a remote ``dagan serve``.
+
+The local engine's flags and variables are the shared rows :data:`dagan.options.ENGINE_OPTIONS`, read
+by the one reader :func:`dagan.options.read_options`, as in ``dagan serve``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import threading
+
+from dagan.options import ENGINE_OPTIONS, add_options, read_options
 
 from .pipeline import CamRunner, Controls
 
@@ -58,11 +64,12 @@ def run_cam(args: argparse.Namespace, source=None, sink=None) -> int:
 
         from .pipeline import LocalAnimator
 
-        checkpoint = resolve_checkpoint(args.checkpoint)
+        opts = read_options(ENGINE_OPTIONS, args)
+        checkpoint = resolve_checkpoint(opts["checkpoint"])
         # on a CPU the fastest engine that holds quality, prepared on first use, cores split with the
         # camera and tracking by measured cost (engine.select, as `dagan serve`)
         engine, choice = default_engine(
-            checkpoint, args.backend, args.device, getattr(args, "precision", None), threads=None
+            checkpoint, opts["backend"], opts["device"], opts["precision"], threads=opts["threads"]
         )
         print(f"engine: {choice.describe()}", file=sys.stderr)
         warn_if_untrained(checkpoint)
@@ -110,16 +117,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--token",
         help="the server's access token (remote mode; default $DAGAN_ACCESS_TOKEN or the URL's #token=)",
     )
-    p.add_argument("--backend", default="auto", help="local engine backend (auto, torch, ...)")
-    p.add_argument(
-        "--precision",
-        help="local engine precision: fp32, int8 (onnxruntime), bf16 (torch), fp16 (CUDA); default: on a "
-        "CPU the fastest that holds quality (docs/export.md)",
-    )
-    p.add_argument(
-        "--checkpoint", help="local model weights; default: $DAGAN_CHECKPOINT, then the bundled weights"
-    )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (local mode)")
+    add_options(p.add_argument_group("local engine (without --server)"), ENGINE_OPTIONS)
     p.add_argument("--absolute", action="store_true", help="absolute instead of relative motion transfer")
     p.add_argument("--no-crop", action="store_true", help="camera frames are already face crops")
     p.add_argument(

@@ -58,7 +58,7 @@ class LocalAnimator:
         auto_neutral: float = 0.0,
     ) -> None:
         from dagan.errors import UserError
-        from dagan.face import DrivingCropper, locate_source, source_crop
+        from dagan.face import DrivingCropper, locate_source, prepare_source
         from dagan.paste import plan_paste
         from engine.paste import Paster
 
@@ -72,7 +72,7 @@ class LocalAnimator:
             plan = plan_paste(source_image, face, face_crop, output_size, mask)
             self.paster = Paster(plan, getattr(engine, "device", "cpu"))
         else:
-            face_crop = source_crop(source_image, engine.image_size, crop)
+            face_crop = prepare_source(source_image, engine.image_size, crop)
         self.session = self.engine.set_source(face_crop, relative=relative)
         if smoothing is not None:
             self.session.kp_filter = OneEuroFilter(smoothing)

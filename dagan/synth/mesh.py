@@ -238,11 +238,6 @@ class HeadMesh:
     def num_vertices(self) -> int:
         return int(self.rest.shape[0])
 
-    @property
-    def face_triangle_mask(self) -> np.ndarray:
-        """Triangles that make up the face (skin, eyes, mouth cavity): the area of the GT depth map."""
-        return self.tri_kind != TRI_RING
-
 
 TRI_FACE, TRI_EYE, TRI_MOUTH, TRI_RING = 0, 1, 2, 3
 
