@@ -16,6 +16,8 @@ also may not import each other round a loop (:func:`import_cycles`), inside a pa
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,10 +75,30 @@ class Violation:
         return f"{self.path}:{self.line}: {self.module} imports {self.imported} ({self.why})"
 
 
+def _git_files(root: Path) -> list[str] | None:
+    """The project's files as git sees them (tracked, plus new files not ignored), or None outside a git
+    checkout. Ignored folders (training runs, data, scratch scripts in runs/) are not the project's code."""
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        return None
+    result = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", "--", "*.py"],
+        cwd=root,
+        capture_output=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        return None
+    return [name for name in result.stdout.decode().split("\0") if name]
+
+
 def python_files(root: Path) -> Iterator[Path]:
-    for path in sorted(root.rglob("*.py")):
+    """Every .py file of the project under ``root``: git's list in a checkout, else every file outside
+    :data:`SKIP_DIRS` and hidden folders (a planted tree, an unpacked source archive)."""
+    tracked = _git_files(root)
+    paths = sorted(root / name for name in tracked) if tracked is not None else sorted(root.rglob("*.py"))
+    for path in paths:
         rel = path.relative_to(root)
-        if not any(part in SKIP_DIRS or part.startswith(".") for part in rel.parts[:-1]):
+        if path.is_file() and not any(part in SKIP_DIRS or part.startswith(".") for part in rel.parts[:-1]):
             yield path
 
 
