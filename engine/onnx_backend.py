@@ -308,17 +308,26 @@ def onnx_cache_dir(
     return Path(cache_dir or default_cache_dir()) / "onnx" / cache_key(sha, MANIFEST_VERSION)
 
 
+def _checked_source(checkpoint: str | Path) -> tuple[Path, bool]:
+    """(path, is an export directory) for what an ``*_dir_for`` was given: an export directory (its
+    manifest checked; used as it is, the user chose it) or a weights file; EngineError otherwise."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        read_manifest(path)
+        return path, True
+    if not path.is_file():
+        raise EngineError(f"checkpoint not found: {path}")
+    return path, False
+
+
 def onnx_dir_for(checkpoint: str | Path, cache_dir: str | Path | None = None, progress: bool = False) -> Path:
     """An ONNX export of ``checkpoint``: the path itself if it is an export directory, else a cached
     export keyed by the checkpoint's SHA-256 (exported on first use, locally — nothing is downloaded)."""
     from export.onnx_export import export_onnx
 
-    path = Path(checkpoint)
-    if path.is_dir():
-        read_manifest(path)
+    path, is_export = _checked_source(checkpoint)
+    if is_export:
         return path
-    if not path.is_file():
-        raise EngineError(f"checkpoint not found: {path}")
     cached = cached_onnx_dir(path, cache_dir)
     if cached is not None:
         return cached
@@ -378,12 +387,9 @@ def cpu_onnx_dir_for(
     """The fp32 export of ``checkpoint`` with its frame graph rewritten for the CPU provider
     (:mod:`export.optimize`: same function, same weights), cached in ``$DAGAN_CACHE/onnx-cpu/<key>``.
     An export directory is returned as it is (the user chose it)."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        read_manifest(path)
+    path, is_export = _checked_source(checkpoint)
+    if is_export:
         return path
-    if not path.is_file():
-        raise EngineError(f"checkpoint not found: {path}")
     out, sha = _cached_variant("onnx-cpu", path, cache_dir, CPU_GRAPH_VERSION)
     if _ready(out, sha):
         return out
@@ -401,12 +407,9 @@ def int8_onnx_dir_for(
     calibrated on :func:`export.quantize.default_calibration` (real face clips when this machine has
     them, else the portraits shipped with the install), and its held-out quality against fp32 recorded in
     the manifest (``"quality"``). An export directory is returned as it is."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        read_manifest(path)
+    path, is_export = _checked_source(checkpoint)
+    if is_export:
         return path
-    if not path.is_file():
-        raise EngineError(f"checkpoint not found: {path}")
     from export.quantize import default_calibration, quantize_export, record_quality
 
     source = default_calibration()

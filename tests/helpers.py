@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from typing import Any
+
 import torch
 
 
@@ -20,3 +25,35 @@ def make_model(config, seed: int = 0, gamma: float = 0.7):
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.8, 1.2)
     return model.eval()
+
+
+class ThreadedServer:
+    """``dagan serve``'s uvicorn with the production configuration (``server.guard.uvicorn_config``: the
+    guard, the header-timeout protocol) in a thread, on a free loopback port; a context manager that
+    yields once it listens (``port``, ``url``)."""
+
+    def __init__(self, settings: Any, engine: Any) -> None:
+        import uvicorn
+
+        from server.app import create_app
+        from server.guard import uvicorn_config
+
+        self.settings = settings
+        self.app = create_app(settings, engine)
+        self.server = uvicorn.Server(uvicorn_config(self.app, settings, log_level="warning"))
+        self.server.install_signal_handlers = lambda: None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+
+    def __enter__(self) -> Any:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

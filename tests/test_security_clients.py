@@ -16,7 +16,6 @@ client); other client addresses are 127.0.0.2 and 127.0.0.3 (any 127/8 address i
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -30,12 +29,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
+from helpers import ThreadedServer
 
 from dagan.helpers import stop_process
 from server.app import create_app
-from server.guard import TrustedProxies, client_key, interface_addresses, uvicorn_config
+from server.guard import TrustedProxies, client_key, interface_addresses
 from server.sessions import SessionRegistry
 from server.settings import ServerSettings, SettingsError
 
@@ -50,29 +49,11 @@ def settings(**kw) -> ServerSettings:
     return ServerSettings(ice_host_addresses=("127.0.0.1",), **kw)
 
 
-class LiveServer:
-    """uvicorn with the production configuration (``server.guard.uvicorn_config``) in a thread."""
+class LiveServer(ThreadedServer):
+    """The production server in a thread, with this module's settings and per-address clients."""
 
     def __init__(self, engine, **kw) -> None:
-        self.settings = settings(port=0, **kw)
-        self.app = create_app(self.settings, engine)
-        self.server = uvicorn.Server(uvicorn_config(self.app, self.settings, log_level="warning"))
-        self.server.install_signal_handlers = lambda: None
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        super().__init__(settings(port=0, **kw), engine)
 
     @property
     def service(self):

@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 from aiortc import VideoStreamTrack
 from fastapi.testclient import TestClient
+from helpers import ThreadedServer
 from PIL import Image
 
 from server.app import create_app
 from server.client import ServiceClient, local_offer
-from server.guard import uvicorn_config
 from server.settings import ServerSettings
 
 BASE = "http://127.0.0.1:8000"
@@ -435,30 +435,11 @@ def test_16_bit_grey_png_keeps_its_face(client, astronaut):
 # ---------------------------------------------------------------------------- over the wire: real server
 
 
-class Server:
-    """uvicorn with the production configuration (guard, header timeout protocol) in a thread."""
+class Server(ThreadedServer):
+    """The production server in a thread (guard, header timeout protocol), with raw sockets to it."""
 
     def __init__(self, engine, **settings) -> None:
-        self.settings = fuzz_settings(port=0, **settings)
-        self.app = create_app(self.settings, engine)
-        self.server = __import__("uvicorn").Server(
-            uvicorn_config(self.app, self.settings, log_level="warning")
-        )
-        self.server.install_signal_handlers = lambda: None
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
+        super().__init__(fuzz_settings(port=0, **settings), engine)
 
     def connect(self) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
