@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import threading
 import time
 from typing import Any
@@ -57,3 +59,19 @@ class ThreadedServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+def read_response(s: socket.socket) -> tuple[int, dict]:
+    """(status, JSON body) of one HTTP/1.1 response read from a raw socket (a test that writes its own
+    request bytes: slow bodies, header floods)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed without a response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    headers = (line.partition(b":") for line in head.split(b"\r\n")[1:])
+    length = int(next(v for k, _, v in headers if k.strip().lower() == b"content-length"))
+    while len(body) < length:
+        body += s.recv(65536)
+    return int(head.split()[1]), json.loads(body[:length])

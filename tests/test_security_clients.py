@@ -17,7 +17,6 @@ client); other client addresses are 127.0.0.2 and 127.0.0.3 (any 127/8 address i
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from helpers import ThreadedServer
+from helpers import ThreadedServer, read_response
 
 from dagan.helpers import stop_process
 from server.app import create_app
@@ -68,19 +67,6 @@ class LiveServer(ThreadedServer):
         return httpx.Client(
             base_url=self.url, transport=httpx.HTTPTransport(local_address=source), timeout=60
         )
-
-
-def read_response(s: socket.socket) -> tuple[int, dict]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        assert chunk, f"connection closed without a response: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-    while len(body) < length:
-        body += s.recv(65536)
-    return int(head.split()[1]), json.loads(body[:length])
 
 
 def refused(r, status: int, code: str) -> dict:

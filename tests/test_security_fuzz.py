@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from aiortc import VideoStreamTrack
 from fastapi.testclient import TestClient
-from helpers import ThreadedServer
+from helpers import ThreadedServer, read_response
 from PIL import Image
 
 from server.app import create_app
@@ -445,26 +445,6 @@ class Server(ThreadedServer):
         s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
         s.settimeout(10)
         return s
-
-
-def read_response(s: socket.socket) -> tuple[int, dict]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        assert chunk, f"connection closed without a response: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status = int(head.split()[1])
-    length = int(
-        next(
-            v
-            for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")[1:])
-            if k.lower() == b"content-length"
-        )
-    )
-    while len(body) < length:
-        body += s.recv(65536)
-    return status, json.loads(body[:length])
 
 
 def test_chunked_upload_over_the_limit_is_refused_while_streaming(engine, tmp_path, monkeypatch):
