@@ -75,3 +75,24 @@ def read_response(s: socket.socket) -> tuple[int, dict]:
     while len(body) < length:
         body += s.recv(65536)
     return int(head.split()[1]), json.loads(body[:length])
+
+
+def looping_camera(frames: list) -> Any:
+    """A camera stand-in for a WebRTC call: an aiortc video track that plays ``frames`` (H×W×3 RGB uint8)
+    in a loop, paced by aiortc's own video clock; assign ``.frames`` to change what it sends mid-call."""
+    import av
+    from aiortc import VideoStreamTrack
+
+    class LoopingCamera(VideoStreamTrack):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frames, self.i = frames, 0
+
+        async def recv(self) -> Any:
+            pts, base = await self.next_timestamp()
+            frame = av.VideoFrame.from_ndarray(self.frames[self.i % len(self.frames)], format="rgb24")
+            self.i += 1
+            frame.pts, frame.time_base = pts, base
+            return frame
+
+    return LoopingCamera()

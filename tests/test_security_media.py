@@ -18,11 +18,10 @@ import json
 import logging
 import time
 
-import av
 import numpy as np
 import pytest
-from aiortc import VideoStreamTrack
 from fastapi.testclient import TestClient
+from helpers import looping_camera
 from test_security_clients import LiveServer
 
 from server.app import create_app
@@ -120,26 +119,10 @@ def test_every_ice_candidate_field_is_checked_before_aiortc(engine, astronaut_jp
 # ------------------------------------------------------------------------------ calls for rows 4 and 6
 
 
-class Camera(VideoStreamTrack):
-    """A camera at 30 fps sending ``frames`` (switchable mid-call)."""
-
-    def __init__(self, frames: list[np.ndarray]) -> None:
-        super().__init__()
-        self.frames = frames
-        self.i = 0
-
-    async def recv(self):
-        pts, base = await self.next_timestamp()
-        frame = av.VideoFrame.from_ndarray(self.frames[self.i % len(self.frames)], format="rgb24")
-        self.i += 1
-        frame.pts, frame.time_base = pts, base
-        return frame
-
-
 class Call:
     """One peer (a call of server.client): the camera and what came back on the data channel."""
 
-    def __init__(self, http, camera: Camera) -> None:
+    def __init__(self, http, camera) -> None:
         self.service, self.camera = ServiceClient(http=http), camera
         self.frames: list[dict] = []  # the server's per-frame records (one per avatar frame sent)
         self.other: list[dict] = []  # everything else
@@ -191,7 +174,7 @@ def test_unusable_frames_are_counted_logged_once_and_explained(engine, astronaut
     async def scenario():
         with LiveServer(engine, bad_video_notice_s=0.5) as server:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-                call = Call(http, Camera(tiny))
+                call = Call(http, looping_camera(tiny))
                 await call.start(astronaut_jpeg)
                 await until(lambda: call.seen(error="bad_video"), 20, "the peer to be told about its video")
                 await until(lambda: call.camera.i > 40, 20, "more 1×1 frames")
@@ -237,7 +220,7 @@ def test_data_channel_flood_is_dropped_counted_and_told_once(engine, astronaut_j
     async def scenario():
         with LiveServer(engine, messages_per_s=rate, message_burst=burst) as server:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-                call = Call(http, Camera(face_frames))
+                call = Call(http, looping_camera(face_frames))
                 await call.start(astronaut_jpeg)
                 await until(lambda: len(call.frames) >= 3, 20, "the first avatar frames")
                 t0 = time.monotonic()

@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from aiortc import VideoStreamTrack
+from helpers import looping_camera
 
 from dagan.helpers import stop_process
 from server.client import ServiceClient, local_offer
@@ -97,21 +97,6 @@ def coturn(tmp_path_factory):
         log.close()
 
 
-class Camera(VideoStreamTrack):
-    def __init__(self, frames) -> None:
-        super().__init__()
-        self.frames, self.i = frames, 0
-
-    async def recv(self):
-        import av
-
-        pts, base = await self.next_timestamp()
-        frame = av.VideoFrame.from_ndarray(self.frames[self.i % len(self.frames)], format="rgb24")
-        self.i += 1
-        frame.pts, frame.time_base = pts, base
-        return frame
-
-
 def test_relay_only_call_through_coturn(engine, astronaut_jpeg, grace_hopper, coturn):
     import uvicorn
 
@@ -142,7 +127,7 @@ def test_relay_only_call_through_coturn(engine, astronaut_jpeg, grace_hopper, co
             async with ServiceClient(f"http://127.0.0.1:{http_port}", timeout=20) as service:
                 received = []
                 call = await service.call(
-                    astronaut_jpeg, Camera(frames), on_frame=received.append, relay_only=True
+                    astronaut_jpeg, looping_camera(frames), on_frame=received.append, relay_only=True
                 )
                 sid = call.session_id
                 (turn,) = call.ice_servers
