@@ -183,8 +183,8 @@ async def connect(http: Any, photo_jpeg: bytes, packets: list[bytes], offset: in
     return client
 
 
-async def hang_up(http: Any, client: Client) -> None:
-    """Hang up and delete the session (``http`` is the client's own; kept for the callers' symmetry)."""
+async def hang_up(client: Client) -> None:
+    """Hang up and delete the session."""
     if client.call is not None:
         with contextlib.suppress(Exception):
             await client.call.close()
@@ -387,7 +387,7 @@ async def measure(
             load1 = os.getloadavg()[0]
         finally:
             for c in clients:
-                await hang_up(http, c)
+                await hang_up(c)
     fps, lat = [], []
     for c in clients:
         frames, latencies = c.window(t0, t1)
