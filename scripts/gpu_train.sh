@@ -8,11 +8,16 @@
 # the project not installed), so everything runs as `python3 -m commands.cli` from the repository root.
 # What comes back ($OUT, top level, <= 8 files): dagan.safetensors (final weights, depth net included),
 # depth.safetensors, gpu_train.log, summary.json, run-logs.tar.gz (config.yaml, run.json, TensorBoard of
-# both run folders), nvidia-smi.txt. Each stage runs under --time-limit, so a stage cut short still ends
-# with a checkpoint and its weights; summary.json says at which step.
+# the run folders), nvidia-smi.txt, and dagan-b.safetensors when VARIANT_ARGS asks for a second run.
+# Each stage runs under --time-limit, so a stage cut short still ends with a checkpoint and its weights;
+# summary.json says at which step.
 # Settings (environment): DATA (gpu_data), OUT (runs/gpu_train/out), RECIPE, INIT (the bundled weights),
-# BUDGET_S (480: both stages together), DEPTH_MIN (2.5: the depth stage's share), DEPTH_BATCH (32),
-# DAGAN_BATCH (32), WORKERS (12), PRECISION (fp32), DEPTH_STEPS / DAGAN_STEPS (the recipe's), PYTHON.
+# DEPTH_INIT (INIT: the depth stage continues that depth net; empty = from scratch), BUDGET_S (480: both
+# stages together), DEPTH_MIN (2.5: the depth stage's share), DEPTH_BATCH (32), DAGAN_BATCH (32),
+# WORKERS (12), PRECISION (fp32), DEPTH_STEPS / DAGAN_STEPS (the recipe's), DEPTH_ARGS / DAGAN_ARGS (more
+# `dagan train` flags, e.g. "--set depth.smoothness=0.01"), VARIANT_ARGS (flags of a second DaGAN run,
+# "b", trained beside the first on the same GPU from the same depth net; a small model leaves most of an
+# H100 idle, so two recipes cost little more than one; WORKERS is split between them), PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
@@ -65,7 +70,7 @@ if [ "$smoke" = 1 ]; then
 else
   DATA=${DATA:-gpu_data}
   WORK=runs/gpu_train
-  rm -rf "$WORK/depth" "$WORK/dagan"
+  rm -rf "$WORK/depth" "$WORK/dagan" "$WORK/dagan-b"
   [ -f "$DATA/pack.json" ] || {
     echo "gpu_train.sh: no packed data at $DATA (make it with: dagan pack-data data/real128v2 gpu_data)" >&2
     exit 2
@@ -77,6 +82,14 @@ else
   [ -n "${DEPTH_STEPS:-}" ] && depth_args+=(--steps "$DEPTH_STEPS")
   [ -n "${DAGAN_STEPS:-}" ] && dagan_args+=(--steps "$DAGAN_STEPS")
 fi
+DEPTH_INIT=${DEPTH_INIT-$INIT}
+[ -n "$DEPTH_INIT" ] && depth_args+=(--init "$DEPTH_INIT")
+# Extra flags, split on spaces (values here never hold one).
+read -r -a extra_depth <<< "${DEPTH_ARGS:-}"
+read -r -a extra_dagan <<< "${DAGAN_ARGS:-}"
+read -r -a variant <<< "${VARIANT_ARGS:-}"
+depth_args+=("${extra_depth[@]}")
+dagan_args+=("${extra_dagan[@]}")
 
 # The recipe's depth.source_offsets count frames of the full-rate clips; the pack keeps every N-th frame,
 # so an offset o becomes round(o / N) frames of the pack (at least 1): [-2, 2] at N = 2 is [-1, 1].
@@ -124,16 +137,42 @@ if [ "$smoke" = 0 ]; then
 fi
 t0=$SECONDS
 rc_dagan=0
+rc_b=0
+runs=(dagan)
+if [ "${#variant[@]}" -gt 0 ]; then
+  # Run b beside run a: each gets half the data workers; b's lines in the log start with "[b] ".
+  runs+=(dagan-b)
+  if [ "$smoke" = 0 ]; then
+    half=$(( ${WORKERS:-12} / 2 ))
+    [ "$half" -lt 1 ] && half=1
+    common+=(--set "data.workers=$half")
+  fi
+  "$PY" -m commands.cli train dagan --config "$RECIPE" --data "$DATA" --run-dir "$WORK/dagan-b" \
+    --depth "$depth_ckpt" --init "$INIT" "${face[@]}" "${common[@]}" "${dagan_args[@]}" "${variant[@]}" \
+    > >(sed -u 's/^/[b] /') 2>&1 &
+  pid_b=$!
+fi
 "$PY" -m commands.cli train dagan --config "$RECIPE" --data "$DATA" --run-dir "$WORK/dagan" \
   --depth "$depth_ckpt" --init "$INIT" "${face[@]}" "${common[@]}" "${dagan_args[@]}" || rc_dagan=$?
+if [ -n "${pid_b:-}" ]; then wait "$pid_b" || rc_b=$?; fi
 dagan_s=$((SECONDS - t0))
 dagan_ckpt=$(weights_of "$WORK/dagan" dagan) || { echo "gpu_train.sh: the DaGAN stage left no weights" >&2; exit 1; }
+if [ -n "${pid_b:-}" ]; then
+  if b_ckpt=$(weights_of "$WORK/dagan-b" dagan); then
+    cp "$b_ckpt" "$OUT/dagan-b.safetensors"
+  else
+    echo "gpu_train.sh: run b left no weights (exit $rc_b)" >&2
+    [ "$rc_b" = 0 ] && rc_b=1
+  fi
+fi
 
 cp "$depth_ckpt" "$OUT/depth.safetensors"
 cp "$dagan_ckpt" "$OUT/dagan.safetensors"
-tar -czf "$OUT/run-logs.tar.gz" -C "$WORK" --exclude checkpoints --exclude '*.safetensors' depth dagan
-"$PY" - "$OUT" "$WORK" "$smoke" "$depth_s" "$dagan_s" "$rc_depth" "$rc_dagan" "$DATA/pack.json" <<'EOF'
-import json, sys
+tar -czf "$OUT/run-logs.tar.gz" -C "$WORK" --exclude checkpoints --exclude '*.safetensors' depth "${runs[@]}"
+"$PY" - "$OUT" "$WORK" "$smoke" "$depth_s" "$dagan_s" "$rc_depth" "$rc_dagan" "$DATA/pack.json" "$rc_b" <<'EOF'
+import dataclasses
+import json
+import sys
 from pathlib import Path
 
 import torch
@@ -146,10 +185,13 @@ from training.config import load_train_config
 summary = {"smoke": smoke, "torch": torch.__version__,
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "pack": {k: v for k, v in json.loads(Path(sys.argv[8]).read_text()).items() if k != "request"}}
-for (stage, sec, rc) in zip(("depth", "dagan"), secs, rcs):
-    with safe_open(str(out / f"{stage}.safetensors"), "pt") as f:
+runs = [("depth", "depth", secs[0], rcs[0]), ("dagan", "dagan", secs[1], rcs[1])]
+if (out / "dagan-b.safetensors").is_file():
+    runs.append(("dagan-b", "dagan", secs[1], sys.argv[9]))
+for (name, stage, sec, rc) in runs:
+    with safe_open(str(out / f"{name}.safetensors"), "pt") as f:
         meta = f.metadata() or {}
-    cfg = load_train_config(work / stage / "config.yaml")
+    cfg = load_train_config(work / name / "config.yaml")
     sc = getattr(cfg, stage)
     step, total = int(meta.get("step", 0)), sc.steps
     entry = {"step": step, "steps_planned": total, "time_limited": step < total, "seconds": int(sec),
@@ -162,17 +204,20 @@ for (stage, sec, rc) in zip(("depth", "dagan"), secs, rcs):
     try:  # the last logged losses, from the run's TensorBoard scalars
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-        acc = EventAccumulator(str(work / stage / "tb"), size_guidance={"scalars": 0}).Reload()
+        acc = EventAccumulator(str(work / name / "tb"), size_guidance={"scalars": 0}).Reload()
         entry["last_logged"] = {t.split("/", 1)[1]: round(acc.Scalars(t)[-1].value, 5)
                                 for t in acc.Tags()["scalars"] if "grad_norm" not in t}
     except Exception as exc:  # no tensorboard on this machine: the log has the losses anyway
         entry["last_logged"] = f"unavailable ({type(exc).__name__})"
-    summary[stage] = entry
+    if name == "dagan-b":
+        entry["weights"] = dataclasses.asdict(sc.weights)
+        entry["expressive_pairs"] = sc.expressive_pairs
+    summary[name] = entry
 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(json.dumps(summary, indent=1))
 EOF
 echo "== gpu_train: done in $((SECONDS - start)) s; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
-if [ "$rc_depth" != 0 ] || [ "$rc_dagan" != 0 ]; then
-  echo "gpu_train.sh: a stage failed (depth: exit $rc_depth, DaGAN: exit $rc_dagan); its last checkpoint was kept" >&2
+if [ "$rc_depth" != 0 ] || [ "$rc_dagan" != 0 ] || [ "$rc_b" != 0 ]; then
+  echo "gpu_train.sh: a stage failed (depth: exit $rc_depth, DaGAN: exit $rc_dagan, run b: exit $rc_b); its last checkpoint was kept" >&2
   exit 1
 fi

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,9 @@ def test_gpu_train_smoke_runs_on_the_cpu_without_device_missing_modules(tmp_path
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
     env["PYTHON"] = sys.executable
+    # A second recipe beside the first (VARIANT_ARGS) and extra depth flags, as the lent-GPU run uses them.
+    env["VARIANT_ARGS"] = "--set dagan.weights.region_l1=30 --set dagan.expressive_pairs=0.75"
+    env["DEPTH_ARGS"] = "--set depth.smoothness=0.01"
     cmd = ["bash", "scripts/gpu_train.sh", "--smoke"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -176,3 +180,14 @@ def test_gpu_train_smoke_runs_on_the_cpu_without_device_missing_modules(tmp_path
     assert summary["depth"]["source_offsets"] == [-1, 1]  # the recipe's [-2, 2] at frame stride 2
     assert summary["pack"]["stride"] == 2
     assert (out / "run-logs.tar.gz").stat().st_size > 0
+    # Run b: its own weights, the overrides it was given, the depth stage's extra flag, the init of both.
+    assert "[b] wrote" in log and "initialised depth_net from" in log
+    assert load_model(out / "dagan-b.safetensors").depth_net is not None
+    b = summary["dagan-b"]
+    assert b["step"] == 2 and b["weights"]["region_l1"] == 30 and b["expressive_pairs"] == 0.75
+    assert "weights" not in summary["dagan"]
+    with tarfile.open(out / "run-logs.tar.gz") as tar:
+        names = tar.getnames()
+        assert any(n.startswith("dagan-b/") for n in names)
+        depth_cfg = tar.extractfile("depth/config.yaml").read().decode()
+    assert "smoothness: 0.01" in depth_cfg
