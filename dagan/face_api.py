@@ -37,10 +37,12 @@ from .errors import UserError
 __all__ = [
     "EXPRESSION_LABELS",
     "EXPRESSION_SIZE",
+    "LANDMARK_SIZE",
     "RECOGNITION_SIZE",
     "ExpressionNet",
     "FaceFeatureExtractor",
     "FaceRecognitionNet",
+    "LandmarkNet",
     "TfjsWeightsError",
     "read_tfjs_weights",
 ]
@@ -51,6 +53,7 @@ EXPRESSION_LABELS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted",
 _MEAN_RGB = (122.782, 117.001, 104.298)
 RECOGNITION_SIZE = 150
 EXPRESSION_SIZE = 112
+LANDMARK_SIZE = 112
 
 
 class TfjsWeightsError(UserError, ValueError):
@@ -371,25 +374,59 @@ class FaceFeatureExtractor(nn.Module):
             getattr(self, name).load(weights, name, used)
 
 
-class ExpressionNet(FaceFeatureExtractor):
+class _PooledHeadNet(FaceFeatureExtractor):
+    """face-api's nets that end in a 7×7 average pool and one linear layer over the four dense blocks
+    (the expression and the 68-point landmark nets): B×3×112×112 → B×outputs before any activation."""
+
+    WHAT = ""  # the model's name in load errors
+
+    def __init__(self, outputs: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(256, outputs)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.avg_pool2d(self.feature_maps(x)[-1], 7, 2).flatten(1))
+
+    def load_tfjs(self, weights: dict[str, np.ndarray]) -> _PooledHeadNet:
+        used: set[str] = set()
+        self.load_blocks(weights, used)
+        _copy(self.fc.weight, _take(weights, "fc/weights", used).T.copy(), "fc")
+        _copy(self.fc.bias, _take(weights, "fc/bias", used), "fc")
+        _check_all_used(weights, used, self.WHAT)
+        return self
+
+
+class LandmarkNet(_PooledHeadNet):
+    """face-api's 68-point landmark net: B×3×112×112 RGB in [0, 1], a face box crop → B×68×2 landmarks,
+    (x, y) as fractions of the crop (iBUG 68 order: jaw 0–16, brows 17–26, nose 27–35, eyes 36–47,
+    mouth 48–67).
+
+    The same four dense blocks as :class:`ExpressionNet`, 7×7 average pool, 256×136 linear layer. It
+    wants a face box, not a loose crop: on the 128-px training crops boxed by the face mesh's cheeks
+    (234, 454), forehead (10) and chin (152) it lands 1.2 px from mediapipe's matching points and its
+    mouth opening follows mediapipe's with r 0.96 (docs/training.md), where the whole crop gives 10–20 px.
+    """
+
+    WHAT = "face landmark-68 model"
+
+    def __init__(self) -> None:
+        super().__init__(136)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x).view(-1, 68, 2)
+
+
+class ExpressionNet(_PooledHeadNet):
     """B×3×112×112 RGB in [0, 1] -> B×7 expression probabilities (order: :data:`EXPRESSION_LABELS`).
 
     Four dense blocks (32, 64, 128, 256 channels; 112 -> 56 -> 28 -> 14 -> 7), 7×7 average pool,
     256×7 linear layer, softmax.
     """
 
+    WHAT = "face expression model"
+
     def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(256, 7)
+        super().__init__(7)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.avg_pool2d(self.feature_maps(x)[-1], 7, 2).flatten(1)
-        return torch.softmax(self.fc(out), dim=1)
-
-    def load_tfjs(self, weights: dict[str, np.ndarray]) -> ExpressionNet:
-        used: set[str] = set()
-        self.load_blocks(weights, used)
-        _copy(self.fc.weight, _take(weights, "fc/weights", used).T.copy(), "fc")
-        _copy(self.fc.bias, _take(weights, "fc/bias", used), "fc")
-        _check_all_used(weights, used, "face expression model")
-        return self
+        return torch.softmax(self.head(x), dim=1)

@@ -81,6 +81,11 @@ class LossWeights:
     # dagan.region_sigma at the focus landmarks), so the small motions that carry expression are not
     # drowned by the rest of the face.
     region_l1: float = 0.0
+    # L1 between face-api's 68 landmarks on the prediction and on the driving frame, both cropped by the
+    # driving frame's face box (training/landmark_loss.py): the mouth's and eyes' positions themselves.
+    # In fractions of the box (0.01 ≈ 1 px of a 100-px face): ~100 makes it count. Needs
+    # dagan.face_landmark_weights and the box points (10, 152, 234, 454) among kp_landmark_points.
+    face_landmarks: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -277,7 +282,18 @@ def _check_semantics(cfg: TrainConfig) -> None:
     for key, value in dataclasses.asdict(g.weights).items():
         need(value >= 0, f"dagan.weights.{key}", "must be >= 0")
     w = g.weights
-    if w.kp_landmarks > 0 or w.kp_landmark_motion > 0 or w.region_l1 > 0:
+    if w.face_landmarks > 0:
+        need(
+            bool(g.face_landmark_weights),
+            "dagan.face_landmark_weights",
+            "weights.face_landmarks needs face-api's landmark-68 net: a `dagan fetch-eval-assets` folder",
+        )
+        need(
+            all(p in g.kp_landmark_points for p in (10, 152, 234, 454)),
+            "dagan.kp_landmark_points",
+            "weights.face_landmarks boxes the face by mesh points 10, 152, 234 and 454: include them",
+        )
+    if w.kp_landmarks > 0 or w.kp_landmark_motion > 0 or w.region_l1 > 0 or w.face_landmarks > 0:
         k = cfg.model.keypoints.num_kp
         need(
             len(g.kp_landmark_points) == k,

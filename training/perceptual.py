@@ -42,6 +42,7 @@ __all__ = [
     "VGG19Features",
     "VGGWeightsError",
     "build_perceptual_loss",
+    "find_landmark_manifest",
     "load_face_landmark_features",
     "load_vgg19",
 ]
@@ -217,16 +218,22 @@ class FaceLossWeightsError(UserError, ValueError):
     """The configured face-landmark weights are missing or are not face-api's landmark-68 model."""
 
 
-def load_face_landmark_features(path: str | Path) -> FaceLandmarkFeatures:
-    """From the manifest file, its folder, or a ``dagan fetch-eval-assets`` folder (``model/`` inside)."""
+def find_landmark_manifest(path: str | Path) -> Path:
+    """face-api's landmark-68 manifest: the file itself, in its folder, or in a ``dagan
+    fetch-eval-assets`` folder (``model/`` inside)."""
     path = Path(path)
     for candidate in (path, path / MANIFEST, path / "model" / MANIFEST):
         if candidate.is_file():
-            return FaceLandmarkFeatures().load_tfjs(read_tfjs_weights(candidate)).eval()
+            return candidate
     raise FaceLossWeightsError(
         f"no {MANIFEST} at {path} (dagan.face_landmark_weights): run `dagan fetch-eval-assets DIR` "
         "and point the setting at DIR"
     )
+
+
+def load_face_landmark_features(path: str | Path) -> FaceLandmarkFeatures:
+    """The frozen feature extractor from :func:`find_landmark_manifest`'s weights."""
+    return FaceLandmarkFeatures().load_tfjs(read_tfjs_weights(find_landmark_manifest(path))).eval()
 
 
 class FaceFeaturePyramidLoss(nn.Module):

@@ -19,6 +19,7 @@ from . import losses as L
 from .config import TrainConfig
 from .data import SourceDrivingDataset
 from .distributed import DistInfo, unwrap
+from .landmark_loss import FaceLandmarkLoss, load_landmark_net
 from .perceptual import build_perceptual_loss
 from .rng import step_seed
 from .stage import Stage, draw_keypoints, grid, milestone_lambda
@@ -51,8 +52,15 @@ class DaganStage(Stage):
         self.perceptual = build_perceptual_loss(
             g.vgg19_weights, g.pyramid_scales, g.face_landmark_weights
         ).to(device)
+        self.landmark_loss = None
+        if g.weights.face_landmarks > 0:
+            net = load_landmark_net(g.face_landmark_weights)
+            self.landmark_loss = FaceLandmarkLoss(net, g.kp_landmark_points, g.kp_landmark_focus_weight)
+            self.landmark_loss.to(device)
         self.batch_size, self.total_steps = g.batch_size, g.steps
-        self.gen_net = self._wrap(GeneratorObjective(self.model, self.discriminator, self.perceptual, cfg))
+        self.gen_net = self._wrap(
+            GeneratorObjective(self.model, self.discriminator, self.perceptual, cfg, self.landmark_loss)
+        )
         self.disc_net = self._wrap(self.discriminator)
         self.gen_params = [p for p in self.gen_net.parameters() if p.requires_grad]
         self.disc_params = list(self.disc_net.parameters())
@@ -76,7 +84,7 @@ class DaganStage(Stage):
 
     def dataset(self, root: str):
         w = self.cfg.dagan.weights
-        uses_marks = w.kp_landmarks > 0 or w.kp_landmark_motion > 0 or w.region_l1 > 0
+        uses_marks = w.kp_landmarks > 0 or w.kp_landmark_motion > 0 or w.region_l1 > 0 or w.face_landmarks > 0
         g = self.cfg.dagan
         points = g.kp_landmark_points if uses_marks or g.expressive_pairs > 0 else ()
         return self._video_dataset(
@@ -159,13 +167,19 @@ class GeneratorObjective(nn.Module):
     """
 
     def __init__(
-        self, model: DaGAN, discriminator: nn.Module, perceptual: nn.Module, cfg: TrainConfig
+        self,
+        model: DaGAN,
+        discriminator: nn.Module,
+        perceptual: nn.Module,
+        cfg: TrainConfig,
+        landmark_loss: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg.dagan
         # Plain tuple attributes: not registered as submodules, so not part of this module's parameters.
         self._critics = (discriminator, perceptual)
+        self._landmark_loss = (landmark_loss,)
 
     def _keypoints(self, image: torch.Tensor):
         depth = None
@@ -234,6 +248,9 @@ class GeneratorObjective(nn.Module):
             focus = landmarks[1][:, list(g.kp_landmark_focus)]
             mask = L.landmark_region_mask(focus, tuple(pred.shape[-2:]), g.region_sigma)
             terms["region_l1"] = w.region_l1 * L.region_l1_loss(pred, driving, mask)
+        (landmark_loss,) = self._landmark_loss
+        if landmark_loss is not None and landmarks is not None:
+            terms["face_landmarks"] = w.face_landmarks * landmark_loss(pred, driving, landmarks[1])
         loss = sum(terms.values())
         logs.update({k: float(v.detach()) for k, v in terms.items()})
         logs["loss"] = float(loss.detach())

@@ -1,0 +1,135 @@
+"""The face-landmark position loss (training/landmark_loss.py) and face-api's 68-point landmark net."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dagan.config import ConfigError
+from training.config import TrainConfig, load_train_config
+
+POINTS = TrainConfig().dagan.kp_landmark_points
+SHARED = Path(os.environ.get("DAGAN_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+PHOTO = SHARED / "data" / "real-faces" / "photos" / "s42.jpg"
+# iBUG-68 point → the mediapipe mesh point at the same place: mouth corners, inner lips, outer eye
+# corners, nose tip, chin.
+SAME_PLACE = {48: 61, 54: 291, 62: 13, 66: 14, 36: 33, 45: 263, 30: 1, 8: 152}
+
+
+def _assets():
+    from evaluation.assets import find_eval_assets
+
+    assets = find_eval_assets(required=False)
+    if assets is None:
+        pytest.skip("face-api assets absent: run `dagan fetch-eval-assets` (or set DAGAN_EVAL_ASSETS)")
+    return assets
+
+
+def _unit(mesh: np.ndarray, size: int) -> torch.Tensor:
+    """Mesh pixels (mediapipe: pixel i spans [i, i+1)) → the [−1, 1] frame of training.data, K points."""
+    pts = mesh[list(POINTS), :2].astype(np.float32)
+    return torch.from_numpy(2.0 * (pts - 0.5) / (size - 1) - 1.0)[None]
+
+
+@pytest.fixture(scope="module")
+def face():
+    """A real held-out photo cropped as the server crops it, with its mediapipe mesh."""
+    if not PHOTO.is_file():
+        pytest.skip(f"{PHOTO} is not there (the real-face material lives in ../shared)")
+    from evaluation.cross import load_photo, measure_landmarks
+
+    crop = load_photo(PHOTO, 128, None).crop
+    mesh = measure_landmarks(crop)
+    assert mesh is not None
+    return torch.from_numpy(crop).permute(2, 0, 1)[None].float() / 255, mesh
+
+
+def test_landmark_net_lands_on_the_mesh_points_of_a_real_face(face):
+    from training.landmark_loss import crop_faces, face_boxes, load_landmark_net
+
+    net = load_landmark_net(str(_assets()))
+    image, mesh = face
+    boxes = face_boxes(_unit(mesh, 128), POINTS)
+    with torch.no_grad():
+        marks = net(crop_faces(image, boxes))[0]
+    # crop fractions → [−1, 1] of the box → pixels of the 128 crop
+    cx, cy, half = boxes[0].tolist()
+    xy = torch.stack([cx + (2 * marks[:, 0] - 1) * half, cy + (2 * marks[:, 1] - 1) * half], 1)
+    pixels = (xy.numpy() + 1) / 2 * 127 + 0.5
+    errors = [np.linalg.norm(pixels[a] - mesh[b, :2]) for a, b in SAME_PLACE.items()]
+    assert np.mean(errors) < 3.0 and max(errors) < 6.0, np.round(errors, 1)
+
+
+def test_landmark_loss_is_zero_on_the_target_and_grows_with_a_moved_mouth(face):
+    from training.landmark_loss import FaceLandmarkLoss, load_landmark_net
+
+    image, mesh = face
+    loss = FaceLandmarkLoss(load_landmark_net(str(_assets())), POINTS, focus_weight=4.0)
+    marks = _unit(mesh, 128)
+    assert loss(image, image, marks).item() == 0.0
+    # the lower lip and chin 3 px lower: an opening mouth
+    moved = image.clone()
+    y0 = int(mesh[14, 1]) - 1
+    moved[..., y0 + 3 :, 40:88] = image[..., y0 : 128 - 3, 40:88]
+    pred = moved.clone().requires_grad_(True)
+    value = loss(pred, image, marks)
+    assert value.item() > 0.003  # fractions of the face box: a few tenths of a pixel per point at least
+    value.backward()
+    grad = pred.grad.abs().sum(dim=(0, 1))
+    assert grad[y0 - 10 : y0 + 15, 40:88].sum() > grad[:30].sum()  # it looks at the mouth, not the hair
+    assert not any(p.requires_grad for p in loss.net.parameters())
+    # frames without a face box are left out; with none, the term is a zero that keeps the graph
+    none = torch.full_like(marks, float("nan"))
+    empty = loss(pred, image, none)
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_face_landmark_weight_needs_the_net_and_the_box_points(tmp_path):
+    with pytest.raises(ConfigError, match="face_landmark_weights"):
+        load_train_config(None, {"model": "tiny", "dagan.weights.face_landmarks": 100.0})
+    without_box = [p for p in POINTS if p != 152] + [17]
+    with pytest.raises(ConfigError, match="152"):
+        load_train_config(
+            None,
+            {
+                "model": "tiny",
+                "dagan.weights.face_landmarks": 100.0,
+                "dagan.face_landmark_weights": str(tmp_path),
+                "dagan.kp_landmark_points": without_box,
+            },
+        )
+
+
+@pytest.mark.slow
+def test_dagan_stage_trains_with_the_landmark_loss(tmp_path):
+    from training.pack import write_smoke_dataset
+    from training.trainer import Trainer
+
+    assets = _assets()
+    root = write_smoke_dataset(tmp_path / "data", clips=2, frames=8, size=64)
+    cfg = load_train_config(
+        None,
+        {
+            "model": "tiny",
+            "data.root": str(root),
+            "data.workers": 0,
+            "data.repeats": 2,
+            "depth.steps": 1,
+            "depth.batch_size": 2,
+            "dagan.steps": 2,
+            "dagan.batch_size": 2,
+            "dagan.weights.face_landmarks": 100.0,
+            "dagan.face_landmark_weights": str(assets),
+        },
+    )
+    depth = Trainer("depth", cfg, tmp_path / "depth", progress=False, tensorboard=False).run()
+    trainer = Trainer(
+        "dagan", cfg, tmp_path / "run", depth_checkpoint=str(depth.weights), progress=False, tensorboard=False
+    )
+    result = trainer.run()
+    terms = [h["face_landmarks"] for h in result.history]
+    assert len(terms) == 2 and all(np.isfinite(t) and t > 0 for t in terms), terms
