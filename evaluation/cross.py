@@ -250,27 +250,32 @@ class DriverClip:
         return motion.STILL_SPEED * self.frame_stride / self.fps
 
     def moments(self, count: int = SHEET_MOMENTS) -> list[tuple[int, str]]:
-        """(frame, label) pairs for the contact sheet: the reference frame, the widest mouth, the largest
-        head turn and the most closed eyes (changes since the reference), topped up with evenly spaced
-        frames where those coincide or are undefined."""
-        n = len(self)
-        chosen: dict[int, str] = {0: "ref"}
-        finite = np.isfinite(self.signals).all(axis=1)
-        if finite.any():
-            delta = motion.changes_since(self.signals, int(np.argmax(finite)))
-            delta[~finite] = np.nan
-            picks = (
-                (int(np.nanargmax(delta[:, 3])), "mouth"),
-                (int(np.nanargmax(np.abs(delta[:, 0]))), "yaw"),
-                (int(np.nanargmin(delta[:, 4])), "eyes"),
-            )
-            for t, label in picks:
-                chosen.setdefault(t, label)
-        for t in np.linspace(0, n - 1, count + 2)[1:-1].round().astype(int):
-            if len(chosen) >= min(count, n):
-                break
-            chosen.setdefault(int(t), f"#{int(t)}")
-        return sorted(chosen.items())[:count]
+        """(frame, label) pairs for the contact sheet: :func:`pick_moments` of this clip's signals."""
+        return pick_moments(self.signals, count)
+
+
+def pick_moments(signals: np.ndarray, count: int = SHEET_MOMENTS) -> list[tuple[int, str]]:
+    """(frame, label) pairs, in frame order, from a driver's (T, 5) signals (NaN without a face mesh):
+    the reference frame, the widest mouth, the largest head turn and the most closed eyes (changes since
+    the reference), topped up with evenly spaced frames where those coincide or are undefined."""
+    n = len(signals)
+    chosen: dict[int, str] = {0: "ref"}
+    finite = np.isfinite(signals).all(axis=1)
+    if finite.any():
+        delta = motion.changes_since(signals, int(np.argmax(finite)))
+        delta[~finite] = np.nan
+        picks = (
+            (int(np.nanargmax(delta[:, 3])), "mouth"),
+            (int(np.nanargmax(np.abs(delta[:, 0]))), "yaw"),
+            (int(np.nanargmin(delta[:, 4])), "eyes"),
+        )
+        for t, label in picks:
+            chosen.setdefault(t, label)
+    for t in np.linspace(0, n - 1, count + 2)[1:-1].round().astype(int):
+        if len(chosen) >= min(count, n):
+            break
+        chosen.setdefault(int(t), f"#{int(t)}")
+    return sorted(chosen.items())[:count]
 
 
 def load_clip(

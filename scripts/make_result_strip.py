@@ -4,9 +4,9 @@ depth | driving depth, one row per moment, each panel as animate writes it (256 
 
     nice -n 15 python scripts/make_result_strip.py --photo s42 --clip d3 --out docs/img/result-strip.png
 
-The moments are picked on the driver, the way the cross-identity contact sheet picks them: the first
-frame (the reference pose), the widest mouth, the largest head turn and the most closed eyes (mediapipe
-face mesh on the driving panel; the moments need not differ).
+The moments are picked on the driver by the cross-identity contact sheet's own rule
+(:func:`evaluation.cross.pick_moments`, mediapipe face mesh on the driving panel): the reference pose,
+the widest mouth, the largest head turn and the most closed eyes, in frame order.
 """
 
 from __future__ import annotations
@@ -25,27 +25,13 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "real-faces"
 
 
-def pick_moments(driving: list[np.ndarray]) -> list[int]:
-    """Reference, widest mouth, largest |yaw| change, most closed eyes (indices into ``driving``)."""
+def driver_moments(driving: list[np.ndarray]) -> list[tuple[int, str]]:
+    """The contact sheet's moments (:func:`evaluation.cross.pick_moments`) of the driving panels."""
     from evaluation import motion
-    from evaluation.cross import measure_landmarks
+    from evaluation.cross import measure_landmarks, pick_moments
 
     tracks = [measure_landmarks(f) for f in driving]
-    signals = motion.signal_track(tracks, driving[0].shape[:2])
-    change = motion.changes_since(signals, 0)
-    names = list(motion.SIGNALS)
-
-    def extreme(name: str, sign: float) -> int:
-        column = change[:, names.index(name)] * sign
-        return int(np.nanargmax(np.where(np.isnan(column), -np.inf, column)))
-
-    yaw = np.abs(change[:, names.index("yaw")])
-    return [
-        0,
-        extreme("mouth", 1.0),
-        int(np.nanargmax(np.where(np.isnan(yaw), -np.inf, yaw))),
-        extreme("eyes", -1.0),
-    ]
+    return pick_moments(motion.signal_track(tracks, driving[0].shape[:2]))
 
 
 def main() -> int:
@@ -81,20 +67,16 @@ def main() -> int:
             "--quiet",
         ]
         subprocess.run(cmd, cwd=ROOT, check=True)
-        reader = VideoReader(video)
-        frames = [f for f in reader]
-        reader.close()
+        with VideoReader(video) as reader:
+            frames = list(reader)
     panel, width = frames[0].shape[:2]  # square panels side by side
     if width != 5 * panel:
         raise SystemExit(f"expected 5 square panels side by side, got a {width}×{panel} video")
-    moments = pick_moments([f[:, panel : 2 * panel] for f in frames])
-    rows = [frames[i] for i in moments]
+    moments = driver_moments([f[:, panel : 2 * panel] for f in frames])
+    rows = [frames[i] for i, _ in moments]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(args.out), cv2.cvtColor(np.concatenate(rows, 0), cv2.COLOR_RGB2BGR))
-    print(
-        f"wrote {args.out}: frames {moments} of {len(frames)} "
-        "(reference, widest mouth, largest turn, eyes most closed)"
-    )
+    print(f"wrote {args.out}: frames {', '.join(f'{i} ({label})' for i, label in moments)} of {len(frames)}")
     return 0
 
 

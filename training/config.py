@@ -62,6 +62,11 @@ class DepthStageConfig:
     automask: bool = True  # ignore pixels that an unwarped source explains better (static pixels)
 
 
+# mediapipe face-mesh points that bound the face for the face-landmark loss (training/landmark_loss.py):
+# left and right cheek at the jaw, forehead top, chin.
+FACE_BOX_POINTS = (234, 454, 10, 152)
+
+
 @dataclass(frozen=True)
 class LossWeights:
     perceptual: float = 10.0  # λP
@@ -289,7 +294,7 @@ def _check_semantics(cfg: TrainConfig) -> None:
             "weights.face_landmarks needs face-api's landmark-68 net: a `dagan fetch-eval-assets` folder",
         )
         need(
-            all(p in g.kp_landmark_points for p in (10, 152, 234, 454)),
+            all(p in g.kp_landmark_points for p in FACE_BOX_POINTS),
             "dagan.kp_landmark_points",
             "weights.face_landmarks boxes the face by mesh points 10, 152, 234 and 454: include them",
         )

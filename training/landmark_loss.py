@@ -27,12 +27,12 @@ from torch import nn
 
 from dagan.face_api import LANDMARK_SIZE, LandmarkNet, read_tfjs_weights
 
+from .config import FACE_BOX_POINTS
 from .perceptual import find_landmark_manifest
 
 __all__ = ["BOX_POINTS", "FaceLandmarkLoss", "crop_faces", "face_boxes", "load_landmark_net"]
 
-# mediapipe face-mesh points that bound the face: left and right cheek at the jaw, forehead top, chin.
-BOX_POINTS = (234, 454, 10, 152)
+BOX_POINTS = FACE_BOX_POINTS
 # iBUG-68 indices of the eyes (36–47) and the mouth (48–67): the points that carry expression.
 FOCUS_68 = tuple(range(36, 68))
 
