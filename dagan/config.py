@@ -41,6 +41,12 @@ class DepthConfig:
     scales: tuple[int, ...] = (0, 1, 2, 3)
     min_depth: float = 0.1
     max_depth: float = 100.0
+    # The net runs on the image resized by this factor (1, 1/2 or 1/4) and its disparity is upsampled
+    # back to H×W. Every consumer of the depth map works at a quarter of the resolution (the keypoint
+    # detector's RGB-D input at keypoints.scale_factor, the attention's query after the depth encoder's
+    # down blocks), so a half-resolution depth pass costs a quarter as much and loses little; the
+    # driving frame's depth is computed every frame (docs/export.md, "Half-resolution depth").
+    input_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -269,6 +275,16 @@ def _check_semantics(cfg: ModelConfig) -> None:
         "must be a subset of 0..3 containing 0",
     )
     need(0 < cfg.depth.min_depth < cfg.depth.max_depth, "depth.min_depth", "must be > 0 and < max_depth")
+    need(cfg.depth.input_scale in (1.0, 0.5, 0.25), "depth.input_scale", "must be 1, 0.5 or 0.25")
+    if cfg.depth.input_scale != 1.0:
+        small = cfg.image_size * cfg.depth.input_scale
+        need(
+            small % 32 == 0 and small >= 64,
+            "depth.input_scale",
+            f"image_size × input_scale must be a multiple of 32 and at least 64 (the depth encoder's stride, "
+            f"and 2 pixels at its deepest level for the decoder's padding); {cfg.image_size} × "
+            f"{cfg.depth.input_scale:g} is not",
+        )
     need(
         cfg.generator.attention.implementation in ("auto", "math"),
         "generator.attention.implementation",

@@ -49,6 +49,7 @@ def build_depth_net(d: DepthConfig) -> FaceDepthNet:
         scales=list(d.scales),
         min_depth=d.min_depth,
         max_depth=d.max_depth,
+        input_scale=d.input_scale,
     )
 
 

@@ -127,6 +127,30 @@ def test_face_depth_net_rejects_bad_size() -> None:
         FaceDepthNet(width=16)(torch.rand(1, 3, 48, 64))
 
 
+def test_half_resolution_depth_is_the_net_on_the_area_downsampled_image_upsampled() -> None:
+    """``input_scale`` 0.5: the same weights run on the 2×2-averaged image, the scale-0 disparity comes
+    back at H×W (bilinear), the multi-scale outputs are relative to the small image; a size the
+    encoder cannot take after downsampling is refused with the reason."""
+    half = FaceDepthNet(width=16, input_scale=0.5).eval()
+    full = FaceDepthNet(width=16).eval()
+    full.load_state_dict(half.state_dict())
+    h, w = 128, 192
+    img = torch.rand(2, 3, h, w)
+    with torch.no_grad():
+        disp = half(img)
+        small = full(torch.nn.functional.avg_pool2d(img, 2))
+        multi = half.forward_multiscale(img)
+    assert tuple(disp.shape) == (2, 1, h, w)
+    expected = torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(disp, expected)
+    assert tuple(multi[0].shape) == (2, 1, h // 2, w // 2)
+    assert tuple(multi[3].shape) == (2, 1, h // 16, w // 16)
+    with pytest.raises(ValueError, match=r"after input_scale 0\.5"):
+        half(torch.rand(1, 3, 32, 64))
+    with pytest.raises(ValueError, match="input_scale"):
+        FaceDepthNet(width=16, input_scale=0.3)
+
+
 def test_disp_to_depth_monotone_and_bounded() -> None:
     min_d, max_d = 0.1, 100.0
     disp = torch.linspace(0.0, 1.0, 1001)

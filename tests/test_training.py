@@ -321,6 +321,35 @@ def test_init_starts_from_another_runs_weights(depth_run, face_root, tmp_path):
         )
 
 
+def test_depth_distillation_trains_a_half_resolution_net_toward_its_teacher(depth_run, face_root, tmp_path):
+    """``depth.distill`` with ``depth.teacher``: a student at ``model.depth.input_scale`` 0.5, started
+    from the teacher's own weights, gets closer to the teacher's full-resolution disparity than it was
+    at the start; without a teacher the config is refused, naming the key."""
+    from dagan.checkpoint import load_into, read_checkpoint
+    from dagan.model import DaGAN
+
+    cfg = _cfg(face_root).replace(
+        **{
+            "model.image_size": 128,  # the depth encoder needs 64 px after halving
+            "model.depth.input_scale": 0.5,
+            "depth.teacher": str(depth_run.weights),
+            "depth.distill": 100.0,
+            "depth.steps": 20,
+        }
+    )
+    init = str(depth_run.weights)
+    trainer = Trainer("depth", cfg, tmp_path / "h", init_checkpoint=init, progress=False, tensorboard=False)
+    result = trainer.run()
+    logs = [h["distill"] for h in result.history]
+    assert np.mean(logs[-3:]) < 0.8 * np.mean(logs[:3]), logs
+    _, tensors, _ = read_checkpoint(result.weights)
+    student = DaGAN(cfg.model).depth_net.eval()
+    load_into(student, tensors, "depth_net.", "student")
+    assert student.input_scale == 0.5
+    with pytest.raises(ConfigError, match=r"depth\.teacher"):
+        _cfg(face_root).replace(**{"depth.distill": 1.0})
+
+
 def test_dagan_stage_needs_a_depth_checkpoint(face_root, tmp_path):
     with pytest.raises(TrainingError, match="--depth"):
         Trainer("dagan", _cfg(face_root), tmp_path / "x", progress=False)

@@ -60,6 +60,12 @@ class DepthStageConfig:
     smoothness: float = 1e-3  # edge-aware smoothness weight (divided by 2^scale)
     min_reprojection: bool = True  # per-pixel minimum over source frames (else the mean)
     automask: bool = True  # ignore pixels that an unwarped source explains better (static pixels)
+    # Distillation from a trained depth net (a checkpoint with depth_net.* tensors and its own config):
+    # ``distill`` × mean |D − D_teacher| on the full-resolution disparities is added to the
+    # photometric loss. What a cheaper variant (model.depth.input_scale < 1) trains with, so the
+    # keypoint detector and the attention downstream keep seeing the depth they were trained on.
+    teacher: str = ""
+    distill: float = 0.0
 
 
 # mediapipe face-mesh points that bound the face for the face-landmark loss (training/landmark_loss.py):
@@ -266,6 +272,8 @@ def _check_semantics(cfg: TrainConfig) -> None:
     need(d.lr > 0, "depth.lr", "must be > 0")
     need(0 <= d.ssim_alpha <= 1, "depth.ssim_alpha", "must be in [0, 1]")
     need(d.smoothness >= 0, "depth.smoothness", "must be >= 0")
+    need(d.distill >= 0, "depth.distill", "must be >= 0")
+    need(d.distill == 0 or bool(d.teacher), "depth.teacher", "depth.distill > 0 needs a teacher checkpoint")
     need(
         len(d.source_offsets) >= 1 and all(o != 0 for o in d.source_offsets),
         "depth.source_offsets",

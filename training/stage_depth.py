@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dagan.checkpoint import load_into
-from dagan.model import DaGAN
+from dagan.checkpoint import load_into, read_checkpoint
+from dagan.model import DaGAN, build_depth_net
 from dagan.nets.depth import disp_to_depth
 from dagan.nets.pose import PoseNet, inverse_warp, transformation_matrix
 
@@ -40,7 +40,8 @@ class DepthStage(Stage):
         self.depth_net = model.depth_net.to(device)
         self.pose_net = PoseNet(width=m.pose.encoder_width).to(device)
         self.batch_size, self.total_steps = d.batch_size, d.steps
-        self.net = self._wrap(DepthObjective(self.depth_net, self.pose_net, cfg))
+        teacher = load_teacher(d.teacher, device) if d.distill > 0 else None
+        self.net = self._wrap(DepthObjective(self.depth_net, self.pose_net, cfg, teacher))
         params = [p for p in self.net.parameters() if p.requires_grad]
         self.params = params
         self.optimizers["depth"] = torch.optim.Adam(params, lr=d.lr)
@@ -85,6 +86,19 @@ class DepthStage(Stage):
         return grid(cols)
 
 
+def load_teacher(path: str, device: torch.device) -> nn.Module:
+    """The frozen depth net of checkpoint ``path``, built from that checkpoint's own config (a teacher
+    may run at another ``input_scale`` than the student)."""
+    if not path:
+        raise TrainingError("depth.distill > 0 needs depth.teacher (a checkpoint with depth_net.* tensors)")
+    config, tensors, _ = read_checkpoint(path)
+    if not any(k.startswith("depth_net.") for k in tensors):
+        raise TrainingError(f"depth.teacher {path} has no depth_net.* tensors")
+    net = build_depth_net(config.depth)
+    load_into(net, tensors, "depth_net.", path)
+    return net.to(device).eval().requires_grad_(False)
+
+
 class DepthObjective(nn.Module):
     """The depth-stage loss as one module, so DDP sees a single forward per step.
 
@@ -92,13 +106,17 @@ class DepthObjective(nn.Module):
     scale s the disparity is upsampled to H×W (monodepth2), turned into depth, each source is warped
     into the target view with F_p's motion and intrinsics, and the minimum-reprojection / auto-masked
     photometric loss plus the edge-aware smoothness (at the decoder's own resolution, weight /2^s) is
-    averaged over scales.
+    averaged over scales. With a ``teacher`` (distillation), ``depth.distill`` × the mean absolute
+    difference of the full-resolution disparities is added.
     """
 
-    def __init__(self, depth_net: nn.Module, pose_net: nn.Module, cfg: TrainConfig) -> None:
+    def __init__(
+        self, depth_net: nn.Module, pose_net: nn.Module, cfg: TrainConfig, teacher: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.depth_net = depth_net
         self.pose_net = pose_net
+        self.teacher = teacher
         self.cfg = cfg.depth
         self.min_depth, self.max_depth = cfg.model.depth.min_depth, cfg.model.depth.max_depth
 
@@ -117,7 +135,9 @@ class DepthObjective(nn.Module):
         for scale in sorted(disps):
             disp = disps[scale].float()
             full = (
-                disp if scale == 0 else F.interpolate(disp, size=(h, w), mode="bilinear", align_corners=False)
+                disp
+                if disp.shape[-2:] == (h, w)
+                else F.interpolate(disp, size=(h, w), mode="bilinear", align_corners=False)
             )
             _, depth = disp_to_depth(full, self.min_depth, self.max_depth)
             warped = inverse_warp(flat_sources.float(), depth.repeat(s, 1, 1, 1), motion, intrinsics).view(
@@ -145,7 +165,16 @@ class DepthObjective(nn.Module):
                 logs["smoothness"] = float(smooth.detach())
                 warped0, mask0 = warped_list[-1], mask
         loss = total / len(disps)
+        full0 = disps[0].float()
+        if full0.shape[-2:] != (h, w):  # model.depth.input_scale < 1
+            full0 = F.interpolate(full0, size=(h, w), mode="bilinear", align_corners=False)
+        if self.teacher is not None:
+            with torch.no_grad():
+                target_disp = self.teacher(target).float()
+            distill = (full0 - target_disp).abs().mean()
+            loss = loss + self.cfg.distill * distill
+            logs["distill"] = float(distill.detach())
         logs["loss"] = float(loss.detach())
         logs["automask_kept"] = float(mask0.mean())
-        vis = {"warped": warped0.detach(), "disp": disps[0].detach()}
+        vis = {"warped": warped0.detach(), "disp": full0.detach()}
         return loss, logs, vis

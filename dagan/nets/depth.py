@@ -242,7 +242,11 @@ class FaceDepthNet(nn.Module):
     DaGAN does). Training needs all scales (:meth:`forward_multiscale`) and metric-like depth for the
     warping (:func:`disp_to_depth` with ``min_depth``/``max_depth``).
 
-    H and W must be multiples of 32 (the encoder's total stride).
+    H and W must be multiples of 32 (the encoder's total stride) after ``input_scale``: with
+    ``input_scale`` < 1 the image is area-downsampled by that factor before the encoder and the
+    full-resolution disparity is the scale-0 output upsampled (bilinear) back to H×W, so consumers see
+    the same shapes at a quarter (½) or a sixteenth (¼) of the cost; the scales of
+    :meth:`forward_multiscale` are then relative to the downsampled image.
     """
 
     def __init__(
@@ -252,29 +256,45 @@ class FaceDepthNet(nn.Module):
         scales: Sequence[int] = (0, 1, 2, 3),
         min_depth: float = 0.1,
         max_depth: float = 100.0,
+        input_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if input_scale not in (1.0, 0.5, 0.25):
+            raise ValueError(f"input_scale must be 1, 0.5 or 0.25, got {input_scale}")
         if 0 not in scales:
             raise ValueError("scales must include 0: forward() returns the full-resolution disparity")
         if not 0.0 < min_depth < max_depth:
             raise ValueError(f"need 0 < min_depth < max_depth, got {min_depth}, {max_depth}")
         self.min_depth = float(min_depth)
         self.max_depth = float(max_depth)
+        self.input_scale = float(input_scale)
         self.encoder = ResNetEncoder(in_channels=3, width=width)
         self.decoder = DepthDecoder(self.encoder.num_ch_enc, decoder_channels, scales)
 
     disp_to_depth = staticmethod(disp_to_depth)
 
     def forward_multiscale(self, image: torch.Tensor) -> dict[int, torch.Tensor]:
-        """image: B×3×H×W in [0, 1] → {s: B×1×(H/2^s)×(W/2^s) disparity in (0, 1)} for each scale."""
+        """image: B×3×H×W in [0, 1] → {s: B×1×(h/2^s)×(w/2^s) disparity in (0, 1)} for each scale,
+        where h×w = H×W × ``input_scale``."""
         h, w = image.shape[-2:]
+        if self.input_scale != 1.0:
+            factor = round(1 / self.input_scale)
+            if h % factor or w % factor:
+                raise ValueError(f"input_scale {self.input_scale:g} needs H and W divisible by {factor}")
+            image = F.avg_pool2d(image, factor)  # area downsampling: exact for 2× and 4×
+            h, w = h // factor, w // factor
         if h % 32 or w % 32:
-            raise ValueError(f"FaceDepthNet needs H and W divisible by 32, got {h}×{w}")
+            raise ValueError(
+                f"FaceDepthNet needs H, W divisible by 32 after input_scale {self.input_scale:g}, got {h}×{w}"
+            )
         return self.decoder(self.encoder(normalize_image(image)))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """image: B×3×H×W in [0, 1] → disparity D: B×1×H×W in (0, 1)."""
-        return self.forward_multiscale(image)[0]
+        disp = self.forward_multiscale(image)[0]
+        if disp.shape[-2:] != image.shape[-2:]:
+            disp = F.interpolate(disp, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        return disp
 
     def depth(self, disp: torch.Tensor) -> torch.Tensor:
         """Depth in [min_depth, max_depth] (same shape as ``disp``) using this net's depth range."""
