@@ -56,6 +56,7 @@ class ModelBenchSettings:
 
     presets: list[str] = field(default_factory=list)
     checkpoint: str | None = None
+    baseline: str | None = None  # with interleaved: another checkpoint's rows in the same rounds
     frames: int = 20
     warmup: int = 3
     device: str = "auto"
@@ -408,20 +409,28 @@ def _run_interleaved(bm: BenchModel, settings: ModelBenchSettings) -> dict:
         "backends": [],
         "errors": {},
     }
-    engines = []
-    with workdir(bm, settings.workdir) as work:
-        for backend, precision, options in _variants(dev, settings.passes):
-            name = _variant_name(backend, precision, options)
-            if (settings.backends and backend not in settings.backends) or name == "torch fp32":
-                continue
-            try:
-                eng = _engine(bm, backend, precision, options, dev, work, settings)
-                engines.append((name, eng))
-                if backend == "onnxruntime" and settings.profile:
-                    r.setdefault("op_profile", {})[name] = op_profile(eng)
-            except Exception as exc:  # one backend failing must not hide the others' numbers
-                r["errors"][name] = f"{type(exc).__name__}: {exc}"
-        r["interleaved"] = bench_interleaved(bm.model, engines, settings.frames, settings.warmup, dev)
+    engines: list[tuple[str, Any]] = []
+    models = [(bm, "")]
+    if settings.baseline:
+        # Another checkpoint's variants in the same rounds: two models compared on one machine in one
+        # run (machines and hours differ by up to 1.7x in speed, so separate runs would not do).
+        base = checkpoint_model(settings.baseline)
+        models.append((base, f" [baseline {Path(settings.baseline).name}]"))
+        r["baseline"] = {"checkpoint": settings.baseline, "flops": count_flops(base.model)}
+    for model, suffix in models:
+        with workdir(model, settings.workdir) as work:
+            for backend, precision, options in _variants(dev, settings.passes):
+                name = _variant_name(backend, precision, options) + suffix
+                if (settings.backends and backend not in settings.backends) or name == "torch fp32":
+                    continue
+                try:
+                    eng = _engine(model, backend, precision, options, dev, work, settings)
+                    engines.append((name, eng))
+                    if backend == "onnxruntime" and settings.profile:
+                        r.setdefault("op_profile", {})[name] = op_profile(eng)
+                except Exception as exc:  # one backend failing must not hide the others' numbers
+                    r["errors"][name] = f"{type(exc).__name__}: {exc}"
+    r["interleaved"] = bench_interleaved(bm.model, engines, settings.frames, settings.warmup, dev)
     rows = r["interleaved"]["rows"]
     r["cached"], r["uncached"] = rows["torch fp32"], rows[AUTHORS]
     r["speedup"] = r["uncached"]["median_ms"] / r["cached"]["median_ms"]
@@ -442,6 +451,9 @@ def report_text(r: dict) -> str:
         f"  FLOPs per frame: {f['per_frame_gflops']:.2f} G cached path, {f['uncached_forward_gflops']:.2f} G "
         f"uncached forward (source encode {f['source_encode_gflops']:.2f} G)"
     )
+    if "baseline" in r:
+        bf = r["baseline"]["flops"]
+        out(f"  baseline {r['baseline']['checkpoint']}: {bf['per_frame_gflops']:.2f} G per frame cached path")
     for mode in ("cached", "uncached"):
         s = r[mode]
         out(
@@ -537,6 +549,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "forward: the fair comparison on a shared machine",
     )
     p.add_argument(
+        "--baseline",
+        metavar="CKPT",
+        help="with --interleaved: also time this checkpoint's rows in the same rounds (e.g. the previous "
+        "weights, to measure what a change of the network bought)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         help="intra-op threads of onnxruntime and torch (default: each runtime's own, one per core)",
@@ -570,6 +588,7 @@ def settings_from_args(args: argparse.Namespace) -> ModelBenchSettings:
     return ModelBenchSettings(
         presets=presets,
         checkpoint=args.checkpoint,
+        baseline=args.baseline,
         frames=args.frames,
         warmup=args.warmup,
         device=args.device,
@@ -587,6 +606,8 @@ def settings_from_args(args: argparse.Namespace) -> ModelBenchSettings:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.baseline and not (args.interleaved and args.checkpoint):
+        raise SystemExit("dagan bench: --baseline needs --checkpoint and --interleaved (same rounds)")
     settings = settings_from_args(args)
     results = run_bench(settings)
     text = "\n\n".join(report_text(r) for r in results)

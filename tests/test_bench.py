@@ -99,7 +99,7 @@ def test_every_setting_is_a_flag(capsys):
 
     flags = {
         (dagan_main, "bench"): ["--interleaved", "--threads", "--workdir", "--calib", "--profile", "--passes",
-                                "--backends", "--batches", "--markdown"],
+                                "--backends", "--batches", "--markdown", "--baseline"],
         (bench_server.main, None): ["--start-timeout-s", "--photos", "--detect-every", "--markdown"],
         (gpu.main, None): ["--checkpoint", "--out", "--budget-s", "--smoke"],
         (gil.main, None): ["--seconds", "--json", "--markdown"],

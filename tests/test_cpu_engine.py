@@ -284,3 +284,33 @@ def test_bench_has_the_cpu_graph_rows_and_an_op_profile(tmp_path, capsys):
     assert "GridSample" not in {x["op"] for x in prof["onnxruntime fp32 +cpu_graph"]}
     assert abs(sum(x["share"] for x in prof["onnxruntime int8 +cpu_graph"]) - 1) < 1e-6
     assert "kernel time" in capsys.readouterr().out
+
+
+def test_bench_baseline_times_two_checkpoints_in_the_same_rounds(tmp_path, capsys):
+    """`dagan bench --interleaved --baseline`: the baseline checkpoint's rows run in the same rounds
+    as the checkpoint's, named apart, with both FLOP counts (here the half-resolution depth switch
+    against the full one: fewer FLOPs per frame); without --interleaved the flag is refused."""
+    import torch
+
+    from commands.cli import main
+    from dagan.checkpoint import save_checkpoint
+    from dagan.config import load_config
+    from dagan.model import DaGAN
+
+    cfg = load_config("tiny").replace(image_size=128)
+    for name, c in (("half", cfg.replace(**{"depth.input_scale": 0.5})), ("full", cfg)):
+        torch.manual_seed(0)
+        save_checkpoint(tmp_path / f"{name}.safetensors", c, DaGAN(c))
+    out = tmp_path / "bench.json"
+    half, full = str(tmp_path / "half.safetensors"), str(tmp_path / "full.safetensors")
+    args = ["bench", "--checkpoint", half, "--baseline", full, "--frames", "2", "--warmup", "1"]
+    args += ["--device", "cpu", "--backends", "onnxruntime", "--interleaved", "--threads", "1"]
+    assert main([*args, "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())
+    rows = r["interleaved"]["rows"]
+    assert rows["onnxruntime int8 +cpu_graph"]["frames"] == 2, r["errors"]
+    assert rows["onnxruntime int8 +cpu_graph [baseline full.safetensors]"]["frames"] == 2, r["errors"]
+    assert r["baseline"]["flops"]["per_frame_gflops"] > r["flops"]["per_frame_gflops"]
+    assert "baseline" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--interleaved"):
+        main(args[:9])
