@@ -91,3 +91,33 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, tiny_model, monkeypa
         save_checkpoint(path, other.config, other)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
+
+
+def test_swap_depth_takes_the_depth_net_and_its_config_from_the_depth_run(tmp_path):
+    """scripts/swap_depth.py: the DaGAN tensors stay, the depth net and ``depth`` config come from the
+    depth checkpoint (here a half-resolution one), and a depth run of another model is refused."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from swap_depth import swap_depth
+
+    from dagan.config import load_config
+
+    base = load_config("tiny").replace(image_size=128)
+    model = make_model(base, seed=0)
+    half = make_model(base.replace(**{"depth.input_scale": 0.5}), seed=1)
+    half_depth = {f"depth_net.{k}": v for k, v in half.depth_net.state_dict().items()}
+    save_checkpoint(tmp_path / "dagan.safetensors", base, model, {"trained": "true"})
+    save_checkpoint(tmp_path / "depth.safetensors", half.config, half_depth)
+    out = tmp_path / "out.safetensors"
+    meta = swap_depth(tmp_path / "dagan.safetensors", tmp_path / "depth.safetensors", out, "x")
+    cfg, tensors, saved = read_checkpoint(out)
+    assert cfg.depth.input_scale == 0.5 and cfg.generator == base.generator
+    assert meta["depth"] == saved["depth"] == "x" and saved["trained"] == "true"
+    for k, v in model.state_dict().items():
+        assert torch.equal(tensors[k], half_depth.get(k, v)), k
+    other = make_model(base.replace(**{"keypoints.num_kp": 5}))
+    save_checkpoint(tmp_path / "other.safetensors", other.config, other)
+    with pytest.raises(CheckpointError, match="another model"):
+        swap_depth(tmp_path / "dagan.safetensors", tmp_path / "other.safetensors", tmp_path / "bad")
