@@ -79,6 +79,10 @@ class DenseMotionConfig:
     num_blocks: int = 5
     scale_factor: float = 0.25
     kp_variance: float = 0.01
+    # Kernel of the mask and occlusion heads on the hourglass output (7 in FOMM/DaGAN). At 32×32 over
+    # 80 channels the two 7×7 heads cost twice the hourglass itself on a CPU; a smaller kernel is a
+    # cheaper variant, measured and not taken for the bundled weights (docs/export.md, "Smaller heads").
+    head_kernel_size: int = 7
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,8 @@ class GeneratorConfig:
     # Also warp the image encoder's higher-resolution maps and feed them to the decoder (U-Net skips
     # through the motion); off = the paper's / reference generator, which published checkpoints need.
     warped_skips: bool = False
+    # Kernel of the output conv (7 in FOMM/DaGAN); see DenseMotionConfig.head_kernel_size.
+    final_kernel_size: int = 7
     dense_motion: DenseMotionConfig = field(default_factory=DenseMotionConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
 
@@ -297,6 +303,11 @@ def _check_semantics(cfg: ModelConfig) -> None:
     )
     need(cfg.generator.num_down_blocks >= 1, "generator.num_down_blocks", "must be >= 1")
     need(cfg.generator.dense_motion.kp_variance > 0, "generator.dense_motion.kp_variance", "must be > 0")
+    for key, k in (
+        ("generator.final_kernel_size", cfg.generator.final_kernel_size),
+        ("generator.dense_motion.head_kernel_size", cfg.generator.dense_motion.head_kernel_size),
+    ):
+        need(k in (1, 3, 5, 7), key, "must be 1, 3, 5 or 7 (odd: the output keeps the input's size)")
 
 
 def load_config(source: str | Path | dict[str, Any]) -> ModelConfig:

@@ -121,3 +121,54 @@ def test_swap_depth_takes_the_depth_net_and_its_config_from_the_depth_run(tmp_pa
     save_checkpoint(tmp_path / "other.safetensors", other.config, other)
     with pytest.raises(CheckpointError, match="another model"):
         swap_depth(tmp_path / "dagan.safetensors", tmp_path / "other.safetensors", tmp_path / "bad")
+
+
+def test_fit_heads_distils_smaller_heads_that_track_the_7x7_model(tmp_path):
+    """scripts/fit_heads.py: the copy has the smaller kernels in its config, every other tensor of the
+    original, and frames much closer to the original's than the same model with untrained small heads."""
+    import sys
+    from pathlib import Path
+
+    import cv2
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from fit_heads import fit_heads, load_batch, psnr_against
+
+    from dagan.config import load_config
+    from dagan.model import DaGAN
+    from dagan.samples import astronaut, driving_frames, grace_hopper
+
+    for split in ("train", "test"):
+        for name, photo in (("a", astronaut()), ("b", grace_hopper())):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i, frame in enumerate(driving_frames(photo, 6, size=64)):
+                cv2.imwrite(str(folder / f"{i:03d}.png"), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    teacher = make_model(load_config("tiny"), seed=0)
+    save_checkpoint(tmp_path / "t.safetensors", teacher.config, teacher, {"trained": "true"})
+    out = tmp_path / "k3.safetensors"
+    result = fit_heads(
+        tmp_path / "t.safetensors", tmp_path / "data", out, kernel=3, steps=4, batch=2, per_clip=2
+    )
+    cfg, tensors, meta = read_checkpoint(out)
+    assert cfg.generator.final_kernel_size == 3 and cfg.generator.dense_motion.head_kernel_size == 3
+    assert tuple(tensors["generator.final.weight"].shape[-2:]) == (3, 3) and "3x3" in meta["heads"]
+    for k, v in teacher.state_dict().items():
+        if not k.endswith(
+            ("final.weight", "final.bias", "mask.weight", "mask.bias", "occlusion.weight", "occlusion.bias")
+        ):
+            assert torch.equal(tensors[k], v), k
+    untrained = DaGAN(cfg).eval()
+    untrained.load_state_dict(
+        {k: v for k, v in tensors.items() if "final" not in k and "mask" not in k and "occlusion" not in k},
+        strict=False,
+    )
+    pairs = [
+        (p, q)
+        for p in sorted((tmp_path / "data" / "test" / "a").iterdir())[:1]
+        for q in sorted((tmp_path / "data" / "test" / "b").iterdir())
+    ]
+    batch = [load_batch(pairs, 64)]
+    assert result["least_squares_psnr_db"] > np.median(psnr_against(teacher, untrained, batch)) + 10
+    assert result["psnr_db"] > 30

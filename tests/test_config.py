@@ -57,6 +57,8 @@ def test_unknown_key_is_named_with_its_path():
         ({"depth": {"min_depth": 10.0, "max_depth": 1.0}}, "depth.min_depth"),
         ({"depth": {"input_scale": 0.3}}, "depth.input_scale"),
         ({"image_size": 96, "depth": {"input_scale": 0.5}}, "depth.input_scale"),
+        ({"generator": {"final_kernel_size": 4}}, "generator.final_kernel_size"),
+        ({"generator": {"dense_motion": {"head_kernel_size": 9}}}, "generator.dense_motion.head_kernel_size"),
     ],
 )
 def test_wrong_types_and_ranges_name_the_key(data, key):

@@ -51,6 +51,7 @@ class DenseMotionNetwork(nn.Module):
         kp_variance: float = 0.01,
         estimate_occlusion_map: bool = True,
         align_corners: bool = True,
+        head_kernel_size: int = 7,
     ) -> None:
         super().__init__()
         self.align_corners = align_corners
@@ -59,10 +60,11 @@ class DenseMotionNetwork(nn.Module):
         self.hourglass = Hourglass(
             block_expansion, (num_kp + 1) * (num_channels + 1), num_blocks, max_features
         )
-        self.mask = nn.Conv2d(self.hourglass.out_filters, num_kp + 1, kernel_size=7, padding=3)
+        k = head_kernel_size
+        self.mask = nn.Conv2d(self.hourglass.out_filters, num_kp + 1, kernel_size=k, padding=k // 2)
         self.occlusion: nn.Conv2d | None = None
         if estimate_occlusion_map:
-            self.occlusion = nn.Conv2d(self.hourglass.out_filters, 1, kernel_size=7, padding=3)
+            self.occlusion = nn.Conv2d(self.hourglass.out_filters, 1, kernel_size=k, padding=k // 2)
         self.down = AntiAliasInterpolation2d(num_channels, scale_factor)
 
     def prepare_source(self, source_image: torch.Tensor, kp_source: Keypoints) -> MotionSourceCache:

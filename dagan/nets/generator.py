@@ -145,7 +145,8 @@ class DaGANGenerator(nn.Module):
             )
             for i in reversed(range(num_down_blocks))
         )
-        self.final = nn.Conv2d(block_expansion * grow, num_channels, kernel_size=7, padding=3)
+        k = config.final_kernel_size
+        self.final = nn.Conv2d(block_expansion * grow, num_channels, kernel_size=k, padding=k // 2)
 
     def encode_source(
         self, source_image: torch.Tensor, source_depth: torch.Tensor | None, kp_source: Keypoints
