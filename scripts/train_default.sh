@@ -4,7 +4,7 @@
 # Stage 1 learns the face depth self-supervised on the real clips (paper §3.2); stage 2 fine-tunes the
 # previous default's keypoint detector and generator (INIT, taken from git history) with that depth net
 # frozen. Every step is resumable: re-run the script, or `dagan train ... --resume --run-dir ...`.
-# On a quiet 2-core CPU: prepare + landmarks ~15 min, depth ~35 min, DaGAN ~1 h; minutes on a GPU
+# On a quiet 2-core CPU: prepare + landmarks ~15 min, depth ~35 + 25 min, DaGAN ~1 h; minutes on a GPU
 # (scripts/gpu_train.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,14 +33,21 @@ done
 dagan prepare "$OUT/raw2" "$OUT/real128v2" --size 128
 # 2. face-mesh tracks for the keypoint prior (all 478 points; the recipe picks 15)
 dagan landmarks "$OUT/real128v2"
-# 3. stage 1: face depth on the real training clips
+# 3. stage 1: face depth on the real training clips, at full resolution
 [ -f runs/depth128v2/depth.safetensors ] || {
   if [ -f runs/depth128v2/latest.json ]; then resume=(--resume); else resume=(); fi
   dagan train depth --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
-    --run-dir runs/depth128v2 "${resume[@]}"
+    --run-dir runs/depth128v2 --set model.depth.input_scale=1 "${resume[@]}"
+}
+# 3b. the same net distilled to the preset's half input resolution (docs/training.md §2)
+[ -f runs/depth-half/depth.safetensors ] || {
+  if [ -f runs/depth-half/latest.json ]; then resume=(--resume); else resume=(); fi
+  dagan train depth --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
+    --run-dir runs/depth-half --init runs/depth128v2/depth.safetensors --steps 920 \
+    --set depth.teacher=runs/depth128v2/depth.safetensors --set depth.distill=1000 "${resume[@]}"
 }
 # 4. stage 2: DaGAN, depth frozen, from the previous default
 if [ -f runs/live128v2/latest.json ]; then resume=(--resume); else resume=(); fi
 dagan train dagan --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
-  --depth runs/depth128v2/depth.safetensors --init "$INIT" --run-dir runs/live128v2 \
+  --depth runs/depth-half/depth.safetensors --init "$INIT" --run-dir runs/live128v2 \
   --set dagan.face_landmark_weights="$ASSETS" "${resume[@]}" "$@"
