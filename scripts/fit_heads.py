@@ -2,8 +2,9 @@
 
 The output conv (``generator.final``) and the dense-motion mask/occlusion convs are 7×7 in DaGAN; on a
 CPU they are the costliest single ops of a frame (docs/export.md, "Smaller heads"). This writes a copy of
-``--weights`` whose config has ``generator.final_kernel_size`` / ``generator.dense_motion.head_kernel_size``
-set to ``--kernel`` (5 or 3), every other tensor unchanged, the new heads found in two steps:
+``--weights`` whose config has ``generator.final_kernel_size`` and/or
+``generator.dense_motion.head_kernel_size`` (``--heads``: both, output or motion) set to ``--kernel`` (5 or
+3), every other tensor unchanged, the new heads found in two steps:
 
 1. **Least squares**, head by head: on frame pairs of the training clips (each clip's first frame as the
    source, frames of it and of the next clip as drivers: self and cross-identity), the k×k conv that best
@@ -70,18 +71,29 @@ def load_batch(pairs: list[tuple[Path, Path]], size: int) -> tuple[torch.Tensor,
     return images([p[0] for p in pairs]), images([p[1] for p in pairs])
 
 
-def head_modules(model: torch.nn.Module) -> dict[str, torch.nn.Conv2d]:
+#: --heads → the convs it shrinks (module names in :func:`head_modules`) and the config keys.
+HEAD_GROUPS = {
+    "both": (
+        ("final", "mask", "occlusion"),
+        ("generator.final_kernel_size", "generator.dense_motion.head_kernel_size"),
+    ),
+    "output": (("final",), ("generator.final_kernel_size",)),
+    "motion": (("mask", "occlusion"), ("generator.dense_motion.head_kernel_size",)),
+}
+
+
+def head_modules(model: torch.nn.Module, names: tuple[str, ...] = HEADS) -> dict[str, torch.nn.Conv2d]:
     dm = model.generator.dense_motion_network
     heads = {"final": model.generator.final, "mask": dm.mask, "occlusion": dm.occlusion}
-    return {k: v for k, v in heads.items() if v is not None}
+    return {k: v for k, v in heads.items() if v is not None and k in names}
 
 
-def least_squares_heads(teacher, student, batches, kernel: int, ridge: float = 1e-3) -> None:
+def least_squares_heads(teacher, student, batches, kernel: int, names=HEADS, ridge: float = 1e-3) -> None:
     """Step 1 of the module docstring, written into ``student``'s heads."""
     captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     hooks = [
         conv.register_forward_hook(lambda m, i, o, n=name: captured.__setitem__(n, (i[0], o)))
-        for name, conv in head_modules(teacher).items()
+        for name, conv in head_modules(teacher, names).items()
     ]
     gram: dict[str, torch.Tensor] = {}
     cross: dict[str, torch.Tensor] = {}
@@ -100,7 +112,7 @@ def least_squares_heads(teacher, student, batches, kernel: int, ridge: float = 1
     finally:
         for h in hooks:
             h.remove()
-    for name, conv in head_modules(student).items():
+    for name, conv in head_modules(student, names).items():
         a = gram[name]
         sol = torch.linalg.solve(
             a + ridge * a.diagonal().mean() * torch.eye(len(a), dtype=a.dtype), cross[name]
@@ -126,6 +138,7 @@ def fit_heads(
     data: str | Path,
     out: str | Path,
     kernel: int = 5,
+    heads: str = "both",
     steps: int = 300,
     batch: int = 8,
     per_clip: int = 6,
@@ -141,17 +154,16 @@ def fit_heads(
 
     config, tensors, meta = read_checkpoint(weights)
     g = config.generator
+    names = HEAD_GROUPS[heads][0]
     if g.final_kernel_size != 7 or g.dense_motion.head_kernel_size != 7:
         raise SystemExit(f"fit_heads: {weights} already has smaller heads")
     teacher = DaGAN(config).eval()
     teacher.load_state_dict(tensors)
     teacher.requires_grad_(False)
-    small = config.replace(
-        **{"generator.final_kernel_size": kernel, "generator.dense_motion.head_kernel_size": kernel}
-    )
+    small = config.replace(**{key: kernel for key in HEAD_GROUPS[heads][1]})
     student = DaGAN(small).eval()
     student.load_state_dict(
-        {k: v for k, v in tensors.items() if not k.endswith(_head_suffixes())}, strict=False
+        {k: v for k, v in tensors.items() if not k.endswith(_head_suffixes(names))}, strict=False
     )
     student.requires_grad_(False)
 
@@ -164,13 +176,13 @@ def fit_heads(
         return (load_batch(pairs[i : i + n], size) for i in range(0, len(pairs), n))
 
     t0 = time.perf_counter()
-    least_squares_heads(teacher, student, batches(train, 16), kernel)
+    least_squares_heads(teacher, student, batches(train, 16), kernel, names)
     check_batches = list(batches(check, 16))
     result = {"least_squares_psnr_db": float(np.median(psnr_against(teacher, student, check_batches)))}
     ls_db, ls_s = result["least_squares_psnr_db"], time.perf_counter() - t0
     log(f"least squares ({len(train)} pairs, {ls_s:.0f} s): {ls_db:.1f} dB from the 7x7 model")
 
-    params = [p for conv in head_modules(student).values() for p in conv.parameters()]
+    params = [p for conv in head_modules(student, names).values() for p in conv.parameters()]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
@@ -191,7 +203,7 @@ def fit_heads(
     log(f"after {steps} steps: {np.median(psnr):.1f} dB median, {np.min(psnr):.1f} min ({len(psnr)} pairs)")
     meta = {k: v for k, v in meta.items() if k not in ("format", "config")}
     meta["heads"] = (
-        f"{kernel}x{kernel} output and dense-motion heads distilled from the 7x7 ones by "
+        f"{kernel}x{kernel} heads ({', '.join(names)}) distilled from the 7x7 ones by "
         f"scripts/fit_heads.py (least squares, then {steps} steps at batch {batch}): "
         f"{result['psnr_db']:.1f} dB from the 7x7 model on {len(psnr)} held-out pairs"
     )
@@ -199,12 +211,13 @@ def fit_heads(
     return result
 
 
-def _head_suffixes() -> tuple[str, ...]:
-    return tuple(
-        f"{p}.{w}"
-        for p in ("generator.final", "dense_motion_network.mask", "dense_motion_network.occlusion")
-        for w in ("weight", "bias")
-    )
+def _head_suffixes(names: tuple[str, ...]) -> tuple[str, ...]:
+    prefix = {
+        "final": "generator.final",
+        "mask": "dense_motion_network.mask",
+        "occlusion": "dense_motion_network.occlusion",
+    }
+    return tuple(f"{prefix[n]}.{w}" for n in names for w in ("weight", "bias"))
 
 
 def main() -> int:
@@ -213,11 +226,14 @@ def main() -> int:
     ap.add_argument("--data", required=True, help="prepared frames: DATA/train/<clip>/ and DATA/test/<clip>/")
     ap.add_argument("--out", required=True)
     ap.add_argument("--kernel", type=int, choices=(3, 5), default=5)
+    ap.add_argument("--heads", choices=tuple(HEAD_GROUPS), default="both", help="which 7x7 heads to shrink")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--per-clip", type=int, default=6, help="cross-identity drivers per training clip")
     args = ap.parse_args()
-    fit_heads(args.weights, args.data, args.out, args.kernel, args.steps, args.batch, args.per_clip)
+    fit_heads(
+        args.weights, args.data, args.out, args.kernel, args.heads, args.steps, args.batch, args.per_clip
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -172,3 +172,13 @@ def test_fit_heads_distils_smaller_heads_that_track_the_7x7_model(tmp_path):
     batch = [load_batch(pairs, 64)]
     assert result["least_squares_psnr_db"] > np.median(psnr_against(teacher, untrained, batch)) + 10
     assert result["psnr_db"] > 30
+    # --heads output: only the output conv shrinks; the motion heads stay the original's
+    out = tmp_path / "k3-output.safetensors"
+    fit_heads(tmp_path / "t.safetensors", tmp_path / "data", out, kernel=3, heads="output", steps=1, batch=2)
+    cfg, tensors, _ = read_checkpoint(out)
+    assert cfg.generator.final_kernel_size == 3 and cfg.generator.dense_motion.head_kernel_size == 7
+    state = teacher.state_dict()
+    assert torch.equal(
+        tensors["generator.dense_motion_network.mask.weight"],
+        state["generator.dense_motion_network.mask.weight"],
+    )
