@@ -131,7 +131,7 @@ class DepthObjective(nn.Module):
         src_list = [sources[:, j].float() for j in range(s)]
         total = target.new_zeros((), dtype=torch.float32)
         logs: dict[str, float] = {}
-        warped0 = mask0 = None
+        warped0 = mask0 = full0 = None
         for scale in sorted(disps):
             disp = disps[scale].float()
             full = (
@@ -163,11 +163,8 @@ class DepthObjective(nn.Module):
             logs[f"photometric/s{scale}"] = float(photo.detach())
             if scale == 0:
                 logs["smoothness"] = float(smooth.detach())
-                warped0, mask0 = warped_list[-1], mask
+                warped0, mask0, full0 = warped_list[-1], mask, full
         loss = total / len(disps)
-        full0 = disps[0].float()
-        if full0.shape[-2:] != (h, w):  # model.depth.input_scale < 1
-            full0 = F.interpolate(full0, size=(h, w), mode="bilinear", align_corners=False)
         if self.teacher is not None:
             with torch.no_grad():
                 target_disp = self.teacher(target).float()
