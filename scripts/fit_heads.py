@@ -36,22 +36,18 @@ sys.path.insert(0, str(ROOT))
 HEADS = ("final", "mask", "occlusion")
 
 
-def _frames(folder: Path) -> list[Path]:
-    from dagan.media import FRAME_EXTENSIONS
-
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS)
-
-
 def frame_pairs(split_dir: Path, per_clip: int, seed: int) -> list[tuple[Path, Path]]:
     """(source, driver) paths: per clip its first frame with ``per_clip`` frames of the next clip (another
     person, as a user drives) and ``per_clip // 2`` of its own."""
-    clips = [c for c in sorted(p for p in split_dir.iterdir() if p.is_dir()) if _frames(c)]
+    from training.data import Video  # the training data's own frame listing (natural order)
+
+    clips = [v.frames for v in (Video(p) for p in sorted(split_dir.iterdir()) if p.is_dir()) if v.frames]
     if len(clips) < 2:
         raise SystemExit(f"fit_heads: {split_dir} needs at least two clip folders of frames")
     rng = np.random.default_rng(seed)
     pairs = []
-    for i, clip in enumerate(clips):
-        own, other = _frames(clip), _frames(clips[(i + 1) % len(clips)])
+    for i, own in enumerate(clips):
+        other = clips[(i + 1) % len(clips)]
         pairs += [
             (own[0], other[j]) for j in rng.choice(len(other), min(per_clip, len(other)), replace=False)
         ]
@@ -82,10 +78,19 @@ HEAD_GROUPS = {
 }
 
 
+#: Each head's module path, which is also its tensors' prefix in a checkpoint.
+HEAD_PATHS = {
+    "final": "generator.final",
+    "mask": "generator.dense_motion_network.mask",
+    "occlusion": "generator.dense_motion_network.occlusion",
+}
+
+
 def head_modules(model: torch.nn.Module, names: tuple[str, ...] = HEADS) -> dict[str, torch.nn.Conv2d]:
-    dm = model.generator.dense_motion_network
-    heads = {"final": model.generator.final, "mask": dm.mask, "occlusion": dm.occlusion}
-    return {k: v for k, v in heads.items() if v is not None and k in names}
+    """The model's heads among ``names`` (the occlusion head is absent without an occlusion map)."""
+    parent_path = {n: HEAD_PATHS[n].rpartition(".") for n in names}
+    found = {n: getattr(model.get_submodule(parent), attr) for n, (parent, _, attr) in parent_path.items()}
+    return {n: conv for n, conv in found.items() if conv is not None}
 
 
 def least_squares_heads(teacher, student, batches, kernel: int, names=HEADS, ridge: float = 1e-3) -> None:
@@ -163,7 +168,8 @@ def fit_heads(
     small = config.replace(**{key: kernel for key in HEAD_GROUPS[heads][1]})
     student = DaGAN(small).eval()
     student.load_state_dict(
-        {k: v for k, v in tensors.items() if not k.endswith(_head_suffixes(names))}, strict=False
+        {k: v for k, v in tensors.items() if not k.startswith(tuple(f"{HEAD_PATHS[n]}." for n in names))},
+        strict=False,
     )
     student.requires_grad_(False)
 
@@ -209,15 +215,6 @@ def fit_heads(
     )
     save_checkpoint(out, small, student, meta)
     return result
-
-
-def _head_suffixes(names: tuple[str, ...]) -> tuple[str, ...]:
-    prefix = {
-        "final": "generator.final",
-        "mask": "dense_motion_network.mask",
-        "occlusion": "dense_motion_network.occlusion",
-    }
-    return tuple(f"{prefix[n]}.{w}" for n in names for w in ("weight", "bias"))
 
 
 def main() -> int:
