@@ -713,8 +713,8 @@ class FaceTracker:
             vx, vy = self._velocity
             if vx or vy:
                 assert self._target is not None
-                t = self._target
-                self._target = FaceBox(t.cx + vx, t.cy + vy, t.size)
+                last = self._target
+                self._target = FaceBox(last.cx + vx, last.cy + vy, last.size)
         assert self._target is not None
         self._advance(self._target, t)
         return self._box

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from dagan.face import Detection, FaceTracker
+from dagan.smoothing import OneEuroParams
 from server.metrics import Metrics
 from server.pipeline import (
     STAGES,
@@ -66,6 +67,23 @@ def test_detection_runs_every_k_frames_and_prediction_keeps_up():
     assert max(lag) < 2.0, max(lag)
     frozen = [abs((100 + 4 * (i - i % 4) + 60) - (100 + 4 * i + 60)) for i in range(12, 60)]
     assert np.mean(lag) < 0.25 * np.mean(frozen)
+
+
+def test_prediction_with_the_servers_box_filter_and_frame_times():
+    """The server's tracker: One-Euro box filter, frame capture times, detection every 3rd frame. Every
+    frame gets a box that follows the moving face (the prediction between detections once shadowed the
+    time argument with a box, so the filter raised on two frames of three and the server showed a third
+    of them)."""
+    det = ScriptedDetector(4.0)
+    tracker = FaceTracker(out_size=64, detect_every=3, detector=det, box_filter=OneEuroParams(1.0, 30.0))
+    image = np.zeros((480, 640, 3), np.uint8)
+    boxes = []
+    for i in range(30):
+        det.frame = i
+        boxes.append(tracker.locate(image, 100.0 + i / 25))
+    assert det.calls == 10 and all(b is not None for b in boxes)
+    centre = [100 + 4 * i + 60 for i in range(30)]
+    assert max(abs(b.cx - c) for b, c in zip(boxes[10:], centre[10:], strict=True)) < 6.0
 
 
 def test_a_still_face_gives_the_same_box_whatever_k():
