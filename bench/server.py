@@ -280,6 +280,7 @@ def serve_engine(name: str) -> tuple[Engine, dict[str, Any]]:
         device=opts["device"] or "auto",
         precision=opts["precision"] or None,
         threads=opts["threads"] or None,
+        parallel=opts["parallel"] or None,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     return engine, chosen.as_dict()
@@ -498,6 +499,8 @@ def _choice_text(choice: dict) -> str:
     parts = [f"{choice.get('backend')} {choice.get('precision')}"]
     if choice.get("threads"):
         parts.append(f"{choice['threads']} inference thread(s)")
+    if (choice.get("parallel") or 1) > 1:
+        parts.append(f"a batch of streams split into {choice['parallel']} parallel calls")
     if choice.get("frame_ms"):
         parts.append(f"{choice['frame_ms']:.1f} ms/frame at start")
     return ", ".join(parts) + f" ({choice.get('reason', '')})"

@@ -7,9 +7,9 @@ row's default. A default that depends on the machine (the host name, the install
 ``fallback``, computed by :func:`read_options` when it is needed, so the settings dataclasses that take
 the values keep plain constant defaults and their tests do not depend on the machine they run on.
 
-The engine options (:data:`ENGINE_OPTIONS`: backend, checkpoint, device, precision, inference threads)
-are one table for ``dagan serve``, ``dagan cam``, the container's entry point and the benchmarks, so a
-variable means the same thing wherever it is read. The server's own table is
+The engine options (:data:`ENGINE_OPTIONS`: backend, checkpoint, device, precision, inference threads
+and parallel calls) are one table for ``dagan serve``, ``dagan cam``, the container's entry point and the
+benchmarks, so a variable means the same thing wherever it is read. The server's own table is
 :data:`server.cli.SETTING_OPTIONS`.
 """
 
@@ -199,5 +199,14 @@ ENGINE_OPTIONS: tuple[Option, ...] = (
         kind=int,
         parse=parse_threads,
         default_text="the cores split between inference and media by measured costs",
+    ),
+    Option(
+        "parallel",
+        "DAGAN_INFER_PARALLEL",
+        "onnxruntime on a CPU: concurrent calls a batch of several streams is split into",
+        flag="--infer-parallel",
+        kind=int,
+        parse=parse_threads,
+        default_text="one per group of inference threads, i.e. every core",
     ),
 )

@@ -11,11 +11,22 @@ session's cached source tensors and which are per-stream motion is read from the
 Pre/post-processing (uint8 HWC ↔ float CHW) is done with torch on the runner's device, as in the PyTorch
 backend; on CUDA the ONNX Runtime runner binds torch buffers directly (I/O binding), so a frame moves
 only its input image to the device and its output image back.
+
+**Parallel calls** (CPU): a batch of several streams runs as up to ``parallel`` concurrent calls of the
+same session on slices of the batch, each on its own thread with its own ``threads`` intra-op threads
+(an ``InferenceSession`` may be run from several threads at once, and ``run`` releases the GIL). The
+live-128 graphs are many small ops at 32×32 and 64×64, too small to share among intra-op threads: on
+the project's 2-core machine a batch of two took 53.0 ms on one thread, 35.7 ms (60.0 ms CPU) on two
+intra-op threads and **28.8 ms (56.2 ms CPU) as two parallel one-thread calls** (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import itertools
 import os
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -160,10 +171,23 @@ class OrtRunner:
         tensorrt: bool = False,
         fp16: bool = False,
         spin: bool = False,
+        parallel: int = 1,
     ) -> None:
         import onnxruntime as ort
 
+        if parallel < 1:
+            raise EngineError(f"parallel must be at least 1, got {parallel}")
         self.device = device
+        # concurrent calls a CPU batch is split into (module docstring); the calling thread makes one
+        self.parallel = parallel if device.type == "cpu" else 1
+        self._parallel_pool = (
+            concurrent.futures.ThreadPoolExecutor(self.parallel - 1, thread_name_prefix="dagan-parallel")
+            if self.parallel > 1
+            else None
+        )
+        # CPU seconds the parallel calls spent on their own threads (the caller's thread time misses them)
+        self.parallel_cpu_s = 0.0
+        self._cpu_lock = threading.Lock()
         self.dtype = torch.float32
         self.manifest = manifest
         self.providers = choose_providers(device, ort.get_available_providers(), tensorrt)
@@ -209,7 +233,12 @@ class OrtRunner:
         sess = self.sessions[graph]
         outputs = self.manifest["graphs"][graph]["outputs"]
         if self.device.type == "cpu":
-            res = sess.run(None, {k: v.detach().contiguous().numpy() for k, v in inputs.items()})
+            feed = {k: v.detach().contiguous().numpy() for k, v in inputs.items()}
+            batch = len(next(iter(feed.values())))
+            if self._parallel_pool is None or batch < 2:
+                res = sess.run(None, feed)
+            else:
+                res = self._run_parallel(sess, feed, batch)
             return {spec["name"]: torch.from_numpy(r) for spec, r in zip(outputs, res, strict=True)}
         batch = next(iter(inputs.values())).shape[0]
         # ONNX Runtime's CUDA provider runs on its own stream and knows nothing of torch's: wait for
@@ -229,6 +258,25 @@ class OrtRunner:
         sess.run_with_iobinding(binding)
         return result
 
+    def _run_parallel(self, sess: Any, feed: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
+        """Concurrent CPU calls on consecutive slices of the batch (every graph input and output is
+        batch-first, :func:`io_shapes`), outputs joined in order; the calling thread makes the first."""
+        assert self._parallel_pool is not None
+        edges = np.linspace(0, batch, min(self.parallel, batch) + 1).round().astype(int)
+        parts = [{k: v[a:b] for k, v in feed.items()} for a, b in itertools.pairwise(edges)]
+        futures = [self._parallel_pool.submit(self._timed_run, sess, part) for part in parts[1:]]
+        first = sess.run(None, parts[0])
+        rest = [f.result() for f in futures]
+        return [np.concatenate(outs) for outs in zip(first, *rest, strict=True)]
+
+    def _timed_run(self, sess: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        c0 = time.thread_time()
+        try:
+            return sess.run(None, feed)
+        finally:
+            with self._cpu_lock:
+                self.parallel_cpu_s += time.thread_time() - c0
+
 
 class OnnxRuntimeEngine(GraphEngine):
     backend = "onnxruntime"
@@ -241,6 +289,7 @@ class OnnxRuntimeEngine(GraphEngine):
         threads: int | None = None,
         tensorrt_provider: bool | None = None,
         spin: bool = False,
+        parallel: int = 1,
     ) -> None:
         if precision == "bf16":
             raise EngineError(
@@ -256,7 +305,14 @@ class OnnxRuntimeEngine(GraphEngine):
         manifest = read_manifest(onnx_dir)
         _check_export_precision(manifest, precision, onnx_dir, dev)
         runner = OrtRunner(
-            onnx_dir, manifest, dev, threads=threads, tensorrt=trt, fp16=precision == "fp16", spin=spin
+            onnx_dir,
+            manifest,
+            dev,
+            threads=threads,
+            tensorrt=trt,
+            fp16=precision == "fp16",
+            spin=spin,
+            parallel=parallel,
         )
         if precision == "fp16" and runner.provider != "TensorrtExecutionProvider":
             raise EngineError(
@@ -265,6 +321,13 @@ class OnnxRuntimeEngine(GraphEngine):
         super().__init__(manifest, runner)
         self.precision = precision
         self.provider = runner.provider
+        self.parallel = runner.parallel
+
+    @property
+    def parallel_cpu_s(self) -> float:
+        """CPU seconds spent so far by parallel calls on threads other than the caller's (a caller that
+        times its thread's CPU adds the change of this across a call: the server's infer stage)."""
+        return self.runner.parallel_cpu_s
 
 
 def _check_export_precision(

@@ -18,7 +18,9 @@ first use — ONNX export, CPU graph, int8 calibration on real faces, held-out c
 cores, with progress lines — and cached in ``$DAGAN_CACHE`` keyed by the weights, so later starts take a
 second. On a GPU, or for an export directory, ``backend="auto"`` of :func:`engine.create_engine` decides
 as before. Untrained (random) weights run on torch fp32: there is nothing worth calibrating.
-:func:`split_threads` divides the cores between inference and the media work by their measured costs.
+:func:`split_threads` divides the cores between inference and the media work by their measured costs, and
+onnxruntime on a CPU splits a batch of several streams into concurrent calls (:func:`default_parallel`), so
+one batch uses every core.
 """
 
 from __future__ import annotations
@@ -42,10 +44,9 @@ from .base import Engine, EngineError
 #: docs/export.md has the eval table at the measured values.
 INT8_MIN_PSNR_DB = 35.0
 #: Server CPU per stream-frame of everything but inference (decode, convert, detect, crop, compose,
-#: encode, WebRTC) on a quiet 2-core machine: 6.4 ms measured with the zero-cost engine by
-#: ``python -m bench.server`` with detection on every 3rd frame, plus ~2.5 ms of mediapipe for the
-#: default of detecting on every frame (docs/benchmarks.md). What :func:`split_threads` weighs the
-#: inference cost against.
+#: encode, WebRTC) on a quiet 2-core machine with the server's defaults (detection on every 3rd frame):
+#: 9.2 ms measured with the zero-cost engine by ``python -m bench.server`` (docs/benchmarks.md). What
+#: :func:`split_threads` weighs the inference cost against.
 MEDIA_MS_PER_FRAME = 9.0
 
 
@@ -57,6 +58,7 @@ class EngineChoice:
     precision: str
     reason: str
     threads: int | None = None
+    parallel: int = 1  # concurrent calls a batch of several streams is split into (onnxruntime, CPU)
     frame_ms: float | None = None  # measured per-frame time of the chosen engine, batch 1
     quality: dict[str, Any] = field(default_factory=dict)
     prepared_s: float = 0.0  # time spent preparing exports in this process (0: all cached)
@@ -69,6 +71,8 @@ class EngineChoice:
         parts = [self.label]
         if self.threads:
             parts.append(f"{self.threads} inference thread{'s' if self.threads > 1 else ''}")
+        if self.parallel > 1:
+            parts.append(f"a batch of streams split into {self.parallel} parallel calls")
         if self.frame_ms:
             parts.append(f"{self.frame_ms:.1f} ms/frame measured at start")
         return f"{', '.join(parts)} — {self.reason}"
@@ -79,6 +83,7 @@ class EngineChoice:
             "precision": self.precision,
             "reason": self.reason,
             "threads": self.threads,
+            "parallel": self.parallel,
             "frame_ms": self.frame_ms,
             "quality": self.quality,
         }
@@ -108,6 +113,15 @@ def split_threads(cores: int, infer_ms: float | None, media_ms: float = MEDIA_MS
         return max(1, cores // 2)
     share = infer_ms / (infer_ms + max(media_ms, 0.0))
     return int(min(cores - 1, max(1, int(cores * share))))
+
+
+def default_parallel(cores: int, threads: int) -> int:
+    """Concurrent calls a batch of streams is split into, for onnxruntime on a CPU: one per group of
+    ``threads`` cores, so one batch keeps every core busy. On the project's 2-core machine (1 inference
+    thread) that is 2: a batch of two frames in 28.8 ms wall against 53.0 ms as one call and 35.7 ms on
+    two intra-op threads, for 6 % more CPU than one call (docs/benchmarks.md, with the server sweep that
+    chose it). A batch of one (a single stream) is one call either way."""
+    return max(1, cores // max(1, threads))
 
 
 def cpu_has_bf16() -> bool:
@@ -205,12 +219,14 @@ def default_engine(
     progress: bool | Callable[[str], None] = True,
     measure: bool = True,
     cache_dir: str | Path | None = None,
+    parallel: int | None = None,
 ) -> tuple[Engine, EngineChoice]:
     """The engine for ``checkpoint`` as the commands run it, and why (see the module docstring).
 
     ``threads``: inference threads on a CPU (onnxruntime's intra-op threads, or torch's, which are
     process-wide); None: the chosen engine is timed on one thread (``measure``) and the cores are split
-    by :func:`split_threads`.
+    by :func:`split_threads`. ``parallel``: concurrent calls a batch is split into (onnxruntime on a CPU
+    only); None: :func:`default_parallel`.
     """
     from .base import resolve_device
 
@@ -232,14 +248,15 @@ def default_engine(
     else:
         choice = choose_cpu(path, say, cache_dir)
     trial = threads or 1
+    trial_parallel = (parallel or default_parallel(cpu_cores(), trial)) if cpu else 1
     try:
-        engine = _create(path, choice, device, trial if cpu else None, cache_dir)
+        engine = _create(path, choice, device, trial if cpu else None, cache_dir, trial_parallel)
     except Exception as exc:
         if explicit or not cpu:
             raise
         say(f"could not start {choice.label} ({type(exc).__name__}: {exc}); using torch fp32")
         choice = EngineChoice("torch", "fp32", f"{choice.label} failed to start ({type(exc).__name__})")
-        engine = _create(path, choice, device, trial, cache_dir)
+        engine = _create(path, choice, device, trial, cache_dir, trial_parallel)
     choice.backend = engine.backend
     choice.precision = getattr(engine, "precision", choice.precision)
     if not cpu:
@@ -248,20 +265,25 @@ def default_engine(
         choice.frame_ms = time_engine(engine)
     if threads is None:
         threads = split_threads(cpu_cores(), choice.frame_ms)
-        if threads != trial:
-            engine = _create(path, choice, device, threads, cache_dir)
-    choice.threads = threads
+    parallel = (parallel or default_parallel(cpu_cores(), threads)) if engine.backend == "onnxruntime" else 1
+    if threads != trial or parallel != getattr(engine, "parallel", 1):
+        engine = _create(path, choice, device, threads, cache_dir, parallel)
+    choice.threads, choice.parallel = threads, parallel
     return engine, choice
 
 
-def _create(path: Path, choice: EngineChoice, device: str, threads: int | None, cache_dir: Any) -> Engine:
+def _create(
+    path: Path, choice: EngineChoice, device: str, threads: int | None, cache_dir: Any, parallel: int = 1
+) -> Engine:
     """``create_engine`` for a choice, with its inference threads (onnxruntime's per session; torch's are
-    the process's, set here)."""
+    the process's, set here) and, for onnxruntime, its parallel calls."""
     from . import create_engine
 
     opts: dict[str, Any] = {}
     if choice.backend == "onnxruntime" and threads:
         opts["threads"] = threads
+    if choice.backend == "onnxruntime" and parallel > 1:
+        opts["parallel"] = parallel
     if choice.backend == "onnxruntime" and cache_dir is not None:
         opts["cache_dir"] = cache_dir
     import torch
@@ -292,6 +314,7 @@ __all__ = [
     "cpu_cores",
     "cpu_has_bf16",
     "default_engine",
+    "default_parallel",
     "split_threads",
     "time_engine",
 ]

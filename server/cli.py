@@ -379,7 +379,12 @@ def build_engine(args: argparse.Namespace):
         ) from err
     # on a CPU: the fastest backend and precision that holds quality, prepared on first start (engine.select)
     engine, args.engine_choice = default_engine(
-        checkpoint, backend=opts["backend"], device=device, precision=precision, threads=opts["threads"]
+        checkpoint,
+        backend=opts["backend"],
+        device=device,
+        precision=precision,
+        threads=opts["threads"],
+        parallel=opts["parallel"],
     )
     untrained = False
     if checkpoint.is_file():

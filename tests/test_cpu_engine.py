@@ -184,6 +184,59 @@ def test_split_threads_follows_the_measured_costs():
     assert split_threads(16, 100.0, 1.0) == 15  # never all of them
 
 
+def test_default_parallel_gives_every_core_a_call():
+    from engine.select import default_parallel
+
+    assert default_parallel(2, 1) == 2  # the project's 2-core machine: two one-thread calls per batch
+    assert default_parallel(2, 2) == 1
+    assert default_parallel(8, 3) == 2
+    assert default_parallel(1, 1) == 1
+
+
+def test_parallel_calls_give_the_frames_of_one_call(tiny_exports, astronaut, grace_hopper, monkeypatch):
+    """A batch split into parallel calls (engine/onnx_backend.py) gives the frames of one call for every
+    stream, in order, for the fused frame graph and the steadied split path; a batch of one is one call;
+    0 parallel calls is refused."""
+    import cv2
+
+    from dagan.smoothing import OneEuroFilter, OneEuroParams
+    from engine.base import EngineError
+    from engine.onnx_backend import OnnxRuntimeEngine, OrtRunner
+
+    _, _, cpu, _ = tiny_exports
+    one = OnnxRuntimeEngine(cpu, device="cpu", threads=1)
+    split = OnnxRuntimeEngine(cpu, device="cpu", threads=1, parallel=2)
+    assert (one.parallel, split.parallel) == (1, 2)
+    size = one.image_size
+    faces = [cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA) for img in (astronaut, grace_hopper)]
+    sources = [faces[0], faces[1], faces[0][:, ::-1].copy()]
+    drivers = [faces[1], faces[0][::-1].copy(), faces[1][:, ::-1].copy()]
+    calls = []
+    real = OrtRunner._run_parallel
+    monkeypatch.setattr(OrtRunner, "_run_parallel", lambda self, *a: calls.append(a[2]) or real(self, *a))
+    for steadied in (False, True):
+        sessions = {e: [e.new_session(s, relative=True) for s in sources] for e in (one, split)}
+        if steadied:
+            for group in sessions.values():
+                for s in group:
+                    s.kp_filter = OneEuroFilter(OneEuroParams(1.0, 30.0))
+        for _ in range(2):  # the first frame also sets each stream's reference
+            a = one.predict_batch(sessions[one], drivers)[0]
+            b = split.predict_batch(sessions[split], drivers)[0]
+            assert a.shape == b.shape == (3, 3, size, size)
+            assert float((a - b).abs().max()) < 1e-5
+            # the streams differ by far more than that, so a batch put back out of order would fail
+            assert min(float((a[i] - a[j]).abs().max()) for i, j in ((0, 1), (1, 2), (0, 2))) > 1e-4
+    assert calls and set(calls) == {3}  # every graph of the frame path was split
+    # the other threads' CPU is counted for the server's infer stage
+    assert split.parallel_cpu_s > 0 and one.parallel_cpu_s == 0
+    calls.clear()
+    split.animate_batch([split.new_session(sources[0])], [drivers[0]])
+    assert not calls  # a batch of one: one call
+    with pytest.raises(EngineError, match="parallel must be at least 1"):
+        OnnxRuntimeEngine(cpu, device="cpu", parallel=0)
+
+
 def test_untrained_and_explicit_choices_do_not_prepare_anything(tmp_path, monkeypatch):
     from helpers import make_model
 
@@ -241,6 +294,8 @@ def test_default_engine_prepares_int8_once_and_says_why(tmp_path, monkeypatch, a
     if expected:
         assert (eng.backend, choice.precision) == ("onnxruntime", "int8") and "dB" in choice.reason
     assert choice.threads >= 1 and choice.frame_ms > 0 and choice.label in choice.describe()
+    assert choice.parallel == eng.parallel == select.default_parallel(select.cpu_cores(), choice.threads)
+    assert (f"{choice.parallel} parallel calls" in choice.describe()) == (choice.parallel > 1)
     # second start: nothing prepared again
     stamp = int8.stat().st_mtime_ns
     lines.clear()

@@ -83,7 +83,7 @@ def test_settings_dataclass_reads_no_environment(monkeypatch):
         for name in opt.envs:
             monkeypatch.setenv(name, SAMPLES.get(opt.field, ("7", None))[0])
     assert ServerSettings() == plain
-    assert plain.replica_id == "local" and plain.detect_every == 1 and plain.media_threads == 0
+    assert plain.replica_id == "local" and plain.detect_every == 3 and plain.media_threads == 0
     for opt in SERVE_OPTIONS:
         for name in opt.envs:
             monkeypatch.delenv(name)
@@ -142,6 +142,7 @@ def test_engine_options_flag_then_variable_then_default(monkeypatch):
         "device": "auto",
         "precision": None,
         "threads": None,
+        "parallel": None,
     }
     monkeypatch.setenv("DAGAN_BACKEND", "onnxruntime")
     monkeypatch.setenv("DAGAN_PRECISION", "int8")
@@ -161,6 +162,10 @@ def test_engine_options_flag_then_variable_then_default(monkeypatch):
     assert engine_options(_args(["--torch-threads", "5"]))["threads"] == 5
     _clear_engine_env(monkeypatch)
     assert engine_options(_args(["--infer-threads", "0"]))["threads"] is None  # 0: the measured split
+    assert engine_options(_args(["--infer-parallel", "0"]))["parallel"] is None  # 0: the default
+    monkeypatch.setenv("DAGAN_INFER_PARALLEL", "2")
+    assert engine_options(_args([]))["parallel"] == 2
+    assert engine_options(_args(["--infer-parallel", "1"]))["parallel"] == 1
     monkeypatch.setenv("DAGAN_INFER_THREADS", "many")
     with pytest.raises(SettingsError, match=r"\$DAGAN_INFER_THREADS: must be an integer"):
         engine_options(_args([]))

@@ -212,9 +212,9 @@ def test_cam_engine_options_are_the_servers_rows(tmp_path, monkeypatch):
     class Stop(Exception):
         pass
 
-    def fake_engine(checkpoint, backend, device, precision, threads=None):
+    def fake_engine(checkpoint, backend, device, precision, threads=None, parallel=None):
         seen.update(checkpoint=str(checkpoint), backend=backend, device=device, precision=precision)
-        seen["threads"] = threads
+        seen["threads"], seen["parallel"] = threads, parallel
         raise Stop
 
     monkeypatch.setattr(engine.select, "default_engine", fake_engine)
@@ -224,6 +224,7 @@ def test_cam_engine_options_are_the_servers_rows(tmp_path, monkeypatch):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DAGAN_BACKEND", "onnxruntime")
     monkeypatch.setenv("DAGAN_INFER_THREADS", "2")
+    monkeypatch.setenv("DAGAN_INFER_PARALLEL", "3")
     monkeypatch.setenv("DAGAN_CHECKPOINT", str(tmp_path / "env.safetensors"))
     src = tmp_path / "src.png"
     cv2.imwrite(str(src), cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR))
@@ -231,7 +232,14 @@ def test_cam_engine_options_are_the_servers_rows(tmp_path, monkeypatch):
     add_commands(parser.add_subparsers())
     cam = parser._subparsers._group_actions[0].choices["cam"]
     flags = {s for action in cam._actions for s in action.option_strings}
-    assert {"--backend", "--checkpoint", "--device", "--precision", "--infer-threads"} <= flags
+    assert {
+        "--backend",
+        "--checkpoint",
+        "--device",
+        "--precision",
+        "--infer-threads",
+        "--infer-parallel",
+    } <= flags
     with pytest.raises(Stop):
         run_cam(
             parser.parse_args(["cam", "--source", str(src), "--device", "cpu"]),
@@ -244,4 +252,5 @@ def test_cam_engine_options_are_the_servers_rows(tmp_path, monkeypatch):
         "device": "cpu",
         "precision": None,
         "threads": 2,
+        "parallel": 3,
     }

@@ -69,7 +69,12 @@ def run_cam(args: argparse.Namespace, source=None, sink=None) -> int:
         # on a CPU the fastest engine that holds quality, prepared on first use, cores split with the
         # camera and tracking by measured cost (engine.select, as `dagan serve`)
         engine, choice = default_engine(
-            checkpoint, opts["backend"], opts["device"], opts["precision"], threads=opts["threads"]
+            checkpoint,
+            opts["backend"],
+            opts["device"],
+            opts["precision"],
+            threads=opts["threads"],
+            parallel=opts["parallel"],
         )
         print(f"engine: {choice.describe()}", file=sys.stderr)
         warn_if_untrained(checkpoint)
