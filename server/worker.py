@@ -7,7 +7,8 @@ grows when the machine is slower than the cameras):
    :class:`~server.pipeline.MediaPool` (YUV → RGB, face detection every ``detect_every`` frames with
    prediction in between, crop), at most one in flight per session, started as soon as a frame is there
    and the previous prepared frame was taken by the engine; during an engine call, just in time for its
-   expected end, so preparation overlaps the call without handing it a frame one call old;
+   expected end, so preparation overlaps the call without handing it a frame one call old (at once
+   during a batch the engine splits into parallel calls: those take every core);
 2. the session's ready slot → **one batched** ``engine.animate_batch`` call for every session with a
    prepared frame, on this worker's thread (it waits up to ``batch_wait_s`` for preparations already in
    flight, so frames that arrive together are inferred together);
@@ -143,8 +144,13 @@ class InferenceWorker:
         self.busy_s = 0.0  # seconds the worker spent in engine calls (saturation, on /metrics)
         # Just-in-time preparation: while an engine call runs, a session's next frame is prepared only
         # once the call is about to end (expected end minus a preparation's duration), so the frame the
-        # next call gets is at most one camera interval old, never a whole engine call old.
+        # next call gets is at most one camera interval old, never a whole engine call old. Not while a
+        # call is split into parallel calls (onnxruntime on a CPU, engine.select.default_parallel): those
+        # take every core, so preparations held back to its end finished late and the next call waited
+        # for them (two streams on 2 cores: 17.4 fps each just in time, 21.4 prepared as frames come;
+        # docs/benchmarks.md).
         self._busy_until = 0.0  # monotonic time the running engine call is expected to end (0: idle)
+        self._parallel = max(1, int(getattr(engine, "parallel", 1)))  # concurrent calls per batch
         self._infer_ewma = 0.0  # seconds per engine call
         self._prep_ewma = 0.0  # seconds per preparation
         # Camera frames that cannot be used (server.settings: min/max_video_side, bad_video_notice_s);
@@ -424,11 +430,13 @@ class InferenceWorker:
             batch.append((session, lane, prepared, engine_session))
         if not batch:
             return
-        self._busy_until = time.monotonic() + self._infer_ewma
+        if len(batch) < 2 or self._parallel < 2:  # a split call leaves no core to wait for (above)
+            self._busy_until = time.monotonic() + self._infer_ewma
         self._schedule()  # the slots just emptied: fast engines get the next frames prepared meanwhile
 
         want_depth = any(s.show_depth for s, *_ in batch)
         t0, c0 = time.perf_counter(), time.thread_time()
+        helpers0 = getattr(self.engine, "parallel_cpu_s", 0.0)  # parallel calls' CPU on other threads
         # Full pictures are pasted here, on the device, when the engine is on a GPU; on the CPU the
         # compose jobs paste them with OpenCV on the pool (engine.paste).
         pasters = [s.paster if s.picture == "full" else None for s, *_ in batch]
@@ -442,6 +450,7 @@ class InferenceWorker:
             self._busy_until = 0.0
             return
         infer_s, infer_cpu = time.perf_counter() - t0, time.thread_time() - c0
+        infer_cpu += getattr(self.engine, "parallel_cpu_s", 0.0) - helpers0
         self._busy_until = 0.0
         self._infer_ewma += 0.3 * (infer_s - self._infer_ewma)
         self._schedule()  # frames that waited for the call's end

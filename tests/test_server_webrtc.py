@@ -61,6 +61,23 @@ class SlowEngine(Engine):
         return self.inner.animate_batch(sessions, frames, return_depth)
 
 
+class SplittingEngine(SlowEngine):
+    """An engine that says it splits a batch into parallel calls (as onnxruntime does on a CPU); records,
+    per call, the batch size and whether the worker was holding preparations back until its end."""
+
+    parallel = 2
+
+    def __init__(self, inner: Engine, delay_s: float) -> None:
+        super().__init__(inner, delay_s)
+        self.worker = None
+        self.calls: list[tuple[int, bool]] = []
+
+    def animate_batch(self, sessions, frames, return_depth=False):
+        if self.worker is not None:
+            self.calls.append((len(sessions), self.worker._busy_until > 0))
+        return super().animate_batch(sessions, frames, return_depth)
+
+
 class DrivingTrack(MediaStreamTrack):
     """A paced camera stand-in: ``schedule(i)`` picks the frame index shown at tick i (None: stall).
 
@@ -254,10 +271,11 @@ def test_avatar_follows_the_moving_face_and_session_is_freed(engine, astronaut_j
         return out
 
     async def scenario():
-        # Motion filters off: the replay below reproduces the server's crops with a fresh tracker, which
-        # cannot reproduce filters clocked by the server's frame arrival times (tests/test_smoothing.py
-        # tests those).
-        settings = loopback_settings(output_size=128, smooth_min_cutoff=0.0)
+        # Motion filters off and detection on every frame: the replay below reproduces the server's crops
+        # with a fresh per-frame tracker, which cannot reproduce filters clocked by the server's frame
+        # arrival times (tests/test_smoothing.py tests those) nor which frames the server detected on
+        # (tests/test_pipeline.py tests the prediction between detections).
+        settings = loopback_settings(output_size=128, smooth_min_cutoff=0.0, detect_every=1)
         async with running_server(settings, engine) as (service, client):
             track = DrivingTrack(face_frames, schedule)
             peer = await connect(client, astronaut_jpeg, track, show_depth=True)
@@ -416,6 +434,29 @@ def test_vanished_peer_is_cleaned_up(engine, astronaut_jpeg, face_frames):
             return freed_in
 
     assert asyncio.run(scenario()) < 6
+
+
+def test_a_split_batch_does_not_hold_preparations_back(engine, astronaut_jpeg, face_frames):
+    """Just-in-time preparation waits for the end of a call only when the call leaves a core free: a batch
+    the engine splits into parallel calls takes every core, so frames that arrive during it are prepared
+    at once (server/worker.py), while a single stream's call still holds them back."""
+    small = [cv2.resize(f, (96, 96)) for f in face_frames]
+    slow = SplittingEngine(engine, delay_s=0.06)
+
+    async def scenario():
+        async with running_server(loopback_settings(max_sessions=2), slow) as (service, client):
+            slow.worker = service.worker
+            first = await connect(client, astronaut_jpeg, DrivingTrack(small, lambda i: i))
+            await wait_until(lambda: len(first.received) >= 5, 20)
+            second = await connect(client, astronaut_jpeg, DrivingTrack(small, lambda i: i))
+            await wait_until(lambda: len(second.received) >= 8, 20)
+            await asyncio.gather(hang_up(first), hang_up(second))
+
+    asyncio.run(scenario())
+    single = [held for n, held in slow.calls if n == 1]
+    split = [held for n, held in slow.calls if n >= 2]
+    assert len(single) >= 5 and len(split) >= 5, slow.calls
+    assert all(single[1:]) and not any(split)  # the first call has no duration estimate yet
 
 
 def test_eight_concurrent_sessions(engine, astronaut_jpeg, face_frames):
