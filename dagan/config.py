@@ -96,6 +96,9 @@ class AttentionConfig:
     # "none" is eq. 9 of the paper; the authors' released code applies ReLU to q, k and v ("relu"),
     # which imported DaGAN checkpoints need.
     activation: str = "none"
+    # Keys and values from F_w average-pooled by this factor (1: every position, the paper): each depth
+    # query still attends over the whole warped map, at kv_pool² fewer positions (docs/export.md).
+    kv_pool: int = 1
 
 
 @dataclass(frozen=True)
@@ -301,6 +304,19 @@ def _check_semantics(cfg: ModelConfig) -> None:
         "generator.attention.activation",
         "must be 'none' or 'relu'",
     )
+    need(
+        cfg.generator.attention.kv_pool in (1, 2, 4),
+        "generator.attention.kv_pool",
+        "must be 1, 2 or 4",
+    )
+    if cfg.generator.attention.kv_pool > 1:
+        # F_w is the generator's feature map after its down blocks: image_size / 2^num_down_blocks
+        side = cfg.image_size // 2**cfg.generator.num_down_blocks
+        need(
+            side % cfg.generator.attention.kv_pool == 0,
+            "generator.attention.kv_pool",
+            f"must divide the attention's feature side ({side}×{side})",
+        )
     need(cfg.generator.num_down_blocks >= 1, "generator.num_down_blocks", "must be >= 1")
     need(cfg.generator.dense_motion.kp_variance > 0, "generator.dense_motion.kp_variance", "must be > 0")
     for key, k in (

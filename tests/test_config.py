@@ -58,6 +58,8 @@ def test_unknown_key_is_named_with_its_path():
         ({"depth": {"input_scale": 0.3}}, "depth.input_scale"),
         ({"image_size": 96, "depth": {"input_scale": 0.5}}, "depth.input_scale"),
         ({"generator": {"final_kernel_size": 4}}, "generator.final_kernel_size"),
+        ({"generator": {"attention": {"kv_pool": 3}}}, "generator.attention.kv_pool"),
+        ({"image_size": 96, "generator": {"num_down_blocks": 4, "attention": {"kv_pool": 4}}}, "kv_pool"),
         ({"generator": {"dense_motion": {"head_kernel_size": 9}}}, "generator.dense_motion.head_kernel_size"),
     ],
 )

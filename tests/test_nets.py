@@ -142,6 +142,33 @@ def test_attention_module_implementations_agree_and_gate_starts_closed():
         CrossModalAttention(32, 8, "flash")
 
 
+@pytest.mark.parametrize("pool", [2, 4])
+def test_pooled_keys_are_eq9_over_the_pooled_warped_map(pool):
+    """kv_pool: every query attends over the average-pooled F_w (eq. 9 with N/pool² keys), the result
+    keeps F_w's size, and with no activation it equals pooling the projected keys and values."""
+    torch.manual_seed(0)
+    full = CrossModalAttention(32, 8, "math")
+    pooled = CrossModalAttention(32, 8, "auto", kv_pool=pool)
+    pooled.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        full.gamma.fill_(1.0)
+        pooled.gamma.fill_(1.0)
+    depth_f, warped = torch.randn(2, 32, 8, 8), torch.randn(2, 32, 8, 8)
+    out = pooled(depth_f, warped)
+    assert out.shape == warped.shape
+    q = full.project_query(depth_f)
+    small = torch.nn.functional.avg_pool2d(warped, pool)
+    k = full.key_conv(small).flatten(2).transpose(1, 2)
+    v = full.value_conv(small).flatten(2).transpose(1, 2)
+    ref = warped + attention_math(q, k, v).transpose(1, 2).reshape(warped.shape)
+    assert torch.allclose(out, ref, atol=1e-5)
+    k_after = torch.nn.functional.avg_pool2d(full.key_conv(warped), pool).flatten(2).transpose(1, 2)
+    assert torch.allclose(k, k_after, atol=1e-5)  # linear projection: pooling commutes with it
+    assert not torch.allclose(out, full(depth_f, warped), atol=1e-3)  # it is a different attention
+    with pytest.raises(ValueError, match="kv_pool"):
+        CrossModalAttention(32, 8, kv_pool=0)
+
+
 def test_attention_config_switch_selects_implementation(tiny_config):
     cfg = tiny_config.replace(**{"generator.attention.implementation": "math"})
     a, b = make_model(tiny_config), make_model(cfg)

@@ -125,7 +125,9 @@ class DaGANGenerator(nn.Module):
         self.attention: CrossModalAttention | None = None
         if att.enabled:
             self.depth_encoder = _encoder(1, block_expansion, max_features, num_down_blocks)
-            self.attention = CrossModalAttention(feat, att.qk_channels, att.implementation, att.activation)
+            self.attention = CrossModalAttention(
+                feat, att.qk_channels, att.implementation, att.activation, att.kv_pool
+            )
         self.bottleneck = nn.Sequential(
             *[ResBlock2d(feat, kernel_size=3, padding=1) for _ in range(num_bottleneck_blocks)]
         )
