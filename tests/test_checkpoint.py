@@ -123,6 +123,49 @@ def test_swap_depth_takes_the_depth_net_and_its_config_from_the_depth_run(tmp_pa
         swap_depth(tmp_path / "dagan.safetensors", tmp_path / "other.safetensors", tmp_path / "bad")
 
 
+def test_set_model_config_keeps_the_tensors_and_refuses_a_new_model(tmp_path):
+    """scripts/set_model_config.py: the same tensors under the changed config (here pooled attention
+    keys, which the model then uses), the change recorded; a change that needs other tensors, or an
+    unknown key, is refused."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from set_model_config import parse_set, set_model_config
+
+    from dagan.checkpoint import load_model
+    from dagan.config import ConfigError, load_config
+
+    base = load_config("tiny")
+    model = make_model(base, seed=0)
+    with torch.no_grad():
+        model.generator.attention.gamma.fill_(1.0)  # an attention that matters
+    src = tmp_path / "m.safetensors"
+    save_checkpoint(src, base, model, {"trained": "true"})
+    out = tmp_path / "out.safetensors"
+    changes = parse_set(["generator.attention.kv_pool=4"])
+    assert changes == {"generator.attention.kv_pool": 4}
+    meta = set_model_config(src, changes, out)
+    cfg, tensors, saved = read_checkpoint(out)
+    assert cfg == base.replace(**changes) and cfg.generator.attention.kv_pool == 4
+    assert saved["trained"] == "true" and meta["config_changes"] == saved["config_changes"]
+    assert saved["config_changes"] == "generator.attention.kv_pool=4"
+    for k, v in model.state_dict().items():
+        if not k.startswith("discriminator"):
+            assert torch.equal(tensors[k], v), k
+    pooled = load_model(out).eval()
+    assert pooled.generator.attention.kv_pool == 4
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(2, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        a, b = model.eval()(frames[:1], frames[1:]).prediction, pooled(frames[:1], frames[1:]).prediction
+    assert 0 < float((a - b).abs().max()) < 0.1
+    with pytest.raises(CheckpointError, match="new model"):
+        set_model_config(src, {"generator.attention.qk_channels": 4}, tmp_path / "bad.safetensors")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        set_model_config(src, {"generator.attention.pool": 4}, tmp_path / "bad.safetensors")
+
+
 def test_fit_heads_distils_smaller_heads_that_track_the_7x7_model(tmp_path):
     """scripts/fit_heads.py: the copy has the smaller kernels in its config, every other tensor of the
     original, and frames much closer to the original's than the same model with untrained small heads."""
