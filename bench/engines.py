@@ -106,8 +106,9 @@ def variant_engine(
     max_batch: int = 32,
 ) -> Engine:
     """One benchmark row's engine. ``options``: the torch backend's own (``channels_last``,
-    ``cuda_graphs``), or ``cpu_graph`` for onnxruntime (True: every rewrite of export/optimize.py; a pass
-    name: that one alone). The exports are made in ``work`` on first use."""
+    ``cuda_graphs``), or for onnxruntime ``cpu_graph`` (True: every rewrite of export/optimize.py; a pass
+    name: that one alone) and ``parallel`` (a batch split into that many concurrent calls). The exports
+    are made in ``work`` on first use."""
     if backend == "torch":
         return torch_engine(model, device, precision, **options)
     onnx_dir = work / "onnx"
@@ -140,4 +141,7 @@ def variant_engine(
             clips, _ = calibration_clips(model.config.image_size, calib)
             quantize_export(onnx_dir, int8_dir, clips, keep_float=("kp_detector",), progress=False)
         onnx_dir = int8_dir
-    return create_engine(onnx_dir, backend="onnxruntime", device=device, precision=precision, threads=threads)
+    extra = {"parallel": options["parallel"]} if options.get("parallel", 1) > 1 else {}
+    return create_engine(
+        onnx_dir, backend="onnxruntime", device=device, precision=precision, threads=threads, **extra
+    )

@@ -68,6 +68,7 @@ class ModelBenchSettings:
     calib: tuple[str, ...] = ()  # real face clips (files or folders) for the int8 rows
     profile: bool = False  # onnxruntime op profile per graph row
     passes: bool = False  # one CPU-graph rewrite at a time as extra rows
+    parallel: int = 1  # > 1: the CPU-graph rows again with a batch split into this many parallel calls
     json: str | None = None
     markdown: str | None = None
 
@@ -152,8 +153,10 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
-def _variants(device: torch.device, passes: bool = False) -> list[tuple[str, str, dict]]:
-    """(backend, precision, options) worth timing on this device, from the installed runtimes."""
+def _variants(device: torch.device, passes: bool = False, parallel: int = 1) -> list[tuple[str, str, dict]]:
+    """(backend, precision, options) worth timing on this device, from the installed runtimes;
+    ``parallel`` > 1 adds the CPU-graph rows with a batch split into that many concurrent calls
+    (engine/onnx_backend.py), which only batches above 1 can show."""
     import importlib.util
 
     out: list[tuple[str, str, dict]] = [("torch", "fp32", {})]
@@ -171,6 +174,11 @@ def _variants(device: torch.device, passes: bool = False) -> list[tuple[str, str
                 ("onnxruntime", "int8", {}),
                 ("onnxruntime", "int8", {"cpu_graph": True}),
             ]
+            if parallel > 1:
+                out += [
+                    ("onnxruntime", precision, {"cpu_graph": True, "parallel": parallel})
+                    for precision in ("fp32", "int8")
+                ]
             if passes:  # what each CPU-graph rewrite buys on its own
                 from export.optimize import PASSES
 
@@ -366,7 +374,7 @@ def _run_sweep(bm: BenchModel, settings: ModelBenchSettings) -> dict:
     dev = torch.device(r["machine"]["device"])
     r["backends"], r["errors"] = [], {}
     with workdir(bm, settings.workdir) as work:
-        for backend, precision, options in _variants(dev, settings.passes):
+        for backend, precision, options in _variants(dev, settings.passes, settings.parallel):
             if settings.backends and backend not in settings.backends:
                 continue
             name = _variant_name(backend, precision, options)
@@ -579,6 +587,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also the CPU graph with one rewrite of export/optimize.py at a time (what each buys alone)",
     )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=d.parallel,
+        help="N > 1: the CPU-graph rows again with each batch split into N parallel calls of --threads "
+        "each (what `dagan serve` does with several streams; see its batches, not the interleaved rows)",
+    )
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--markdown", help="also write the printed report to this file")
 
@@ -600,12 +615,17 @@ def settings_from_args(args: argparse.Namespace) -> ModelBenchSettings:
         calib=tuple(args.calib),
         profile=args.profile,
         passes=args.passes,
+        parallel=args.parallel,
         json=args.json,
         markdown=args.markdown,
     )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.parallel < 1:
+        raise SystemExit(f"dagan bench: --parallel must be at least 1, got {args.parallel}")
+    if args.parallel > 1 and args.interleaved:
+        raise SystemExit("dagan bench: --parallel shows in batches above 1; the interleaved rows are batch 1")
     if args.baseline and not (args.interleaved and args.checkpoint):
         raise SystemExit("dagan bench: --baseline needs --checkpoint and --interleaved (same rounds)")
     settings = settings_from_args(args)

@@ -16,8 +16,9 @@ only its input image to the device and its output image back.
 same session on slices of the batch, each on its own thread with its own ``threads`` intra-op threads
 (an ``InferenceSession`` may be run from several threads at once, and ``run`` releases the GIL). The
 live-128 graphs are many small ops at 32×32 and 64×64, too small to share among intra-op threads: on
-the project's 2-core machine a batch of two took 53.0 ms on one thread, 35.7 ms (60.0 ms CPU) on two
-intra-op threads and **28.8 ms (56.2 ms CPU) as two parallel one-thread calls** (docs/benchmarks.md).
+the project's 2-core machine a batch of two int8 frames took 50.5 ms as one call on one thread, 39.5 ms
+on two intra-op threads and **27.4 ms as two parallel one-thread calls** (`dagan bench --parallel 2`,
+docs/benchmarks.md).
 """
 
 from __future__ import annotations

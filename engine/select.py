@@ -118,8 +118,8 @@ def split_threads(cores: int, infer_ms: float | None, media_ms: float = MEDIA_MS
 def default_parallel(cores: int, threads: int) -> int:
     """Concurrent calls a batch of streams is split into, for onnxruntime on a CPU: one per group of
     ``threads`` cores, so one batch keeps every core busy. On the project's 2-core machine (1 inference
-    thread) that is 2: a batch of two frames in 28.8 ms wall against 53.0 ms as one call and 35.7 ms on
-    two intra-op threads, for 6 % more CPU than one call (docs/benchmarks.md, with the server sweep that
+    thread) that is 2: a batch of two int8 frames in 27.4 ms against 50.5 ms as one call and 39.5 ms on
+    two intra-op threads (`dagan bench --parallel 2`, docs/benchmarks.md, with the server sweep that
     chose it). A batch of one (a single stream) is one call either way."""
     return max(1, cores // max(1, threads))
 

@@ -341,6 +341,40 @@ def test_bench_has_the_cpu_graph_rows_and_an_op_profile(tmp_path, capsys):
     assert "kernel time" in capsys.readouterr().out
 
 
+def test_bench_parallel_rows_time_batches_split_into_parallel_calls(tmp_path, capsys):
+    """`dagan bench --parallel 2`: the CPU-graph rows again with each batch split into two calls, their
+    batches timed like the others; refused with the interleaved (batch-1) rows or below 1."""
+    from commands.cli import main
+
+    out = tmp_path / "bench.json"
+    args = [
+        "bench",
+        "--preset",
+        "tiny",
+        "--frames",
+        "2",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
+    args += ["--backends", "onnxruntime", "--batches", "1,2", "--parallel", "2", "--json", str(out)]
+    assert main(args) == 0
+    (r,) = json.loads(out.read_text())
+    rows = {b["name"]: b for b in r["backends"]}
+    for name in ("onnxruntime fp32 +cpu_graph", "onnxruntime int8 +cpu_graph"):
+        split = rows[f"{name} +parallel=2"]
+        assert split["options"]["parallel"] == 2, r["errors"]
+        assert [t["batch"] for t in split["throughput"]] == [1, 2]
+        assert all(t["batch_ms"] > 0 for t in split["throughput"])
+    assert "+parallel=2" in capsys.readouterr().out
+    for bad in (["--parallel", "0"], ["--parallel", "2", "--interleaved"]):
+        with pytest.raises(SystemExit, match="--parallel"):
+            main(["bench", "--preset", "tiny", "--device", "cpu", *bad])
+
+
 def test_bench_baseline_times_two_checkpoints_in_the_same_rounds(tmp_path, capsys):
     """`dagan bench --interleaved --baseline`: the baseline checkpoint's rows run in the same rounds
     as the checkpoint's, named apart, with both FLOP counts (here the half-resolution depth switch
