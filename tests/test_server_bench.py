@@ -125,9 +125,12 @@ def test_engine_variants_and_the_engine_named_in_the_tables():
         "streams": 1, "fps_per_stream_median": 25.0, "fps_per_stream_min": 24.9, "latency_p50_ms": 120,
         "latency_p95_ms": 140, "server_cpu_ms_per_frame_out": 30.0, "other_cpu_ms_per_frame_out": 4.0,
         "cpu_bound_streams_estimate": 2.6, "server_cpu_cores": 0.75, "client_cpu_cores": 0.05,
-        "load_avg_1min": [0.1, 0.8], "stages": stages,
+        "load_avg_1min": [0.1, 0.8], "stages": stages, "mediapipe_threads_cpu_ms_per_frame_out": 1.5,
     }  # fmt: skip
-    choice = {"backend": "onnxruntime", "precision": "int8", "threads": 1, "frame_ms": 21.5, "reason": "why"}
+    choice = {
+        "backend": "onnxruntime", "precision": "int8", "threads": 1, "parallel": 2, "frame_ms": 21.5,
+        "reason": "why",
+    }  # fmt: skip
     text = sb.markdown(
         [
             {
@@ -137,5 +140,23 @@ def test_engine_variants_and_the_engine_named_in_the_tables():
             }
         ]
     )  # fmt: skip
-    assert "onnxruntime int8, 1 inference thread(s), 21.5 ms/frame at start (why)" in text
+    assert (
+        "onnxruntime int8, 1 inference thread(s), a batch of streams split into 2 parallel calls, "
+        "21.5 ms/frame at start (why)"
+    ) in text
+    assert "| 30.0 (4.0; 1.5) |" in text  # server CPU per frame (not in a stage; mediapipe's threads)
     assert "2026-12-04 13:00 UTC" in text and "[0.1, 0.2, 0.3]" in text and "| 1 | 25.0, 24.9 |" in text
+
+
+def test_thread_cpu_by_name_prefix_reads_this_process():
+    """The mediapipe column's reader: CPU of the threads whose name starts with a prefix ("" = all of
+    them: it grows by what this thread spends; a name no thread has = 0)."""
+    import os
+    import time
+
+    before, c0 = sb._threads_cpu_s(os.getpid(), ""), time.thread_time()
+    while time.thread_time() < c0 + 0.2:  # 0.2 s of this thread's CPU (threads that ended are not read)
+        pass
+    spent = sb._threads_cpu_s(os.getpid(), "") - before
+    assert 0.15 < spent < 0.5, spent
+    assert sb._threads_cpu_s(os.getpid(), "no-such-thread-name") == 0.0
