@@ -131,7 +131,7 @@ def test_set_model_config_keeps_the_tensors_and_refuses_a_new_model(tmp_path):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    from set_model_config import parse_set, set_model_config
+    from set_model_config import DEFAULT_CLIPS, check, parse_set, set_model_config
 
     from dagan.checkpoint import load_model
     from dagan.config import ConfigError, load_config
@@ -160,6 +160,11 @@ def test_set_model_config_keeps_the_tensors_and_refuses_a_new_model(tmp_path):
     with torch.no_grad():
         a, b = model.eval()(frames[:1], frames[1:]).prediction, pooled(frames[:1], frames[1:]).prediction
     assert 0 < float((a - b).abs().max()) < 0.1
+    clips = [c for c in DEFAULT_CLIPS if c.is_file()][:2]
+    if clips:  # --check on real held-out frames (../shared): 2 clips → 2 × 2 × 9 pairs
+        median, low, n = check(src, out, clips)
+        assert n == 36 and 20 < low <= median <= 120
+        assert check(src, src, clips)[:2] == (120.0, 120.0)  # the same model: identical frames (clamped)
     with pytest.raises(CheckpointError, match="new model"):
         set_model_config(src, {"generator.attention.qk_channels": 4}, tmp_path / "bad.safetensors")
     with pytest.raises(ConfigError, match="unknown config key"):
