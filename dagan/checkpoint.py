@@ -65,12 +65,14 @@ def save_checkpoint(
     tensors: Mapping[str, torch.Tensor] | nn.Module,
     extra_metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write ``tensors`` (a state dict or a module) and ``config`` atomically to ``path``."""
+    """Write ``tensors`` (a state dict or a module) and ``config`` atomically to ``path``.
+
+    ``extra_metadata`` may be another checkpoint's whole metadata (a file derived from it keeps its
+    entries): its ``format`` and ``config`` never override the ones written for ``config``."""
     state = tensors.state_dict() if isinstance(tensors, nn.Module) else dict(tensors)
     # safetensors refuses shared/non-contiguous storage; cloning costs little and makes any state dict safe.
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    metadata = {"format": FORMAT, "config": config.to_json()}
-    metadata.update(extra_metadata or {})
+    metadata = {**(extra_metadata or {}), "format": FORMAT, "config": config.to_json()}
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 

@@ -207,7 +207,6 @@ def fit_heads(
     psnr = psnr_against(teacher, student, check_batches)
     result.update(psnr_db=float(np.median(psnr)), psnr_min_db=float(np.min(psnr)), check_pairs=len(psnr))
     log(f"after {steps} steps: {np.median(psnr):.1f} dB median, {np.min(psnr):.1f} min ({len(psnr)} pairs)")
-    meta = {k: v for k, v in meta.items() if k not in ("format", "config")}
     meta["heads"] = (
         f"{kernel}x{kernel} heads ({', '.join(names)}) distilled from the 7x7 ones by "
         f"scripts/fit_heads.py (least squares, then {steps} steps at batch {batch}): "

@@ -30,7 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 def set_model_config(weights: str | Path, changes: dict[str, Any], out: str | Path) -> dict[str, str]:
     """The checkpoint ``out`` as the module docstring says; returns its metadata."""
-    from dagan.checkpoint import CheckpointError, describe_mismatch, read_checkpoint, save_checkpoint
+    from dagan.checkpoint import (
+        CheckpointError,
+        checkpoint_metadata,
+        describe_mismatch,
+        read_checkpoint,
+        save_checkpoint,
+    )
     from dagan.model import DaGAN
 
     config, tensors, meta = read_checkpoint(weights)
@@ -46,11 +52,10 @@ def set_model_config(weights: str | Path, changes: dict[str, Any], out: str | Pa
             f"the new config needs other tensors than {weights} has ({len(problems)} differ, e.g. "
             f"{problems[0]}): that is a new model, train it"
         )
-    meta = {k: v for k, v in meta.items() if k not in ("format", "config")}
     done = ", ".join(f"{k}={v}" for k, v in changes.items())
     meta["config_changes"] = "; ".join(filter(None, [meta.get("config_changes", ""), done]))
     save_checkpoint(out, new, tensors, meta)
-    return meta
+    return checkpoint_metadata(out)
 
 
 CLIPS_DIR = ROOT.parent / "shared" / "data" / "real-faces" / "clips"

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 def swap_depth(weights: str | Path, depth: str | Path, out: str | Path, note: str = "") -> dict[str, str]:
     """The checkpoint ``out`` as the module docstring says; returns its metadata."""
-    from dagan.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+    from dagan.checkpoint import CheckpointError, checkpoint_metadata, read_checkpoint, save_checkpoint
 
     config, tensors, meta = read_checkpoint(weights)
     depth_config, depth_tensors, _ = read_checkpoint(depth)
@@ -39,10 +39,9 @@ def swap_depth(weights: str | Path, depth: str | Path, out: str | Path, note: st
     if rest != config:
         raise CheckpointError(f"{depth} was trained for another model than {weights} (configs differ)")
     tensors = {k: v for k, v in tensors.items() if k not in old_keys} | new_depth
-    meta = {k: v for k, v in meta.items() if k not in ("format", "config")}
     meta["depth"] = note or f"depth net from {depth}"
     save_checkpoint(out, dataclasses.replace(config, depth=depth_config.depth), tensors, meta)
-    return meta
+    return checkpoint_metadata(out)
 
 
 def main() -> int:

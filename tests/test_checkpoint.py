@@ -30,6 +30,20 @@ def test_round_trip_restores_config_and_outputs(tmp_path, tiny_model):
         assert torch.equal(loaded(x, y).prediction, tiny_model(x, y).prediction)
 
 
+def test_metadata_carried_from_another_checkpoint_never_overrides_the_config(tmp_path, tiny_model):
+    """A file derived from another (scripts/swap_depth.py, fit_heads.py, set_model_config.py) passes the
+    source's whole metadata on: its entries stay, its ``format`` and ``config`` give way to the new ones."""
+    src = tmp_path / "src.safetensors"
+    save_checkpoint(src, tiny_model.config, tiny_model, {"trained": "true"})
+    _, tensors, meta = read_checkpoint(src)
+    changed = tiny_model.config.replace(**{"generator.attention.kv_pool": 2})
+    out = tmp_path / "out.safetensors"
+    save_checkpoint(out, changed, tensors, {**meta, "format": "stale", "note": "x"})
+    cfg, _, saved = read_checkpoint(out)
+    assert cfg == changed and cfg != tiny_model.config
+    assert saved["trained"] == "true" and saved["note"] == "x" and saved["format"] != "stale"
+
+
 def test_mismatched_config_lists_tensors(tmp_path, tiny_model, tiny_config):
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, tiny_model.config, tiny_model)
