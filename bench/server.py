@@ -348,12 +348,17 @@ def server_process(
         stop_process(proc)
 
 
+def _stat_cpu_s(stat: Path) -> float:
+    """User + system CPU seconds of a ``/proc/…/stat`` file (a process, or one of its threads)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of ``pid`` and its live child processes (detector processes)."""
     total = 0.0
     with contextlib.suppress(OSError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = _stat_cpu_s(Path(f"/proc/{pid}/stat"))
         for task in Path(f"/proc/{pid}/task").iterdir():
             for child in (task / "children").read_text().split():
                 total += _proc_cpu_s(int(child))
@@ -369,8 +374,7 @@ def _threads_cpu_s(pid: int, prefix: str) -> float:
         for task in Path(f"/proc/{pid}/task").iterdir():
             with contextlib.suppress(OSError):
                 if (task / "comm").read_text().startswith(prefix):
-                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                    total += _stat_cpu_s(task / "stat")
     return total
 
 
