@@ -94,6 +94,11 @@ def calibration_clips(size: int, clips: Sequence[str | Path] | None) -> tuple[li
     return [FaceClip("random", frames[0], list(frames[1:]))], "4 random frames (latency only)"
 
 
+#: The optional steps of the int8 recipe (export/quantize.py) that ``dagan bench --passes`` times
+#: without, one at a time: what each buys.
+INT8_STEPS = ("quantize_before_resize",)
+
+
 def variant_engine(
     model: DaGAN,
     backend: str,
@@ -107,8 +112,9 @@ def variant_engine(
 ) -> Engine:
     """One benchmark row's engine. ``options``: the torch backend's own (``channels_last``,
     ``cuda_graphs``), or for onnxruntime ``cpu_graph`` (True: every rewrite of export/optimize.py; a pass
-    name: that one alone) and ``parallel`` (a batch split into that many concurrent calls). The exports
-    are made in ``work`` on first use."""
+    name: that one alone), ``int8_without`` (the int8 recipe without one of :data:`INT8_STEPS`) and
+    ``parallel`` (a batch split into that many concurrent calls). The exports are made in ``work`` on
+    first use."""
     if backend == "torch":
         return torch_engine(model, device, precision, **options)
     onnx_dir = work / "onnx"
@@ -136,10 +142,20 @@ def variant_engine(
     if precision == "int8":
         from export.quantize import quantize_export
 
-        int8_dir = onnx_dir.parent / f"{onnx_dir.name}-int8"
+        without = options.get("int8_without")
+        if without is not None and without not in INT8_STEPS:
+            raise ValueError(f"int8_without must be one of {', '.join(INT8_STEPS)}, got {without!r}")
+        int8_dir = onnx_dir.parent / (f"{onnx_dir.name}-int8" + (f"-without-{without}" if without else ""))
         if not (int8_dir / "manifest.json").is_file():
             clips, _ = calibration_clips(model.config.image_size, calib)
-            quantize_export(onnx_dir, int8_dir, clips, keep_float=("kp_detector",), progress=False)
+            quantize_export(
+                onnx_dir,
+                int8_dir,
+                clips,
+                keep_float=("kp_detector",),
+                before_resize=without != "quantize_before_resize",
+                progress=False,
+            )
         onnx_dir = int8_dir
     extra = {"parallel": options["parallel"]} if options.get("parallel", 1) > 1 else {}
     return create_engine(

@@ -39,7 +39,15 @@ from dagan.helpers import resolve_device
 from dagan.model import DaGAN
 from engine.select import cpu_has_bf16
 
-from .engines import BenchModel, checkpoint_model, preset_model, torch_engine, variant_engine, workdir
+from .engines import (
+    INT8_STEPS,
+    BenchModel,
+    checkpoint_model,
+    preset_model,
+    torch_engine,
+    variant_engine,
+    workdir,
+)
 from .report import load_average, machine_description, stats, timestamp, write_report
 
 DESCRIPTION = (
@@ -183,6 +191,10 @@ def _variants(device: torch.device, passes: bool = False, parallel: int = 1) -> 
                 from export.optimize import PASSES
 
                 out += [("onnxruntime", "fp32", {"cpu_graph": p}) for p in PASSES]
+                # and the int8 recipe without each of its optional steps (export/quantize.py)
+                out += [
+                    ("onnxruntime", "int8", {"cpu_graph": True, "int8_without": step}) for step in INT8_STEPS
+                ]
     if device.type == "cuda" and importlib.util.find_spec("tensorrt") is not None:
         out.append(("tensorrt", "fp16", {}))
     return out
@@ -585,7 +597,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--passes",
         action="store_true",
-        help="also the CPU graph with one rewrite of export/optimize.py at a time (what each buys alone)",
+        help="also the CPU graph with one rewrite of export/optimize.py at a time, and the int8 CPU graph "
+        "without one optional step of its recipe at a time (what each buys alone)",
     )
     p.add_argument(
         "--parallel",

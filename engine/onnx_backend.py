@@ -403,7 +403,7 @@ def onnx_dir_for(checkpoint: str | Path, cache_dir: str | Path | None = None, pr
 #: Bump when export/optimize.py (the CPU graph) or the int8 recipe changes what it writes: old cache
 #: entries are then simply not found, and rebuilt.
 CPU_GRAPH_VERSION = 3
-INT8_VERSION = 2
+INT8_VERSION = 3
 
 
 def _cached_variant(kind: str, checkpoint: Path, cache_dir: str | Path | None, *key: Any) -> tuple[Path, str]:

@@ -8,14 +8,16 @@ and zero point per tensor, taken from the ranges the graph sees on a calibration
 
 Why these choices (measured, see docs/export.md):
 
-- **Only the per-frame graph is quantized.** ``source_encoder`` runs once per source photo, and the
-  ``depth`` / ``keypoints`` graphs only when a relative stream takes its reference, so they stay fp32 —
-  int8 there would cost quality and save nothing a viewer notices.
+- **Only the per-frame graphs are quantized**: the fused ``frame`` graph, and the ``depth`` and
+  ``generator`` graphs of the split path a stream with steadied keypoints runs every frame.
+  ``source_encoder`` runs once per source photo and stays fp32; the ``keypoints`` graph is the keypoint
+  detector, float by default as inside the frame graph.
 - **Only convolutions are int8, and not the heads** (the convolutions that feed a sigmoid or softmax,
-  :func:`head_convs`). Everything between them — grid_sample (the warp), softmax (keypoint
-  heatmaps and attention), sigmoid heads (occlusion), the keypoint soft-argmax (ReduceSum over a
-  heatmap × grid product), the motion transfer, the attention MatMuls — stays float: those are cheap,
-  and their inputs are coordinates and probabilities, where an 8-bit step is a visible error.
+  :func:`head_convs`). Everything between them — grid_sample (the warp), softmax (keypoint heatmaps
+  and attention), sigmoid heads (occlusion), the keypoint soft-argmax (ReduceSum over a heatmap × grid
+  product), the motion transfer, the attention MatMuls — stays float: those are cheap, and their inputs
+  are coordinates and probabilities, where an 8-bit step is a visible error. The output image's head in
+  int8 was measured too (docs/export.md): 0.6 ms faster, but the avatar's landmarks jitter more.
 - **Calibration data are real faces**, framed exactly as the engine sees them: frames of the real
   talking-head clips cropped with the project's face module (:mod:`dagan.face`), the first frame of
   each clip as the source. Calibrating on random noise would give activation ranges no face produces.
@@ -272,6 +274,86 @@ def excluded_nodes(model_path: str | Path, keep_float: Sequence[str], float_head
     return sorted(names)
 
 
+def quantize_before_resize(model: Any) -> int:
+    """Move each ``QuantizeLinear`` that follows a nearest-neighbour ``Resize`` in front of it, so the
+    upsampling copies uint8 values instead of floats and the quantization runs on the small tensor.
+    Returns how many pairs moved; ``model`` is changed in place.
+
+    Why: static quantization puts the ``QuantizeLinear`` of a convolution's input right before the
+    convolution, which in the decoder's up blocks is *after* the 2× nearest upsampling: the float map is
+    upsampled (64 channels at 128², 4 MB) and then quantized at full size. Nearest neighbour only copies
+    values and quantization is per element with one scale, so the two commute exactly: the graph gives
+    the same bits (:func:`quantize_export` checks it) and ONNX Runtime's CPU ``Resize`` runs on uint8.
+    Only a ``Resize`` whose single consumer is the ``QuantizeLinear`` moves, so no float reader of the
+    upsampled map is left without it.
+    """
+    graph = model.graph
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    moved = 0
+    for resize in graph.node:
+        if resize.op_type != "Resize" or resize.output[0] in outputs:
+            continue
+        mode = next((a.s.decode() for a in resize.attribute if a.name == "mode"), "nearest")
+        users = consumers.get(resize.output[0], [])
+        if mode != "nearest" or len(users) != 1 or users[0].op_type != "QuantizeLinear":
+            continue
+        quant = users[0]
+        small, upsampled = quant.output[0] + "_before_resize", quant.output[0]
+        quant.input[0], quant.output[0] = resize.input[0], small
+        resize.input[0], resize.output[0] = small, upsampled
+        moved += 1
+    if moved:  # the moved QuantizeLinear nodes now feed their Resize: restore a topological order
+        _topological_sort(graph)
+    return moved
+
+
+def _quantize_before_resize_checked(path: Path, feed: dict[str, np.ndarray]) -> int:
+    """:func:`quantize_before_resize` on the quantized graph at ``path``, kept only if the graph then
+    gives the same outputs, bit for bit, on a calibration input (else the file stays as it was: 0)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    before = model.SerializeToString()
+    moved = quantize_before_resize(model)
+    if not moved:
+        return 0
+
+    def run(proto: bytes) -> list[np.ndarray]:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        return ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"]).run(None, feed)
+
+    after = model.SerializeToString()
+    if not all(np.array_equal(a, b) for a, b in zip(run(before), run(after), strict=True)):
+        return 0
+    atomic_write(path, lambda p: Path(p).write_bytes(after))
+    return moved
+
+
+def _topological_sort(graph: Any) -> None:
+    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, order = list(graph.node), []
+    while pending:
+        left = []
+        for node in pending:
+            if all(name in ready for name in node.input):
+                order.append(node)
+                ready.update(node.output)
+            else:
+                left.append(node)
+        if len(left) == len(pending):
+            raise ExportError("the quantized graph has a cycle or a missing input")
+        pending = left
+    copies = [type(n).FromString(n.SerializeToString()) for n in order]
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
 def quantize_export(
     onnx_dir: str | Path,
     out_dir: str | Path,
@@ -282,6 +364,7 @@ def quantize_export(
     method: str = "minmax",
     quant_format: str = "qdq",
     float_heads: bool = True,
+    before_resize: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write an int8 export of ``onnx_dir`` into ``out_dir`` and return its manifest.
@@ -289,7 +372,9 @@ def quantize_export(
     ``keep_float``: sub-networks of the frame graph left in float (:data:`GROUPS`); ``op_types``: the
     op types quantized (default: convolutions only); ``method``: how activation ranges are taken from
     the calibration set (min/max, entropy or the 99.999th percentile); ``float_heads``: keep the
-    convolutions that feed a sigmoid / softmax float (:func:`head_convs`).
+    convolutions that feed a sigmoid / softmax float (:func:`head_convs`); ``before_resize``: move
+    quantization in front of the up blocks' nearest upsampling (:func:`quantize_before_resize`; off only
+    to measure what it buys, ``dagan bench --passes``).
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -344,7 +429,7 @@ def quantize_export(
     }
     if "kp_detector" not in keep_float and "keypoints" in manifest["graphs"]:
         todo.update(split_feeds(src, clips, ["keypoints"]))
-    excluded = {}
+    excluded, moved = {}, {}
     for graph, items in todo.items():
         file = manifest["graphs"][graph]["file"]
         with tempfile.TemporaryDirectory(prefix="dagan-quant-") as tmp:
@@ -375,6 +460,7 @@ def quantize_export(
                 }[method],
                 extra_options={"CalibStridedMinMax": 1, "WeightSymmetric": True},
             )
+        moved[graph] = _quantize_before_resize_checked(out / file, items[0]) if before_resize else 0
     import onnx
 
     for graph, entry in manifest["graphs"].items():
@@ -396,6 +482,7 @@ def quantize_export(
         "keep_float": list(keep_float),
         "float_heads": float_heads,
         "float_nodes": len(excluded["frame"]),
+        "quantize_before_resize": moved,
         "calibration": {
             "clips": [c.name for c in clips],
             "frames": len(feeds),

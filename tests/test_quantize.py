@@ -33,6 +33,7 @@ from export.quantize import (
     group_of,
     held_out_psnr,
     output_psnr,
+    quantize_before_resize,
     quantize_export,
 )
 
@@ -124,6 +125,14 @@ def test_quantize_command_writes_an_int8_export(exports):
         and producer[n.input[1]].op_type == "DequantizeLinear"
     ]  # fmt: skip
     assert quantized, "no convolution got int8 weights"
+    # the decoder's up blocks upsample uint8: quantized before the nearest Resize, not after it
+    assert q["quantize_before_resize"]["frame"] >= 1
+    for n in graph.node:
+        if n.op_type == "Resize" and producer.get(n.input[0]) is not None:
+            mode = next((a.s.decode() for a in n.attribute if a.name == "mode"), "nearest")
+            after = [c for c in graph.node if n.output[0] in c.input]
+            if mode == "nearest" and group_of(n.name) == "generator" and after:
+                assert all(c.op_type != "QuantizeLinear" for c in after), n.name
     # the keypoint detector (kept float by default) has no int8 convolution, the other groups do
     assert {group_of(n.name) for n in quantized} >= {"depth_net", "generator"}
     assert "kp_detector" not in {group_of(n.name) for n in quantized}
@@ -204,3 +213,84 @@ def test_bench_times_low_precision_rows_interleaved(model, exports):
     for s in rows.values():
         assert s["frames"] == 2 and 0 < s["median_ms"] <= s["p99_ms"] and s["vs_authors"] > 0
     assert rows[AUTHORS]["vs_authors"] == 1.0 and len(result["load_before"]) == 3
+
+
+def _resize_graph(mode: str = "nearest", second_reader: bool = False):
+    """x (1×2×3×3 float) → 2× Resize → QuantizeLinear → DequantizeLinear → Conv 1×1: the shape of an
+    up block's input after static quantization (optionally with a float reader of the upsampled map)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.arange(6, dtype=np.float32).reshape(3, 2, 1, 1) / 10
+    inits = [
+        numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(7, np.uint8), "z"),
+        numpy_helper.from_array(w, "w"),
+    ]
+    nodes = [
+        helper.make_node("Resize", ["x", "", "scales"], ["up"], name="resize", mode=mode),
+        helper.make_node("QuantizeLinear", ["up", "s", "z"], ["q"], name="quant"),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"], name="dequant"),
+        helper.make_node("Conv", ["dq", "w"], ["y"], name="conv"),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if second_reader:
+        nodes.append(helper.make_node("Relu", ["up"], ["r"], name="relu"))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])], outputs, inits
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run_graph(model, x):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )
+
+
+def test_quantize_before_resize_gives_the_same_bits_on_the_small_tensor():
+    x = np.random.default_rng(0).uniform(-1, 12, (1, 2, 3, 3)).astype(np.float32)
+    model = _resize_graph()
+    before = _run_graph(model, x)
+    assert quantize_before_resize(model) == 1
+    nodes = {n.name: n for n in model.graph.node}
+    assert nodes["resize"].input[0] == nodes["quant"].output[0]  # Resize now reads the uint8 tensor
+    assert nodes["quant"].input[0] == "x"
+    order = [n.name for n in model.graph.node]
+    assert order.index("quant") < order.index("resize") < order.index("dequant")
+    after = _run_graph(model, x)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+@pytest.mark.parametrize("mode,second_reader", [("linear", False), ("nearest", True)])
+def test_quantize_before_resize_leaves_interpolation_and_shared_maps_alone(mode, second_reader):
+    """Linear interpolation does not commute with rounding, and a float reader of the upsampled map
+    must keep it: neither moves."""
+    model = _resize_graph(mode, second_reader)
+    assert quantize_before_resize(model) == 0
+    assert next(n for n in model.graph.node if n.name == "quant").input[0] == "up"
+
+
+def test_bench_passes_time_the_int8_recipe_without_each_step(tmp_path):
+    """``dagan bench --passes`` adds one int8 row per optional recipe step, each built without it."""
+    from helpers import make_model
+
+    from bench.engines import INT8_STEPS, variant_engine
+    from bench.model import _variant_name, _variants
+    from dagan.config import load_config
+
+    rows = [r for r in _variants(torch.device("cpu"), passes=True) if "int8_without" in r[2]]
+    assert [r[2]["int8_without"] for r in rows] == list(INT8_STEPS)
+    assert _variant_name(*rows[0]) == "onnxruntime int8 +cpu_graph +int8_without=quantize_before_resize"
+    tiny = make_model(load_config("tiny"))
+    for step in INT8_STEPS:
+        options = {"cpu_graph": True, "int8_without": step}
+        variant_engine(tiny, "onnxruntime", "int8", options, "cpu", tmp_path)
+        manifest = tmp_path / f"onnx-cpu-int8-without-{step}" / "manifest.json"
+        q = json.loads(manifest.read_text())["quantization"]
+        assert set(q["quantize_before_resize"].values()) == {0}
+    with pytest.raises(ValueError, match="int8_without must be one of"):
+        variant_engine(tiny, "onnxruntime", "int8", {"cpu_graph": True, "int8_without": "x"}, "cpu", tmp_path)
