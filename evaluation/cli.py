@@ -122,8 +122,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--backend",
         default="torch",
-        choices=("torch", "onnxruntime", "tensorrt"),
-        help="inference engine to measure (the deployed path); default torch",
+        choices=("torch", "onnxruntime", "tensorrt", "served"),
+        help="inference engine to measure; 'served': the engine `dagan serve` would pick here (on a CPU "
+        "the fastest that holds quality, e.g. onnxruntime int8); default torch",
     )
     p.add_argument(
         "--precision",
@@ -165,7 +166,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="another model through the same engine path, one row named after its file (repeatable); "
         "the `photo_copy` baseline (output = the photo) is always there",
     )
-    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"))
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnxruntime", "tensorrt", "served"),
+        help="'served': the engine `dagan serve` would pick here (on a CPU the fastest that holds quality)",
+    )
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16", "int8"))
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--threads", type=int, help="torch (and onnxruntime) CPU threads; default one per core")

@@ -723,7 +723,7 @@ def evaluate_cross(
         "clips_dir": str(clips_dir),
         "methods": {m.name: m.checkpoint or "output = the photo crop" for m in methods},
         "backend": str(getattr(first.engine, "backend", backend)),
-        "precision": precision,
+        "precision": str(getattr(first.engine, "precision", precision)),
         "threads": threads,
         "frame_stride": frame_stride,
         "max_frames": max_frames,

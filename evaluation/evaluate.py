@@ -249,6 +249,10 @@ def _modes(mode: str) -> tuple[str, ...]:
     return (mode,)
 
 
+#: ``--backend`` value for the engine `dagan serve` would run (see :func:`_engine`).
+SERVED = "served"
+
+
 def _engine(
     checkpoint: str | os.PathLike[str] | None,
     backend: str,
@@ -257,7 +261,12 @@ def _engine(
     threads: int | None,
 ):
     """The deployed inference path for ``checkpoint`` (default: $DAGAN_CHECKPOINT, then the bundled
-    weights), with torch (and onnxruntime) limited to ``threads`` CPU threads when given."""
+    weights), with torch (and onnxruntime) limited to ``threads`` CPU threads when given.
+
+    ``backend`` :data:`SERVED` is the engine `dagan serve` would pick for these weights on ``device``
+    (:func:`engine.select.default_engine`: on a CPU the fastest backend and precision that hold quality,
+    prepared and cached on first use), so an evaluation can score what users get; ``precision`` must
+    then be left at fp32 (the choice is the server's)."""
     from dagan.checkpoint import resolve_checkpoint
     from engine import create_engine
 
@@ -266,6 +275,13 @@ def _engine(
         if threads < 1:
             raise EvalDataError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    if backend == SERVED:
+        from engine.select import default_engine
+
+        if precision != "fp32":
+            raise EvalDataError(f"--backend {SERVED} picks the precision itself; leave --precision out")
+        engine, _ = default_engine(path, device=device, threads=threads or 1, progress=False, measure=False)
+        return path, engine
     options = {"threads": threads} if backend == "onnxruntime" and threads is not None else {}
     return path, create_engine(path, backend=backend, device=device, precision=precision, **options)
 
@@ -373,7 +389,7 @@ def evaluate(
         "checkpoint": str(path),
         "data": str(data),
         "backend": engine.backend,
-        "precision": precision,
+        "precision": str(getattr(engine, "precision", precision)),
         "modes": list(modes),
         "threads": threads,
         "videos": len(clips),

@@ -263,3 +263,33 @@ def test_eval_through_onnxruntime_matches_torch(tiny_eval_set, tmp_path, monkeyp
     for row in ("dagan", "dagan_relative"):
         assert ort["metrics"][row]["l1"] == pytest.approx(ref["metrics"][row]["l1"], abs=2e-3)
         assert ort["metrics"][row]["psnr"] == pytest.approx(ref["metrics"][row]["psnr"], abs=0.3)
+
+
+def test_eval_through_the_served_engine(tiny_eval_set, tmp_path, monkeypatch):
+    """--backend served scores the engine `dagan serve` picks (engine.select.default_engine, prepared in
+    the cache on first use), reports which, and scores close to torch fp32; a precision is the server's
+    to pick."""
+    import engine.select as select
+    from evaluation.evaluate import EvalDataError, evaluate
+
+    monkeypatch.setenv("DAGAN_CACHE", str(tmp_path / "cache"))  # its exports land here, not in ~/.cache
+    choices = []
+    real = select.default_engine
+
+    def spy(*args, **kwargs):
+        engine, choice = real(*args, **kwargs)
+        choices.append((kwargs, choice))
+        return engine, choice
+
+    monkeypatch.setattr(select, "default_engine", spy)
+    ckpt, test = tiny_eval_set
+    kw = dict(use_identity=False, mode="both", max_videos=1, progress=False, device="cpu", threads=1)
+    served = evaluate(ckpt, test, backend="served", **kw)
+    ref = evaluate(ckpt, test, backend="torch", **kw)
+    ((options, choice),) = choices
+    assert options["threads"] == 1 and options["device"] == "cpu"
+    assert (served["backend"], served["precision"]) == (choice.backend, choice.precision)
+    for row in ("dagan", "dagan_relative"):
+        assert served["metrics"][row]["l1"] == pytest.approx(ref["metrics"][row]["l1"], abs=5e-3)
+    with pytest.raises(EvalDataError, match="picks the precision itself"):
+        evaluate(ckpt, test, backend="served", precision="int8", **kw)
