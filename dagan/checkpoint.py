@@ -174,6 +174,14 @@ def load_into(
     )
 
 
+def inference_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` without the training-only groups (pose net, discriminator) that ``model`` does not
+    have: what an inference model is checked and loaded against."""
+    model_keys = set(model.state_dict())
+    training_only = ("pose_net.", "discriminator.")
+    return {k: v for k, v in tensors.items() if k in model_keys or not k.startswith(training_only)}
+
+
 def load_model(path: str | Path, config: ModelConfig | None = None, map_location: str = "cpu"):
     """Build a :class:`~dagan.model.DaGAN` from a checkpoint (its embedded config unless ``config`` is given)
     and load its weights, in eval mode. Training-only groups (pose net, discriminator) are ignored."""
@@ -181,8 +189,5 @@ def load_model(path: str | Path, config: ModelConfig | None = None, map_location
 
     embedded, tensors, _ = read_checkpoint(path)
     model = DaGAN(config or embedded)
-    model_keys = set(model.state_dict())
-    training_only = ("pose_net.", "discriminator.")
-    tensors = {k: v for k, v in tensors.items() if k in model_keys or not k.startswith(training_only)}
-    load_into(model, tensors, source=str(path))
+    load_into(model, inference_tensors(model, tensors), source=str(path))
     return model.to(map_location).eval()

@@ -34,6 +34,7 @@ def set_model_config(weights: str | Path, changes: dict[str, Any], out: str | Pa
         CheckpointError,
         checkpoint_metadata,
         describe_mismatch,
+        inference_tensors,
         read_checkpoint,
         save_checkpoint,
     )
@@ -42,11 +43,7 @@ def set_model_config(weights: str | Path, changes: dict[str, Any], out: str | Pa
     config, tensors, meta = read_checkpoint(weights)
     new = config.replace(**changes)
     model = DaGAN(new)
-    problems = [
-        p
-        for name in ("depth_net", "kp_detector", "generator")
-        for p in describe_mismatch(getattr(model, name), tensors, f"{name}.")
-    ]
+    problems = describe_mismatch(model, inference_tensors(model, tensors))
     if problems:
         raise CheckpointError(
             f"the new config needs other tensors than {weights} has ({len(problems)} differ, e.g. "

@@ -181,6 +181,15 @@ def test_set_model_config_keeps_the_tensors_and_refuses_a_new_model(tmp_path):
         assert check(src, src, clips)[:2] == (120.0, 120.0)  # the same model: identical frames (clamped)
     with pytest.raises(CheckpointError, match="new model"):
         set_model_config(src, {"generator.attention.qk_channels": 4}, tmp_path / "bad.safetensors")
+    # a model without a depth net (RGB keypoints, no attention) is checked the same way, and a file's
+    # training-only groups do not count as tensors the new model lacks
+    plain = base.replace(**{"keypoints.use_depth": False, "generator.attention.enabled": False})
+    rgb = tmp_path / "rgb.safetensors"
+    save_checkpoint(rgb, plain, {**make_model(plain).state_dict(), "pose_net.head.weight": torch.zeros(3)})
+    set_model_config(rgb, {"generator.attention.kv_pool": 2}, tmp_path / "rgb2.safetensors")
+    assert load_model(tmp_path / "rgb2.safetensors").depth_net is None
+    with pytest.raises(CheckpointError, match="new model"):
+        set_model_config(rgb, {"keypoints.use_depth": True}, tmp_path / "bad.safetensors")
     with pytest.raises(ConfigError, match="unknown config key"):
         set_model_config(src, {"generator.attention.pool": 4}, tmp_path / "bad.safetensors")
 
