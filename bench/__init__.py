@@ -5,6 +5,8 @@ machine, the load before and after, the date; JSON + markdown):
 
 - :mod:`bench.model` — ``dagan bench``: per-frame latency and throughput of every backend here;
 - :mod:`bench.server` — ``python -m bench.server``: streams per machine through a real server;
+- :mod:`bench.browser` — ``python -m bench.browser``: the web page in Chromium against a real server,
+  a real face video as its webcam: the avatar's fps as the page shows it;
 - :mod:`bench.gil` — ``python -m bench.gil``: which media libraries release the GIL;
 - :mod:`bench.gpu` — ``python -m bench.gpu`` (run by scripts/gpu_check.sh): the PyTorch variants on a GPU.
 

@@ -13,27 +13,18 @@ import threading
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from helpers import make_model
 from PIL import Image
+
+from bench.browser import CHROMIUM_FLAGS, write_camera
 
 CHROMIUM = Path("/usr/bin/chromium")
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
 )
-
-
-def write_y4m(path: Path, frames: list[np.ndarray], fps: int = 25) -> None:
-    """Raw YUV 4:2:0 video, the format Chromium's --use-file-for-fake-video-capture reads."""
-    h, w = frames[0].shape[:2]
-    with open(path, "wb") as f:
-        f.write(f"YUV4MPEG2 W{w} H{h} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
-        for frame in frames:
-            f.write(b"FRAME\n")
-            f.write(cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420).tobytes())
 
 
 class ServerThread:
@@ -87,28 +78,13 @@ def test_page_streams_an_avatar(tmp_path, grace_hopper):
     from server.settings import ServerSettings
 
     camera = tmp_path / "camera.y4m"
-    write_y4m(camera, driving_frames(grace_hopper, num_frames=50, size=240))
+    write_camera(camera, driving_frames(grace_hopper, num_frames=50, size=240))
     grey = tmp_path / "grey.png"
     Image.fromarray(np.full((300, 300, 3), 128, np.uint8)).save(grey)
     engine = TorchEngine(make_model(load_config("tiny")), device="cpu")
     token = "browser-test-token"  # the page takes it from its link (#token=) and sends it on every call
     settings = ServerSettings(max_sessions=1, ice_host_addresses=("127.0.0.1",), access_token=token)
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--use-fake-device-for-media-stream",
-        "--use-fake-ui-for-media-stream",
-        f"--use-file-for-fake-video-capture={camera}",
-        # Keep WebRTC on loopback: offer 127.0.0.1 candidates, real addresses instead of mDNS names.
-        "--allow-loopback-in-peer-connection",
-        "--disable-features=WebRtcHideLocalIpsWithMdns",
-    ]
+    flags = [*CHROMIUM_FLAGS, f"--use-file-for-fake-video-capture={camera}"]
     screenshot = tmp_path / "browser.png"
     with ServerThread(create_app(settings, engine)) as base, sync_api.sync_playwright() as pw:
         # The page's CSP (script-src 'self') also forbids the eval that Playwright's wait_for_function

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -160,3 +161,81 @@ def test_thread_cpu_by_name_prefix_reads_this_process():
     spent = sb._threads_cpu_s(os.getpid(), "") - before
     assert 0.15 < spent < 0.5, spent
     assert sb._threads_cpu_s(os.getpid(), "no-such-thread-name") == 0.0
+
+
+def test_browser_bench_camera_and_window_figures(tmp_path):
+    """bench.browser's pieces without a browser: the webcam video is the clip letterboxed to what the page
+    asks for and put on the camera's clock, and the per-second page samples become fps figures."""
+    from bench import browser as bb
+
+    tall = np.full((100, 50, 3), 200, np.uint8)
+    boxed = bb.letterbox(tall, 64, 48)
+    assert boxed.shape == (48, 64, 3)
+    assert boxed[:, :10].max() == 0 and boxed[:, -10:].max() == 0  # black bars left and right
+    assert boxed[:, 32].min() > 150  # the picture in the middle, full height
+
+    clip = tmp_path / "clip.avi"  # 10 frames at 10 fps, frame i filled with 20·i
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(10):
+        writer.write(np.full((48, 64, 3), 20 * i, np.uint8))
+    writer.release()
+    frames, text = bb.camera_frames(clip, seconds=0.8, fps=25)
+    assert len(frames) == 20 and frames[0].shape == (480, 640, 3) and "clip.avi" in text
+    levels = [int(f[240, 320, 0]) for f in frames]
+    assert levels == sorted(levels) and abs(levels[-1] - 140) <= 6  # 0.8 s in: the 8th frame (20·7)
+    assert len(set(levels)) == 8  # each 10-fps frame held for 2–3 ticks of the 25-fps camera
+    y4m = tmp_path / "cam.y4m"
+    bb.write_camera(y4m, frames[:3])
+    header = len(b"YUV4MPEG2 W640 H480 F25:1 Ip A1:1 C420jpeg\n")
+    assert y4m.stat().st_size == header + 3 * (len(b"FRAME\n") + 640 * 480 * 3 // 2)
+    with pytest.raises(ValueError, match="no frame"):
+        bb.camera_frames(tmp_path / "missing.mp4", 1.0)
+
+    samples = [
+        {"t": float(t), "avatar": 25 * t - (3 if t >= 2 else 0), "camera": 25 * t, "message": "",
+         "stats": f"fps: 24.{t}   round trip: {t} ms   server: 30 ms"}
+        for t in range(4)
+    ]  # fmt: skip
+    assert bb.window_rates(samples, "avatar") == [25.0, 22.0, 25.0]
+    cpu = {"server": 1.5, "browser": 0.6, "seconds": 3.0}
+    metrics = (
+        {"dagan_frames_out_total": 100.0, "dagan_frames_in_total": 100.0},
+        {"dagan_frames_out_total": 175.0, "dagan_frames_in_total": 176.0,
+         'dagan_stage_seconds_total{stage="infer",clock="cpu"}': 0.6,
+         'dagan_stage_frames_total{stage="infer"}': 75.0},
+    )  # fmt: skip
+    r = bb.summarise(samples, cpu, metrics)
+    assert r["avatar_fps_median"] == 25.0 and r["avatar_fps_min"] == 22.0
+    assert r["avatar_fps_mean"] == pytest.approx(72 / 3)
+    assert r["camera_fps_median"] == 25.0 and r["round_trip_ms_median"] == 1.5
+    assert r["server_frames_out_per_s"] == 25.0 and r["server_cpu_cores"] == 0.5
+    assert r["server_cpu_ms_per_frame_out"] == 20.0 and r["browser_cpu_cores"] == pytest.approx(0.2)
+    assert r["stages"]["infer"]["cpu_ms_per_frame_out"] == pytest.approx(8.0)  # 0.6 s over 75 frames
+    assert r["other_cpu_ms_per_frame_out"] == pytest.approx(12.0)
+    with pytest.raises(RuntimeError, match="two samples"):
+        bb.summarise(samples[:1], cpu, metrics)
+
+
+@pytest.mark.slow
+def test_browser_bench_end_to_end(tmp_path):
+    """The page in headless Chromium against the benchmark server (zero-cost engine), briefly: the avatar
+    plays and every figure of the report is there. Skipped without Debian's chromium or playwright."""
+    from bench import browser as bb
+
+    if not bb.CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium")
+    pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package")
+    out, table = tmp_path / "b.json", tmp_path / "b.md"
+    cmd = [sys.executable, "-m", "bench.browser", "--engine", "zero", "--seconds", "3", "--warmup", "1"]
+    cmd += ["--camera-seconds", "1", "--json", str(out), "--markdown", str(table), "--start-timeout-s", "120"]
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=300)
+    (r,) = json.loads(out.read_text())
+    assert r["engine"] == "zero" and r["avatar_fps_median"] > 5 and r["camera_fps_median"] > 5
+    assert r["server_frames_out_per_s"] > 5 and r["server_cpu_ms_per_frame_out"] > 0
+    assert r["browser_cpu_cores"] > 0 and r["page_message"] == ""
+    assert "| zero |" in table.read_text() and "The browser runs on the server's machine" in table.read_text()
+    bad = subprocess.run(
+        [sys.executable, "-m", "bench.browser", "--clip", str(tmp_path / "none.mp4")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "is not a file" in bad.stderr
