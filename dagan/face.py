@@ -214,7 +214,7 @@ class FaceBox:
         cx, cy = _fit_axis(self.cx, self.size, w), _fit_axis(self.cy, self.size, h)
         return self if (cx, cy) == (self.cx, self.cy) else FaceBox(cx, cy, self.size)
 
-    def crop(self, image: np.ndarray, out_size: int, fit: bool = True) -> np.ndarray:
+    def crop(self, image: np.ndarray, out_size: int, fit: bool = True, preshrink: bool = True) -> np.ndarray:
         """Cut the box out of an H×W×3 uint8 image and resample it to out_size×out_size.
 
         With ``fit`` (the default, what every entry point uses) the box is first moved inside the image
@@ -228,6 +228,15 @@ class FaceBox:
         first samples bilinearly to an integer multiple k of out_size that is at least the box's
         resolution (no aliasing, sub-pixel exact) and then averages k×k blocks with ``INTER_AREA`` —
         the same result as an area resize of a sub-pixel crop. Enlarging is plain bilinear.
+
+        ``preshrink`` (when the box is at least 4× the output): the box's part of the image is first
+        averaged in exact m×m blocks, m = ⌊ratio / 2⌋, and the above runs on that at ratio / m ≥ 2. A
+        face that fills a 640×480 webcam picture (a 640-px box at 128 px: k = 6) otherwise costs a
+        768×768 warp, 3 ms of the server's 35 ms per frame; pre-shrunk, about a third of that. Sub-pixel
+        exact in position, a little softer: the bilinear taps fall between block means. On real face
+        frames 0.2 levels (mean; p99 1–2) from the direct path (``preshrink=False``), 0.35 from an exact
+        area average where the direct path is 0.24; crops 50–52 dB and the bundled model's avatar frames
+        60–63 dB from the direct path's (clips d3, s18 enlarged to ratios 7–11).
         """
         image = _as_rgb_uint8(image)
         out_size = int(out_size)
@@ -235,17 +244,19 @@ class FaceBox:
             raise ValueError(f"out_size must be positive, got {out_size}")
         box = self.fit(image.shape) if fit else self
         ratio = box.size / out_size  # source pixels per output pixel
-        k = max(1, math.ceil(ratio - 1e-6))
-        inter = out_size * k
-        step = box.size / inter  # source pixels per intermediate pixel (≤ 1 when shrinking)
         x0, y0 = box.cx - box.size / 2, box.cy - box.size / 2
+        m = int(ratio // 2) if preshrink else 1
+        source, sx0, sy0 = (image, x0, y0) if m < 2 else _block_mean(image, x0, y0, box.size, m)
+        k = max(1, math.ceil(ratio / max(m, 1) - 1e-6))
+        inter = out_size * k
+        step = box.size / max(m, 1) / inter  # source pixels per intermediate pixel (≤ 1 when shrinking)
         # Inverse map (output pixel index -> source pixel index), sampling at pixel centres. Replicating
         # the border only matters within half a pixel of the edge; farther out _fill_outside replaces it.
         matrix = np.array(
-            [[step, 0.0, x0 + 0.5 * step - 0.5], [0.0, step, y0 + 0.5 * step - 0.5]], dtype=np.float64
+            [[step, 0.0, sx0 + 0.5 * step - 0.5], [0.0, step, sy0 + 0.5 * step - 0.5]], dtype=np.float64
         )
         out = cv2.warpAffine(
-            image,
+            source,
             matrix,
             (inter, inter),
             flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
@@ -267,6 +278,34 @@ class FaceBox:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FaceBox:
         return cls(cx=float(data["cx"]), cy=float(data["cy"]), size=float(data["size"]))
+
+
+def _block_mean(
+    image: np.ndarray, x0: float, y0: float, size: float, m: int
+) -> tuple[np.ndarray, float, float]:
+    """The part of ``image`` that the box [x0, x0 + size)² reads (+ m pixels for the bilinear taps),
+    averaged in m×m blocks on the image's own m-pixel grid, and the box's corner in the result's pixels.
+
+    Block j of the result covers image pixels [ox + j·m, ox + (j+1)·m), so an image point x is at
+    (x − ox) / m there: the geometry is a plain scale, which keeps the crop sub-pixel exact. A region that
+    ends at the image's edge off the grid is padded by edge replication (what the warp's
+    BORDER_REPLICATE would read there anyway) before averaging.
+    """
+    h, w = image.shape[:2]
+
+    def span(lo: float, side: int) -> tuple[int, int]:
+        start = max(0, math.floor((lo - m) / m) * m)
+        stop = min(side, math.ceil((lo + size + m) / m) * m)
+        return (start, max(stop, start + 1)) if start < side else (side - 1, side)
+
+    (ax, bx), (ay, by) = span(x0, w), span(y0, h)
+    region = image[ay:by, ax:bx]
+    pad_y, pad_x = -(by - ay) % m, -(bx - ax) % m
+    if pad_y or pad_x:
+        region = cv2.copyMakeBorder(region, 0, pad_y, 0, pad_x, cv2.BORDER_REPLICATE)
+    rh, rw = region.shape[:2]
+    small = cv2.resize(region, (rw // m, rh // m), interpolation=cv2.INTER_AREA)  # exact block means
+    return small, (x0 - ax) / m, (y0 - ay) / m
 
 
 def _fit_axis(centre: float, size: float, side: int) -> float:

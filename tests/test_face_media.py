@@ -153,6 +153,35 @@ def test_facebox_crop_identity_and_area_downscale(astronaut: np.ndarray) -> None
     assert np.array_equal(quarter, astronaut[:256, :256])
 
 
+def test_facebox_crop_preshrinks_large_boxes_exactly_in_position(astronaut: np.ndarray) -> None:
+    """A box ≥ 4× the output is averaged in m×m blocks first (the server's cost of a face that fills the
+    webcam picture): the geometry stays sub-pixel exact and the values stay those of the direct path."""
+    # A horizontal ramp: the area mean over an output pixel is the ramp at the pixel's centre, so any
+    # error of position shows as an error of value. Sub-pixel boxes, ratios 4.3–7.9, partly outside too.
+    ramp = np.broadcast_to((np.arange(1024, dtype=np.float64) * 0.24)[None, :, None], (700, 1024, 3))
+    image = np.round(ramp).astype(np.uint8)
+    for cx, cy, size, out in (
+        (500.37, 350.61, 553.3, 128),
+        (611.9, 300.2, 1011.7, 128),
+        (300.3, 300.3, 500.1, 64),
+    ):
+        box = FaceBox(cx, cy, size)
+        crop = box.crop(image, out, fit=False).astype(np.float64)
+        centres = cx - size / 2 + (np.arange(out) + 0.5) * size / out
+        inside = (centres - size / out / 2 >= 0) & (centres + size / out / 2 <= 1024)
+        rows = slice(int(out * 0.3), int(out * 0.7))  # away from the top and bottom padding
+        err = np.abs(crop[rows, inside, 0] - centres[inside] * 0.24)
+        assert err.max() <= 1.0, (box, err.max())
+    # Real pixels: the crop of the direct path, a little softer (the bilinear taps now fall between block
+    # means). The astronaut is sharper than any webcam frame: 43–46 dB here, 50–52 dB on face clips.
+    for box in (FaceBox(256.3, 250.9, 540.2), FaceBox(200.6, 300.1, 700.4), FaceBox(256.0, 256.0, 512.0)):
+        fast, direct = box.crop(astronaut, 96), box.crop(astronaut, 96, preshrink=False)
+        mse = np.mean((fast.astype(np.float64) - direct) ** 2)
+        assert 10 * np.log10(255**2 / mse) > 40, box
+    small = FaceBox(256.0, 256.0, 300.0)  # ratio < 4: the direct path, bit for bit
+    assert np.array_equal(small.crop(astronaut, 96), small.crop(astronaut, 96, preshrink=False))
+
+
 def test_facebox_crop_shifts_the_box_inside_where_it_fits(astronaut: np.ndarray) -> None:
     # Half outside on the left: the crop is the image's own left 256 columns, not padding.
     box = FaceBox(cx=0.0, cy=256.0, size=256.0)
