@@ -38,6 +38,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_cross(args: argparse.Namespace) -> int:
+    from dagan.face import DEFAULT_DETECT_EVERY
+    from dagan.smoothing import DEFAULT_PARAMS
+
     from .cross import evaluate_cross
     from .cross_report import markdown_report, write_outputs
 
@@ -53,6 +56,8 @@ def _cmd_eval_cross(args: argparse.Namespace) -> int:
         frame_stride=args.frame_stride,
         max_frames=args.max_frames,
         batch_size=args.batch_size,
+        smoothing=None if args.no_smooth else DEFAULT_PARAMS,
+        detect_every=DEFAULT_DETECT_EVERY if args.detect_every is None else args.detect_every,
         assets=args.assets,
         use_identity=not args.no_identity,
         progress=not args.quiet,
@@ -178,6 +183,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--frame-stride", type=int, default=1, help="animate and score every K-th frame")
     p.add_argument("--max-frames", type=int, help="at most N scored frames per clip (after --frame-stride)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--no-smooth",
+        action="store_true",
+        help="no One-Euro filter on the crop box and the keypoints (the server filters both by default)",
+    )
+    p.add_argument(
+        "--detect-every",
+        type=int,
+        metavar="K",
+        help="face detection on every K-th driving frame, tracking between (default: the server's, 3)",
+    )
     p.add_argument("--out", default="eval-cross-output", help="folder for cross.md/json, pairs.csv, sheets")
     p.add_argument(
         "--assets",

@@ -8,14 +8,18 @@ photo, and that is what this module does, through the deployed path:
 - the photo is cropped exactly as the server crops an upload (:func:`dagan.face.crop_source` at the
   engine's ``image_size``);
 - every driving frame goes through one :class:`dagan.face.FaceTracker` per clip with the server's
-  defaults (detection on every frame, the same smoothing and dead zone); frames before the first face are
-  not animated (the server shows the photo then), so the first frame with a face is the reference;
+  defaults (detection on every 3rd frame, the One-Euro box filter on the frame times of the clip); frames
+  before the first face are not animated (the server shows the photo then), so the first frame with a
+  face is the reference;
 - the engine (:func:`engine.create_engine`, any backend/precision) animates with relative motion and
   movement-scale adaptation, the server's default session: the reference frame is the first animated
-  frame.
+  frame, and the driving keypoints go through the session's One-Euro filter (the server's parameters,
+  the scored frames' times in the clip) before they move the photo's.
 
 The tracker sees every frame of the clip, as a server that keeps up with the camera would; ``frame_stride``
-only chooses which of those frames are animated and scored. Per pair (photo × clip × method) the scores
+only chooses which of those frames are animated and scored (the keypoint filter then sees the clip at
+fps / stride). ``smoothing=None`` turns both filters off (the protocol before 2026-12-05: a fixed box
+average, every frame detected, raw keypoints). Per pair (photo × clip × method) the scores
 are those of :func:`score_pair`; :mod:`evaluation.cross_report` writes the tables, CSV and contact sheets.
 Driver-side work (tracking, mesh, face-api expression) depends on neither photo nor model and is done once
 per clip and image size.
@@ -35,7 +39,8 @@ import cv2
 import numpy as np
 
 from dagan.errors import UserError
-from dagan.face import face_landmarks
+from dagan.face import DEFAULT_DETECT_EVERY, face_landmarks
+from dagan.smoothing import DEFAULT_PARAMS, OneEuroFilter, OneEuroParams
 
 from . import metrics as M
 from . import motion
@@ -234,6 +239,12 @@ class DriverClip:
     frame_stride: int
     crops: list[np.ndarray]
     frame_index: list[int]  # index of each used frame in the clip
+
+    @property
+    def frame_times(self) -> list[float]:
+        """Each used frame's time in the clip (s): the keypoint filter's clock."""
+        return [i / self.fps for i in self.frame_index]
+
     detected: list[bool]  # the tracker's detector found a face in that frame (else: the last box)
     landmarks: list[np.ndarray | None]
     signals: np.ndarray  # (T, 5), NaN without a face mesh
@@ -284,8 +295,12 @@ def load_clip(
     analyzer: FaceAnalyzer | None,
     frame_stride: int = 1,
     max_frames: int | None = None,
+    smoothing: OneEuroParams | None = DEFAULT_PARAMS,
+    detect_every: int = DEFAULT_DETECT_EVERY,
 ) -> DriverClip | None:
-    """Track and crop a driving clip as the server does, and analyse the used crops.
+    """Track and crop a driving clip as the server does (detection every ``detect_every`` frames, the
+    One-Euro box filter ``smoothing`` on the clip's frame times; None: the tracker's fixed average), and
+    analyse the used crops.
 
     Returns ``None`` when the tracker finds no face in any frame. An unreadable clip raises
     :class:`dagan.media.MediaError` (one line naming the file)."""
@@ -296,10 +311,11 @@ def load_clip(
     index: list[int] = []
     detected: list[bool] = []
     first: int | None = None
-    with VideoReader(path) as reader, FaceTracker(out_size=size) as tracker:
+    tracker = FaceTracker(out_size=size, detect_every=detect_every, box_filter=smoothing)
+    with VideoReader(path) as reader, tracker:
         fps = float(reader.fps)
         for i, frame in enumerate(reader):
-            box = tracker.locate(frame)
+            box = tracker.locate(frame, i / fps)
             if box is None:
                 continue  # no face yet: the server shows the photo and keeps the reference for later
             if first is None:
@@ -335,7 +351,8 @@ def load_clip(
 
 
 class EngineLike(Protocol):
-    """What :class:`EngineMethod` needs of an engine (:class:`engine.Engine`, or a test double)."""
+    """What :class:`EngineMethod` needs of an engine (:class:`engine.Engine`, or a test double). Its
+    sessions take the attributes ``kp_filter`` and ``frame_time`` (:class:`engine.base.Session`)."""
 
     image_size: int
 
@@ -346,21 +363,36 @@ class EngineLike(Protocol):
 
 @dataclass
 class EngineMethod:
-    """A model animated through an engine, in a server-default session (relative motion, adapted scale)."""
+    """A model animated through an engine, in a server-default session (relative motion, adapted scale,
+    the driving keypoints One-Euro filtered with ``smoothing``; None: raw)."""
 
     name: str
     engine: EngineLike
     checkpoint: str = ""
     batch_size: int = 8
+    smoothing: OneEuroParams | None = None
 
     @property
     def image_size(self) -> int:
         return int(self.engine.image_size)
 
-    def animate(self, photo: np.ndarray, frames: Sequence[np.ndarray]) -> Iterator[list[np.ndarray]]:
+    def animate(
+        self, photo: np.ndarray, frames: Sequence[np.ndarray], times: Sequence[float] | None = None
+    ) -> Iterator[list[np.ndarray]]:
         """Output frames in batches. The first frame goes alone, so it becomes the session's reference
-        pose before any other frame is animated, exactly as the first camera frame of a call does."""
+        pose before any other frame is animated, exactly as the first camera frame of a call does.
+
+        With ``smoothing`` the session's keypoint filter needs the frames one at a time, in order, each
+        with its time (``times``, seconds; default 30 fps): a batch of one session's frames would give
+        the filter one clock reading for all of them. Batches are then of one frame."""
         session = self.engine.new_session(photo, relative=True)
+        if self.smoothing is not None:
+            session.kp_filter = OneEuroFilter(self.smoothing)
+            times = times if times is not None else [i / 30.0 for i in range(len(frames))]
+            for frame, t in zip(frames, times, strict=True):
+                session.frame_time = t
+                yield [self.engine.animate_batch([session], [frame])[0].image]
+            return
         done = 0
         while done < len(frames):
             n = 1 if done == 0 else self.batch_size
@@ -581,7 +613,7 @@ def run_pairs(
                         avatar = photo_track(photo, len(clip))
                     else:
                         frames: list[np.ndarray] = []
-                        for batch in method.animate(photo.crop, clip.crops):
+                        for batch in method.animate(photo.crop, clip.crops, clip.frame_times):
                             frames.extend(batch)
                             bar.update(len(batch))
                         if len(frames) != len(clip):
@@ -596,6 +628,14 @@ def run_pairs(
     finally:
         bar.close()
     return run
+
+
+def every_nth(k: int) -> str:
+    """'every frame', 'every 2nd frame', 'every 3rd frame', 'every 11th frame'."""
+    if k == 1:
+        return "every frame"
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"every {k}{suffix} frame"
 
 
 def _method_names(checkpoints: Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -625,6 +665,8 @@ def evaluate_cross(
     frame_stride: int = 1,
     max_frames: int | None = None,
     batch_size: int = 8,
+    smoothing: OneEuroParams | None = DEFAULT_PARAMS,
+    detect_every: int = DEFAULT_DETECT_EVERY,
     assets: str | os.PathLike[str] | None = None,
     use_identity: bool = True,
     progress: bool = True,
@@ -635,14 +677,17 @@ def evaluate_cross(
     The main checkpoint (default: ``$DAGAN_CHECKPOINT``, then the bundled weights) is row ``dagan``; each
     ``baseline_checkpoints`` entry is a row named after its file; ``photo_copy`` (output = the photo) is
     always there. ``engines`` replaces the checkpoints by ready (name, engine, label) triples, for tests.
+    ``smoothing`` and ``detect_every`` are the server's motion settings (its defaults: the One-Euro filter
+    on the crop box and the keypoints, detection on every 3rd frame); ``smoothing=None`` turns the filters
+    off.
     Photos without a face are skipped with a warning and counted; so are clips without one. A folder
     without photos or clips, an unreadable photo or clip, or nothing left to evaluate is an error.
     """
 
     from .evaluate import _engine
 
-    if frame_stride < 1 or batch_size < 1:
-        raise CrossEvalError("--frame-stride and --batch-size must be >= 1")
+    if frame_stride < 1 or batch_size < 1 or detect_every < 1:
+        raise CrossEvalError("--frame-stride, --batch-size and --detect-every must be >= 1")
     if max_frames is not None and max_frames < 3:
         raise CrossEvalError("--max-frames must be >= 3 (gains need a few frames)")
     photo_paths, clip_paths = find_photos(photos_dir), find_clips(clips_dir)
@@ -654,14 +699,14 @@ def evaluate_cross(
     methods: list[EngineMethod | PhotoMethod] = []
     if engines is None:
         path, main = _engine(checkpoint, backend, device, precision, threads)
-        methods.append(EngineMethod("dagan", main, str(path), batch_size))
+        methods.append(EngineMethod("dagan", main, str(path), batch_size, smoothing))
         for name, ckpt in zip(_method_names(baseline_checkpoints), baseline_checkpoints, strict=True):
             bpath, eng = _engine(ckpt, backend, device, precision, threads)
-            methods.append(EngineMethod(name, eng, str(bpath), batch_size))
+            methods.append(EngineMethod(name, eng, str(bpath), batch_size, smoothing))
     else:
         if not engines:
             raise CrossEvalError("evaluate_cross needs at least one engine")
-        methods.extend(EngineMethod(n, e, label, batch_size) for n, e, label in engines)
+        methods.extend(EngineMethod(n, e, label, batch_size, smoothing) for n, e, label in engines)
     first = methods[0]
     assert isinstance(first, EngineMethod)
     main_size = first.image_size
@@ -670,7 +715,15 @@ def evaluate_cross(
 
     notes: list[str] = [
         "relative motion as the server runs it (movement-scale adaptation; the first animated frame is the "
-        "reference); photos cropped as the server crops an upload, driving frames by its FaceTracker",
+        "reference); photos cropped as the server crops an upload, driving frames by its FaceTracker "
+        f"(face detection on {every_nth(detect_every)}); "
+        + (
+            f"the crop box and the driving keypoints One-Euro filtered as the server does (min cutoff "
+            f"{smoothing.min_cutoff:g} Hz, beta {smoothing.beta:g}; the keypoint filter on the scored "
+            "frames' times in the clip)"
+            if smoothing is not None
+            else "no motion filtering (raw keypoints, the tracker's fixed box average)"
+        ),
         "gain: least-squares slope with intercept of the avatar's change since the reference frame against "
         "the driver's; r: Pearson correlation; both on frames where both have a face mesh",
     ]
@@ -703,7 +756,9 @@ def evaluate_cross(
     from tqdm import tqdm
 
     for c in tqdm(clip_paths, desc="driving clips", unit="clip", disable=not progress):
-        loaded = {s: load_clip(c, s, analyzer, frame_stride, max_frames) for s in sizes}
+        loaded = {
+            s: load_clip(c, s, analyzer, frame_stride, max_frames, smoothing, detect_every) for s in sizes
+        }
         if any(v is None or len(v) < 3 for v in loaded.values()):
             reason = "no face found in any frame" if any(v is None for v in loaded.values()) else "< 3 frames"
             _warn(f"skipping clip {c.name}: {reason}")
@@ -727,6 +782,10 @@ def evaluate_cross(
         "threads": threads,
         "frame_stride": frame_stride,
         "max_frames": max_frames,
+        "smoothing": (
+            None if smoothing is None else {"min_cutoff": smoothing.min_cutoff, "beta": smoothing.beta}
+        ),
+        "detect_every": detect_every,
         "image_size": main_size,
         "photos": [v.name for v in photos[main_size]],
         "clips": [clip_summary(c) for c in clips[main_size]],

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from . import motion
-from .cross import PAIR_KEYS, PHOTO_METHOD, DriverClip, PairRun, PhotoView
+from .cross import PAIR_KEYS, PHOTO_METHOD, DriverClip, PairRun, PhotoView, every_nth
 
 __all__ = ["contact_sheet", "markdown_report", "pairs_csv", "write_outputs"]
 
@@ -63,7 +63,9 @@ def markdown_report(result: dict[str, Any], sheets: Sequence[str] = ()) -> str:
     lines = [
         f"Cross-identity reenactment: {n_photos} photos × {n_clips} driving clips = "
         f"{n_photos * n_clips} pairs, {frames} driving frames per photo (frame stride "
-        f"{result['frame_stride']}), relative motion as the server runs it, engine "
+        f"{result['frame_stride']}), relative motion as the server runs it ("
+        + ("keypoints and crop box One-Euro filtered" if result.get("smoothing") else "no motion filtering")
+        + f", face detection on {every_nth(result.get('detect_every', 1))}), engine "
         f"{result['backend']} {result['precision']}, {result['image_size']} px.",
         "",
         head,

@@ -15,9 +15,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dagan.face import DEFAULT_DETECT_EVERY
 from dagan.options import OptionError
 from dagan.paste import parse_size
-from dagan.smoothing import OneEuroParams
+from dagan.smoothing import DEFAULT_PARAMS, OneEuroParams
 
 # The page beside the sources: only a fallback for a checkout that was never installed (``PYTHONPATH=.``).
 _SOURCE_CLIENT_DIR = Path(__file__).resolve().parent.parent / "client_web"
@@ -129,8 +130,8 @@ class ServerSettings:
     picture: str = "crop"
     # One-Euro filter on every session's crop box and driving keypoints (dagan.smoothing): min cutoff in
     # Hz (0 turns both filters off) and beta; and, > 0, the automatic neutral pose over that many seconds.
-    smooth_min_cutoff: float = 1.0
-    smooth_beta: float = 30.0
+    smooth_min_cutoff: float = DEFAULT_PARAMS.min_cutoff
+    smooth_beta: float = DEFAULT_PARAMS.beta
     auto_neutral_s: float = 0.0
     relative: bool = True
     # The browser page. None: the page shipped with the package (default_client_dir), checked only once
@@ -144,10 +145,8 @@ class ServerSettings:
     # Threads for the per-session media work: YUV→RGB, face tracking, crop, compose (0: one per core).
     media_threads: int = 0
     # Face detection on every k-th frame of a session, constant-velocity prediction in between
-    # (docs/benchmarks.md has the measurement behind the default: mediapipe's full-range detector costs
-    # ~5.5 ms of CPU a frame on the project's 2-core machine; at k=3 the box stays within 0.41 % of its
-    # side of per-frame detection on a moving face).
-    detect_every: int = 3
+    # (dagan.face.DEFAULT_DETECT_EVERY says why 3).
+    detect_every: int = DEFAULT_DETECT_EVERY
     # > 0: face detection in that many worker processes (mediapipe serialises across threads).
     detect_processes: int = 0
     # This process's name behind a load balancer: in /healthz, /metrics and the X-Dagan-Replica header.

@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
 
+from dagan.smoothing import DEFAULT_PARAMS, OneEuroFilter
 from evaluation import motion
 
 SHARED = Path(os.environ.get("DAGAN_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
@@ -128,10 +130,13 @@ def test_jitter_comparison_uses_only_the_drivers_still_stretches():
 
 def test_signals_follow_the_rendered_ground_truth(scene):
     """Mouth and eye opening and yaw measured on the tracker's crops of the rendered clip follow the values
-    the renderer was given (so a gain of 1 means the same motion, not some artefact)."""
+    the renderer was given (so a gain of 1 means the same motion, not some artefact). The tracker detects
+    on every frame here without the box filter: the crude rendered mouth reads poorly from the server's
+    predicted boxes on this 18-frame, fast-turning clip (r 0.37); on real clips the two settings give the
+    same driver signals (mouth r 0.994 on d3 and two held-out clips, yaw ≥ 0.93)."""
     from evaluation.cross import load_clip
 
-    clip = load_clip(scene["clips"] / "talk", 128, analyzer=None)
+    clip = load_clip(scene["clips"] / "talk", 128, analyzer=None, smoothing=None, detect_every=1)
     assert clip is not None and len(clip) == FRAMES and clip.lead_without_face == 0
     s = clip.signals
     assert np.isfinite(s).all()
@@ -163,15 +168,17 @@ class DrivingCopyEngine:
 
     def __init__(self) -> None:
         self.calls: list[int] = []
-        self.sessions: list[dict] = []
+        self.sessions: list[SimpleNamespace] = []
+        self.times: list[float | None] = []  # the session's frame_time at each call
 
-    def new_session(self, source_image: np.ndarray, relative: bool = False) -> dict:
+    def new_session(self, source_image: np.ndarray, relative: bool = False) -> SimpleNamespace:
         assert source_image.shape == (128, 128, 3)
-        self.sessions.append({"relative": relative})
+        self.sessions.append(SimpleNamespace(relative=relative, kp_filter=None, frame_time=None))
         return self.sessions[-1]
 
     def animate_batch(self, sessions: list, frames: list[np.ndarray]) -> list[_Result]:
         self.calls.append(len(frames))
+        self.times.append(sessions[0].frame_time)
         return [_Result(f) for f in frames]
 
 
@@ -197,6 +204,8 @@ def _pair(result: dict, method: str) -> dict:
 
 
 def test_driving_copy_has_gain_one_and_the_photo_gain_zero(fake_run):
+    from evaluation.cross_report import markdown_report
+
     result, _, fake = fake_run
     copy, photo = _pair(result, "driving_copy"), _pair(result, "photo_copy")
     assert copy["face_rate"] == 1.0 and copy["motion_frames"] == FRAMES
@@ -209,15 +218,41 @@ def test_driving_copy_has_gain_one_and_the_photo_gain_zero(fake_run):
     assert copy["expression_change_error"] == pytest.approx(0.0, abs=1e-12)
     assert copy["jitter_ratio"] == pytest.approx(1.0) and copy["still_triples"] >= 3
     assert photo["jitter_avatar"] == 0.0
-    # The server's session: relative motion, the first frame alone (it becomes the reference).
-    assert fake.sessions == [{"relative": True}] and fake.calls[0] == 1 and sum(fake.calls) == FRAMES
+    # The server's session: relative motion, the keypoints One-Euro filtered with the server's parameters,
+    # fed one frame at a time in order with each frame's time in the clip (the frame folder plays at 25).
+    (session,) = fake.sessions
+    assert session.relative and isinstance(session.kp_filter, OneEuroFilter)
+    assert session.kp_filter.params == DEFAULT_PARAMS
+    assert fake.calls == [1] * FRAMES and fake.times == pytest.approx([i / 25 for i in range(FRAMES)])
+    assert result["smoothing"] == {"min_cutoff": 1.0, "beta": 30.0} and result["detect_every"] == 3
+    text = markdown_report(result)
+    assert "relative motion as the server runs it (keypoints and crop box One-Euro filtered, face " in text
+    assert "detection on every 3rd frame)" in text
     summary = result["summary"]["driving_copy"]
     assert summary["median"]["mouth_gain"] == pytest.approx(1.0) and summary["pairs"] == 1
     driver = result["clips"][0]
-    assert driver["mouth_std"] > 0.05 and driver["still_triples"] >= 3  # the clip really talks and rests
+    # the clip really talks and rests (the rendered mouth reads ~0.04 through the server's tracker, more
+    # through per-frame detection: test_signals_follow_the_rendered_ground_truth)
+    assert driver["mouth_std"] > 0.03 and driver["still_triples"] >= 3
 
 
 @pytest.mark.skipif(_assets() is None, reason="face-api assets absent: run `dagan fetch-eval-assets`")
+def test_unfiltered_sessions_animate_in_batches_after_the_reference_frame():
+    """Without the keypoint filter (``--no-smooth``) frames go in batches, the first one alone: it becomes
+    the session's reference pose before any other frame is animated."""
+    from evaluation.cross import EngineMethod
+
+    fake = DrivingCopyEngine()
+    frames = [np.full((128, 128, 3), i, np.uint8) for i in range(10)]
+    method = EngineMethod("copy", fake, batch_size=4, smoothing=None)
+    out = [f for batch in method.animate(frames[0], frames) for f in batch]
+    assert fake.calls == [1, 4, 4, 1] and [int(f[0, 0, 0]) for f in out] == list(range(10))
+    assert fake.sessions[0].kp_filter is None
+    filtered = EngineMethod("copy", DrivingCopyEngine(), smoothing=DEFAULT_PARAMS)
+    with pytest.raises(ValueError):  # a time for every frame, or none
+        list(filtered.animate(frames[0], frames, times=[0.0, 0.1]))
+
+
 def test_identity_is_the_photos_not_the_drivers(fake_run):
     result, _, _ = fake_run
     copy, photo = _pair(result, "driving_copy"), _pair(result, "photo_copy")
