@@ -10,7 +10,7 @@ the server. This harness measures that call end to end, on the page.
 Steps, top to bottom in :func:`run`:
 
 1. **Camera**: the first ``--camera-seconds`` of a real clip (``--clip``, default the held-out clip d3
-   of ``../shared/data/real-faces``; a moved photo where that is missing), letterboxed to 640×480 — what
+   of :data:`bench.paths.REAL_FACES`; a moved photo where that is missing), letterboxed to 640×480 — what
    the page asks ``getUserMedia`` for — written as the raw .y4m that Chromium's fake capture device
    plays in a loop (:func:`write_camera`).
 2. **Server**: the same child process as the server sweep (:func:`bench.server.server_process`): the

@@ -18,11 +18,11 @@ photo, and that is what this module does, through the deployed path:
 
 The tracker sees every frame of the clip, as a server that keeps up with the camera would; ``frame_stride``
 only chooses which of those frames are animated and scored (the keypoint filter then sees the clip at
-fps / stride). ``smoothing=None`` turns both filters off (the protocol before 2026-12-05: a fixed box
-average, every frame detected, raw keypoints). Per pair (photo × clip × method) the scores
-are those of :func:`score_pair`; :mod:`evaluation.cross_report` writes the tables, CSV and contact sheets.
-Driver-side work (tracking, mesh, face-api expression) depends on neither photo nor model and is done once
-per clip and image size.
+fps / stride). ``smoothing=None`` turns both filters off; with ``detect_every=1`` too it is the protocol
+before 2026-12-05 (the tracker's fixed box average, every frame detected, raw keypoints). Per pair
+(photo × clip × method) the scores are those of :func:`score_pair`; :mod:`evaluation.cross_report`
+writes the tables, CSV and contact sheets. Driver-side work (tracking, mesh, face-api expression)
+depends on neither photo nor model and is done once per clip and image size.
 """
 
 from __future__ import annotations
@@ -239,12 +239,6 @@ class DriverClip:
     frame_stride: int
     crops: list[np.ndarray]
     frame_index: list[int]  # index of each used frame in the clip
-
-    @property
-    def frame_times(self) -> list[float]:
-        """Each used frame's time in the clip (s): the keypoint filter's clock."""
-        return [i / self.fps for i in self.frame_index]
-
     detected: list[bool]  # the tracker's detector found a face in that frame (else: the last box)
     landmarks: list[np.ndarray | None]
     signals: np.ndarray  # (T, 5), NaN without a face mesh
@@ -254,6 +248,11 @@ class DriverClip:
 
     def __len__(self) -> int:
         return len(self.crops)
+
+    @property
+    def frame_times(self) -> list[float]:
+        """Each used frame's time in the clip (s): the keypoint filter's clock."""
+        return [i / self.fps for i in self.frame_index]
 
     @property
     def still_threshold(self) -> float:
