@@ -14,7 +14,9 @@ Steps, top to bottom in :func:`run`:
    the page asks ``getUserMedia`` for — written as the raw .y4m that Chromium's fake capture device
    plays in a loop (:func:`write_camera`).
 2. **Server**: the same child process as the server sweep (:func:`bench.server.server_process`): the
-   real app and the engine ``dagan serve`` would pick here, its own ``DAGAN_*`` variables.
+   real app and the engine ``dagan serve`` would pick here, its own ``DAGAN_*`` variables. Or, with
+   ``--url``, a server that is already running (``bash scripts/serve.sh``, a container, a replica set:
+   ``--token`` for one with an access token); its CPU is then read only where ``--server-pid`` names it.
 3. **Page**: Chromium (``--chromium``, Debian's package; never downloaded) opens the page, the photo
    (``--photo``) goes through the page's file input, Start, and the harness waits for the avatar to play.
 4. **Window**: after ``--warmup`` seconds, once per second for ``--seconds``, the avatar ``<video>``'s
@@ -152,6 +154,14 @@ def chromium_cpu_s() -> float:
     return total
 
 
+def _server_cpu_s(pid: int | None) -> float | None:
+    """CPU seconds of the server process and its children; None where it is not known (``--url``
+    without ``--server-pid``) or not readable here (another machine or container)."""
+    if pid is None or not Path(f"/proc/{pid}/stat").exists():
+        return None
+    return _proc_cpu_s(pid)
+
+
 # ------------------------------------------------------------------------------------------- summary
 
 _FPS_RE = re.compile(r"fps:\s*([0-9.]+)")
@@ -174,7 +184,8 @@ def summarise(
     metrics: tuple[dict[str, float], dict[str, float]],
 ) -> dict[str, Any]:
     """The window's figures from the per-second page samples, the CPU seconds spent in it
-    (``server``, ``browser``, ``seconds``) and the server's /metrics at its two ends."""
+    (``server`` — None where unknown —, ``browser``, ``seconds``) and the server's /metrics at its two
+    ends."""
     if len(samples) < 2:
         raise RuntimeError("fewer than two samples of the page: nothing to measure")
     avatar = window_rates(samples, "avatar")
@@ -187,7 +198,9 @@ def summarise(
     rtts = [float(m.group(1)) for s in samples if (m := _RTT_RE.search(s["stats"]))]
     seconds = cpu["seconds"]
     stages = stage_table(before, after, frames_out)
-    per_frame = 1000 * cpu["server"] / frames_out if frames_out else float("nan")
+    server = cpu["server"]
+    per_frame = 1000 * server / frames_out if frames_out and server is not None else None
+    staged = sum(v["cpu_ms_per_frame_out"] for v in stages.values())
     return {
         "avatar_fps_median": statistics.median(avatar),
         "avatar_fps_min": min(avatar),
@@ -197,11 +210,11 @@ def summarise(
         "round_trip_ms_median": statistics.median(rtts) if rtts else None,
         "server_frames_in_per_s": frames_in / seconds,
         "server_frames_out_per_s": frames_out / seconds,
-        "server_cpu_cores": cpu["server"] / seconds,
+        "server_cpu_cores": None if server is None else server / seconds,
         "browser_cpu_cores": cpu["browser"] / seconds,
         "server_cpu_ms_per_frame_out": per_frame,
         "stages": stages,  # thread CPU / wall ms per call and CPU ms per avatar frame, from /metrics
-        "other_cpu_ms_per_frame_out": per_frame - sum(v["cpu_ms_per_frame_out"] for v in stages.values()),
+        "other_cpu_ms_per_frame_out": None if per_frame is None else per_frame - staged,
         "page_message": samples[-1]["message"],
         "last_stats": samples[-1]["stats"],
     }
@@ -221,8 +234,12 @@ def run(
     env: dict[str, str] | None = None,
     start_timeout_s: float = 900.0,
     progress: Any = print,
+    url: str | None = None,
+    token: str | None = None,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
-    """Steps 1–5 of the module doc; the report's data."""
+    """Steps 1–5 of the module doc; the report's data. ``url``: measure the server there instead of
+    starting one (``engine`` is then only the report's label)."""
     from playwright.sync_api import sync_playwright
 
     if not chromium.exists():
@@ -238,15 +255,24 @@ def run(
             cv2.imwrite(str(photo), cv2.cvtColor(face_photo(), cv2.COLOR_RGB2BGR))
         import httpx
 
-        with server_process(engine, 2, env or {}, start_timeout_s) as (proc, port):  # 2. server
-            base = f"http://127.0.0.1:{port}"
-            progress(f"[{engine}] server on {base}; engine: {proc.engine_choice}")
+        with contextlib.ExitStack() as stack:
+            if url is None:  # 2. server
+                proc, port = stack.enter_context(server_process(engine, 2, env or {}, start_timeout_s))
+                base, pid, choice = f"http://127.0.0.1:{port}", proc.pid, proc.engine_choice
+            else:
+                base, pid = url.rstrip("/"), server_pid
+                with httpx.Client(timeout=10) as probe:
+                    health = probe.get(base + "/healthz").raise_for_status().json()
+                choice = {"backend": health.get("backend", "?"), "device": health.get("device", "?")}
+            progress(f"[{engine}] server on {base}; engine: {choice}")
             flags = [*CHROMIUM_FLAGS, f"--use-file-for-fake-video-capture={y4m}"]
-            with sync_playwright() as pw, httpx.Client(base_url=base, timeout=30) as http:
+            auth = {"Authorization": f"Bearer {token}"} if token else {}
+            http = stack.enter_context(httpx.Client(base_url=base, timeout=30, headers=auth))
+            with sync_playwright() as pw:
                 browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=flags)
                 try:
                     page = browser.new_context(bypass_csp=True).new_page()  # 3. page
-                    page.goto(base + "/")
+                    page.goto(base + (f"/#token={token}" if token else "/"))
                     # the sample photo loads by itself and enables Start; the chosen photo replaces it
                     # (Start is disabled while the server checks it, from the change event on)
                     page.wait_for_function("!document.getElementById('start').disabled", timeout=60_000)
@@ -257,22 +283,24 @@ def run(
                     time.sleep(warmup)
                     samples = []  # 4. window
                     m0 = parse_metrics(http.get("/metrics").text)
-                    s0, b0, t0 = _proc_cpu_s(proc.pid), chromium_cpu_s(), time.monotonic()
+                    s0, b0, t0 = _server_cpu_s(pid), chromium_cpu_s(), time.monotonic()
                     for k in range(int(seconds) + 1):
                         samples.append(page.evaluate(SAMPLE))
                         if k < int(seconds):
                             time.sleep(max(0.0, t0 + k + 1 - time.monotonic()))
                     t1 = time.monotonic()
-                    s1, b1 = _proc_cpu_s(proc.pid), chromium_cpu_s()
+                    s1, b1 = _server_cpu_s(pid), chromium_cpu_s()
                     m1 = parse_metrics(http.get("/metrics").text)
                     page.click("#stop")
                 finally:
                     browser.close()
-    cpu = {"server": s1 - s0, "browser": b1 - b0, "seconds": t1 - t0}
+    server = None if s0 is None or s1 is None else s1 - s0
+    cpu = {"server": server, "browser": b1 - b0, "seconds": t1 - t0}
     result = summarise(samples, cpu, (m0, m1))  # 5. report
     result.update(
         engine=engine,
-        engine_choice=getattr(proc, "engine_choice", {}),
+        url=url,
+        engine_choice=choice,
         camera=camera_text,
         photo=photo.name,
         seconds=seconds,
@@ -299,9 +327,12 @@ def markdown(results: list[dict[str, Any]]) -> str:
     ]
     for r in results:
         choice = r["engine_choice"]
-        name = r["engine"] if r["engine"] == "zero" else f"{r['engine']} ({choice.get('backend', '?')} "
-        if r["engine"] != "zero":
-            name += f"{choice.get('precision', '?')})"
+        if r.get("url"):
+            name = f"{r['url']} ({choice.get('backend', '?')}, {choice.get('device', '?')})"
+        elif r["engine"] == "zero":
+            name = "zero"
+        else:
+            name = f"{r['engine']} ({choice.get('backend', '?')} {choice.get('precision', '?')})"
         lines.append(
             f"| {name} | {_f(r['avatar_fps_median'])}, {_f(r['avatar_fps_min'])} | "
             f"{_f(r['camera_fps_median'])} | {_f(r['server_frames_in_per_s'])} / "
@@ -322,8 +353,14 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "",
         f"Camera: {first['camera']}; photo {first['photo']}; {first['seconds']:g} s measured after "
         f"{first['warmup_s']:g} s; {first['machine']['cpu']}, {first['cores']} cores; {first['date']}, "
-        f"load average before {first['load_avg_before']}, after {results[-1]['load_avg_after']}. The "
-        "browser runs on the server's machine.",
+        f"load average before {first['load_avg_before']}, after {results[-1]['load_avg_after']}. "
+        + (
+            f"The server at {first['url']}"
+            + ("" if first["server_cpu_cores"] is not None else " (its CPU not read: no --server-pid)")
+            + "; the browser on this machine."
+            if first.get("url")
+            else "The browser runs on the server's machine."
+        ),
     ]
     return "\n".join(lines)
 
@@ -332,7 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.browser", description=__doc__.split("\n\n")[0].replace("``", "")
     )
-    p.add_argument("--engine", default="bundled", help="comma list of zero, bundled (default %(default)s)")
+    p.add_argument("--engine", help="comma list of zero, bundled (default bundled)")
+    p.add_argument(
+        "--url",
+        help="measure the server already running there (e.g. http://127.0.0.1:8000 from scripts/serve.sh) "
+        "instead of starting one",
+    )
+    p.add_argument("--token", help="with --url: the server's access token, if it has one")
+    p.add_argument("--server-pid", type=int, help="with --url: the server's process id, to read its CPU")
     p.add_argument(
         "--clip",
         help=f"the webcam's video (default {DEFAULT_CLIP} where it exists, else a photo moved per frame)",
@@ -355,9 +399,14 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{flag}: {getattr(a, flag)} is not a file")
     clip = Path(a.clip) if a.clip else (DEFAULT_CLIP if DEFAULT_CLIP.is_file() else None)
     photo = Path(a.photo) if a.photo else (DEFAULT_PHOTO if DEFAULT_PHOTO.is_file() else None)
+    if a.url and a.engine:
+        p.error("--url measures the server that runs there: --engine does not apply")
+    if (a.token or a.server_pid) and not a.url:
+        p.error("--token and --server-pid go with --url")
+    engines = ["server"] if a.url else [e.strip() for e in (a.engine or "bundled").split(",") if e.strip()]
     results = []
-    for engine in [e.strip() for e in a.engine.split(",") if e.strip()]:
-        if engine not in ("zero", "bundled"):
+    for engine in engines:
+        if not a.url and engine not in ("zero", "bundled"):
             p.error(f"--engine: {engine!r} is not zero or bundled")
         r = run(
             engine,
@@ -369,10 +418,13 @@ def main(argv: list[str] | None = None) -> int:
             Path(a.chromium),
             start_timeout_s=a.start_timeout_s,
             progress=lambda line: print(line, file=sys.stderr, flush=True),
+            url=a.url,
+            token=a.token,
+            server_pid=a.server_pid,
         )
         print(
             f"[{engine}] avatar {r['avatar_fps_median']:.1f} fps shown (min {r['avatar_fps_min']:.1f}), "
-            f"camera {r['camera_fps_median']:.1f}, server {r['server_cpu_cores']:.2f} cores, browser "
+            f"camera {r['camera_fps_median']:.1f}, server {_f(r['server_cpu_cores'], 2)} cores, browser "
             f"{r['browser_cpu_cores']:.2f} cores",
             file=sys.stderr,
             flush=True,

@@ -234,8 +234,21 @@ def test_browser_bench_end_to_end(tmp_path):
     assert r["server_frames_out_per_s"] > 5 and r["server_cpu_ms_per_frame_out"] > 0
     assert r["browser_cpu_cores"] > 0 and r["page_message"] == ""
     assert "| zero |" in table.read_text() and "The browser runs on the server's machine" in table.read_text()
-    bad = subprocess.run(
-        [sys.executable, "-m", "bench.browser", "--clip", str(tmp_path / "none.mp4")],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert bad.returncode == 2 and "is not a file" in bad.stderr
+    for args, why in (
+        (["--clip", str(tmp_path / "none.mp4")], "is not a file"),
+        (["--url", "http://127.0.0.1:9", "--engine", "zero"], "--engine does not apply"),
+        (["--token", "t"], "go with --url"),
+    ):
+        cmd = [sys.executable, "-m", "bench.browser", *args]
+        bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and why in bad.stderr, (args, bad.stderr)
+
+    # --url: a server that is already running (here the sweep's child process, as scripts/serve.sh would
+    # be), measured in the page; its CPU is read where its pid is given.
+    with sb.server_process("zero", 2, {}, 120) as (proc, port):
+        url = f"http://127.0.0.1:{port}"
+        runs = [bb.run("server", None, None, 2, 1, 1, url=url, server_pid=pid) for pid in (proc.pid, None)]
+    assert all(r["avatar_fps_median"] > 5 and r["engine_choice"]["backend"] == "zero" for r in runs), runs
+    assert runs[0]["server_cpu_ms_per_frame_out"] > 0 and runs[1]["server_cpu_ms_per_frame_out"] is None
+    text = bb.markdown(runs[1:])
+    assert f"| {url} (zero, cpu) |" in text and "its CPU not read" in text
