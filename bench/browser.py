@@ -154,6 +154,28 @@ def chromium_cpu_s() -> float:
     return total
 
 
+PAGE_ERROR = (
+    "(() => { const m = document.getElementById('message');"
+    " return !m.hidden && m.classList.contains('error'); })()"
+)
+
+
+def _wait(page: Any, condition: str, seconds: float, what: str) -> None:
+    """Wait for a JavaScript condition on the page, or for the page to show an error (an access token
+    missing, a photo without a face...); either that or ``seconds`` passing is one error that says what
+    did not happen and what the page says."""
+    from playwright.sync_api import TimeoutError as PageTimeout
+
+    try:
+        page.wait_for_function(f"({condition}) || {PAGE_ERROR}", timeout=seconds * 1000)
+        failed = page.evaluate(PAGE_ERROR)
+    except PageTimeout:
+        failed = True
+    if failed:
+        message = page.evaluate(SAMPLE)["message"] or "nothing"
+        raise RuntimeError(f"{what}; the page says: {message}")
+
+
 def _server_cpu_s(pid: int | None) -> float | None:
     """CPU seconds of the server process and its children; None where it is not known (``--url``
     without ``--server-pid``) or not readable here (another machine or container)."""
@@ -275,14 +297,15 @@ def run(
                     page.goto(base + (f"/#token={token}" if token else "/"))
                     # the sample photo loads by itself and enables Start; the chosen photo replaces it
                     # (Start is disabled while the server checks it, from the change event on)
-                    page.wait_for_function("!document.getElementById('start').disabled", timeout=60_000)
+                    ready = "!document.getElementById('start').disabled"
+                    _wait(page, ready, 60, "the page did not get ready within 60 s")
                     page.set_input_files("#file", str(photo))
-                    page.wait_for_function("!document.getElementById('start').disabled", timeout=60_000)
+                    _wait(page, ready, 60, f"the photo {photo.name} was not taken")
                     page.click("#start")
-                    page.wait_for_function(PLAYING, timeout=120_000)
+                    _wait(page, PLAYING, 120, "the avatar did not play within 120 s")
                     time.sleep(warmup)
                     samples = []  # 4. window
-                    m0 = parse_metrics(http.get("/metrics").text)
+                    m0 = parse_metrics(http.get("/metrics").raise_for_status().text)
                     s0, b0, t0 = _server_cpu_s(pid), chromium_cpu_s(), time.monotonic()
                     for k in range(int(seconds) + 1):
                         samples.append(page.evaluate(SAMPLE))
@@ -290,7 +313,7 @@ def run(
                             time.sleep(max(0.0, t0 + k + 1 - time.monotonic()))
                     t1 = time.monotonic()
                     s1, b1 = _server_cpu_s(pid), chromium_cpu_s()
-                    m1 = parse_metrics(http.get("/metrics").text)
+                    m1 = parse_metrics(http.get("/metrics").raise_for_status().text)
                     page.click("#stop")
                 finally:
                     browser.close()
@@ -404,24 +427,30 @@ def main(argv: list[str] | None = None) -> int:
     if (a.token or a.server_pid) and not a.url:
         p.error("--token and --server-pid go with --url")
     engines = ["server"] if a.url else [e.strip() for e in (a.engine or "bundled").split(",") if e.strip()]
+    import httpx
+
     results = []
     for engine in engines:
         if not a.url and engine not in ("zero", "bundled"):
             p.error(f"--engine: {engine!r} is not zero or bundled")
-        r = run(
-            engine,
-            clip,
-            photo,
-            a.seconds,
-            a.warmup,
-            a.camera_seconds,
-            Path(a.chromium),
-            start_timeout_s=a.start_timeout_s,
-            progress=lambda line: print(line, file=sys.stderr, flush=True),
-            url=a.url,
-            token=a.token,
-            server_pid=a.server_pid,
-        )
+        try:
+            r = run(
+                engine,
+                clip,
+                photo,
+                a.seconds,
+                a.warmup,
+                a.camera_seconds,
+                Path(a.chromium),
+                start_timeout_s=a.start_timeout_s,
+                progress=lambda line: print(line, file=sys.stderr, flush=True),
+                url=a.url,
+                token=a.token,
+                server_pid=a.server_pid,
+            )
+        except (RuntimeError, FileNotFoundError, httpx.HTTPError) as err:
+            print(f"python -m bench.browser: error: {err}", file=sys.stderr)
+            return 1
         print(
             f"[{engine}] avatar {r['avatar_fps_median']:.1f} fps shown (min {r['avatar_fps_min']:.1f}), "
             f"camera {r['camera_fps_median']:.1f}, server {_f(r['server_cpu_cores'], 2)} cores, browser "

@@ -234,20 +234,27 @@ def test_browser_bench_end_to_end(tmp_path):
     assert r["server_frames_out_per_s"] > 5 and r["server_cpu_ms_per_frame_out"] > 0
     assert r["browser_cpu_cores"] > 0 and r["page_message"] == ""
     assert "| zero |" in table.read_text() and "The browser runs on the server's machine" in table.read_text()
-    for args, why in (
-        (["--clip", str(tmp_path / "none.mp4")], "is not a file"),
-        (["--url", "http://127.0.0.1:9", "--engine", "zero"], "--engine does not apply"),
-        (["--token", "t"], "go with --url"),
+    for args, code, why in (
+        (["--clip", str(tmp_path / "none.mp4")], 2, "is not a file"),
+        (["--url", "http://127.0.0.1:9", "--engine", "zero"], 2, "--engine does not apply"),
+        (["--token", "t"], 2, "go with --url"),
+        (["--url", "http://127.0.0.1:9", "--camera-seconds", "0.2"], 1, "error:"),  # nothing listens
     ):
         cmd = [sys.executable, "-m", "bench.browser", *args]
         bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert bad.returncode == 2 and why in bad.stderr, (args, bad.stderr)
+        assert bad.returncode == code and why in bad.stderr, (args, bad.stderr)
+        assert "Traceback" not in bad.stderr
 
     # --url: a server that is already running (here the sweep's child process, as scripts/serve.sh would
     # be), measured in the page; its CPU is read where its pid is given.
+    wall = tmp_path / "wall.png"
+    cv2.imwrite(str(wall), np.full((200, 200, 3), 120, np.uint8))
     with sb.server_process("zero", 2, {}, 120) as (proc, port):
         url = f"http://127.0.0.1:{port}"
         runs = [bb.run("server", None, None, 2, 1, 1, url=url, server_pid=pid) for pid in (proc.pid, None)]
+        # A photo without a face: the page refuses it, and the harness says so at once.
+        with pytest.raises(RuntimeError, match=r"photo wall\.png was not taken; the page says: .*face"):
+            bb.run("server", None, wall, 2, 1, 1, url=url)
     assert all(r["avatar_fps_median"] > 5 and r["engine_choice"]["backend"] == "zero" for r in runs), runs
     assert runs[0]["server_cpu_ms_per_frame_out"] > 0 and runs[1]["server_cpu_ms_per_frame_out"] is None
     text = bb.markdown(runs[1:])
