@@ -44,6 +44,10 @@ def _cmd_eval_cross(args: argparse.Namespace) -> int:
     from .cross import evaluate_cross
     from .cross_report import markdown_report, write_outputs
 
+    if args.self_reenact == bool(args.photos):
+        from .cross import CrossEvalError
+
+        raise CrossEvalError("eval-cross needs --photos DIR, or --self (each clip drives its own photo)")
     result, run = evaluate_cross(
         args.photos,
         args.clips,
@@ -61,6 +65,7 @@ def _cmd_eval_cross(args: argparse.Namespace) -> int:
         assets=args.assets,
         use_identity=not args.no_identity,
         progress=not args.quiet,
+        self_reenact=args.self_reenact,
     )
     written = write_outputs(result, run, args.out)
     sheets = [p.name for k, p in written.items() if k.startswith("sheet-")]
@@ -153,7 +158,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "eval-cross",
         help="cross-identity reenactment: every photo × every driving clip, motion gains, identity, jitter",
     )
-    p.add_argument("--photos", required=True, help="folder of source photos (jpg/png/...)")
+    p.add_argument("--photos", help="folder of source photos (jpg/png/...); or --self")
+    p.add_argument(
+        "--self",
+        dest="self_reenact",
+        action="store_true",
+        help="self-reenactment instead: each clip drives its own first frame, the same measures (what the "
+        "generator makes of a motion, apart from carrying it to another face)",
+    )
     p.add_argument(
         "--clips",
         required=True,

@@ -210,16 +210,24 @@ def _identity(
 def load_photo(path: Path, size: int, analyzer: FaceAnalyzer | None, detector: Any = None) -> PhotoView:
     """Crop a photo as the server does and analyse the crop. Raises :class:`dagan.face.NoFaceError` when
     the detector finds no face, or mediapipe no face mesh in the crop (nothing could be scored)."""
-    from dagan.face import NoFaceError, crop_source
+    from dagan.face import crop_source
     from dagan.media import load_image
 
     crop, _ = crop_source(load_image(path), out_size=size, detector=detector)
+    return photo_view(path.stem, crop, analyzer)
+
+
+def photo_view(name: str, crop: np.ndarray, analyzer: FaceAnalyzer | None) -> PhotoView:
+    """Analyse a ready crop as a source photo (:func:`load_photo`'s second half; ``--self`` gives it a
+    clip's first crop). Raises :class:`dagan.face.NoFaceError` without a face mesh in it."""
+    from dagan.face import NoFaceError
+
     lm = measure_landmarks(crop)
     if lm is None:
-        raise NoFaceError(f"mediapipe finds no face mesh in the {size}×{size} crop")
+        raise NoFaceError(f"mediapipe finds no face mesh in the {crop.shape[0]}×{crop.shape[1]} crop")
     emb, exp = _identity(analyzer, [crop], [lm])
     return PhotoView(
-        name=path.stem,
+        name=name,
         crop=crop,
         landmarks=lm,
         signals=motion.frame_signals(lm, crop.shape[:2]),
@@ -586,8 +594,10 @@ def run_pairs(
     clips: dict[int, list[DriverClip]],
     analyzer: FaceAnalyzer | None,
     progress: bool = True,
+    own_clip_only: bool = False,
 ) -> PairRun:
-    """Animate and score every photo × clip pair with every method.
+    """Animate and score every photo × clip pair with every method (``own_clip_only``: only the pairs
+    of a photo and the clip of the same name, self-reenactment).
 
     ``photos``/``clips`` are keyed by image size (a baseline checkpoint of another size gets its own
     crops; the photo baseline uses the first engine's size, or its own ``image_size``). The bar counts
@@ -595,10 +605,17 @@ def run_pairs(
     from tqdm import tqdm
 
     run = PairRun(photos=photos, clips=clips)
+
+    def paired(photo: PhotoView, clip: DriverClip) -> bool:
+        return not own_clip_only or photo.name == clip.name
+
     total = sum(
-        len(photos[m.image_size]) * sum(len(c) for c in clips[m.image_size])
+        len(c)
         for m in methods
         if isinstance(m, EngineMethod)
+        for p in photos[m.image_size]
+        for c in clips[m.image_size]
+        if paired(p, c)
     )
     bar = tqdm(total=total, desc="eval-cross", unit="frame", disable=not progress)
     try:
@@ -606,7 +623,7 @@ def run_pairs(
             size = method.image_size
             tiles = run.sheet.setdefault(method.name, {})
             for photo in photos[size]:
-                for clip in clips[size]:
+                for clip in (c for c in clips[size] if paired(photo, c)):
                     bar.set_postfix_str(f"{method.name}: {photo.name} × {clip.name}", refresh=False)
                     if isinstance(method, PhotoMethod):
                         avatar = photo_track(photo, len(clip))
@@ -652,7 +669,7 @@ def _method_names(checkpoints: Sequence[str | os.PathLike[str]]) -> list[str]:
 
 
 def evaluate_cross(
-    photos_dir: str | os.PathLike[str],
+    photos_dir: str | os.PathLike[str] | None,
     clips_dir: str | os.PathLike[str],
     checkpoint: str | os.PathLike[str] | None = None,
     *,
@@ -670,6 +687,7 @@ def evaluate_cross(
     use_identity: bool = True,
     progress: bool = True,
     engines: Sequence[tuple[str, EngineLike, str]] | None = None,
+    self_reenact: bool = False,
 ) -> tuple[dict[str, Any], PairRun]:
     """Run the cross-identity protocol; returns (JSON-ready result, the run with its sheet tiles).
 
@@ -678,7 +696,10 @@ def evaluate_cross(
     always there. ``engines`` replaces the checkpoints by ready (name, engine, label) triples, for tests.
     ``smoothing`` and ``detect_every`` are the server's motion settings (its defaults: the One-Euro filter
     on the crop box and the keypoints, detection on every 3rd frame); ``smoothing=None`` turns the filters
-    off.
+    off. ``self_reenact`` (``--self``, no ``photos_dir``): each clip drives its own first scored crop,
+    the same measures on self-reenactment: the reference is then the photo itself, so the motion moved is
+    the driver's own and what is scored is what the generator makes of it (mouth and eyes it cannot
+    open or close there, it cannot for another face either).
     Photos without a face are skipped with a warning and counted; so are clips without one. A folder
     without photos or clips, an unreadable photo or clip, or nothing left to evaluate is an error.
     """
@@ -689,7 +710,10 @@ def evaluate_cross(
         raise CrossEvalError("--frame-stride, --batch-size and --detect-every must be >= 1")
     if max_frames is not None and max_frames < 3:
         raise CrossEvalError("--max-frames must be >= 3 (gains need a few frames)")
-    photo_paths, clip_paths = find_photos(photos_dir), find_clips(clips_dir)
+    if self_reenact == (photos_dir is not None):
+        raise CrossEvalError("give a photos folder, or --self (each clip drives its own first frame)")
+    photo_paths = [] if photos_dir is None else find_photos(photos_dir)
+    clip_paths = find_clips(clips_dir)
     from dagan.media import VideoReader
 
     for c in clip_paths:  # fail on an unreadable clip now, not after minutes of work
@@ -745,7 +769,7 @@ def evaluate_cross(
                 continue
             for s, view in views.items():
                 photos[s].append(view)
-    if not photos[sizes[0]]:
+    if not photos[sizes[0]] and not self_reenact:
         raise CrossEvalError(
             f"no photo in {photos_dir} has a face that can be used ({len(photo_paths)} tried)"
         )
@@ -769,11 +793,29 @@ def evaluate_cross(
     if not clips[sizes[0]]:
         raise CrossEvalError(f"no clip in {clips_dir} has a face to drive with ({len(clip_paths)} tried)")
 
-    run = run_pairs(methods, photos, clips, analyzer, progress=progress)
+    if self_reenact:  # each clip's own first scored crop is its photo
+        for i, clip in enumerate(clips[sizes[0]]):
+            try:
+                views = {s: photo_view(clip.name, clips[s][i].crops[0], analyzer) for s in sizes}
+            except NoFaceError as exc:
+                _warn(f"skipping clip {clip.name} as its own photo: {exc}")
+                skipped_photos.append({"photo": clip.name, "reason": str(exc)})
+                continue
+            for s, view in views.items():
+                photos[s].append(view)
+        if not photos[sizes[0]]:
+            raise CrossEvalError(f"no clip in {clips_dir} has a first frame with a face mesh")
+
+    run = run_pairs(methods, photos, clips, analyzer, progress=progress, own_clip_only=self_reenact)
     names = [m.name for m in methods]
     result: dict[str, Any] = {
-        "protocol": "cross-identity, relative motion (server default)",
-        "photos_dir": str(photos_dir),
+        "protocol": (
+            "self-reenactment: each clip drives its own first frame, relative motion (server default)"
+            if self_reenact
+            else "cross-identity, relative motion (server default)"
+        ),
+        "self_reenact": self_reenact,
+        "photos_dir": None if photos_dir is None else str(photos_dir),
         "clips_dir": str(clips_dir),
         "methods": {m.name: m.checkpoint or "output = the photo crop" for m in methods},
         "backend": str(getattr(first.engine, "backend", backend)),

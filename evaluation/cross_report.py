@@ -60,10 +60,17 @@ def markdown_report(result: dict[str, Any], sheets: Sequence[str] = ()) -> str:
         + " | jitter avatar / driver | jitter ratio ↓ |"
     )
     ncols = 2 + len(motion.SIGNALS) + len(_SINGLE) + 2
+    if result.get("self_reenact"):
+        clips_text = f"{n_clips} driving clip" + ("s" if n_clips != 1 else "")
+        what = f"Self-reenactment: {clips_text}, each driving its own first frame, {frames} "
+        what += "driving frames in all (frame stride "
+    else:
+        pairs = n_photos * n_clips
+        what = f"Cross-identity reenactment: {n_photos} photos × {n_clips} driving clips = {pairs} pairs, "
+        what += f"{frames} driving frames per photo (frame stride "
     lines = [
-        f"Cross-identity reenactment: {n_photos} photos × {n_clips} driving clips = "
-        f"{n_photos * n_clips} pairs, {frames} driving frames per photo (frame stride "
-        f"{result['frame_stride']}), relative motion as the server runs it ("
+        what
+        + f"{result['frame_stride']}), relative motion as the server runs it ("
         + ("keypoints and crop box One-Euro filtered" if result.get("smoothing") else "no motion filtering")
         + f", face detection on {every_nth(result.get('detect_every', 1))}), engine "
         f"{result['backend']} {result['precision']}, {result['image_size']} px.",
@@ -164,11 +171,14 @@ def contact_sheet(
 
     driver_cells = []
     for clip in clips:
-        moments = tiles.get((photos[0].name, clip.name), [])
-        driver_cells.append([_label(clip.crops[t], f"{clip.name} {lab}") for t, lab, _ in moments])
+        moments = clip.moments()
+        driver_cells.append([_label(clip.crops[t], f"{clip.name} {lab}") for t, lab in moments])
     rows = [row(_label(blank, "driver"), driver_cells)]
-    for photo in photos:
-        cells = [[img for _, _, img in tiles.get((photo.name, c.name), [])] for c in clips]
+    for photo in photos:  # a pair that was not animated (``--self``: another clip's photo) stays blank
+        cells = [
+            [img for _, _, img in tiles.get((photo.name, c.name), [])] or [blank] * len(c.moments())
+            for c in clips
+        ]
         rows.append(row(_label(photo.crop, photo.name), cells))
     gap_row = np.full((gap, rows[0].shape[1], 3), 255, np.uint8)
     return np.concatenate([rows[0], gap_row, *rows[1:]], axis=0)

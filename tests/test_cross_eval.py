@@ -333,6 +333,55 @@ def test_command_end_to_end_on_the_tiny_model(scene, tiny_ckpt, tmp_path, capsys
     assert not (out / "sheet-photo_copy.png").exists()
 
 
+def test_self_reenactment_drives_each_clips_own_first_frame(scene, tmp_path):
+    """``--self``: each clip's first scored crop is its photo and only that pair is animated; the measures
+    are the same (a driving copy has gain 1), the contact sheet leaves the pairs not animated blank."""
+    from evaluation.cross import CrossEvalError, evaluate_cross
+    from evaluation.cross_report import markdown_report, write_outputs
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name in ("talk", "again"):
+        (clips / name).symlink_to(scene["clips"] / "talk")
+    fake = DrivingCopyEngine()
+    result, run = evaluate_cross(
+        None, clips, engines=[("driving_copy", fake, "fake")], progress=False, self_reenact=True
+    )
+    copies = [p for p in result["pairs"] if p["method"] == "driving_copy"]
+    assert sorted((p["photo"], p["clip"]) for p in copies) == [("again", "again"), ("talk", "talk")]
+    assert len(fake.sessions) == 2 and sum(fake.calls) == 2 * FRAMES  # two pairs, not four
+    assert run.photos[128][0].crop is run.clips[128][0].crops[0]  # the photo is the clip's first crop
+    for p in copies:
+        assert p["mouth_gain"] == pytest.approx(1.0) and p["yaw_corr"] == pytest.approx(1.0)
+    assert result["self_reenact"] and result["protocol"].startswith("self-reenactment")
+    assert markdown_report(result).startswith("Self-reenactment: 2 driving clips, each driving its own")
+    sheet = cv2.imread(str(write_outputs(result, run, tmp_path / "out")["sheet-driving_copy"]))
+    assert sheet.shape[:2] == (3 * 128 + 4, 128 + 2 * (4 + 4 * 128))  # driver + 2 photos; 2 clips × 4
+    # Rows: driver, "again", "talk" (clip order); columns: the photo, then "again"'s and "talk"'s moments.
+    first, second = slice(128 + 4, 128 + 4 + 4 * 128), slice(128 + 4 + 4 * 128 + 4, None)
+    again_row, talk_row = slice(128 + 4, 2 * 128 + 4), slice(2 * 128 + 4, None)
+    assert sheet[again_row, second].min() == 255 and sheet[talk_row, first].min() == 255  # not driven
+    assert sheet[again_row, first].std() > 10 and sheet[talk_row, second].std() > 10  # their own clips
+    for photos in (None, scene["photos"]):  # a photos folder, or --self: exactly one
+        with pytest.raises(CrossEvalError, match="--self"):
+            evaluate_cross(
+                photos, clips, engines=[("x", fake, "fake")], progress=False, self_reenact=photos is not None
+            )
+
+
+def test_command_needs_photos_or_self(scene, tiny_ckpt, tmp_path, capsys):
+    from commands.cli import main
+
+    base = ["eval-cross", "--clips", str(scene["clips"]), "--checkpoint", str(tiny_ckpt), "--quiet"]
+    base += ["--no-identity", "--max-frames", "4", "--out", str(tmp_path / "out")]
+    for extra in ([], ["--photos", str(scene["photos"]), "--self"]):
+        assert main([*base, *extra]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dagan: error:")]
+        assert len(err) == 1 and "--photos DIR, or --self" in err[0], err
+    assert main([*base, "--self"]) == 0  # the clip drives its own first frame
+    assert "Self-reenactment: 1 driving clip, each" in (tmp_path / "out" / "cross.md").read_text()
+
+
 @pytest.mark.parametrize("case", ["no_photos", "no_clip_folder", "bad_clip", "no_face_anywhere"])
 def test_bad_input_is_one_line_and_exit_2(case, scene, tiny_ckpt, tmp_path, capsys):
     from commands.cli import main
