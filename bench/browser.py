@@ -48,6 +48,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from dagan.media import MediaError, VideoReader, fit_frame
+
 from .media import FPS, HEIGHT, WIDTH, face_photo, moving_face_frames
 from .paths import REAL_FACES
 from .report import load_average, machine_description, timestamp, write_report
@@ -91,39 +93,23 @@ SAMPLE = """() => {
 # ---------------------------------------------------------------------------------------------- camera
 
 
-def letterbox(frame: np.ndarray, width: int = WIDTH, height: int = HEIGHT) -> np.ndarray:
-    """An H×W×3 frame scaled to fit ``width``×``height`` and centred on black (aspect kept)."""
-    h, w = frame.shape[:2]
-    scale = min(width / w, height / h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    out = np.zeros((height, width, 3), np.uint8)
-    x, y = (width - nw) // 2, (height - nh) // 2
-    out[y : y + nh, x : x + nw] = cv2.resize(frame, (nw, nh), interpolation=cv2.INTER_AREA)
-    return out
-
-
 def camera_frames(clip: Path | None, seconds: float, fps: int = FPS) -> tuple[list[np.ndarray], str]:
     """RGB 640×480 frames for the fake camera and a description of them: the clip's first ``seconds``
-    (resampled to ``fps``), or, without a clip, a real face photo moved per frame (the server sweep's
-    driving video)."""
+    (resampled to ``fps``, fitted into the frame by :func:`dagan.media.fit_frame`), or, without a clip,
+    a real face photo moved per frame (the server sweep's driving video). A clip that cannot be read is
+    a :class:`dagan.media.MediaError`."""
     count = max(1, round(seconds * fps))
     if clip is not None:
-        cap = cv2.VideoCapture(str(clip))
-        native = cap.get(cv2.CAP_PROP_FPS) or fps
         frames: list[np.ndarray] = []
-        k = 0
-        while len(frames) < count:
-            ok, bgr = cap.read()
-            if not ok:
-                break
-            k += 1  # this clip frame shows until k / native s: the camera ticks that fall before it get it
-            image = None
-            while len(frames) < count and len(frames) / fps < k / native:
-                image = letterbox(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)) if image is None else image
-                frames.append(image)
-        cap.release()
-        if not frames:
-            raise ValueError(f"{clip}: no frame could be read")
+        with VideoReader(clip) as reader:
+            for k, rgb in enumerate(reader, start=1):
+                # this clip frame shows until k / fps s: the camera ticks that fall before it get it
+                image = None
+                while len(frames) < count and len(frames) / fps < k / reader.fps:
+                    image = fit_frame(rgb, WIDTH, HEIGHT) if image is None else image
+                    frames.append(image)
+                if len(frames) >= count:
+                    break
         return frames, f"{clip.name}, first {len(frames) / fps:.1f} s, letterboxed to {WIDTH}×{HEIGHT}"
     return moving_face_frames(face_photo(), n=count), f"a real photo moved per frame, {WIDTH}×{HEIGHT}"
 
@@ -149,7 +135,8 @@ def chromium_cpu_s() -> float:
         if not proc.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            if "chromium" in (proc / "comm").read_text() or "chrome" in (proc / "comm").read_text():
+            name = (proc / "comm").read_text()
+            if "chromium" in name or "chrome" in name:
                 total += _stat_cpu_s(proc / "stat")
     return total
 
@@ -448,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                 token=a.token,
                 server_pid=a.server_pid,
             )
-        except (RuntimeError, FileNotFoundError, httpx.HTTPError) as err:
+        except (RuntimeError, FileNotFoundError, MediaError, httpx.HTTPError) as err:
             print(f"python -m bench.browser: error: {err}", file=sys.stderr)
             return 1
         print(

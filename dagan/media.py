@@ -158,6 +158,20 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     raise MediaError(f"{path} is not an image (could not decode it as PNG, JPEG or another image format)")
 
 
+def fit_frame(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Scale ``frame`` to fit width×height keeping its aspect, centred on black: the virtual camera's
+    square avatar in a 16:9 picture, the browser benchmark's square clip in a 640×480 webcam."""
+    h, w = frame.shape[:2]
+    scale = min(width / w, height / h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(frame, (nw, nh), interpolation=interp) if (nw, nh) != (w, h) else frame
+    canvas = np.zeros((height, width, 3), np.uint8)
+    y0, x0 = (height - nh) // 2, (width - nw) // 2
+    canvas[y0 : y0 + nh, x0 : x0 + nw] = resized
+    return canvas
+
+
 # -------------------------------------------------------------------------------------------- reading
 
 

@@ -167,9 +167,10 @@ def test_browser_bench_camera_and_window_figures(tmp_path):
     """bench.browser's pieces without a browser: the webcam video is the clip letterboxed to what the page
     asks for and put on the camera's clock, and the per-second page samples become fps figures."""
     from bench import browser as bb
+    from dagan.media import fit_frame
 
     tall = np.full((100, 50, 3), 200, np.uint8)
-    boxed = bb.letterbox(tall, 64, 48)
+    boxed = fit_frame(tall, 64, 48)
     assert boxed.shape == (48, 64, 3)
     assert boxed[:, :10].max() == 0 and boxed[:, -10:].max() == 0  # black bars left and right
     assert boxed[:, 32].min() > 150  # the picture in the middle, full height
@@ -188,7 +189,7 @@ def test_browser_bench_camera_and_window_figures(tmp_path):
     bb.write_camera(y4m, frames[:3])
     header = len(b"YUV4MPEG2 W640 H480 F25:1 Ip A1:1 C420jpeg\n")
     assert y4m.stat().st_size == header + 3 * (len(b"FRAME\n") + 640 * 480 * 3 // 2)
-    with pytest.raises(ValueError, match="no frame"):
+    with pytest.raises(ValueError, match=r"missing\.mp4 does not exist"):  # the project's MediaError
         bb.camera_frames(tmp_path / "missing.mp4", 1.0)
 
     samples = [

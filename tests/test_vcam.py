@@ -16,8 +16,9 @@ import pyvirtualcam
 
 from commands.cli import main
 from dagan.latest import LatestSlot
+from dagan.media import fit_frame
 from dagan.samples import astronaut, driving_frames, grace_hopper
-from vcam.io import IterableSource, MemorySink, VirtualCameraMissing, VirtualCameraSink, fit_frame
+from vcam.io import IterableSource, MemorySink, VirtualCameraMissing, VirtualCameraSink
 from vcam.pipeline import CamRunner, Controls, LocalAnimator
 
 

@@ -16,9 +16,10 @@ from typing import Protocol
 import numpy as np
 
 from dagan.latest import LatestSlot
+from dagan.media import fit_frame
 from dagan.smoothing import DEFAULT_PARAMS, OneEuroFilter, OneEuroParams
 
-from .io import FrameSink, FrameSource, fit_frame
+from .io import FrameSink, FrameSource
 
 log = logging.getLogger(__name__)
 
