@@ -44,10 +44,6 @@ def _cmd_eval_cross(args: argparse.Namespace) -> int:
     from .cross import evaluate_cross
     from .cross_report import markdown_report, write_outputs
 
-    if args.self_reenact == bool(args.photos):
-        from .cross import CrossEvalError
-
-        raise CrossEvalError("eval-cross needs --photos DIR, or --self (each clip drives its own photo)")
     result, run = evaluate_cross(
         args.photos,
         args.clips,

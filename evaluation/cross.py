@@ -711,7 +711,7 @@ def evaluate_cross(
     if max_frames is not None and max_frames < 3:
         raise CrossEvalError("--max-frames must be >= 3 (gains need a few frames)")
     if self_reenact == (photos_dir is not None):
-        raise CrossEvalError("give a photos folder, or --self (each clip drives its own first frame)")
+        raise CrossEvalError("eval-cross needs --photos DIR, or --self (each clip drives its own photo)")
     photo_paths = [] if photos_dir is None else find_photos(photos_dir)
     clip_paths = find_clips(clips_dir)
     from dagan.media import VideoReader
