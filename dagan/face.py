@@ -250,11 +250,11 @@ class FaceBox:
         box = self.fit(image.shape) if fit else self
         ratio = box.size / out_size  # source pixels per output pixel
         x0, y0 = box.cx - box.size / 2, box.cy - box.size / 2
-        m = int(ratio // 2) if preshrink else 1
-        source, sx0, sy0 = (image, x0, y0) if m < 2 else _block_mean(image, x0, y0, box.size, m)
-        k = max(1, math.ceil(ratio / max(m, 1) - 1e-6))
+        m = max(1, int(ratio // 2)) if preshrink else 1  # pre-shrink factor; 1: the direct path
+        source, sx0, sy0 = (image, x0, y0) if m == 1 else _block_mean(image, x0, y0, box.size, m)
+        k = max(1, math.ceil(ratio / m - 1e-6))
         inter = out_size * k
-        step = box.size / max(m, 1) / inter  # source pixels per intermediate pixel (≤ 1 when shrinking)
+        step = box.size / m / inter  # source pixels per intermediate pixel (≤ 1 when shrinking)
         # Inverse map (output pixel index -> source pixel index), sampling at pixel centres. Replicating
         # the border only matters within half a pixel of the edge; farther out _fill_outside replaces it.
         matrix = np.array(
