@@ -364,7 +364,11 @@ def test_avatar_follows_the_moving_face_and_session_is_freed(engine, astronaut_j
         f"frame match {hits}/{len(moving)}; depth step still/moving {still_step:.2f}/{moving_step:.2f}",
         file=sys.stderr,
     )
-    assert info["connected"] and info["frames_out"] == metric(metrics, "dagan_frames_out_total")
+    # The session's count and the server's counter agree: the session info was read after the metrics
+    # and frames kept flowing in between, so it lies between this read and the one after the hang-up.
+    assert info["connected"]
+    sent_before, sent_after = (metric(m, "dagan_frames_out_total") for m in (metrics, after))
+    assert sent_before <= info["frames_out"] <= sent_after
     assert metric(metrics, "dagan_frames_in_total") >= len(peer.track.sent_at) * 0.8
     assert metric(metrics, "dagan_active_sessions") == 1
     assert metric(metrics, "dagan_worker_errors_total") == 0
