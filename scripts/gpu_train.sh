@@ -92,7 +92,7 @@ depth_args+=("${extra_depth[@]}")
 dagan_args+=("${extra_dagan[@]}")
 
 # The recipe's depth.source_offsets count frames of the full-rate clips; the pack keeps every N-th frame,
-# so an offset o becomes round(o / N) frames of the pack (at least 1): [-2, 2] at N = 2 is [-1, 1].
+# so an offset o becomes round(o / N) frames of the pack (at least 1): [-6, 6] at N = 2 is [-3, 3].
 offsets=$("$PY" - "$RECIPE" "$DATA/pack.json" <<'EOF'
 import json, sys
 from training.config import load_train_config

@@ -4,7 +4,7 @@
 # Stage 1 learns the face depth self-supervised on the real clips (paper §3.2); stage 2 fine-tunes the
 # previous default's keypoint detector and generator (INIT, taken from git history) with that depth net
 # frozen. Every step is resumable: re-run the script, or `dagan train ... --resume --run-dir ...`.
-# On a quiet 2-core CPU: prepare + landmarks ~15 min, depth ~35 + 25 min, DaGAN ~1 h; minutes on a GPU
+# On a quiet 2-core CPU: prepare + landmarks ~5-15 min, depth ~35 + 25 + 35 min, DaGAN ~1 h; minutes on a GPU
 # (scripts/gpu_train.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,14 +37,26 @@ dagan landmarks "$OUT/real128v2"
 [ -f runs/depth128v2/depth.safetensors ] || {
   if [ -f runs/depth128v2/latest.json ]; then resume=(--resume); else resume=(); fi
   dagan train depth --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
-    --run-dir runs/depth128v2 --set model.depth.input_scale=1 "${resume[@]}"
+    --run-dir runs/depth128v2 --set model.depth.input_scale=1 --set "depth.source_offsets=[-2,2]" "${resume[@]}"
 }
 # 3b. the same net distilled to the preset's half input resolution (docs/training.md §2)
 [ -f runs/depth-half/depth.safetensors ] || {
   if [ -f runs/depth-half/latest.json ]; then resume=(--resume); else resume=(); fi
   dagan train depth --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
     --run-dir runs/depth-half --init runs/depth128v2/depth.safetensors --steps 920 \
-    --set depth.teacher=runs/depth128v2/depth.safetensors --set depth.distill=1000 "${resume[@]}"
+    --set depth.teacher=runs/depth128v2/depth.safetensors --set depth.distill=1000 \
+    --set "depth.source_offsets=[-2,2]" "${resume[@]}"
+}
+# 3c. that half-resolution net continued with the recipe's neighbours six frames apart and a fresh pose net
+#     (the weights of git DEPTH_REV hold the net of 3b and no pose net): the depth net the bundled file has
+#     since 2026-12-05 (weights/README.md, "Depth on real faces")
+DEPTH_REV=${DEPTH_REV:-430f2a6}
+DEPTH_INIT=$OUT/depth-init.safetensors
+[ -f "$DEPTH_INIT" ] || git show "$DEPTH_REV:weights/dagan-default.safetensors" > "$DEPTH_INIT"
+[ -f runs/depth-off6/depth.safetensors ] || {
+  if [ -f runs/depth-off6/latest.json ]; then resume=(--resume); else resume=(); fi
+  dagan train depth --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
+    --run-dir runs/depth-off6 --init "$DEPTH_INIT" --steps 3000 --set "depth.lr_milestones=[2600]" "${resume[@]}"
 }
 # 4. stage 2: DaGAN, depth frozen, from the previous default
 if [ -f runs/live128v2/latest.json ]; then resume=(--resume); else resume=(); fi

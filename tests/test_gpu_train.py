@@ -177,7 +177,7 @@ def test_gpu_train_smoke_runs_on_the_cpu_without_device_missing_modules(tmp_path
     assert model.depth_net is not None
     summary = json.loads((out / "summary.json").read_text())
     assert summary["smoke"] and summary["depth"]["step"] == 2 and summary["dagan"]["step"] == 2
-    assert summary["depth"]["source_offsets"] == [-1, 1]  # the recipe's [-2, 2] at frame stride 2
+    assert summary["depth"]["source_offsets"] == [-3, 3]  # the recipe's [-6, 6] at frame stride 2
     assert summary["pack"]["stride"] == 2
     assert (out / "run-logs.tar.gz").stat().st_size > 0
     # Run b: its own weights, the overrides it was given, the depth stage's extra flag, the init of both.

@@ -449,12 +449,13 @@ _SMOKE_FEATURES = {
 }
 
 
-def write_smoke_dataset(root: str | Path, clips: int = 2, frames: int = 12, size: int = 128) -> Path:
+def write_smoke_dataset(root: str | Path, clips: int = 2, frames: int = 16, size: int = 128) -> Path:
     """A tiny dataset of drawn faces (moving head, blinking eyes, opening mouth) with mesh tracks.
 
     For the CPU smoke mode of ``scripts/gpu_train.sh`` and its test: that mode must run where neither
     mediapipe nor any face photo is at hand (a bare device machine, CI), yet go through the same path
-    as the real run — prepared layout, ``dagan pack-data``, the landmark prior. Deterministic.
+    as the real run — prepared layout, ``dagan pack-data``, the landmark prior. Deterministic. 16 frames:
+    packed at stride 2, a clip must still hold the recipe's depth neighbours (±6 frames → ±3 of the pack).
     """
     root = Path(root)
     rng = np.random.default_rng(0)
