@@ -169,15 +169,12 @@ def contact_sheet(
             parts.extend(group)
         return np.concatenate(parts, axis=1)
 
-    driver_cells = []
-    for clip in clips:
-        moments = clip.moments()
-        driver_cells.append([_label(clip.crops[t], f"{clip.name} {lab}") for t, lab in moments])
+    driver_cells = [[_label(c.crops[t], f"{c.name} {lab}") for t, lab in c.moments()] for c in clips]
     rows = [row(_label(blank, "driver"), driver_cells)]
     for photo in photos:  # a pair that was not animated (``--self``: another clip's photo) stays blank
         cells = [
-            [img for _, _, img in tiles.get((photo.name, c.name), [])] or [blank] * len(c.moments())
-            for c in clips
+            [img for _, _, img in tiles.get((photo.name, c.name), [])] or [blank] * len(driver)
+            for c, driver in zip(clips, driver_cells, strict=True)
         ]
         rows.append(row(_label(photo.crop, photo.name), cells))
     gap_row = np.full((gap, rows[0].shape[1], 3), 255, np.uint8)
