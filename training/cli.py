@@ -1,5 +1,5 @@
-"""``dagan prepare``, ``landmarks``, ``pack-data`` and ``train depth|dagan`` (loaded by the dispatcher,
-:mod:`commands.cli`).
+"""``dagan prepare``, ``landmarks``, ``pack-data``, ``kp-follow`` and ``train depth|dagan`` (loaded by
+the dispatcher, :mod:`commands.cli`).
 
 Multi-GPU: ``torchrun --nproc_per_node N -m commands.cli train dagan ...`` (multi-node: add torchrun's
 ``--nnodes/--node_rank/--rdzv_endpoint``); the trainer reads torchrun's environment.
@@ -63,6 +63,28 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print_report(report)
+    return 0
+
+
+def _cmd_kp_follow(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import TrainConfig, load_train_config
+    from .kp_follow import keypoint_follow, markdown, model_keypoints
+
+    stage = (load_train_config(args.config) if args.config else TrainConfig()).dagan
+    points = args.points or list(stage.kp_landmark_points)
+    results = {}
+    for checkpoint in [args.checkpoint, *(args.compare or [])]:
+        keypoints, size = model_keypoints(checkpoint)
+        result = keypoint_follow(
+            keypoints, args.data, points, size, frame_stride=args.frame_stride, max_frames=args.max_frames
+        )
+        print(f"## {checkpoint}\n\n{markdown(result)}")
+        results[str(checkpoint)] = result
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"points": points, "checkpoints": results}, indent=2))
     return 0
 
 
@@ -182,6 +204,27 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pack)
+
+    p = subparsers.add_parser(
+        "kp-follow",
+        help="do the keypoints follow their face-mesh anchors? lip and lid gaps, motion (needs tracks)",
+        description="Score a checkpoint's keypoints against the face-mesh points the landmark prior "
+        "anchors them to, on prepared clips with `dagan landmarks` tracks: the inner-lip and eyelid gaps "
+        "(mouth opening, blinks) and each keypoint's motion, r and gain per clip. Says whether a mouth "
+        "the avatar does not open is lost in the keypoints or in the generator (docs/evaluation.md).",
+    )
+    p.add_argument("--checkpoint", required=True, help="model weights (.safetensors)")
+    p.add_argument("--compare", action="append", metavar="CKPT", help="more checkpoints, same clips")
+    p.add_argument("--data", required=True, help="prepared clips with tracks: DATA_ROOT or DATA_ROOT/test")
+    p.add_argument(
+        "--config",
+        help="training config YAML whose dagan.kp_landmark_points name the anchors (default: built-in)",
+    )
+    p.add_argument("--points", type=int, nargs="+", metavar="P", help="the anchors' mesh indices instead")
+    p.add_argument("--frame-stride", type=int, default=2, help="use every K-th frame (default 2)")
+    p.add_argument("--max-frames", type=int, default=120, help="at most N frames per clip (default 120)")
+    p.add_argument("--json", help="also write the result as JSON")
+    p.set_defaults(func=_cmd_kp_follow)
 
     train = subparsers.add_parser("train", help="train the face depth net, then DaGAN")
     stages = train.add_subparsers(dest="stage", required=True)
