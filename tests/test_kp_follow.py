@@ -68,3 +68,5 @@ def test_data_without_tracks_is_a_clear_error(tmp_path):
     (tmp_path / "test" / "c0").mkdir(parents=True)
     with pytest.raises(UserError, match="dagan landmarks"):
         keypoint_follow(lambda f: f, tmp_path, POINTS, 64)
+    with pytest.raises(UserError, match="frame-stride"):
+        keypoint_follow(lambda f: f, tmp_path, POINTS, 64, frame_stride=0)

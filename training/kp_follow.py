@@ -113,6 +113,8 @@ def keypoint_follow(
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder")
+    if frame_stride < 1 or (max_frames is not None and max_frames < 3):
+        raise UserError("--frame-stride must be >= 1 and --max-frames >= 3")
     # a dataset root (ROOT/train|test/<clip>) or one split of it (ROOT/test/<clip>)
     folders = clip_folders(root) or sorted(p for p in root.iterdir() if p.is_dir())
     points = list(points)
