@@ -59,6 +59,9 @@ def test_command_scores_a_checkpoint_and_refuses_frames_of_another_size(smoke, t
     assert result["frames"] == 16 and set(result["clips"]) == {"smoke0", "smoke1"}
     assert {"mouth", "motion"} <= set(result["median"])
 
+    with pytest.raises(UserError, match="15 keypoints; 3 anchor points"):
+        keypoint_follow(_replay(smoke, 1.0), smoke, POINTS[:3], 64)
+
     bigger = write_smoke_dataset(tmp_path / "big", clips=1, frames=4, size=96)
     with pytest.raises(UserError, match="model takes 64 px"):
         keypoint_follow(lambda f: f, bigger, POINTS, 64)

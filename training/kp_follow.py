@@ -132,7 +132,10 @@ def keypoint_follow(
                 f"{folder}: frames are {images.shape[2]}×{images.shape[1]}, the model takes {image_size} px "
                 f"(prepare the data with `dagan prepare --size {image_size}`)"
             )
-        clips[folder.name] = score_clip(keypoints(images), marks[idx], points)
+        kp = keypoints(images)
+        if kp.shape[1] != len(points):
+            raise UserError(f"the model has {kp.shape[1]} keypoints; {len(points)} anchor points were given")
+        clips[folder.name] = score_clip(kp, marks[idx], points)
         frames_used += len(idx)
     if not clips:
         raise UserError(f"no clips with face-mesh tracks under {root} (run `dagan landmarks` on it first)")
