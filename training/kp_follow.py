@@ -32,13 +32,17 @@ from .landmarks import clip_folders
 
 # Gaps scored, as (name, upper mesh point, lower mesh point): inner lips, then each eye's lids.
 GAPS: tuple[tuple[str, int, int], ...] = (("mouth", 13, 14), ("left eye", 159, 145), ("right eye", 386, 374))
+MEASURES: tuple[str, ...] = (*(g[0] for g in GAPS), "motion")  # the report's columns, in order
 MIN_GAP_STD = 0.005  # in [−1, 1] units (0.3 px at 128): a clip whose mesh gap barely moves is not scored
 
 KeypointFn = Callable[[np.ndarray], np.ndarray]  # N×H×W×3 uint8 frames → N×K×2 keypoints in [−1, 1]
 
 
 def fit(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-    """(Pearson r, least-squares slope with intercept) of ``pred`` on ``ref`` (1-D, finite)."""
+    """(Pearson r, least-squares slope with intercept) of ``pred`` on ``ref`` (1-D, finite).
+
+    The same measure as ``evaluation.motion.gain_and_correlation``, which this application may not import
+    (tests/test_layers.py: applications import only the library); NaN here where that one says None."""
     p, r = pred - pred.mean(), ref - ref.mean()
     denom = float((r * r).sum())
     if denom <= 0 or float((p * p).sum()) <= 0:
@@ -140,7 +144,7 @@ def keypoint_follow(
     if not clips:
         raise UserError(f"no clips with face-mesh tracks under {root} (run `dagan landmarks` on it first)")
     median: dict[str, dict[str, float]] = {}
-    for name in [g[0] for g in GAPS] + ["motion"]:
+    for name in MEASURES:
         rows = [c[name] for c in clips.values() if name in c]
         if rows:
             median[name] = {"r": _median(x["r"] for x in rows), "gain": _median(x["gain"] for x in rows)}
@@ -156,10 +160,9 @@ def _median(values: Iterable[float]) -> float:
 
 def markdown(result: dict) -> str:
     """The per-clip table (r / gain per measure) and the medians."""
-    names = [g[0] for g in GAPS] + ["motion"]
     lines = [
-        "| clip | " + " | ".join(f"{n} r / gain" for n in names) + " | mouth gap std |",
-        "|---|" + "---:|" * (len(names) + 1),
+        "| clip | " + " | ".join(f"{n} r / gain" for n in MEASURES) + " | mouth gap std |",
+        "|---|" + "---:|" * (len(MEASURES) + 1),
     ]
 
     def cell(d: dict | None) -> str:
@@ -168,9 +171,9 @@ def markdown(result: dict) -> str:
     for clip, score in result["clips"].items():
         mouth = score.get("mouth")
         spread = "—" if mouth is None else f"{mouth['mesh_gap_std']:.4f}"
-        lines.append(f"| {clip} | " + " | ".join(cell(score.get(n)) for n in names) + f" | {spread} |")
+        lines.append(f"| {clip} | " + " | ".join(cell(score.get(n)) for n in MEASURES) + f" | {spread} |")
     med = result["median"]
-    lines.append("| **median** | " + " | ".join(cell(med.get(n)) for n in names) + " | |")
+    lines.append("| **median** | " + " | ".join(cell(med.get(n)) for n in MEASURES) + " | |")
     lines.append(
         f"\n{len(result['clips'])} clips, {result['frames']} frames. Gaps: upper-to-lower keypoint distance "
         "against the same mesh points' (gain 1 = the keypoints open as far as the face does); motion: "
