@@ -48,6 +48,30 @@ def test_keypoints_that_stay_put_have_zero_gain(smoke):
         assert result["median"][name]["gain"] == 0.0, name
 
 
+def _fetch_from_source(frames, pts):
+    """A perfect warp: every driving point fetched from where it was in the first (source) frame, each
+    carried by its own keypoint's mask channel."""
+    return np.repeat(pts[:1], len(pts), axis=0), np.tile(np.arange(1, pts.shape[1] + 1), (len(pts), 1))
+
+
+def _rigid(frames, pts):
+    """A warp that fetches every point from where it is (no stretch), all carried by the background."""
+    return pts.copy(), np.zeros(pts.shape[:2], np.int64)
+
+
+@pytest.mark.parametrize(("warp", "gain"), [(_fetch_from_source, 1.0), (_rigid, 0.0)])
+def test_warp_gaps_say_whether_the_flow_opens_the_mouth(smoke, warp, gain):
+    result = keypoint_follow(_replay(smoke, 1.0), smoke, POINTS, 64, frame_stride=1, warp=warp)
+    assert set(result["warp"]) == {"smoke0", "smoke1"}
+    for name in ("mouth", "left eye", "right eye"):
+        assert result["warp_median"][name]["gain"] == pytest.approx(gain, abs=1e-3), name
+        assert result["warp_median"][name]["own"] == gain, name  # own keypoints only in the perfect one
+    if gain:
+        assert result["warp_median"]["mouth"]["r"] == pytest.approx(1.0, abs=1e-3)
+    assert "| clip (warp) |" in markdown(result)
+    assert "warp" not in keypoint_follow(_replay(smoke, 1.0), smoke, POINTS, 64, frame_stride=1)
+
+
 def test_command_scores_a_checkpoint_and_refuses_frames_of_another_size(smoke, tmp_path):
     ckpt = tmp_path / "tiny.safetensors"
     assert main(["init-checkpoint", "--config", "tiny", "--out", str(ckpt)]) == 0
@@ -58,6 +82,8 @@ def test_command_scores_a_checkpoint_and_refuses_frames_of_another_size(smoke, t
     result = report["checkpoints"][str(ckpt)]
     assert result["frames"] == 16 and set(result["clips"]) == {"smoke0", "smoke1"}
     assert {"mouth", "motion"} <= set(result["median"])
+    assert set(result["warp"]) == {"smoke0", "smoke1"}  # the command scores the generator's warp too
+    assert all(0 <= v["own"] <= 1 for v in result["warp_median"].values())
 
     with pytest.raises(UserError, match="15 keypoints; 3 anchor points"):
         keypoint_follow(_replay(smoke, 1.0), smoke, POINTS[:3], 64)

@@ -12,6 +12,7 @@ from training.data import LANDMARKS_FILE, SourceDrivingDataset
 from training.landmarks import MESH_POINTS, annotate_clip
 from training.losses import (
     keypoint_distance_loss,
+    landmark_flow_loss,
     landmark_motion_loss,
     landmark_prior_loss,
     landmark_region_mask,
@@ -120,6 +121,30 @@ def test_motion_prior_charges_displacements_not_offsets():
     assert landmark_motion_loss(lm_s, kp_d, lm_s, nan).item() == 0.0
 
 
+def test_flow_loss_asks_the_warp_to_fetch_each_landmark_from_its_source_position():
+    from dagan.nets.blocks import make_coordinate_grid
+
+    shift = torch.tensor([0.1, -0.05])
+    # a rigid backward flow: every output pixel z is fetched from z + shift
+    flow = (make_coordinate_grid(32, 32) + shift).expand(2, 32, 32, 2).clone().requires_grad_(True)
+    lm_d = torch.tensor([[[0.0, 0.4], [0.0, 0.5], [-0.3, -0.2]]]).expand(2, 3, 2)  # two lips, an eye
+    lm_s = lm_d + shift  # the head moved rigidly: the flow is exact, at any grid position
+    assert landmark_flow_loss(flow, lm_s, lm_d).item() == pytest.approx(0.0, abs=1e-5)
+    # the mouth opened in the driving frame (lower lip 0.1 lower): a rigid flow fetches the lower lip
+    # from under the source's lip, 0.1 off in y for one of the three points
+    opened = lm_d.clone()
+    opened[:, 1, 1] += 0.1
+    miss = landmark_flow_loss(flow, lm_s, opened)
+    assert miss.item() == pytest.approx(0.1 / 6, rel=1e-3)
+    weighted = landmark_flow_loss(flow, lm_s, opened, torch.tensor([4.0, 4.0, 1.0]))
+    assert weighted.item() == pytest.approx(4 * 0.1 / 18, rel=1e-3)  # the lips count 4 times
+    miss.backward()
+    assert flow.grad.abs().sum() > 0  # the flow (the motion masks behind it) is what it trains
+    # frames without a face are skipped
+    nan = torch.full_like(lm_d, float("nan"))
+    assert landmark_flow_loss(flow, lm_s, nan).item() == 0.0
+
+
 def test_distance_loss_exempts_only_the_given_pairs():
     kp = torch.tensor([[[0.0, 0.0], [0.0, 0.05], [0.9, 0.9]]], requires_grad=True)  # lips 0 and 1 close
     full, eq13 = keypoint_distance_loss(kp, 0.2)
@@ -148,10 +173,11 @@ def test_region_loss_looks_at_the_mouth():
     assert empty.sum() == 0 and region_l1_loss(near[..., :8, :8], target[..., :8, :8], empty) == 0
 
 
-def test_landmark_points_must_match_the_keypoints():
+@pytest.mark.parametrize("term", ["kp_landmarks", "landmark_flow"])
+def test_landmark_points_must_match_the_keypoints(term):
     with pytest.raises(ConfigError, match="kp_landmark_points"):
         load_train_config(
-            None, {"model": "tiny", "dagan.weights.kp_landmarks": 1.0, "dagan.kp_landmark_points": [1, 2, 3]}
+            None, {"model": "tiny", f"dagan.weights.{term}": 1.0, "dagan.kp_landmark_points": [1, 2, 3]}
         )
     with pytest.raises(ConfigError, match=r"0\.\.477"):
         load_train_config(

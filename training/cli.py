@@ -70,15 +70,21 @@ def _cmd_kp_follow(args: argparse.Namespace) -> int:
     import json
 
     from .config import TrainConfig, load_train_config
-    from .kp_follow import keypoint_follow, markdown, model_keypoints
+    from .kp_follow import keypoint_follow, markdown, model_scorers
 
     stage = (load_train_config(args.config) if args.config else TrainConfig()).dagan
     points = args.points or list(stage.kp_landmark_points)
     results = {}
     for checkpoint in [args.checkpoint, *(args.compare or [])]:
-        keypoints, size = model_keypoints(checkpoint)
+        keypoints, warp, size = model_scorers(checkpoint)
         result = keypoint_follow(
-            keypoints, args.data, points, size, frame_stride=args.frame_stride, max_frames=args.max_frames
+            keypoints,
+            args.data,
+            points,
+            size,
+            frame_stride=args.frame_stride,
+            max_frames=args.max_frames,
+            warp=warp,
         )
         print(f"## {checkpoint}\n\n{markdown(result)}")
         results[str(checkpoint)] = result
@@ -210,8 +216,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="do the keypoints follow their face-mesh anchors? lip and lid gaps, motion (needs tracks)",
         description="Score a checkpoint's keypoints against the face-mesh points the landmark prior "
         "anchors them to, on prepared clips with `dagan landmarks` tracks: the inner-lip and eyelid gaps "
-        "(mouth opening, blinks) and each keypoint's motion, r and gain per clip. Says whether a mouth "
-        "the avatar does not open is lost in the keypoints or in the generator (docs/evaluation.md).",
+        "(mouth opening, blinks) and each keypoint's motion, r and gain per clip; then whether the "
+        "generator's warp opens those gaps and which keypoints carry them. Says whether a mouth the "
+        "avatar does not open is lost in the keypoints or in the generator (docs/evaluation.md).",
     )
     p.add_argument("--checkpoint", required=True, help="model weights (.safetensors)")
     p.add_argument("--compare", action="append", metavar="CKPT", help="more checkpoints, same clips")

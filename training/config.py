@@ -97,6 +97,11 @@ class LossWeights:
     # In fractions of the box (0.01 ≈ 1 px of a 100-px face): ~100 makes it count. Needs
     # dagan.face_landmark_weights and the box points (10, 152, 234, 454) among kp_landmark_points.
     face_landmarks: float = 0.0
+    # L1 between the generator's backward flow sampled at the driving frame's landmarks and the source
+    # frame's landmarks: where the warp must fetch each lip, lid and face point from. The motion masks
+    # otherwise let a lip be carried by a mouth-corner or nose keypoint, so a lip keypoint that moves
+    # does not open the warp (docs/training.md, "Keypoint prior"); focus points count focus_weight times.
+    landmark_flow: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -306,7 +311,8 @@ def _check_semantics(cfg: TrainConfig) -> None:
             "dagan.kp_landmark_points",
             "weights.face_landmarks boxes the face by mesh points 10, 152, 234 and 454: include them",
         )
-    if w.kp_landmarks > 0 or w.kp_landmark_motion > 0 or w.region_l1 > 0 or w.face_landmarks > 0:
+    prior = (w.kp_landmarks, w.kp_landmark_motion, w.region_l1, w.face_landmarks, w.landmark_flow)
+    if any(v > 0 for v in prior):
         k = cfg.model.keypoints.num_kp
         need(
             len(g.kp_landmark_points) == k,

@@ -15,6 +15,15 @@ prepared clips with their stored mesh tracks (``dagan landmarks``):
 
 Both in the keypoints' [−1, 1] frame, so a gain is scale-free. The gap sizes are reported too: at 128 px
 a mouth opens by 2–3 px, less than one cell of a 32×32 keypoint heatmap.
+
+With a :data:`WarpFn` (the command always passes the model's) it scores the next link too, the
+generator's **warp**, driving each clip's frames from its first frame (self-reenactment, absolute
+motion): per gap, how far the backward flow read at the driving frame's two mesh points stretches the
+source's gap, against how far it must (the mesh gap's change since the first frame): r and gain, 0 =
+the warp moves upper and lower lip as one. And **own**: the share of frames whose two gap points are
+carried by their own anchored keypoints in the motion masks (the softmax that picks, per pixel, which
+keypoint's motion applies); a lip carried by the mouth-corner keypoint cannot open, whatever the lip
+keypoints do.
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ MEASURES: tuple[str, ...] = (*(g[0] for g in GAPS), "motion")  # the report's co
 MIN_GAP_STD = 0.005  # in [−1, 1] units (0.3 px at 128): a clip whose mesh gap barely moves is not scored
 
 KeypointFn = Callable[[np.ndarray], np.ndarray]  # N×H×W×3 uint8 frames → N×K×2 keypoints in [−1, 1]
+# (N×H×W×3 uint8 frames, frame 0 the source; N×P×2 points in [−1, 1]) → (N×P×2 backward flow at the
+# points, N×P int: the motion-mask channel carrying each point, 0 = background, k + 1 = keypoint k)
+WarpFn = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def fit(pred: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -80,26 +92,65 @@ def score_clip(kp: np.ndarray, marks: np.ndarray, points: Sequence[int]) -> dict
     return out
 
 
-def model_keypoints(checkpoint: str | Path, batch_size: int = 16) -> tuple[KeypointFn, int]:
-    """A :data:`KeypointFn` running a checkpoint's depth net and keypoint detector (torch, CPU), and the
-    model's image size."""
+def score_warp(flow: np.ndarray, owner: np.ndarray, marks: np.ndarray, points: Sequence[int]) -> dict:
+    """Warp gaps of one clip driven from its first frame. ``flow`` N×K×2 the backward flow read at the
+    anchors' mesh points of each frame, ``owner`` N×K their mask channels, ``marks`` N×K×2 those points
+    (every frame with a face), ``points`` the mesh index of each keypoint."""
+    out: dict[str, dict[str, float]] = {}
+    for name, upper, lower in GAPS:
+        if upper not in points or lower not in points:
+            continue
+        i, j = points.index(upper), points.index(lower)
+        gap = marks[:, j, 1] - marks[:, i, 1]
+        must = gap[0] - gap  # the source's gap is fetched for the driving one: the stretch needed
+        if must.std() < MIN_GAP_STD:
+            continue
+        stretch = (flow[:, j, 1] - flow[:, i, 1]) - gap  # 0: the warp moves both points as one
+        r, gain = fit(stretch, must)
+        own = float(((owner[:, i] == i + 1) & (owner[:, j] == j + 1)).mean())
+        out[name] = {"r": r, "gain": gain, "own": own}
+    return out
+
+
+def model_scorers(checkpoint: str | Path, batch_size: int = 16) -> tuple[KeypointFn, WarpFn, int]:
+    """A :data:`KeypointFn` (the depth net and keypoint detector) and a :data:`WarpFn` (source cached
+    from frame 0, then the generator per frame, as the engine runs it) of a checkpoint, torch on the
+    CPU, and the model's image size."""
     import torch
+    import torch.nn.functional as F
 
     from dagan.checkpoint import load_model
 
     model = load_model(checkpoint)
     size = model.config.image_size
 
-    def run(frames: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
-        out = []
+    def tensor(frames: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+
+    def keypoints(frames: np.ndarray) -> np.ndarray:
+        x, out = tensor(frames), []
         with torch.inference_mode():
             for i in range(0, len(x), batch_size):
                 kp, _ = model.driving_keypoints(x[i : i + batch_size])
                 out.append(kp.value.numpy())
         return np.concatenate(out)
 
-    return run, size
+    def warp(frames: np.ndarray, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = tensor(frames)
+        flows, owners = [], []
+        with torch.inference_mode():
+            state = model.encode_source(x[:1])
+            for i in range(len(x)):
+                kp, _ = model.driving_keypoints(x[i : i + 1])
+                out = model.render(state, kp)
+                grid = torch.from_numpy(pts[i : i + 1, :, None, :].astype(np.float32))  # 1×P×1×2
+                flow = F.grid_sample(out.deformation.permute(0, 3, 1, 2), grid, align_corners=True)
+                mask = F.grid_sample(out.mask, grid, align_corners=True)  # 1×(K+1)×P×1
+                flows.append(flow[0, :, :, 0].T.numpy())
+                owners.append(mask[0, :, :, 0].argmax(0).numpy())
+        return np.stack(flows), np.stack(owners)
+
+    return keypoints, warp, size
 
 
 def keypoint_follow(
@@ -109,11 +160,14 @@ def keypoint_follow(
     image_size: int,
     frame_stride: int = 2,
     max_frames: int | None = 120,
+    warp: WarpFn | None = None,
 ) -> dict:
     """Score every clip under ``root`` (a prepared dataset, or one split of it) that has mesh tracks.
 
-    Returns ``{"clips": {name: score_clip(...)}, "median": {measure: {"r", "gain"}}, "frames": n}``.
-    Frames whose size is not ``image_size`` are an error (the tracks are in the stored frames' pixels)."""
+    Returns ``{"clips": {name: score_clip(...)}, "median": {measure: {"r", "gain"}}, "frames": n}``,
+    with ``warp`` also ``"warp": {name: score_warp(...)}`` and ``"warp_median": {gap: {"r", "gain",
+    "own"}}`` (the clip's frames with a face, from the first of them). Frames whose size is not
+    ``image_size`` are an error (the tracks are in the stored frames' pixels)."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder")
@@ -123,6 +177,7 @@ def keypoint_follow(
     folders = clip_folders(root) or sorted(p for p in root.iterdir() if p.is_dir())
     points = list(points)
     clips: dict[str, dict] = {}
+    warps: dict[str, dict] = {}
     frames_used = 0
     for folder in folders:
         video = Video(folder)
@@ -141,6 +196,10 @@ def keypoint_follow(
             raise UserError(f"the model has {kp.shape[1]} keypoints; {len(points)} anchor points were given")
         clips[folder.name] = score_clip(kp, marks[idx], points)
         frames_used += len(idx)
+        face = np.isfinite(marks[idx]).all(axis=(1, 2))
+        if warp is not None and face.sum() >= 3:
+            flow, owner = warp(images[face], marks[idx][face])
+            warps[folder.name] = score_warp(flow, owner, marks[idx][face], points)
     if not clips:
         raise UserError(f"no clips with face-mesh tracks under {root} (run `dagan landmarks` on it first)")
     median: dict[str, dict[str, float]] = {}
@@ -149,7 +208,16 @@ def keypoint_follow(
         if rows:
             median[name] = {"r": _median(x["r"] for x in rows), "gain": _median(x["gain"] for x in rows)}
             median[name]["clips"] = len(rows)
-    return {"clips": clips, "median": median, "frames": frames_used}
+    result = {"clips": clips, "median": median, "frames": frames_used}
+    if warp is not None:
+        warp_median: dict[str, dict[str, float]] = {}
+        for name, _, _ in GAPS:
+            rows = [c[name] for c in warps.values() if name in c]
+            if rows:
+                warp_median[name] = {k: _median(x[k] for x in rows) for k in ("r", "gain", "own")}
+                warp_median[name]["clips"] = len(rows)
+        result.update(warp=warps, warp_median=warp_median)
+    return result
 
 
 def _median(values: Iterable[float]) -> float:
@@ -180,4 +248,23 @@ def markdown(result: dict) -> str:
         "each anchored keypoint's displacement since the first frame against its mesh point's. Mouth gap "
         "std in [−1, 1] units (0.016 = 1 px at 128 px).\n"
     )
+    if "warp" in result:
+        gaps = [g[0] for g in GAPS]
+        lines += [
+            "| clip (warp) | " + " | ".join(f"{n} r / gain / own" for n in gaps) + " |",
+            "|---|" + "---:|" * len(gaps),
+        ]
+
+        def warp_cell(d: dict | None) -> str:
+            return "—" if d is None else f"{d['r']:.2f} / {d['gain']:.2f} / {d['own']:.2f}"
+
+        for clip, score in result["warp"].items():
+            lines.append(f"| {clip} | " + " | ".join(warp_cell(score.get(n)) for n in gaps) + " |")
+        med = result["warp_median"]
+        lines.append("| **median** | " + " | ".join(warp_cell(med.get(n)) for n in gaps) + " |")
+        lines.append(
+            "\nWarp, each clip driven from its first frame: how far the generator's flow stretches the "
+            "source's gap against how far the face's gap changed (gain 0 = upper and lower point move as "
+            "one); own = share of frames whose two points are carried by their own keypoints.\n"
+        )
     return "\n".join(lines) + "\n"

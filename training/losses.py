@@ -138,6 +138,33 @@ def landmark_motion_loss(
     return diff.sum() / weight.sum().clamp(min=1e-6)
 
 
+def landmark_flow_loss(
+    deformation: torch.Tensor,
+    lm_source: torch.Tensor,
+    lm_driving: torch.Tensor,
+    point_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted mean |flow(lm_d) − lm_s|: the backward flow read at the driving frame's landmarks should
+    point at the same landmarks in the source frame.
+
+    deformation: B×h×w×2 backward flow (grid_sample coordinates, x then y, pixel centres at ±1 like
+    ``make_coordinate_grid``), read bilinearly at ``lm_driving``; lm_*: B×P×2 in the same frame, NaN
+    where there is no face (skipped); point_weights: P. Unlike the keypoint terms this trains the motion
+    masks and the occlusion-free part of the warp directly: an upper and a lower lip carried by one
+    keypoint cannot move apart, whatever the keypoints do. Returns 0 when no point exists.
+    """
+    valid = (torch.isfinite(lm_source).all(-1) & torch.isfinite(lm_driving).all(-1)).unsqueeze(-1)
+    grid = torch.nan_to_num(lm_driving.float()).unsqueeze(2)  # B×P×1×2
+    flow = F.grid_sample(deformation.float().permute(0, 3, 1, 2), grid, align_corners=True)  # B×2×P×1
+    flow = flow[..., 0].permute(0, 2, 1)  # B×P×2
+    diff = (flow - torch.nan_to_num(lm_source.float())).abs() * valid
+    weight = valid.float().expand_as(diff)
+    if point_weights is not None:
+        w = point_weights.to(diff).view(1, -1, 1)
+        diff, weight = diff * w, weight * w
+    return diff.sum() / weight.sum().clamp(min=1e-6)
+
+
 def landmark_region_mask(landmarks: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
     """B×1×H×W weights in [0, 1]: the maximum of isotropic Gaussians (std ``sigma`` in the [−1, 1]
     frame) at the given landmarks (B×P×2, NaN points ignored), e.g. the mouth and eyelid points."""
@@ -315,6 +342,7 @@ __all__ = [
     "equivariance_losses",
     "feature_matching_loss",
     "keypoint_distance_loss",
+    "landmark_flow_loss",
     "landmark_motion_loss",
     "landmark_prior_loss",
     "landmark_region_mask",

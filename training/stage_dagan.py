@@ -244,6 +244,12 @@ class GeneratorObjective(nn.Module):
             terms["kp_landmark_motion"] = w.kp_landmark_motion * L.landmark_motion_loss(
                 kp_s.value, kp_d.value, landmarks[0], landmarks[1], point_w
             )
+        if w.landmark_flow > 0 and landmarks is not None:
+            point_w = torch.ones(kp_d.value.shape[1], device=pred.device)
+            point_w[list(g.kp_landmark_focus)] = g.kp_landmark_focus_weight
+            terms["landmark_flow"] = w.landmark_flow * L.landmark_flow_loss(
+                out.deformation, landmarks[0], landmarks[1], point_w
+            )
         if w.region_l1 > 0 and landmarks is not None:
             focus = landmarks[1][:, list(g.kp_landmark_focus)]
             mask = L.landmark_region_mask(focus, tuple(pred.shape[-2:]), g.region_sigma)
