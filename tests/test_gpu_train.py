@@ -166,7 +166,7 @@ def test_gpu_train_smoke_runs_on_the_cpu_without_device_missing_modules(tmp_path
     # A second recipe beside the first (VARIANT_ARGS) and extra depth flags, as the lent-GPU run uses them.
     env["VARIANT_ARGS"] = (
         "--set dagan.weights.region_l1=30 --set dagan.expressive_pairs=0.75"
-        " --set dagan.weights.landmark_flow=300"
+        " --set dagan.weights.landmark_flow=1000"
     )
     env["DEPTH_ARGS"] = "--set depth.smoothness=0.01"
     cmd = ["bash", "scripts/gpu_train.sh", "--smoke"]
@@ -188,7 +188,7 @@ def test_gpu_train_smoke_runs_on_the_cpu_without_device_missing_modules(tmp_path
     assert load_model(out / "dagan-b.safetensors").depth_net is not None
     b = summary["dagan-b"]
     assert b["step"] == 2 and b["weights"]["region_l1"] == 30 and b["expressive_pairs"] == 0.75
-    assert b["weights"]["landmark_flow"] == 300
+    assert b["weights"]["landmark_flow"] == 1000
     if isinstance(b["last_logged"], dict) and "loss" in b["last_logged"]:  # tensorboard present
         assert b["last_logged"]["landmark_flow"] > 0  # the drawn faces' tracks reach the flow term
     assert "weights" not in summary["dagan"]

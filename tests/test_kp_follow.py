@@ -55,7 +55,7 @@ def _fetch_from_source(frames, pts):
 
 
 def _rigid(frames, pts):
-    """A warp that fetches every point from where it is (no stretch), all carried by the background."""
+    """A warp that fetches every point from where it is (no stretch), all carried by one channel."""
     return pts.copy(), np.zeros(pts.shape[:2], np.int64)
 
 
@@ -65,10 +65,15 @@ def test_warp_gaps_say_whether_the_flow_opens_the_mouth(smoke, warp, gain):
     assert set(result["warp"]) == {"smoke0", "smoke1"}
     for name in ("mouth", "left eye", "right eye"):
         assert result["warp_median"][name]["gain"] == pytest.approx(gain, abs=1e-3), name
-        assert result["warp_median"][name]["own"] == gain, name  # own keypoints only in the perfect one
+        assert result["warp_median"][name]["apart"] == gain, name  # one carrier for all: never apart
     if gain:
         assert result["warp_median"]["mouth"]["r"] == pytest.approx(1.0, abs=1e-3)
-    assert "| clip (warp) |" in markdown(result)
+        assert result["carriers"]["13"] == {"kp 13": 1.0}  # the upper lip by the upper-lip keypoint
+    else:
+        assert result["carriers"]["13"] == {"background": 1.0}
+    assert set(result["carriers"]) == {"13", "14", "159", "145", "386", "374"}
+    table = markdown(result)
+    assert "| clip (warp) |" in table and "- mesh point 14 is carried by" in table
     assert "warp" not in keypoint_follow(_replay(smoke, 1.0), smoke, POINTS, 64, frame_stride=1)
 
 
@@ -83,7 +88,8 @@ def test_command_scores_a_checkpoint_and_refuses_frames_of_another_size(smoke, t
     assert result["frames"] == 16 and set(result["clips"]) == {"smoke0", "smoke1"}
     assert {"mouth", "motion"} <= set(result["median"])
     assert set(result["warp"]) == {"smoke0", "smoke1"}  # the command scores the generator's warp too
-    assert all(0 <= v["own"] <= 1 for v in result["warp_median"].values())
+    assert all(0 <= v["apart"] <= 1 for v in result["warp_median"].values())
+    assert all(sum(shares.values()) == pytest.approx(1.0, abs=0.01) for shares in result["carriers"].values())
 
     with pytest.raises(UserError, match="15 keypoints; 3 anchor points"):
         keypoint_follow(_replay(smoke, 1.0), smoke, POINTS[:3], 64)

@@ -20,10 +20,10 @@ With a :data:`WarpFn` (the command always passes the model's) it scores the next
 generator's **warp**, driving each clip's frames from its first frame (self-reenactment, absolute
 motion): per gap, how far the backward flow read at the driving frame's two mesh points stretches the
 source's gap, against how far it must (the mesh gap's change since the first frame): r and gain, 0 =
-the warp moves upper and lower lip as one. And **own**: the share of frames whose two gap points are
-carried by their own anchored keypoints in the motion masks (the softmax that picks, per pixel, which
-keypoint's motion applies); a lip carried by the mouth-corner keypoint cannot open, whatever the lip
-keypoints do.
+the warp moves upper and lower lip as one. And **apart**: the share of frames whose two gap points are
+carried by different channels of the motion masks (the softmax that picks, per pixel, which keypoint's
+motion applies); two points carried by one keypoint move as one, whatever the other keypoints do. Which
+keypoints carry each point (``carriers``, counted over all frames) is in the result too.
 """
 
 from __future__ import annotations
@@ -92,9 +92,9 @@ def score_clip(kp: np.ndarray, marks: np.ndarray, points: Sequence[int]) -> dict
     return out
 
 
-def score_warp(flow: np.ndarray, owner: np.ndarray, marks: np.ndarray, points: Sequence[int]) -> dict:
+def score_warp(flow: np.ndarray, carrier: np.ndarray, marks: np.ndarray, points: Sequence[int]) -> dict:
     """Warp gaps of one clip driven from its first frame. ``flow`` N×K×2 the backward flow read at the
-    anchors' mesh points of each frame, ``owner`` N×K their mask channels, ``marks`` N×K×2 those points
+    anchors' mesh points of each frame, ``carrier`` N×K their mask channels, ``marks`` N×K×2 those points
     (every frame with a face), ``points`` the mesh index of each keypoint."""
     out: dict[str, dict[str, float]] = {}
     for name, upper, lower in GAPS:
@@ -107,8 +107,24 @@ def score_warp(flow: np.ndarray, owner: np.ndarray, marks: np.ndarray, points: S
             continue
         stretch = (flow[:, j, 1] - flow[:, i, 1]) - gap  # 0: the warp moves both points as one
         r, gain = fit(stretch, must)
-        own = float(((owner[:, i] == i + 1) & (owner[:, j] == j + 1)).mean())
-        out[name] = {"r": r, "gain": gain, "own": own}
+        out[name] = {"r": r, "gain": gain, "apart": float((carrier[:, i] != carrier[:, j]).mean())}
+    return out
+
+
+def carrier_shares(carriers: Sequence[np.ndarray], points: Sequence[int]) -> dict[str, dict[str, float]]:
+    """For each gap point (mesh index), the share of all frames each mask channel carries it, named
+    ``background`` or ``kp <mesh index of the keypoint's anchor>``, largest first."""
+    every = np.concatenate(carriers)  # frames × K
+    out: dict[str, dict[str, float]] = {}
+    for point in sorted({p for g in GAPS for p in g[1:] if p in points}, key=list(points).index):
+        values, counts = np.unique(every[:, list(points).index(point)], return_counts=True)
+        order = np.argsort(-counts)
+        out[str(point)] = {
+            ("background" if values[o] == 0 else f"kp {points[values[o] - 1]}"): round(
+                float(counts[o] / counts.sum()), 3
+            )
+            for o in order
+        }
     return out
 
 
@@ -137,7 +153,7 @@ def model_scorers(checkpoint: str | Path, batch_size: int = 16) -> tuple[Keypoin
 
     def warp(frames: np.ndarray, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = tensor(frames)
-        flows, owners = [], []
+        flows, carriers = [], []
         with torch.inference_mode():
             state = model.encode_source(x[:1])
             for i in range(len(x)):
@@ -147,8 +163,8 @@ def model_scorers(checkpoint: str | Path, batch_size: int = 16) -> tuple[Keypoin
                 flow = F.grid_sample(out.deformation.permute(0, 3, 1, 2), grid, align_corners=True)
                 mask = F.grid_sample(out.mask, grid, align_corners=True)  # 1×(K+1)×P×1
                 flows.append(flow[0, :, :, 0].T.numpy())
-                owners.append(mask[0, :, :, 0].argmax(0).numpy())
-        return np.stack(flows), np.stack(owners)
+                carriers.append(mask[0, :, :, 0].argmax(0).numpy())
+        return np.stack(flows), np.stack(carriers)
 
     return keypoints, warp, size
 
@@ -165,8 +181,9 @@ def keypoint_follow(
     """Score every clip under ``root`` (a prepared dataset, or one split of it) that has mesh tracks.
 
     Returns ``{"clips": {name: score_clip(...)}, "median": {measure: {"r", "gain"}}, "frames": n}``,
-    with ``warp`` also ``"warp": {name: score_warp(...)}`` and ``"warp_median": {gap: {"r", "gain",
-    "own"}}`` (the clip's frames with a face, from the first of them). Frames whose size is not
+    with ``warp`` also ``"warp": {name: score_warp(...)}``, ``"warp_median": {gap: {"r", "gain",
+    "apart"}}`` and ``"carriers"`` (:func:`carrier_shares`), on each clip's frames with a face, driven
+    from the first of them. Frames whose size is not
     ``image_size`` are an error (the tracks are in the stored frames' pixels)."""
     root = Path(root)
     if not root.is_dir():
@@ -178,6 +195,7 @@ def keypoint_follow(
     points = list(points)
     clips: dict[str, dict] = {}
     warps: dict[str, dict] = {}
+    carriers: list[np.ndarray] = []
     frames_used = 0
     for folder in folders:
         video = Video(folder)
@@ -198,8 +216,9 @@ def keypoint_follow(
         frames_used += len(idx)
         face = np.isfinite(marks[idx]).all(axis=(1, 2))
         if warp is not None and face.sum() >= 3:
-            flow, owner = warp(images[face], marks[idx][face])
-            warps[folder.name] = score_warp(flow, owner, marks[idx][face], points)
+            flow, carrier = warp(images[face], marks[idx][face])
+            warps[folder.name] = score_warp(flow, carrier, marks[idx][face], points)
+            carriers.append(carrier)
     if not clips:
         raise UserError(f"no clips with face-mesh tracks under {root} (run `dagan landmarks` on it first)")
     median: dict[str, dict[str, float]] = {}
@@ -214,9 +233,10 @@ def keypoint_follow(
         for name, _, _ in GAPS:
             rows = [c[name] for c in warps.values() if name in c]
             if rows:
-                warp_median[name] = {k: _median(x[k] for x in rows) for k in ("r", "gain", "own")}
+                warp_median[name] = {k: _median(x[k] for x in rows) for k in ("r", "gain", "apart")}
                 warp_median[name]["clips"] = len(rows)
-        result.update(warp=warps, warp_median=warp_median)
+        shares = carrier_shares(carriers, points) if carriers else {}
+        result.update(warp=warps, warp_median=warp_median, carriers=shares)
     return result
 
 
@@ -251,12 +271,12 @@ def markdown(result: dict) -> str:
     if "warp" in result:
         gaps = [g[0] for g in GAPS]
         lines += [
-            "| clip (warp) | " + " | ".join(f"{n} r / gain / own" for n in gaps) + " |",
+            "| clip (warp) | " + " | ".join(f"{n} r / gain / apart" for n in gaps) + " |",
             "|---|" + "---:|" * len(gaps),
         ]
 
         def warp_cell(d: dict | None) -> str:
-            return "—" if d is None else f"{d['r']:.2f} / {d['gain']:.2f} / {d['own']:.2f}"
+            return "—" if d is None else f"{d['r']:.2f} / {d['gain']:.2f} / {d['apart']:.2f}"
 
         for clip, score in result["warp"].items():
             lines.append(f"| {clip} | " + " | ".join(warp_cell(score.get(n)) for n in gaps) + " |")
@@ -265,6 +285,10 @@ def markdown(result: dict) -> str:
         lines.append(
             "\nWarp, each clip driven from its first frame: how far the generator's flow stretches the "
             "source's gap against how far the face's gap changed (gain 0 = upper and lower point move as "
-            "one); own = share of frames whose two points are carried by their own keypoints.\n"
+            "one); apart = share of frames whose two points are carried by different keypoints.\n"
         )
+        for point, shares in result["carriers"].items():
+            top = ", ".join(f"{name} {share:.0%}" for name, share in list(shares.items())[:3])
+            lines.append(f"- mesh point {point} is carried by {top}")
+        lines.append("")
     return "\n".join(lines) + "\n"
