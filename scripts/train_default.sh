@@ -4,7 +4,7 @@
 # Stage 1 learns the face depth self-supervised on the real clips (paper §3.2); stage 2 fine-tunes the
 # previous default's keypoint detector and generator (INIT, taken from git history) with that depth net
 # frozen. Every step is resumable: re-run the script, or `dagan train ... --resume --run-dir ...`.
-# On a quiet 2-core CPU: prepare + landmarks ~5-15 min, depth ~35 + 25 + 35 min, DaGAN ~1 h; minutes on a GPU
+# On a quiet 2-core CPU: prepare + landmarks ~5-15 min, depth ~35 + 25 + 35 min, DaGAN ~1 h + 1.5 h; minutes on a GPU
 # (scripts/gpu_train.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,8 +58,22 @@ DEPTH_INIT=$OUT/depth-init.safetensors
   dagan train depth --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
     --run-dir runs/depth-off6 --init "$DEPTH_INIT" --steps 3000 --set "depth.lr_milestones=[2600]" "${resume[@]}"
 }
-# 4. stage 2: DaGAN, depth frozen, from the previous default
-if [ -f runs/live128v2/latest.json ]; then resume=(--resume); else resume=(); fi
+# 4. stage 2: DaGAN, depth frozen, from the previous default, with the recipe's loss weights of the time
+#    (the GPU run that followed is scripts/gpu_train.sh, docs/training.md §10)
+[ -f runs/live128v2/dagan.safetensors ] || {
+  if [ -f runs/live128v2/latest.json ]; then resume=(--resume); else resume=(); fi
+  dagan train dagan --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
+    --depth runs/depth-half/depth.safetensors --init "$INIT" --run-dir runs/live128v2 \
+    --set dagan.weights.region_l1=10 --set dagan.weights.kp_landmark_motion=20 \
+    --set dagan.expressive_pairs=0 --set dagan.weights.landmark_flow=0 \
+    --set dagan.face_landmark_weights="$ASSETS" "${resume[@]}"
+}
+# 5. the bundled file since 2026-12-05 14:30: the file of git FLOW_REV (GPU run b with the depth net of 3c)
+#    fine-tuned on the CPU with the recipe as it is now, flow loss included, 3,600 steps at batch 6
+FLOW_REV=${FLOW_REV:-c0d4bb7}
+FLOW_INIT=$OUT/flow-init.safetensors
+[ -f "$FLOW_INIT" ] || git show "$FLOW_REV:weights/dagan-default.safetensors" > "$FLOW_INIT"
+if [ -f runs/live128-flow/latest.json ]; then resume=(--resume); else resume=(); fi
 dagan train dagan --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
-  --depth runs/depth-half/depth.safetensors --init "$INIT" --run-dir runs/live128v2 \
-  --set dagan.face_landmark_weights="$ASSETS" "${resume[@]}" "$@"
+  --depth "$FLOW_INIT" --init "$FLOW_INIT" --run-dir runs/live128-flow --steps 3600 --batch-size 6 \
+  --set "dagan.lr_milestones=[3000]" --set dagan.face_landmark_weights="$ASSETS" "${resume[@]}" "$@"
