@@ -183,8 +183,8 @@ def keypoint_follow(
     Returns ``{"clips": {name: score_clip(...)}, "median": {measure: {"r", "gain"}}, "frames": n}``,
     with ``warp`` also ``"warp": {name: score_warp(...)}``, ``"warp_median": {gap: {"r", "gain",
     "apart"}}`` and ``"carriers"`` (:func:`carrier_shares`), on each clip's frames with a face, driven
-    from the first of them. Frames whose size is not
-    ``image_size`` are an error (the tracks are in the stored frames' pixels)."""
+    from the first of them. Frames whose size is not ``image_size`` are an error (the tracks are in the
+    stored frames' pixels)."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder")
