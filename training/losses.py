@@ -130,7 +130,18 @@ def landmark_motion_loss(
     """
     valid = (torch.isfinite(lm_source).all(-1) & torch.isfinite(lm_driving).all(-1)).unsqueeze(-1)
     target = torch.nan_to_num(lm_driving.float()) - torch.nan_to_num(lm_source.float())
-    diff = ((kp_driving.float() - kp_source.float()) - target).abs() * valid  # B×K×2
+    return _weighted_point_l1(kp_driving.float() - kp_source.float(), target, valid, point_weights)
+
+
+def _weighted_point_l1(
+    pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, point_weights: torch.Tensor | None
+) -> torch.Tensor:
+    """Mean |pred − target| over the valid points, each point weighted by ``point_weights``.
+
+    pred, target: B×P×2 (target finite), valid: B×P×1 bool, point_weights: P or None (all 1). Returns 0
+    (with a graph) when no point is valid. The landmark terms below share it so they weigh points alike.
+    """
+    diff = (pred - target).abs() * valid  # B×P×2
     weight = valid.float().expand_as(diff)
     if point_weights is not None:
         w = point_weights.to(diff).view(1, -1, 1)
@@ -157,12 +168,7 @@ def landmark_flow_loss(
     grid = torch.nan_to_num(lm_driving.float()).unsqueeze(2)  # B×P×1×2
     flow = F.grid_sample(deformation.float().permute(0, 3, 1, 2), grid, align_corners=True)  # B×2×P×1
     flow = flow[..., 0].permute(0, 2, 1)  # B×P×2
-    diff = (flow - torch.nan_to_num(lm_source.float())).abs() * valid
-    weight = valid.float().expand_as(diff)
-    if point_weights is not None:
-        w = point_weights.to(diff).view(1, -1, 1)
-        diff, weight = diff * w, weight * w
-    return diff.sum() / weight.sum().clamp(min=1e-6)
+    return _weighted_point_l1(flow, torch.nan_to_num(lm_source.float()), valid, point_weights)
 
 
 def landmark_region_mask(landmarks: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:

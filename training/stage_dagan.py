@@ -238,15 +238,16 @@ class GeneratorObjective(nn.Module):
                 L.landmark_prior_loss(kp_s.value, landmarks[0])
                 + L.landmark_prior_loss(kp_d.value, landmarks[1])
             )
-        if w.kp_landmark_motion > 0 and landmarks is not None:
+        if landmarks is not None and (w.kp_landmark_motion > 0 or w.landmark_flow > 0):
+            # per anchor point (the config checks the focus positions when these terms are on): the
+            # expression points (eyelids, lips) count focus_weight times in both terms below
             point_w = torch.ones(kp_d.value.shape[1], device=pred.device)
             point_w[list(g.kp_landmark_focus)] = g.kp_landmark_focus_weight
+        if w.kp_landmark_motion > 0 and landmarks is not None:
             terms["kp_landmark_motion"] = w.kp_landmark_motion * L.landmark_motion_loss(
                 kp_s.value, kp_d.value, landmarks[0], landmarks[1], point_w
             )
         if w.landmark_flow > 0 and landmarks is not None:
-            point_w = torch.ones(kp_d.value.shape[1], device=pred.device)
-            point_w[list(g.kp_landmark_focus)] = g.kp_landmark_focus_weight
             terms["landmark_flow"] = w.landmark_flow * L.landmark_flow_loss(
                 out.deformation, landmarks[0], landmarks[1], point_w
             )
