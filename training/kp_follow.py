@@ -221,23 +221,24 @@ def keypoint_follow(
             carriers.append(carrier)
     if not clips:
         raise UserError(f"no clips with face-mesh tracks under {root} (run `dagan landmarks` on it first)")
-    median: dict[str, dict[str, float]] = {}
-    for name in MEASURES:
-        rows = [c[name] for c in clips.values() if name in c]
-        if rows:
-            median[name] = {"r": _median(x["r"] for x in rows), "gain": _median(x["gain"] for x in rows)}
-            median[name]["clips"] = len(rows)
-    result = {"clips": clips, "median": median, "frames": frames_used}
+    result = {"clips": clips, "median": _medians(clips, MEASURES, ("r", "gain")), "frames": frames_used}
     if warp is not None:
-        warp_median: dict[str, dict[str, float]] = {}
-        for name, _, _ in GAPS:
-            rows = [c[name] for c in warps.values() if name in c]
-            if rows:
-                warp_median[name] = {k: _median(x[k] for x in rows) for k in ("r", "gain", "apart")}
-                warp_median[name]["clips"] = len(rows)
+        gaps = [g[0] for g in GAPS]
         shares = carrier_shares(carriers, points) if carriers else {}
-        result.update(warp=warps, warp_median=warp_median, carriers=shares)
+        result.update(warp=warps, warp_median=_medians(warps, gaps, ("r", "gain", "apart")), carriers=shares)
     return result
+
+
+def _medians(scores: dict[str, dict], names: Sequence[str], keys: Sequence[str]) -> dict[str, dict]:
+    """Per measure ``name`` that some clip has: the median over those clips of each of ``keys``, and
+    ``"clips"``, their count. ``scores``: {clip: {name: {key: value}}}."""
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        rows = [c[name] for c in scores.values() if name in c]
+        if rows:
+            out[name] = {k: _median(x[k] for x in rows) for k in keys}
+            out[name]["clips"] = len(rows)
+    return out
 
 
 def _median(values: Iterable[float]) -> float:
