@@ -13,6 +13,7 @@ from training.landmarks import MESH_POINTS, annotate_clip
 from training.losses import (
     keypoint_distance_loss,
     landmark_flow_loss,
+    landmark_mask_loss,
     landmark_motion_loss,
     landmark_prior_loss,
     landmark_region_mask,
@@ -145,6 +146,36 @@ def test_flow_loss_asks_the_warp_to_fetch_each_landmark_from_its_source_position
     assert landmark_flow_loss(flow, lm_s, nan).item() == 0.0
 
 
+def test_mask_loss_asks_each_focus_landmark_to_take_its_own_keypoints_motion():
+    h = w = 9
+    lm = torch.tensor([[[-0.5, 0.0], [0.5, 0.0], [0.0, 0.75]]])  # anchors of keypoints 0, 1, 2
+    big = 30.0  # logits: a softmax of all but one-hot
+    own = torch.zeros(1, 4, h, w)  # channel 0 the background, channel k + 1 keypoint k
+    own[:, 1, :, : w // 2] = big  # keypoint 0 carries the left half, keypoint 1 the right
+    own[:, 2, :, w // 2 :] = big
+    own[:, :, 6:] = 0.0
+    own[:, 3, 6:] = big  # keypoint 2 the bottom rows
+    assert landmark_mask_loss(own, lm, [0, 1, 2]).item() == pytest.approx(0.0, abs=1e-5)
+    swapped = own[:, [0, 2, 1, 3]]  # the two keypoints carry each other's half
+    assert landmark_mask_loss(swapped, lm, [0, 1]).item() == pytest.approx(big, rel=1e-3)
+    # only the given points count: the background taking point 2's rows costs 0 for points 0 and 1
+    lower = own.clone()
+    lower[:, :, 6:] = 0.0
+    lower[:, 0, 6:] = big
+    assert landmark_mask_loss(lower, lm, [0, 1]).item() == pytest.approx(0.0, abs=1e-5)
+    assert landmark_mask_loss(lower, lm, [0, 1, 2]).item() == pytest.approx(big / 3, rel=1e-3)
+    # a channel the softmax has all but switched off still gets a full gradient (why logits, not the mask)
+    dead = swapped.clone().requires_grad_(True)
+    landmark_mask_loss(dead, lm, [0]).backward()
+    assert dead.grad[0, 1].sum().item() < -0.5  # raise keypoint 0's logit where its landmark is
+    even = torch.zeros(1, 4, h, w)
+    assert landmark_mask_loss(even, lm, [0, 1, 2]).item() == pytest.approx(np.log(4.0), rel=1e-5)
+    nan = lm.clone()
+    nan[0, 0] = float("nan")  # no face for point 0: only point 1 counts
+    assert landmark_mask_loss(swapped, nan, [0, 1]).item() == pytest.approx(big, rel=1e-3)
+    assert landmark_mask_loss(own, torch.full_like(lm, float("nan")), [0, 1]).item() == 0.0
+
+
 def test_distance_loss_exempts_only_the_given_pairs():
     kp = torch.tensor([[[0.0, 0.0], [0.0, 0.05], [0.9, 0.9]]], requires_grad=True)  # lips 0 and 1 close
     full, eq13 = keypoint_distance_loss(kp, 0.2)
@@ -206,3 +237,81 @@ def test_face_feature_loss_prefers_the_sharp_image(astronaut):
     loss(pred, img).backward()
     assert pred.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in loss.net.parameters())  # the landmark net only measures
+
+
+def test_flow_points_reach_the_flow_loss_and_only_it(tmp_path, astronaut):
+    """dagan.flow_points: the stage's dataset reads the anchors then those points, and the generator
+    objective charges the warp at both while every other landmark term still sees the anchors alone."""
+    from training.config import EXPRESSION_MESH_POINTS
+    from training.distributed import DistInfo
+    from training.stage_dagan import DaganStage, GeneratorObjective
+
+    k = load_train_config(None, {"model": "tiny"}).model.keypoints.num_kp
+    anchors = list(POINTS[:k])
+    extra = [13, 14, 78, 308]
+    cfg = load_train_config(
+        None,
+        {
+            "model": "tiny",
+            "data.workers": 0,
+            "dagan.kp_landmark_points": anchors,
+            "dagan.kp_landmark_focus": [0, 1],
+            "dagan.flow_points": extra,
+            "dagan.weights.landmark_flow": 1.0,
+            "dagan.weights.kp_landmarks": 1.0,
+            "dagan.weights.landmark_mask": 1.0,
+        },
+    )
+    bad = {"model": "tiny", "dagan.weights.landmark_flow": 1.0, "dagan.kp_landmark_points": anchors}
+    with pytest.raises(ConfigError, match=r"dagan\.flow_points"):
+        load_train_config(None, {**bad, "dagan.flow_points": [478]})
+    assert set(extra) <= set(EXPRESSION_MESH_POINTS)  # `dagan pack-data` keeps these by default
+    stage = DaganStage(cfg, torch.device("cpu"), DistInfo(), None)
+    _clip(tmp_path, [astronaut, astronaut])  # tmp_path/data/train/c0
+    root = str(tmp_path / "data")
+    assert stage.dataset(root).landmark_points == (*anchors, *extra)
+    off = load_train_config(
+        None,
+        {
+            "model": "tiny",
+            "dagan.flow_points": extra,
+            "dagan.weights.kp_landmarks": 1.0,
+            "dagan.kp_landmark_points": anchors,
+        },
+    )
+    assert DaganStage(off, torch.device("cpu"), DistInfo(), None).dataset(root).landmark_points == tuple(
+        anchors
+    )  # no flow term: the extra tracks are not read
+
+    objective = GeneratorObjective(stage.model, stage.discriminator, stage.perceptual, cfg)
+    torch.manual_seed(0)
+    size = cfg.model.image_size
+    source, driving = torch.rand(2, 3, size, size), torch.rand(2, 3, size, size)
+    marks = torch.rand(2, 2, k + len(extra), 2) * 1.2 - 0.6  # (source, driving) × B × points × 2
+    marks[0, :, k:] = 3.0  # the flow points' source positions, far outside what any warp reads
+
+    with torch.no_grad():
+        _, logs, _ = objective(source, driving, 0, (marks[0], marks[1]))
+        kp_s, depth_s = objective._keypoints(source)
+        kp_d, _ = objective._keypoints(driving)
+        deformation = stage.model.generator(source, depth_s, kp_s, kp_d).deformation
+    weights = torch.ones(k + len(extra))
+    weights[[0, 1]] = cfg.dagan.kp_landmark_focus_weight
+    both = landmark_flow_loss(deformation, marks[0], marks[1], weights).item()
+    anchors_only = landmark_flow_loss(deformation, marks[0, :, :k], marks[1, :, :k], weights[:k]).item()
+    assert logs["landmark_flow"] == pytest.approx(both, rel=1e-4)
+    assert both > anchors_only + 0.3  # the flow points count
+    # the keypoint prior still pairs keypoint j with anchor j: the flow points do not shift it
+    prior = landmark_prior_loss(kp_s.value, marks[0, :, :k]) + landmark_prior_loss(
+        kp_d.value, marks[1, :, :k]
+    )
+    assert logs["kp_landmarks"] == pytest.approx(prior.item(), rel=1e-5)
+    # the mask term reads the mask logits of the generator's forward (kept by the hook): their softmax
+    # is the generator's mask
+    with torch.no_grad():
+        out = stage.model.generator(source, depth_s, kp_s, kp_d)
+    logits = objective._mask_logits
+    assert torch.allclose(torch.softmax(logits, 1), out.mask, atol=1e-6)
+    assert logs["landmark_mask"] == pytest.approx(
+        landmark_mask_loss(logits, marks[1, :, :k], cfg.dagan.kp_landmark_focus).item(), rel=1e-5
+    )

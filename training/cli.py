@@ -202,7 +202,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         nargs="+",
         metavar="P",
-        help="face-mesh points whose tracks are kept (default: dagan.kp_landmark_points)",
+        help="face-mesh points whose tracks are kept (default: dagan.kp_landmark_points and "
+        "training.config.EXPRESSION_MESH_POINTS, which dagan.flow_points may read)",
     )
     p.add_argument(
         "--assets",

@@ -72,6 +72,21 @@ class DepthStageConfig:
 # left and right cheek at the jaw, forehead top, chin.
 FACE_BOX_POINTS = (234, 454, 10, 152)
 
+# The face-mesh points ``dagan.flow_points`` is meant for: mediapipe's lip contours (outer and inner,
+# 40), both eyes' lid contours (32), and the chin and jaw below the mouth that drop when it opens (13).
+# `dagan pack-data` keeps these tracks by default beside the anchors, so a packed copy serves a recipe
+# that reads any of them.
+EXPRESSION_MESH_POINTS: tuple[int, ...] = (
+    # lips
+    0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181,
+    185, 191, 267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415,
+    # the subject's left eye, then the right
+    249, 263, 362, 373, 374, 380, 381, 382, 384, 385, 386, 387, 388, 390, 398, 466,
+    7, 33, 133, 144, 145, 153, 154, 155, 157, 158, 159, 160, 161, 163, 173, 246,
+    # below the lower lip, the chin, the jaw
+    18, 200, 199, 175, 152, 148, 176, 149, 150, 377, 400, 378, 379,
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class LossWeights:
@@ -102,6 +117,16 @@ class LossWeights:
     # otherwise let a lip be carried by a mouth-corner or nose keypoint, so a lip keypoint that moves
     # does not open the warp (docs/training.md, "Keypoint prior"); focus points count focus_weight times.
     landmark_flow: float = 0.0
+    # −log of the motion mask's weight for keypoint k at its anchor landmark in the driving frame, over
+    # the focus points (eyelids, mouth): the lips and lids take their own keypoints' motion instead of a
+    # mouth-corner's or the nose's (training.losses.landmark_mask_loss). ~1 makes it count.
+    landmark_mask: float = 0.0
+
+    @property
+    def reads_landmarks(self) -> bool:
+        """Whether a term reads the face-mesh tracks (the keypoint prior and the terms beside it)."""
+        prior = (self.kp_landmarks, self.kp_landmark_motion, self.region_l1, self.face_landmarks)
+        return any(v > 0 for v in (*prior, self.landmark_flow, self.landmark_mask))
 
 
 @dataclass(frozen=True)
@@ -161,6 +186,10 @@ class DaganStageConfig:
     # are closer than the threshold (eq. 13 would push an upper and a lower lip keypoint apart).
     kp_landmark_focus: tuple[int, ...] = (0, 1, 2, 3, 5, 6, 7, 8)
     kp_landmark_focus_weight: float = 4.0
+    # Face-mesh points where weights.landmark_flow also reads the warp, beside the anchors above (each
+    # counts 1, an anchor 1 or focus_weight). The 15 anchors hold one point per lip; the other lip and
+    # lid pixels may still be carried by a mouth-corner keypoint. E.g. EXPRESSION_MESH_POINTS.
+    flow_points: tuple[int, ...] = ()
     region_sigma: float = 0.08  # in the [−1, 1] frame (0.08 ≈ 5 px at 128 px)
     # Share of (source, driving) pairs whose driving frame is the most different in expression (focus
     # landmarks) of 8 random frames of the clip; 0 = uniform pairs, as the paper.
@@ -311,8 +340,7 @@ def _check_semantics(cfg: TrainConfig) -> None:
             "dagan.kp_landmark_points",
             "weights.face_landmarks boxes the face by mesh points 10, 152, 234 and 454: include them",
         )
-    prior = (w.kp_landmarks, w.kp_landmark_motion, w.region_l1, w.face_landmarks, w.landmark_flow)
-    if any(v > 0 for v in prior):
+    if w.reads_landmarks:
         k = cfg.model.keypoints.num_kp
         need(
             len(g.kp_landmark_points) == k,
@@ -322,6 +350,11 @@ def _check_semantics(cfg: TrainConfig) -> None:
         need(
             all(0 <= p < 478 for p in g.kp_landmark_points),
             "dagan.kp_landmark_points",
+            "mediapipe face-mesh indices are 0..477",
+        )
+        need(
+            all(0 <= p < 478 for p in g.flow_points),
+            "dagan.flow_points",
             "mediapipe face-mesh indices are 0..477",
         )
         need(

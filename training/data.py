@@ -101,7 +101,7 @@ class Video:
             if missing:
                 raise DatasetError(
                     f"{self._mesh_path} was packed without mesh points {missing[:5]}: re-run "
-                    "`dagan pack-data` with --points covering dagan.kp_landmark_points"
+                    "`dagan pack-data` with --points covering dagan.kp_landmark_points and dagan.flow_points"
                 )
         return self._mesh[:, list(points)]
 

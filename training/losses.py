@@ -171,6 +171,31 @@ def landmark_flow_loss(
     return _weighted_point_l1(flow, torch.nan_to_num(lm_source.float()), valid, point_weights)
 
 
+def landmark_mask_loss(
+    mask_logits: torch.Tensor, lm_driving: torch.Tensor, points: Sequence[int]
+) -> torch.Tensor:
+    """Mean −log m_{k+1}(lm_d,k) over the anchor points k in ``points``: at the driving frame's landmark
+    of keypoint k, the motion mask should give keypoint k's own motion.
+
+    mask_logits: B×(K+1)×h×w, the logits of the dense motion's softmax blend weights (channel 0 the
+    background, channel k+1 keypoint k), log-softmaxed here and read bilinearly at ``lm_driving`` (B×K×2,
+    the anchors, coordinates as in ``landmark_flow_loss``, NaN skipped). Logits, not the mask: the
+    bundled masks give some keypoints ~0 everywhere, and −log of a saturated softmax has no gradient, so
+    such a channel would never come back. The flow loss alone leaves the carrier free wherever several
+    keypoints move alike, which is most pairs: the bundled masks let a mouth-corner or the nose keypoint
+    carry the lips and lids, so the lip and lid keypoints' motion reached no lip or lid pixel (``dagan
+    kp-follow``). Returns 0 when no point is valid.
+    """
+    idx = list(points)
+    marks = lm_driving[:, idx].float()  # B×P×2
+    valid = torch.isfinite(marks).all(-1)  # B×P
+    grid = torch.nan_to_num(marks).unsqueeze(2)  # B×P×1×2
+    log_mask = F.log_softmax(mask_logits.float(), dim=1)
+    read = F.grid_sample(log_mask, grid, align_corners=True)[..., 0]  # B×(K+1)×P
+    own = read[:, [k + 1 for k in idx]].diagonal(dim1=1, dim2=2)  # B×P: channel k+1 at point k
+    return -(own * valid).sum() / valid.sum().clamp(min=1)
+
+
 def landmark_region_mask(landmarks: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
     """B×1×H×W weights in [0, 1]: the maximum of isotropic Gaussians (std ``sigma`` in the [−1, 1]
     frame) at the given landmarks (B×P×2, NaN points ignored), e.g. the mouth and eyelid points."""
@@ -349,6 +374,7 @@ __all__ = [
     "feature_matching_loss",
     "keypoint_distance_loss",
     "landmark_flow_loss",
+    "landmark_mask_loss",
     "landmark_motion_loss",
     "landmark_prior_loss",
     "landmark_region_mask",

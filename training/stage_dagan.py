@@ -84,9 +84,11 @@ class DaganStage(Stage):
 
     def dataset(self, root: str):
         w = self.cfg.dagan.weights
-        uses_marks = w.kp_landmarks > 0 or w.kp_landmark_motion > 0 or w.region_l1 > 0 or w.face_landmarks > 0
         g = self.cfg.dagan
-        points = g.kp_landmark_points if uses_marks or g.expressive_pairs > 0 else ()
+        points: tuple[int, ...] = ()
+        if w.reads_landmarks or g.expressive_pairs > 0:
+            # the anchors first (every term reads those), then the flow loss's own points
+            points = g.kp_landmark_points + (g.flow_points if w.landmark_flow > 0 else ())
         return self._video_dataset(
             SourceDrivingDataset,
             root,
@@ -180,6 +182,14 @@ class GeneratorObjective(nn.Module):
         # Plain tuple attributes: not registered as submodules, so not part of this module's parameters.
         self._critics = (discriminator, perceptual)
         self._landmark_loss = (landmark_loss,)
+        # The mask loss needs the dense motion's logits, which the generator (an engine graph, the
+        # same for every backend) does not return: a hook on its mask conv keeps the latest ones.
+        self._mask_logits: torch.Tensor | None = None
+        if self.cfg.weights.landmark_mask > 0:
+            model.generator.dense_motion_network.mask.register_forward_hook(self._keep_mask_logits)
+
+    def _keep_mask_logits(self, _module: nn.Module, _inputs, logits: torch.Tensor) -> None:
+        self._mask_logits = logits
 
     def _keypoints(self, image: torch.Tensor):
         depth = None
@@ -191,9 +201,16 @@ class GeneratorObjective(nn.Module):
     def forward(self, source: torch.Tensor, driving: torch.Tensor, seed: int, landmarks=None):
         discriminator, perceptual = self._critics
         w, g = self.cfg.weights, self.cfg
+        flow_marks = None
+        if landmarks is not None:  # the anchors (one per keypoint), then dagan.flow_points (flow loss only)
+            k = len(g.kp_landmark_points)
+            flow_marks = landmarks
+            landmarks = (landmarks[0][:, :k], landmarks[1][:, :k])
         kp_s, depth_s = self._keypoints(source)
         kp_d, depth_d = self._keypoints(driving)
+        self._mask_logits = None
         out = self.model.generator(source, depth_s, kp_s, kp_d)
+        mask_logits, self._mask_logits = self._mask_logits, None  # this forward's (the hook above)
         pred = out.prediction
         logs: dict[str, float] = {}
         terms: dict[str, torch.Tensor] = {}
@@ -247,9 +264,15 @@ class GeneratorObjective(nn.Module):
             terms["kp_landmark_motion"] = w.kp_landmark_motion * L.landmark_motion_loss(
                 kp_s.value, kp_d.value, landmarks[0], landmarks[1], point_w
             )
-        if w.landmark_flow > 0 and landmarks is not None:
+        if w.landmark_flow > 0 and flow_marks is not None:
+            extra = flow_marks[0].shape[1] - point_w.shape[0]
+            flow_w = torch.cat([point_w, point_w.new_ones(extra)])
             terms["landmark_flow"] = w.landmark_flow * L.landmark_flow_loss(
-                out.deformation, landmarks[0], landmarks[1], point_w
+                out.deformation, flow_marks[0], flow_marks[1], flow_w
+            )
+        if w.landmark_mask > 0 and landmarks is not None:
+            terms["landmark_mask"] = w.landmark_mask * L.landmark_mask_loss(
+                mask_logits, landmarks[1], g.kp_landmark_focus
             )
         if w.region_l1 > 0 and landmarks is not None:
             focus = landmarks[1][:, list(g.kp_landmark_focus)]
