@@ -68,12 +68,31 @@ DEPTH_INIT=$OUT/depth-init.safetensors
     --set dagan.expressive_pairs=0 --set dagan.weights.landmark_flow=0 \
     --set dagan.face_landmark_weights="$ASSETS" "${resume[@]}"
 }
-# 5. the bundled file since 2026-12-05 14:30: the file of git FLOW_REV (GPU run b with the depth net of 3c)
-#    fine-tuned on the CPU with the recipe as it is now, flow loss included, 3,600 steps at batch 6
+# 5. the bundled file of 2026-12-05 14:30-18:10: the file of git FLOW_REV (GPU run b with the depth net of
+#    3c) fine-tuned on the CPU with the flow loss, 3,600 steps at batch 6 (the recipe then had neither
+#    flow_points nor landmark_mask)
 FLOW_REV=${FLOW_REV:-c0d4bb7}
 FLOW_INIT=$OUT/flow-init.safetensors
 [ -f "$FLOW_INIT" ] || git show "$FLOW_REV:weights/dagan-default.safetensors" > "$FLOW_INIT"
-if [ -f runs/live128-flow/latest.json ]; then resume=(--resume); else resume=(); fi
+[ -f runs/live128-flow/dagan.safetensors ] || {
+  if [ -f runs/live128-flow/latest.json ]; then resume=(--resume); else resume=(); fi
+  dagan train dagan --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
+    --depth "$FLOW_INIT" --init "$FLOW_INIT" --run-dir runs/live128-flow --steps 3600 --batch-size 6 \
+    --set "dagan.lr_milestones=[3000]" --set dagan.face_landmark_weights="$ASSETS" \
+    --set "dagan.flow_points=[]" --set dagan.weights.landmark_mask=0 "${resume[@]}"
+}
+# 6. the bundled file since 2026-12-05 18:10: that file fine-tuned with the recipe as it is now (the mask
+#    loss), 1,000 steps, then 1,800 more from the step-1,000 checkpoint. The first 1,000 ran with a mask
+#    term that took -log of the softmax, which gives a switched-off channel no gradient (since fixed to
+#    read the logits); a re-run of 6a uses the fixed term, so it is close but not bit-identical
+[ -f runs/live128-mask/checkpoints/step-00001000.safetensors ] || {
+  if [ -f runs/live128-mask/latest.json ]; then resume=(--resume); else resume=(); fi
+  dagan train dagan --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
+    --depth "$FLOW_INIT" --init runs/live128-flow/dagan.safetensors --run-dir runs/live128-mask --steps 1000 \
+    --batch-size 6 --set dagan.face_landmark_weights="$ASSETS" "${resume[@]}"
+}
+if [ -f runs/live128-mask2/latest.json ]; then resume=(--resume); else resume=(); fi
 dagan train dagan --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
-  --depth "$FLOW_INIT" --init "$FLOW_INIT" --run-dir runs/live128-flow --steps 3600 --batch-size 6 \
-  --set "dagan.lr_milestones=[3000]" --set dagan.face_landmark_weights="$ASSETS" "${resume[@]}" "$@"
+  --depth "$FLOW_INIT" --init runs/live128-mask/checkpoints/step-00001000.safetensors \
+  --run-dir runs/live128-mask2 --steps 1800 --batch-size 6 --set "dagan.lr_milestones=[1400]" \
+  --set dagan.face_landmark_weights="$ASSETS" "${resume[@]}" "$@"
