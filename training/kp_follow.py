@@ -133,9 +133,10 @@ def model_scorers(checkpoint: str | Path, batch_size: int = 16) -> tuple[Keypoin
     from frame 0, then the generator per frame, as the engine runs it) of a checkpoint, torch on the
     CPU, and the model's image size."""
     import torch
-    import torch.nn.functional as F
 
     from dagan.checkpoint import load_model
+
+    from .losses import read_at_points
 
     model = load_model(checkpoint)
     size = model.config.image_size
@@ -159,11 +160,9 @@ def model_scorers(checkpoint: str | Path, batch_size: int = 16) -> tuple[Keypoin
             for i in range(len(x)):
                 kp, _ = model.driving_keypoints(x[i : i + 1])
                 out = model.render(state, kp)
-                grid = torch.from_numpy(pts[i : i + 1, :, None, :].astype(np.float32))  # 1×P×1×2
-                flow = F.grid_sample(out.deformation.permute(0, 3, 1, 2), grid, align_corners=True)
-                mask = F.grid_sample(out.mask, grid, align_corners=True)  # 1×(K+1)×P×1
-                flows.append(flow[0, :, :, 0].T.numpy())
-                carriers.append(mask[0, :, :, 0].argmax(0).numpy())
+                at = torch.from_numpy(pts[i : i + 1].astype(np.float32))  # 1×P×2
+                flows.append(read_at_points(out.deformation.permute(0, 3, 1, 2), at)[0].T.numpy())
+                carriers.append(read_at_points(out.mask, at)[0].argmax(0).numpy())  # mask: 1×(K+1)×P
         return np.stack(flows), np.stack(carriers)
 
     return keypoints, warp, size

@@ -149,6 +149,14 @@ def _weighted_point_l1(
     return diff.sum() / weight.sum().clamp(min=1e-6)
 
 
+def read_at_points(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """B×C×h×w maps read bilinearly at B×P×2 points (x, y in [−1, 1], pixel centres at ±1 like
+    ``make_coordinate_grid``; NaN read as the centre, for the caller to mask) → B×C×P. How the landmark
+    terms and ``dagan kp-follow`` read the generator's flow and motion mask at face-mesh points."""
+    grid = torch.nan_to_num(points.to(maps.dtype)).unsqueeze(2)  # B×P×1×2
+    return F.grid_sample(maps, grid, align_corners=True)[..., 0]
+
+
 def landmark_flow_loss(
     deformation: torch.Tensor,
     lm_source: torch.Tensor,
@@ -165,9 +173,7 @@ def landmark_flow_loss(
     keypoint cannot move apart, whatever the keypoints do. Returns 0 when no point exists.
     """
     valid = (torch.isfinite(lm_source).all(-1) & torch.isfinite(lm_driving).all(-1)).unsqueeze(-1)
-    grid = torch.nan_to_num(lm_driving.float()).unsqueeze(2)  # B×P×1×2
-    flow = F.grid_sample(deformation.float().permute(0, 3, 1, 2), grid, align_corners=True)  # B×2×P×1
-    flow = flow[..., 0].permute(0, 2, 1)  # B×P×2
+    flow = read_at_points(deformation.float().permute(0, 3, 1, 2), lm_driving).permute(0, 2, 1)  # B×P×2
     return _weighted_point_l1(flow, torch.nan_to_num(lm_source.float()), valid, point_weights)
 
 
@@ -187,11 +193,9 @@ def landmark_mask_loss(
     kp-follow``). Returns 0 when no point is valid.
     """
     idx = list(points)
-    marks = lm_driving[:, idx].float()  # B×P×2
+    marks = lm_driving[:, idx]  # B×P×2
     valid = torch.isfinite(marks).all(-1)  # B×P
-    grid = torch.nan_to_num(marks).unsqueeze(2)  # B×P×1×2
-    log_mask = F.log_softmax(mask_logits.float(), dim=1)
-    read = F.grid_sample(log_mask, grid, align_corners=True)[..., 0]  # B×(K+1)×P
+    read = read_at_points(F.log_softmax(mask_logits.float(), dim=1), marks)  # B×(K+1)×P
     own = read[:, [k + 1 for k in idx]].diagonal(dim1=1, dim2=2)  # B×P: channel k+1 at point k
     return -(own * valid).sum() / valid.sum().clamp(min=1)
 
@@ -381,6 +385,7 @@ __all__ = [
     "lsgan_discriminator_loss",
     "lsgan_generator_loss",
     "photometric_error",
+    "read_at_points",
     "region_l1_loss",
     "reprojection_loss",
     "ssim_distance",

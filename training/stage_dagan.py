@@ -208,7 +208,6 @@ class GeneratorObjective(nn.Module):
             landmarks = (landmarks[0][:, :k], landmarks[1][:, :k])
         kp_s, depth_s = self._keypoints(source)
         kp_d, depth_d = self._keypoints(driving)
-        self._mask_logits = None
         out = self.model.generator(source, depth_s, kp_s, kp_d)
         mask_logits, self._mask_logits = self._mask_logits, None  # this forward's (the hook above)
         pred = out.prediction
