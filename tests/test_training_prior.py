@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -266,6 +268,10 @@ def test_flow_points_reach_the_flow_loss_and_only_it(tmp_path, astronaut):
     with pytest.raises(ConfigError, match=r"dagan\.flow_points"):
         load_train_config(None, {**bad, "dagan.flow_points": [478]})
     assert set(extra) <= set(EXPRESSION_MESH_POINTS)  # `dagan pack-data` keeps these by default
+    # the recipe lists its points in YAML: they must stay among those a default pack keeps
+    recipe_path = Path(__file__).resolve().parent.parent / "training" / "recipes" / "live-128.yaml"
+    recipe = load_train_config(recipe_path).dagan
+    assert recipe.flow_points and set(recipe.flow_points) <= set(EXPRESSION_MESH_POINTS)
     stage = DaganStage(cfg, torch.device("cpu"), DistInfo(), None)
     _clip(tmp_path, [astronaut, astronaut])  # tmp_path/data/train/c0
     root = str(tmp_path / "data")
