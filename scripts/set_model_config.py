@@ -6,13 +6,16 @@ the cross-modal attention pooled, docs/export.md "Pooled attention keys").
         --set generator.attention.kv_pool=4 --out runs/kv4.safetensors
 
 Refused when the new config needs other tensors (a setting that adds, removes or resizes a weight: that
-is a new model, which needs training) or when a key is unknown. The metadata keeps the source's entries
-and records the change under ``config_changes``. ``--check`` prints how far the new model's frames are
-from the original's (PSNR, torch fp32) on held-out real frame pairs: every 6th of the first 60 frames of
-clips d3, s18 and d20 of ``../shared/data/real-faces`` (``--clips`` to change) driving their own clip's
-first frame and the next clip's (:func:`frame_pairs`). Measure the result before shipping it
-(``dagan eval``, ``dagan eval-cross`` with ``--baseline-checkpoint``, ``dagan bench --interleaved
---baseline``).
+is a new model, which needs training) or when a key is unknown. The anti-alias blur kernels are not
+weights but constants of a scale factor (``AntiAliasInterpolation2d``), so a changed scale factor (e.g.
+``generator.dense_motion.scale_factor=0.5``, a finer motion field) re-makes them: the learned tensors stay
+and the file is a fine-tuning start, since the nets were trained at the old scale. The metadata keeps the
+source's entries and records the change under ``config_changes``. ``--check`` prints how far the new
+model's frames are from the original's (PSNR, torch fp32) on held-out real frame pairs: every 6th of the
+first 60 frames of clips d3, s18 and d20 of ``../shared/data/real-faces`` (``--clips`` to change) driving
+their own clip's first frame and the next clip's (:func:`frame_pairs`). Measure the result before
+shipping it (``dagan eval``, ``dagan eval-cross`` with ``--baseline-checkpoint``, ``dagan bench
+--interleaved --baseline``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def set_model_config(weights: str | Path, changes: dict[str, Any], out: str | Pa
     config, tensors, meta = read_checkpoint(weights)
     new = config.replace(**changes)
     model = DaGAN(new)
+    tensors = {**tensors, **blur_kernels(model)}
     problems = describe_mismatch(model, inference_tensors(model, tensors))
     if problems:
         raise CheckpointError(
@@ -53,6 +57,18 @@ def set_model_config(weights: str | Path, changes: dict[str, Any], out: str | Pa
     meta["config_changes"] = "; ".join(filter(None, [meta.get("config_changes", ""), done]))
     save_checkpoint(out, new, tensors, meta)
     return checkpoint_metadata(out)
+
+
+def blur_kernels(model: Any) -> dict[str, Any]:
+    """The model's anti-alias blur kernels under their checkpoint names: buffers that its config's scale
+    factors fix (a Gaussian for each ``1/scale`` step), which a checkpoint holds but no training changes."""
+    from dagan.nets.blocks import AntiAliasInterpolation2d
+
+    return {
+        f"{name}.weight": module.weight.detach().clone()
+        for name, module in model.named_modules()
+        if isinstance(module, AntiAliasInterpolation2d)
+    }
 
 
 CLIPS_DIR = ROOT.parent / "shared" / "data" / "real-faces" / "clips"

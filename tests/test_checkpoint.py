@@ -194,6 +194,41 @@ def test_set_model_config_keeps_the_tensors_and_refuses_a_new_model(tmp_path):
         set_model_config(src, {"generator.attention.pool": 4}, tmp_path / "bad.safetensors")
 
 
+def test_set_model_config_remakes_the_blur_kernels_of_a_new_scale_factor(tmp_path):
+    """A finer motion field (``generator.dense_motion.scale_factor``) changes no learned tensor, only the
+    anti-alias kernel its scale fixes: the file is written with the new kernel and every other tensor as
+    it was, loads, and its dense motion then works at the new resolution."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from set_model_config import set_model_config
+
+    from dagan.checkpoint import load_model
+    from dagan.config import load_config
+
+    base = load_config("tiny")
+    assert base.generator.dense_motion.scale_factor == 0.5
+    model = make_model(base, seed=0)
+    src = tmp_path / "m.safetensors"
+    save_checkpoint(src, base, model)
+    out = tmp_path / "fine.safetensors"
+    set_model_config(src, {"generator.dense_motion.scale_factor": 1.0}, out)
+    cfg, tensors, saved = read_checkpoint(out)
+    assert cfg.generator.dense_motion.scale_factor == 1.0
+    assert saved["config_changes"] == "generator.dense_motion.scale_factor=1.0"
+    kernel = "generator.dense_motion_network.down.weight"
+    assert tensors[kernel].shape == (3, 1, 1, 1) and model.state_dict()[kernel].shape[-1] > 1
+    for k, v in model.state_dict().items():
+        if k != kernel and not k.startswith("discriminator"):
+            assert torch.equal(tensors[k], v), k
+    fine = load_model(out).eval()
+    frames = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masks = [m.eval()(frames[:1], frames[1:]).generator.mask for m in (model, fine)]
+    assert masks[0].shape[-1] == 32 and masks[1].shape[-1] == 64  # the motion field at full resolution
+
+
 def test_fit_heads_distils_smaller_heads_that_track_the_7x7_model(tmp_path):
     """scripts/fit_heads.py: the copy has the smaller kernels in its config, every other tensor of the
     original, and frames much closer to the original's than the same model with untrained small heads."""
