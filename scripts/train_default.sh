@@ -4,8 +4,8 @@
 # Stage 1 learns the face depth self-supervised on the real clips (paper §3.2); stage 2 fine-tunes the
 # previous default's keypoint detector and generator (INIT, taken from git history) with that depth net
 # frozen. Every step is resumable: re-run the script, or `dagan train ... --resume --run-dir ...`.
-# On a quiet 2-core CPU: prepare + landmarks ~5-15 min, depth ~35 + 25 + 35 min, DaGAN ~1 h + 1.5 h; minutes on a GPU
-# (scripts/gpu_train.sh).
+# On a quiet 2-core CPU: prepare + landmarks ~5-15 min, depth ~35 + 25 + 35 min, DaGAN ~1 h (step 4), 1.3 h (5),
+# 1 h (6) and 1.2 h (7); minutes on a GPU (scripts/gpu_train.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -20,6 +20,8 @@ INIT_REV=${INIT_REV:-7793b4b}
 INIT=${INIT:-$OUT/prev-default.safetensors}
 [ -f "$ASSETS/model/face_landmark_68_model.bin" ] || dagan fetch-eval-assets "$ASSETS"
 [ -f "$INIT" ] || { mkdir -p "$OUT"; git show "$INIT_REV:weights/dagan-default.safetensors" > "$INIT"; }
+# Steps 4-6 ran when the preset's motion field was 32×32 (generator.dense_motion.scale_factor 0.25).
+COARSE=(--set model.generator.dense_motion.scale_factor=0.25)
 # 1. real clips by person: held-out people in test/, the rest in train/, cropped by the project's tracker
 mkdir -p "$OUT/raw2/train" "$OUT/raw2/test"
 for clip in "$SHARED"/real-faces/clips/* "$SHARED"/more-faces/clips/*; do
@@ -65,7 +67,7 @@ DEPTH_INIT=$OUT/depth-init.safetensors
   dagan train dagan --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
     --depth runs/depth-half/depth.safetensors --init "$INIT" --run-dir runs/live128v2 \
     --set dagan.weights.region_l1=10 --set dagan.weights.kp_landmark_motion=20 \
-    --set dagan.expressive_pairs=0 --set dagan.weights.landmark_flow=0 \
+    --set dagan.expressive_pairs=0 --set dagan.weights.landmark_flow=0 "${COARSE[@]}" \
     --set dagan.face_landmark_weights="$ASSETS" "${resume[@]}"
 }
 # 5. the bundled file of 2026-12-05 14:30-18:10: the file of git FLOW_REV (GPU run b with the depth net of
@@ -79,7 +81,7 @@ FLOW_INIT=$OUT/flow-init.safetensors
   dagan train dagan --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
     --depth "$FLOW_INIT" --init "$FLOW_INIT" --run-dir runs/live128-flow --steps 3600 --batch-size 6 \
     --set "dagan.lr_milestones=[3000]" --set dagan.face_landmark_weights="$ASSETS" \
-    --set "dagan.flow_points=[]" --set dagan.weights.landmark_mask=0 "${resume[@]}"
+    --set "dagan.flow_points=[]" --set dagan.weights.landmark_mask=0 "${COARSE[@]}" "${resume[@]}"
 }
 # 6. the bundled file since 2026-12-05 18:10: that file fine-tuned with the recipe as it is now (the mask
 #    loss), 1,000 steps, then 1,800 more from the step-1,000 checkpoint. The first 1,000 ran with a mask
@@ -89,10 +91,36 @@ FLOW_INIT=$OUT/flow-init.safetensors
   if [ -f runs/live128-mask/latest.json ]; then resume=(--resume); else resume=(); fi
   dagan train dagan --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
     --depth "$FLOW_INIT" --init runs/live128-flow/dagan.safetensors --run-dir runs/live128-mask --steps 1000 \
-    --batch-size 6 --set dagan.face_landmark_weights="$ASSETS" "${resume[@]}"
+    --batch-size 6 --set dagan.face_landmark_weights="$ASSETS" "${COARSE[@]}" "${resume[@]}"
 }
-if [ -f runs/live128-mask2/latest.json ]; then resume=(--resume); else resume=(); fi
+[ -f runs/live128-mask2/dagan.safetensors ] || {
+  if [ -f runs/live128-mask2/latest.json ]; then resume=(--resume); else resume=(); fi
+  dagan train dagan --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
+    --depth "$FLOW_INIT" --init runs/live128-mask/checkpoints/step-00001000.safetensors \
+    --run-dir runs/live128-mask2 --steps 1800 --batch-size 6 --set "dagan.lr_milestones=[1400]" \
+    --set dagan.face_landmark_weights="$ASSETS" "${COARSE[@]}" "${resume[@]}"
+}
+# 7. the bundled file since 2026-12-05 20:05: the finer motion field (generator.dense_motion.scale_factor
+#    0.5: dense motion, occlusion and motion masks at 64×64, the preset's value since then; steps 4-6 pin
+#    the 0.25 of their time). 7a continues the file of step 6 (git MASK_REV, stripped to its inference
+#    groups, so a fresh discriminator) with the recipe at 0.25 for 800 steps (the first 800 of a run set
+#    to 4,000 and stopped there: before the first milestone the learning rate does not depend on the
+#    length); 7b re-makes its blur kernel for the new scale (scripts/set_model_config.py) and trains
+#    2,400 steps from it (x0.1 from step 1,900)
+MASK_REV=${MASK_REV:-cedd4fe}
+MASK_INIT=$OUT/mask-init.safetensors
+[ -f "$MASK_INIT" ] || git show "$MASK_REV:weights/dagan-default.safetensors" > "$MASK_INIT"
+[ -f runs/live128-mask3/checkpoints/step-00000800.safetensors ] || {
+  if [ -f runs/live128-mask3/latest.json ]; then resume=(--resume); else resume=(); fi
+  dagan train dagan --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
+    --depth "$MASK_INIT" --init "$MASK_INIT" --run-dir runs/live128-mask3 --steps 800 --batch-size 6 \
+    --set dagan.face_landmark_weights="$ASSETS" "${COARSE[@]}" "${resume[@]}"
+}
+FINE_INIT=$OUT/fine-init.safetensors
+[ -f "$FINE_INIT" ] || python scripts/set_model_config.py \
+  --weights runs/live128-mask3/checkpoints/step-00000800.safetensors \
+  --set generator.dense_motion.scale_factor=0.5 --out "$FINE_INIT"
+if [ -f runs/live128-fine/latest.json ]; then resume=(--resume); else resume=(); fi
 dagan train dagan --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
-  --depth "$FLOW_INIT" --init runs/live128-mask/checkpoints/step-00001000.safetensors \
-  --run-dir runs/live128-mask2 --steps 1800 --batch-size 6 --set "dagan.lr_milestones=[1400]" \
-  --set dagan.face_landmark_weights="$ASSETS" "${resume[@]}" "$@"
+  --depth "$MASK_INIT" --init "$FINE_INIT" --run-dir runs/live128-fine --steps 2400 --batch-size 6 \
+  --set "dagan.lr_milestones=[1900]" --set dagan.face_landmark_weights="$ASSETS" "${resume[@]}" "$@"
