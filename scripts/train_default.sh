@@ -83,7 +83,7 @@ FLOW_INIT=$OUT/flow-init.safetensors
     --set "dagan.lr_milestones=[3000]" --set dagan.face_landmark_weights="$ASSETS" \
     --set "dagan.flow_points=[]" --set dagan.weights.landmark_mask=0 "${COARSE[@]}" "${resume[@]}"
 }
-# 6. the bundled file since 2026-12-05 18:10: that file fine-tuned with the recipe as it is now (the mask
+# 6. the bundled file of 2026-12-05 18:10-20:05: that file fine-tuned with the recipe as it is now (the mask
 #    loss), 1,000 steps, then 1,800 more from the step-1,000 checkpoint. The first 1,000 ran with a mask
 #    term that took -log of the softmax, which gives a switched-off channel no gradient (since fixed to
 #    read the logits); a re-run of 6a uses the fixed term, so it is close but not bit-identical
