@@ -155,11 +155,28 @@ def describe_mismatch(module: nn.Module, tensors: Mapping[str, torch.Tensor], pr
     return lines
 
 
+def blur_kernels(module: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The anti-alias blur kernels of ``module`` by checkpoint name (``prefix`` + the module's own name):
+    buffers its config's scale factors fix (a Gaussian per ``1/scale`` step,
+    :class:`dagan.nets.blocks.AntiAliasInterpolation2d`). A checkpoint stores them and no training
+    changes them, so the importer fills them in and a file made at another scale factor loads with the
+    module's own (:func:`load_into`, ``scripts/set_model_config.py``)."""
+    from .nets.blocks import AntiAliasInterpolation2d
+
+    return {
+        f"{prefix}{name}.weight": m.weight.detach().clone()
+        for name, m in module.named_modules()
+        if isinstance(m, AntiAliasInterpolation2d)
+    }
+
+
 def load_into(
     module: nn.Module, tensors: Mapping[str, torch.Tensor], prefix: str = "", source: str = ""
 ) -> None:
     """Load the ``prefix``-ed tensors into ``module`` strictly, or raise a :class:`CheckpointError` listing
-    every tensor that does not fit."""
+    every tensor that does not fit. The blur kernels are the module's own (:func:`blur_kernels`): an
+    ``--init`` file trained at another scale factor is a fine-tuning start at this one."""
+    tensors = {**tensors, **blur_kernels(module, prefix)}
     problems = describe_mismatch(module, tensors, prefix)
     if problems:
         shown = problems[:40]

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import save_checkpoint
+from .checkpoint import blur_kernels, save_checkpoint
 from .config import PRESETS, ConfigError, ModelConfig, config_from_dict, load_config
 from .errors import UserError
 
@@ -564,12 +564,6 @@ def _entries(spec: SourceSpec, obj: Any, report: ImportReport) -> list[Row]:
     return rows
 
 
-def _is_derived_buffer(name: str) -> bool:
-    """Buffers our model can fill itself when a file lacks them: BatchNorm's batch counter (unused in
-    eval) and the fixed Gaussian kernels of the anti-alias downsamplers (a function of the config)."""
-    return name.endswith(".num_batches_tracked") or name.endswith(".down.weight")
-
-
 def _infer_num_kp(release: ReleaseSpec, loaded: Sequence[Any]) -> int | None:
     """Keypoint count of the file (rows of the heatmap conv), so e.g. a 10-keypoint DaGAN also imports."""
     for spec, obj in zip(release.sources, loaded, strict=True):
@@ -783,10 +777,13 @@ def import_state_dicts(
                 values[target] = value.detach().to(dtype=ours[target].dtype).contiguous()
 
     mismatched_targets = {ours_name for _, _, ours_name, _ in report.mismatched}
+    # Buffers our model fills itself when a file lacks them: the anti-alias blur kernels (constants of
+    # the config) and BatchNorm's batch counter (unused in eval).
+    derived = set(blur_kernels(model)) | {n for n in ours if n.endswith(".num_batches_tracked")}
     for name, tensor in ours.items():
         if name in values:
             continue
-        if _is_derived_buffer(name) and name not in mismatched_targets:
+        if name in derived and name not in mismatched_targets:
             report.defaults.append(name)
         elif name not in mismatched_targets:
             report.missing.append((name, _shape(tensor)))

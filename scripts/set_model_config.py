@@ -35,6 +35,7 @@ def set_model_config(weights: str | Path, changes: dict[str, Any], out: str | Pa
     """The checkpoint ``out`` as the module docstring says; returns its metadata."""
     from dagan.checkpoint import (
         CheckpointError,
+        blur_kernels,
         checkpoint_metadata,
         describe_mismatch,
         inference_tensors,
@@ -57,18 +58,6 @@ def set_model_config(weights: str | Path, changes: dict[str, Any], out: str | Pa
     meta["config_changes"] = "; ".join(filter(None, [meta.get("config_changes", ""), done]))
     save_checkpoint(out, new, tensors, meta)
     return checkpoint_metadata(out)
-
-
-def blur_kernels(model: Any) -> dict[str, Any]:
-    """The model's anti-alias blur kernels under their checkpoint names: buffers that its config's scale
-    factors fix (a Gaussian for each ``1/scale`` step), which a checkpoint holds but no training changes."""
-    from dagan.nets.blocks import AntiAliasInterpolation2d
-
-    return {
-        f"{name}.weight": module.weight.detach().clone()
-        for name, module in model.named_modules()
-        if isinstance(module, AntiAliasInterpolation2d)
-    }
 
 
 CLIPS_DIR = ROOT.parent / "shared" / "data" / "real-faces" / "clips"

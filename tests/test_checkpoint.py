@@ -229,6 +229,27 @@ def test_set_model_config_remakes_the_blur_kernels_of_a_new_scale_factor(tmp_pat
     assert masks[0].shape[-1] == 32 and masks[1].shape[-1] == 64  # the motion field at full resolution
 
 
+def test_load_into_takes_the_modules_own_blur_kernels_so_another_scale_is_a_fine_tuning_start():
+    """``--init`` from a file made at another scale factor: the learned tensors load, the kernels are the
+    module's own; a learned tensor of the wrong shape is still refused."""
+    from dagan.checkpoint import blur_kernels, load_into
+    from dagan.config import load_config
+
+    base = load_config("tiny")
+    coarse = make_model(base, seed=0)
+    fine = make_model(base.replace(**{"generator.dense_motion.scale_factor": 1.0}), seed=1)
+    own = blur_kernels(fine.generator, "generator.")
+    assert set(own) == {"generator.dense_motion_network.down.weight"}
+    load_into(fine.generator, coarse.state_dict(), "generator.")
+    for k, v in fine.generator.state_dict().items():
+        expected = own.get(f"generator.{k}", coarse.state_dict()[f"generator.{k}"])
+        assert torch.equal(v, expected), k
+    bad = dict(coarse.state_dict())
+    bad["generator.final.weight"] = bad["generator.final.weight"][:, :1]
+    with pytest.raises(CheckpointError, match=r"generator\.final\.weight"):
+        load_into(fine.generator, bad, "generator.")
+
+
 def test_fit_heads_distils_smaller_heads_that_track_the_7x7_model(tmp_path):
     """scripts/fit_heads.py: the copy has the smaller kernels in its config, every other tensor of the
     original, and frames much closer to the original's than the same model with untrained small heads."""
