@@ -68,6 +68,14 @@ class KeypointConfig:
     temperature: float = 0.1
     scale_factor: float = 0.25
     estimate_jacobian: bool = True
+    # Full-resolution detail beside the blurred, downscaled input (0 = none, the paper's detector): the
+    # RGB-D input cut into (1/scale_factor)² pixel blocks (pixel_unshuffle) and mixed by a 1×1 conv into
+    # this many extra channels at the hourglass's resolution. A blink moves an eyelid by 2–4 px of a
+    # 128-px crop, under one pixel of the 32×32 input the blur leaves; the blocks keep those pixels for
+    # 0.05 GFLOP per frame at 8 channels in live-128 (weights/README.md, "Eyelid detail": measured, not
+    # in the bundled file). Zero-initialised weights where these channels enter make a widened detector
+    # compute exactly what it computed before (scripts/fit_detail.py).
+    detail_channels: int = 0
 
 
 @dataclass(frozen=True)
@@ -272,6 +280,15 @@ def _check_semantics(cfg: ModelConfig) -> None:
     need(cfg.image_size >= 32 and cfg.image_size % 32 == 0, "image_size", "must be a multiple of 32, >= 32")
     need(cfg.keypoints.num_kp >= 1, "keypoints.num_kp", "must be >= 1")
     need(cfg.keypoints.temperature > 0, "keypoints.temperature", "must be > 0")
+    need(cfg.keypoints.detail_channels >= 0, "keypoints.detail_channels", "must be >= 0")
+    if cfg.keypoints.detail_channels > 0:
+        step = round(1 / cfg.keypoints.scale_factor)
+        need(
+            cfg.image_size % step == 0,
+            "keypoints.detail_channels",
+            f"needs image_size divisible by 1/keypoints.scale_factor ({step}): the detail blocks tile "
+            "the image",
+        )
     for key, sf in (
         ("keypoints.scale_factor", cfg.keypoints.scale_factor),
         ("generator.dense_motion.scale_factor", cfg.generator.dense_motion.scale_factor),

@@ -44,7 +44,13 @@ class KeypointDetector(nn.Module):
         estimate_jacobian = config.estimate_jacobian
         self.num_kp = num_kp
         self.temperature = temperature
-        self.predictor = Hourglass(block_expansion, in_channels, num_blocks, max_features)
+        self.detail: nn.Conv2d | None = None
+        self.detail_step = round(1.0 / scale_factor)
+        if config.detail_channels > 0:
+            self.detail = nn.Conv2d(in_channels * self.detail_step**2, config.detail_channels, kernel_size=1)
+        self.predictor = Hourglass(
+            block_expansion, in_channels + config.detail_channels, num_blocks, max_features
+        )
         self.kp = nn.Conv2d(self.predictor.out_filters, num_kp, kernel_size=7, padding=0)
         self.jacobian: nn.Conv2d | None = None
         if estimate_jacobian:
@@ -56,7 +62,13 @@ class KeypointDetector(nn.Module):
         self.down = AntiAliasInterpolation2d(in_channels, scale_factor)
 
     def forward(self, x: torch.Tensor) -> Keypoints:
-        feature = self.predictor(self.down(x))
+        """B×C×H×W → :class:`Keypoints`. The hourglass input is the blurred, downscaled image
+        (B×C×h×w, h = H·scale_factor) and, with ``detail_channels`` E, E more channels mixed from the
+        full-resolution blocks behind each of its pixels (B×E×h×w)."""
+        small = self.down(x)
+        if self.detail is not None:
+            small = torch.cat([small, self.detail(F.pixel_unshuffle(x, self.detail_step))], dim=1)
+        feature = self.predictor(small)
         logits = self.kp(feature)  # B×K×h×w
         b, k, h, w = logits.shape
         heatmap = F.softmax(logits.flatten(2) / self.temperature, dim=2).view(b, k, h, w)
