@@ -40,8 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-#: Tensors whose input channels grow with the detail branch, and where the old channels end
-#: (a function of the config: the hourglass's input, then its last skip = decoder width + input).
+#: Tensors whose input channels grow with the detail branch: the hourglass's first conv, and the heads
+#: that read its input through the last skip. The old channels come first in each.
 WIDENED = (
     "kp_detector.predictor.encoder.down_blocks.0.conv.weight",
     "kp_detector.kp.weight",
@@ -52,6 +52,7 @@ WIDENED = (
 def widen(config, tensors: dict[str, torch.Tensor], channels: int, seed: int = 0):
     """(config, tensors) of the detector with ``channels`` detail channels, computing what it computed
     before: old input channels first, the new ones' weights zero, the new 1×1 conv random."""
+    from dagan.checkpoint import inference_tensors
     from dagan.model import DaGAN
 
     if config.keypoints.detail_channels:
@@ -62,7 +63,8 @@ def widen(config, tensors: dict[str, torch.Tensor], channels: int, seed: int = 0
         return config, dict(tensors)
     wide = config.replace(**{"keypoints.detail_channels": channels})
     torch.manual_seed(seed)
-    fresh = DaGAN(wide).state_dict()
+    model = DaGAN(wide)
+    fresh = model.state_dict()
     out = {}
     for name, t in fresh.items():
         old = tensors.get(name)
@@ -78,9 +80,7 @@ def widen(config, tensors: dict[str, torch.Tensor], channels: int, seed: int = 0
             out[name] = grown
         else:
             raise SystemExit(f"fit_detail: {name} {tuple(old.shape)} -> {tuple(t.shape)} is not a widening")
-    extra = sorted(
-        set(tensors) - set(fresh) - {k for k in tensors if k.startswith(("pose_net.", "discriminator."))}
-    )
+    extra = sorted(set(inference_tensors(model, tensors)) - set(fresh))
     if extra:
         raise SystemExit(f"fit_detail: the weights have tensors the model lacks: {', '.join(extra[:5])}")
     return wide, out
@@ -125,19 +125,19 @@ def fit_detail(
 ) -> None:
     """The module docstring's procedure; writes ``out`` (inference tensors, the metadata of ``weights``
     with a ``detail`` line)."""
-    from dagan.checkpoint import read_checkpoint, save_checkpoint
+    from dagan.checkpoint import inference_tensors, load_into, load_model, read_checkpoint, save_checkpoint
     from dagan.model import DaGAN
+    from dagan.nets.keypoints import Keypoints
     from training.config import load_train_config
     from training.data import SourceDrivingDataset
 
     config, tensors, meta = read_checkpoint(weights)
     cfg = load_train_config(recipe)
     g = cfg.dagan
-    teacher = DaGAN(config).eval().requires_grad_(False)
-    teacher.load_state_dict({k: v for k, v in tensors.items() if k in teacher.state_dict()})
+    teacher = load_model(weights).requires_grad_(False)
     wide, wide_tensors = widen(config, tensors, channels, seed)
     student = DaGAN(wide).eval().requires_grad_(False)
-    student.load_state_dict({k: v for k, v in wide_tensors.items() if k in student.state_dict()})
+    load_into(student, inference_tensors(student, wide_tensors), source=str(weights))
 
     with torch.no_grad():  # step 1's promise: the widened detector computes what the old one did
         probe = torch.rand(
@@ -181,7 +181,7 @@ def fit_detail(
             kp = student.detect_keypoints(frames, depth)
             b = item["source"].shape[0]
             halves = [
-                (type(k)(k.value[:b], k.jacobian[:b]), type(k)(k.value[b:], k.jacobian[b:]))
+                (Keypoints(k.value[:b], k.jacobian[:b]), Keypoints(k.value[b:], k.jacobian[b:]))
                 for k in (kp, t_kp)
             ]
             (kp_s, kp_d), (t_s, t_d) = halves
