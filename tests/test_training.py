@@ -626,3 +626,42 @@ def test_cli_train_depth_runs_and_resumes(face_root, tmp_path):
     args = parser.parse_args([*base, "--steps", "2", "--resume"])
     assert args.func(args) == 0
     assert '"step": 2' in (run / "latest.json").read_text()
+
+
+def test_frozen_modules_keep_their_weights_and_statistics():
+    """dagan.frozen: the named modules take no step and keep their BatchNorm statistics (eval mode),
+    while the rest of the generator trains; a path the model lacks, or the depth net, is refused."""
+    from training.distributed import DistInfo
+    from training.stage_dagan import DaganStage
+
+    frozen = ["kp_detector", "generator.image_encoder"]
+    cfg = load_train_config(None, {"model": "tiny", "data.workers": 0, "dagan.frozen": frozen})
+    stage = DaganStage(cfg, torch.device("cpu"), DistInfo(), None)
+    model = stage.model
+
+    def state(prefix: str) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+    before = {p: state(p) for p in ("kp_detector.", "generator.image_encoder.", "generator.dense_motion")}
+    assert any("running_mean" in k for k in before["generator.image_encoder."])  # BatchNorm is there
+    stage.set_train()
+    assert not model.kp_detector.training and not model.generator.image_encoder.training
+    assert model.generator.dense_motion_network.training
+    torch.manual_seed(0)
+    size = cfg.model.image_size
+    batch = {"source": torch.rand(2, 3, size, size), "driving": torch.rand(2, 3, size, size)}
+    stage.train_step(batch, 0)
+    for prefix in ("kp_detector.", "generator.image_encoder."):
+        after = state(prefix)
+        assert all(torch.equal(before[prefix][k], after[k]) for k in after), prefix
+    moved = state("generator.dense_motion")
+    assert any(not torch.equal(before["generator.dense_motion"][k], moved[k]) for k in moved)
+
+    bad = load_train_config(None, {"model": "tiny", "dagan.frozen": ["generator.no_such_net"]})
+    with pytest.raises(TrainingError, match=r"no module 'generator\.no_such_net'"):
+        DaganStage(bad, torch.device("cpu"), DistInfo(), None)
+    with pytest.raises(ConfigError, match=r"dagan\.frozen"):
+        load_train_config(None, {"model": "tiny", "dagan.frozen": ["depth_net"]})
+    everything = load_train_config(None, {"model": "tiny", "dagan.frozen": ["kp_detector", "generator"]})
+    with pytest.raises(TrainingError, match="nothing to train"):
+        DaganStage(everything, torch.device("cpu"), DistInfo(), None)

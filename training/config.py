@@ -194,6 +194,11 @@ class DaganStageConfig:
     # Share of (source, driving) pairs whose driving frame is the most different in expression (focus
     # landmarks) of 8 random frames of the clip; 0 = uniform pairs, as the paper.
     expressive_pairs: float = 0.0
+    # Submodules of the model that keep the weights they start with (--init): no gradient, and eval mode
+    # so their BatchNorm statistics stay too. Module paths under kp_detector or generator, e.g.
+    # [kp_detector, generator.image_encoder]: a fine-tune that should teach one part (the motion
+    # network) without the rest drifting away from what it already does well.
+    frozen: tuple[str, ...] = ()
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -365,6 +370,11 @@ def _check_semantics(cfg: TrainConfig) -> None:
     need(g.kp_landmark_focus_weight >= 0, "dagan.kp_landmark_focus_weight", "must be >= 0")
     need(g.region_sigma > 0, "dagan.region_sigma", "must be > 0")
     need(0 <= g.expressive_pairs <= 1, "dagan.expressive_pairs", "must be in [0, 1]")
+    need(
+        all(p.split(".")[0] in ("kp_detector", "generator") for p in g.frozen),
+        "dagan.frozen",
+        "module paths under kp_detector or generator (the depth net is always frozen in this stage)",
+    )
     for stage in ("depth", "dagan"):
         ms = getattr(cfg, stage).lr_milestones
         need(list(ms) == sorted(ms) and all(m > 0 for m in ms), f"{stage}.lr_milestones", "must increase")

@@ -19,6 +19,7 @@ from . import losses as L
 from .config import TrainConfig
 from .data import SourceDrivingDataset
 from .distributed import DistInfo, unwrap
+from .errors import TrainingError
 from .landmark_loss import FaceLandmarkLoss, load_landmark_net
 from .perceptual import build_perceptual_loss
 from .rng import step_seed
@@ -48,6 +49,7 @@ class DaganStage(Stage):
                 _, tensors, _ = read_checkpoint(depth_checkpoint)
                 load_into(self.model.depth_net, tensors, "depth_net.", depth_checkpoint)
             self.model.depth_net.eval().requires_grad_(False)
+        self.frozen = frozen_modules(self.model, g.frozen)
         self.discriminator = discriminator_from_config(m.discriminator).to(device)
         self.perceptual = build_perceptual_loss(
             g.vgg19_weights, g.pyramid_scales, g.face_landmark_weights
@@ -66,13 +68,11 @@ class DaganStage(Stage):
         self.disc_params = list(self.disc_net.parameters())
         unwrapped = unwrap(self.gen_net)
         betas = (g.beta1, g.beta2)
-        self.optimizers["generator"] = torch.optim.Adam(
-            [
-                {"params": list(unwrapped.model.generator.parameters()), "lr": g.lr_generator},
-                {"params": list(unwrapped.model.kp_detector.parameters()), "lr": g.lr_kp_detector},
-            ],
-            betas=betas,
-        )
+        groups = [
+            {"params": _trainable(unwrapped.model.generator), "lr": g.lr_generator},
+            {"params": _trainable(unwrapped.model.kp_detector), "lr": g.lr_kp_detector},
+        ]
+        self.optimizers["generator"] = torch.optim.Adam([x for x in groups if x["params"]], betas=betas)
         self.optimizers["discriminator"] = torch.optim.Adam(
             self.disc_params, lr=g.lr_discriminator, betas=betas
         )
@@ -102,6 +102,8 @@ class DaganStage(Stage):
         self.disc_net.train()
         if self.model.depth_net is not None:
             self.model.depth_net.eval()
+        for module in self.frozen:
+            module.eval()
 
     def metadata(self):
         return {"perceptual_loss": self.perceptual.name}
@@ -290,6 +292,31 @@ class GeneratorObjective(nn.Module):
             "kp_driving": kp_d.value.detach(),
         }
         return loss, logs, outputs
+
+
+def frozen_modules(model: DaGAN, paths: tuple[str, ...]) -> list[nn.Module]:
+    """Take the gradient off the modules named by ``dagan.frozen``; the stage keeps them in eval mode.
+
+    Raises TrainingError for a path the model does not have, naming what it has at the top level."""
+    modules = []
+    for path in paths:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            top = ", ".join(n for n, _ in model.generator.named_children())
+            raise TrainingError(
+                f"dagan.frozen: the model has no module {path!r}; kp_detector, generator or one of "
+                f"generator.{{{top}}} (or a path below them)"
+            ) from None
+        module.requires_grad_(False)
+        modules.append(module)
+    if modules and not _trainable(model.generator) + _trainable(model.kp_detector):
+        raise TrainingError("dagan.frozen leaves nothing to train: free at least one module")
+    return modules
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def _close_focus_pairs(
