@@ -88,6 +88,54 @@ def test_landmark_loss_is_zero_on_the_target_and_grows_with_a_moved_mouth(face):
     assert empty.item() == 0.0 and empty.requires_grad
 
 
+def test_cross_motion_loss_asks_the_avatar_to_move_as_the_driver_did(face):
+    """An avatar that opens its mouth by 3 px when the driver opened theirs by as much (in face-box
+    units) costs less than one that stays shut, and more than nothing when the driver held still."""
+    from training.landmark_loss import CrossMotionLoss, load_landmark_net
+
+    image, mesh = face
+    loss = CrossMotionLoss(load_landmark_net(str(_assets())), POINTS)
+    marks = _unit(mesh, 128)
+    opened_marks = marks.clone()
+    lower = list(POINTS).index(14)
+    opened_marks[:, lower, 1] += 3 * 2 / 127  # the driver's lower inner lip 3 px lower
+    y0 = int(mesh[14, 1]) - 1
+    opened = image.clone()
+    opened[..., y0 + 3 :, 40:88] = image[..., y0 : 128 - 3, 40:88]
+
+    assert loss(image, image, marks, marks, marks).item() == 0.0  # nobody moved
+    shut = loss(image, image, marks, marks, opened_marks).item()
+    follows = loss(opened, image, marks, marks, opened_marks).item()
+    moves_alone = loss(opened, image, marks, marks, marks).item()
+    assert follows < shut and moves_alone > 0.0, (follows, shut, moves_alone)
+    assert shut > 0.003  # the quarter of a 3-px opening in a ~75-px box (the four signals' mean)
+
+    avatar = opened.clone().requires_grad_(True)
+    value = loss(avatar, image, marks, marks, marks)
+    value.backward()
+    grad = avatar.grad.abs().sum(dim=(0, 1))
+    assert grad[y0 - 10 : y0 + 15, 40:88].sum() > grad[:30].sum()  # it looks at the mouth
+    none = torch.full_like(marks, float("nan"))
+    empty = loss(avatar, image, none, marks, marks)  # no face in the photo: left out
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
+def test_cross_motion_weight_needs_the_net_and_its_mesh_points(tmp_path):
+    with pytest.raises(ConfigError, match="face_landmark_weights"):
+        load_train_config(None, {"model": "tiny", "dagan.weights.cross_motion": 100.0})
+    without_lid = [p for p in POINTS if p != 159] + [17]
+    with pytest.raises(ConfigError, match="159"):
+        load_train_config(
+            None,
+            {
+                "model": "tiny",
+                "dagan.weights.cross_motion": 100.0,
+                "dagan.face_landmark_weights": str(tmp_path),
+                "dagan.kp_landmark_points": without_lid,
+            },
+        )
+
+
 def test_face_landmark_weight_needs_the_net_and_the_box_points(tmp_path):
     with pytest.raises(ConfigError, match="face_landmark_weights"):
         load_train_config(None, {"model": "tiny", "dagan.weights.face_landmarks": 100.0})
@@ -105,7 +153,7 @@ def test_face_landmark_weight_needs_the_net_and_the_box_points(tmp_path):
 
 
 @pytest.mark.slow
-def test_dagan_stage_trains_with_the_landmark_loss(tmp_path):
+def test_dagan_stage_trains_with_the_landmark_and_cross_identity_losses(tmp_path):
     from training.pack import write_smoke_dataset
     from training.trainer import Trainer
 
@@ -123,6 +171,7 @@ def test_dagan_stage_trains_with_the_landmark_loss(tmp_path):
             "dagan.steps": 2,
             "dagan.batch_size": 2,
             "dagan.weights.face_landmarks": 100.0,
+            "dagan.weights.cross_motion": 100.0,
             "dagan.face_landmark_weights": str(assets),
         },
     )
@@ -131,5 +180,6 @@ def test_dagan_stage_trains_with_the_landmark_loss(tmp_path):
         "dagan", cfg, tmp_path / "run", depth_checkpoint=str(depth.weights), progress=False, tensorboard=False
     )
     result = trainer.run()
-    terms = [h["face_landmarks"] for h in result.history]
-    assert len(terms) == 2 and all(np.isfinite(t) and t > 0 for t in terms), terms
+    for name in ("face_landmarks", "cross_motion"):
+        terms = [h[name] for h in result.history]
+        assert len(terms) == 2 and all(np.isfinite(t) and t > 0 for t in terms), (name, terms)

@@ -72,6 +72,10 @@ class DepthStageConfig:
 # left and right cheek at the jaw, forehead top, chin.
 FACE_BOX_POINTS = (234, 454, 10, 152)
 
+# The face-mesh points the cross-identity term reads on the driver (training/landmark_loss.py): inner
+# lips (13 upper, 14 lower), the lids of both eyes (159 / 145, 386 / 374) and the nose tip (1).
+CROSS_MESH_POINTS = (13, 14, 159, 145, 386, 374, 1)
+
 # The face-mesh points ``dagan.flow_points`` is meant for: mediapipe's lip contours (outer and inner,
 # 40), both eyes' lid contours (32), and the chin and jaw below the mouth that drop when it opens (13).
 # `dagan pack-data` keeps these tracks by default beside the anchors, so a packed copy serves a recipe
@@ -121,11 +125,19 @@ class LossWeights:
     # the focus points (eyelids, mouth): the lips and lids take their own keypoints' motion instead of a
     # mouth-corner's or the nose's (training.losses.landmark_mask_loss). ~1 makes it count.
     landmark_mask: float = 0.0
+    # The cross-identity term: each item's photo is also driven by the next item's motion (relative, with
+    # movement-scale adaptation, as the server runs it), and face-api's landmarks on that avatar must
+    # move from the photo's by what the driver's face-mesh landmarks moved: mouth opening, eye opening,
+    # nose tip, in fractions of each face's box (training.landmark_loss.CrossMotionLoss). One more
+    # generator pass per step. Needs dagan.face_landmark_weights, and CROSS_MESH_POINTS and the box
+    # points among kp_landmark_points; ~100 makes it count.
+    cross_motion: float = 0.0
 
     @property
     def reads_landmarks(self) -> bool:
         """Whether a term reads the face-mesh tracks (the keypoint prior and the terms beside it)."""
         prior = (self.kp_landmarks, self.kp_landmark_motion, self.region_l1, self.face_landmarks)
+        prior = (*prior, self.cross_motion)
         return any(v > 0 for v in (*prior, self.landmark_flow, self.landmark_mask))
 
 
@@ -344,6 +356,19 @@ def _check_semantics(cfg: TrainConfig) -> None:
             all(p in g.kp_landmark_points for p in FACE_BOX_POINTS),
             "dagan.kp_landmark_points",
             "weights.face_landmarks boxes the face by mesh points 10, 152, 234 and 454: include them",
+        )
+    if w.cross_motion > 0:
+        need(
+            bool(g.face_landmark_weights),
+            "dagan.face_landmark_weights",
+            "weights.cross_motion reads the avatar with face-api's landmark-68 net: a "
+            "`dagan fetch-eval-assets` folder",
+        )
+        need(
+            all(p in g.kp_landmark_points for p in (*FACE_BOX_POINTS, *CROSS_MESH_POINTS)),
+            "dagan.kp_landmark_points",
+            f"weights.cross_motion reads mesh points {sorted({*FACE_BOX_POINTS, *CROSS_MESH_POINTS})}: "
+            "include them",
         )
     if w.reads_landmarks:
         k = cfg.model.keypoints.num_kp

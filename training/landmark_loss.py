@@ -27,10 +27,18 @@ from torch import nn
 
 from dagan.face_api import LANDMARK_SIZE, LandmarkNet, read_tfjs_weights
 
-from .config import FACE_BOX_POINTS
+from .config import CROSS_MESH_POINTS, FACE_BOX_POINTS
 from .perceptual import find_landmark_manifest
 
-__all__ = ["BOX_POINTS", "FaceLandmarkLoss", "crop_faces", "face_boxes", "load_landmark_net"]
+__all__ = [
+    "BOX_POINTS",
+    "CROSS_MESH_POINTS",
+    "CrossMotionLoss",
+    "FaceLandmarkLoss",
+    "crop_faces",
+    "face_boxes",
+    "load_landmark_net",
+]
 
 BOX_POINTS = FACE_BOX_POINTS
 # iBUG-68 indices of the eyes (36–47) and the mouth (48–67): the points that carry expression.
@@ -92,3 +100,72 @@ class FaceLandmarkLoss(nn.Module):
             with torch.no_grad():
                 theirs = self.net(crop_faces(target[valid].float(), boxes))
             return ((mine - theirs).abs().sum(dim=2) * self.weights).sum(dim=1).mean()
+
+
+def _openings_68(lm: torch.Tensor) -> torch.Tensor:
+    """B×68×2 face-api landmarks → B×4: mouth opening (inner lips 66 − 62), eye opening (mean over both
+    eyes of lower 40/41, 46/47 − upper 37/38, 43/44), nose tip (30) x and y."""
+    y = lm[..., 1]
+    mouth = y[:, 66] - y[:, 62]
+    eyes = y[:, [40, 41, 46, 47]].mean(1) - y[:, [37, 38, 43, 44]].mean(1)
+    return torch.stack([mouth, eyes, lm[:, 30, 0], lm[:, 30, 1]], dim=1)
+
+
+def _openings_mesh(marks: torch.Tensor, points: Sequence[int]) -> torch.Tensor:
+    """B×K×2 face-mesh landmarks (K = ``points``) → B×4, the same four signals as :func:`_openings_68`."""
+    i = {p: list(points).index(p) for p in CROSS_MESH_POINTS}
+    y = marks[..., 1]
+    mouth = y[:, i[14]] - y[:, i[13]]
+    eyes = (y[:, i[145]] - y[:, i[159]] + y[:, i[374]] - y[:, i[386]]) / 2
+    return torch.stack([mouth, eyes, marks[:, i[1], 0], marks[:, i[1], 1]], dim=1)
+
+
+class CrossMotionLoss(nn.Module):
+    """The cross-identity term (``dagan.weights.cross_motion``): an avatar of one person driven by
+    another must open its mouth, close its eyes and move its nose by what the driver did, in fractions
+    of each one's own face box (what movement-scale adaptation promises and ``dagan eval-cross``
+    measures as gain).
+
+    Why: the paper trains self-reenactment only, where the source frame already holds the driver's face
+    and a generator that damps motion loses little. Every user drives someone else's photo, and there
+    the bundled model carried a third of the mouth's opening and almost no blink (weights/README.md).
+    There is no ground-truth frame for another person, but face-api's landmark net (frozen,
+    differentiable) can read the avatar's mouth and eyes, and the driver's face-mesh tracks say how far
+    they should move.
+
+    forward(avatar, photo: B×3×H×W in [0, 1]; photo_marks, driver_ref_marks, driver_marks: B×K×2
+    face-mesh landmarks in the [−1, 1] frame, K = ``points``) → scalar: mean over the valid items and the
+    four signals (mouth, eyes, nose x, nose y) of |Δ avatar − Δ driver|. Δ avatar = LM(avatar) − LM(photo)
+    in the photo's box; Δ driver = (mesh(driver) − mesh(reference)) / the reference's box side. Items
+    with a missing landmark are left out. Computed in float32.
+    """
+
+    def __init__(self, net: LandmarkNet, points: Sequence[int]) -> None:
+        super().__init__()
+        self.net = net
+        self.points = tuple(points)
+
+    def forward(
+        self,
+        avatar: torch.Tensor,
+        photo: torch.Tensor,
+        photo_marks: torch.Tensor,
+        driver_ref_marks: torch.Tensor,
+        driver_marks: torch.Tensor,
+    ) -> torch.Tensor:
+        with torch.autocast(avatar.device.type, enabled=False):
+            marks = torch.stack([photo_marks, driver_ref_marks, driver_marks]).float()
+            valid = torch.isfinite(marks).all(dim=3).all(dim=2).all(dim=0)
+            if not bool(valid.any()):
+                return avatar.float().sum() * 0.0
+            photo_box = face_boxes(marks[0, valid], self.points)
+            ref_box = face_boxes(marks[1, valid], self.points)
+            mine = _openings_68(self.net(crop_faces(avatar[valid].float(), photo_box)))
+            with torch.no_grad():
+                rest = _openings_68(self.net(crop_faces(photo[valid].float(), photo_box)))
+                side = (2 * ref_box[:, 2]).unsqueeze(1)
+                want = (
+                    _openings_mesh(marks[2, valid], self.points)
+                    - _openings_mesh(marks[1, valid], self.points)
+                ) / side
+            return ((mine - rest) - want).abs().mean()

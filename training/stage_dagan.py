@@ -12,15 +12,17 @@ import torch
 from torch import nn
 
 from dagan.checkpoint import load_into, read_checkpoint
+from dagan.keypoint_ops import movement_scale, relative_keypoints
 from dagan.model import DaGAN
 from dagan.nets.discriminator import discriminator_from_config
+from dagan.nets.keypoints import Keypoints
 
 from . import losses as L
 from .config import TrainConfig
 from .data import SourceDrivingDataset
 from .distributed import DistInfo, unwrap
 from .errors import TrainingError
-from .landmark_loss import FaceLandmarkLoss, load_landmark_net
+from .landmark_loss import CrossMotionLoss, FaceLandmarkLoss, load_landmark_net
 from .perceptual import build_perceptual_loss
 from .rng import step_seed
 from .stage import Stage, draw_keypoints, grid, milestone_lambda
@@ -54,14 +56,19 @@ class DaganStage(Stage):
         self.perceptual = build_perceptual_loss(
             g.vgg19_weights, g.pyramid_scales, g.face_landmark_weights
         ).to(device)
-        self.landmark_loss = None
-        if g.weights.face_landmarks > 0:
+        self.landmark_loss = self.cross_loss = None
+        if g.weights.face_landmarks > 0 or g.weights.cross_motion > 0:
             net = load_landmark_net(g.face_landmark_weights)
-            self.landmark_loss = FaceLandmarkLoss(net, g.kp_landmark_points, g.kp_landmark_focus_weight)
-            self.landmark_loss.to(device)
+            if g.weights.face_landmarks > 0:
+                self.landmark_loss = FaceLandmarkLoss(net, g.kp_landmark_points, g.kp_landmark_focus_weight)
+                self.landmark_loss.to(device)
+            if g.weights.cross_motion > 0:
+                self.cross_loss = CrossMotionLoss(net, g.kp_landmark_points).to(device)
         self.batch_size, self.total_steps = g.batch_size, g.steps
         self.gen_net = self._wrap(
-            GeneratorObjective(self.model, self.discriminator, self.perceptual, cfg, self.landmark_loss)
+            GeneratorObjective(
+                self.model, self.discriminator, self.perceptual, cfg, self.landmark_loss, self.cross_loss
+            )
         )
         self.disc_net = self._wrap(self.discriminator)
         self.gen_params = [p for p in self.gen_net.parameters() if p.requires_grad]
@@ -177,6 +184,7 @@ class GeneratorObjective(nn.Module):
         perceptual: nn.Module,
         cfg: TrainConfig,
         landmark_loss: nn.Module | None = None,
+        cross_loss: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -184,6 +192,7 @@ class GeneratorObjective(nn.Module):
         # Plain tuple attributes: not registered as submodules, so not part of this module's parameters.
         self._critics = (discriminator, perceptual)
         self._landmark_loss = (landmark_loss,)
+        self._cross_loss = (cross_loss,)
         # The mask loss needs the dense motion's logits, which the generator (an engine graph, the
         # same for every backend) does not return: a hook on its mask conv keeps the latest ones.
         self._mask_logits: torch.Tensor | None = None
@@ -199,6 +208,16 @@ class GeneratorObjective(nn.Module):
             with torch.no_grad():
                 depth = self.model.depth_net(image)
         return self.model.detect_keypoints(image, depth), depth
+
+    def _cross_identity(self, cross_loss, source, depth_s, kp_s, kp_d, landmarks) -> torch.Tensor:
+        """Item i's photo driven by item i−1's motion since its own source frame (relative, movement
+        scale adapted, as the server), scored by :class:`CrossMotionLoss`. Items of a batch come from
+        random clips, so the driver is mostly another person."""
+        order = torch.roll(torch.arange(source.shape[0], device=source.device), 1)
+        reference, driver = _swap(kp_s, order), _swap(kp_d, order)
+        moved = relative_keypoints(kp_s, driver, reference, movement_scale(kp_s, reference))
+        avatar = self.model.generator(source, depth_s, kp_s, moved).prediction
+        return cross_loss(avatar, source, landmarks[0], landmarks[0][order], landmarks[1][order])
 
     def forward(self, source: torch.Tensor, driving: torch.Tensor, seed: int, landmarks=None):
         discriminator, perceptual = self._critics
@@ -282,6 +301,11 @@ class GeneratorObjective(nn.Module):
         (landmark_loss,) = self._landmark_loss
         if landmark_loss is not None and landmarks is not None:
             terms["face_landmarks"] = w.face_landmarks * landmark_loss(pred, driving, landmarks[1])
+        (cross_loss,) = self._cross_loss
+        if cross_loss is not None and landmarks is not None and source.shape[0] > 1:
+            terms["cross_motion"] = w.cross_motion * self._cross_identity(
+                cross_loss, source, depth_s, kp_s, kp_d, landmarks
+            )
         loss = sum(terms.values())
         logs.update({k: float(v.detach()) for k, v in terms.items()})
         logs["loss"] = float(loss.detach())
@@ -292,6 +316,10 @@ class GeneratorObjective(nn.Module):
             "kp_driving": kp_d.value.detach(),
         }
         return loss, logs, outputs
+
+
+def _swap(kp: Keypoints, order: torch.Tensor) -> Keypoints:
+    return Keypoints(kp.value[order], None if kp.jacobian is None else kp.jacobian[order])
 
 
 def frozen_modules(model: DaGAN, paths: tuple[str, ...]) -> list[nn.Module]:
