@@ -109,6 +109,11 @@ def test_cross_motion_loss_asks_the_avatar_to_move_as_the_driver_did(face):
     moves_alone = loss(opened, image, marks, marks, marks).item()
     assert follows < shut and moves_alone > 0.0, (follows, shut, moves_alone)
     assert shut > 0.003  # the quarter of a 3-px opening in a ~75-px box (the four signals' mean)
+    # dagan.cross_motion_signals: the mouth alone counts the whole opening, the nose alone hardly any
+    mouth_only = CrossMotionLoss(loss.net, POINTS, (1.0, 0.0, 0.0, 0.0))
+    nose_only = CrossMotionLoss(loss.net, POINTS, (0.0, 0.0, 1.0, 1.0))
+    assert mouth_only(image, image, marks, marks, opened_marks).item() > 2 * shut
+    assert nose_only(image, image, marks, marks, opened_marks).item() == 0.0  # the nose did not move
 
     avatar = opened.clone().requires_grad_(True)
     value = loss(avatar, image, marks, marks, marks)
@@ -123,6 +128,8 @@ def test_cross_motion_loss_asks_the_avatar_to_move_as_the_driver_did(face):
 def test_cross_motion_weight_needs_the_net_and_its_mesh_points(tmp_path):
     with pytest.raises(ConfigError, match="face_landmark_weights"):
         load_train_config(None, {"model": "tiny", "dagan.weights.cross_motion": 100.0})
+    with pytest.raises(ConfigError, match=r"dagan\.cross_motion_signals"):
+        load_train_config(None, {"model": "tiny", "dagan.cross_motion_signals": [1.0, 1.0, 0.0]})
     without_lid = [p for p in POINTS if p != 159] + [17]
     with pytest.raises(ConfigError, match="159"):
         load_train_config(

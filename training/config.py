@@ -211,6 +211,9 @@ class DaganStageConfig:
     # [kp_detector, generator.image_encoder]: a fine-tune that should teach one part (the motion
     # network) without the rest drifting away from what it already does well.
     frozen: tuple[str, ...] = ()
+    # weights.cross_motion's four signals: mouth opening, eye opening, nose tip x, nose tip y (weighted
+    # mean). The nose reads head motion, but sliding the face satisfies it as well as turning it.
+    cross_motion_signals: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 
@@ -357,6 +360,13 @@ def _check_semantics(cfg: TrainConfig) -> None:
             "dagan.kp_landmark_points",
             "weights.face_landmarks boxes the face by mesh points 10, 152, 234 and 454: include them",
         )
+    need(
+        len(g.cross_motion_signals) == 4
+        and all(v >= 0 for v in g.cross_motion_signals)
+        and sum(g.cross_motion_signals) > 0,
+        "dagan.cross_motion_signals",
+        "four weights >= 0 (mouth, eyes, nose x, nose y), not all 0",
+    )
     if w.cross_motion > 0:
         need(
             bool(g.face_landmark_weights),

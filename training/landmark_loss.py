@@ -134,16 +134,21 @@ class CrossMotionLoss(nn.Module):
     they should move.
 
     forward(avatar, photo: B×3×H×W in [0, 1]; photo_marks, driver_ref_marks, driver_marks: B×K×2
-    face-mesh landmarks in the [−1, 1] frame, K = ``points``) → scalar: mean over the valid items and the
-    four signals (mouth, eyes, nose x, nose y) of |Δ avatar − Δ driver|. Δ avatar = LM(avatar) − LM(photo)
+    face-mesh landmarks in the [−1, 1] frame, K = ``points``) → scalar: mean over the valid items of
+    |Δ avatar − Δ driver|, averaged over the four signals (mouth, eyes, nose x, nose y) with the weights
+    ``signals`` (``dagan.cross_motion_signals``). Δ avatar = LM(avatar) − LM(photo)
     in the photo's box; Δ driver = (mesh(driver) − mesh(reference)) / the reference's box side. Items
     with a missing landmark are left out. Computed in float32.
     """
 
-    def __init__(self, net: LandmarkNet, points: Sequence[int]) -> None:
+    def __init__(
+        self, net: LandmarkNet, points: Sequence[int], signals: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
+    ) -> None:
         super().__init__()
         self.net = net
         self.points = tuple(points)
+        weights = torch.tensor([float(v) for v in signals])
+        self.register_buffer("signals", weights / weights.sum(), persistent=False)
 
     def forward(
         self,
@@ -168,4 +173,4 @@ class CrossMotionLoss(nn.Module):
                     _openings_mesh(marks[2, valid], self.points)
                     - _openings_mesh(marks[1, valid], self.points)
                 ) / side
-            return ((mine - rest) - want).abs().mean()
+            return (((mine - rest) - want).abs().mean(dim=0) * self.signals).sum()

@@ -63,7 +63,8 @@ class DaganStage(Stage):
                 self.landmark_loss = FaceLandmarkLoss(net, g.kp_landmark_points, g.kp_landmark_focus_weight)
                 self.landmark_loss.to(device)
             if g.weights.cross_motion > 0:
-                self.cross_loss = CrossMotionLoss(net, g.kp_landmark_points).to(device)
+                self.cross_loss = CrossMotionLoss(net, g.kp_landmark_points, g.cross_motion_signals)
+                self.cross_loss.to(device)
         self.batch_size, self.total_steps = g.batch_size, g.steps
         self.gen_net = self._wrap(
             GeneratorObjective(
