@@ -125,7 +125,7 @@ class LossWeights:
     # the focus points (eyelids, mouth): the lips and lids take their own keypoints' motion instead of a
     # mouth-corner's or the nose's (training.losses.landmark_mask_loss). ~1 makes it count.
     landmark_mask: float = 0.0
-    # The cross-identity term: each item's photo is also driven by the next item's motion (relative, with
+    # The cross-identity term: each item's photo is also driven by another item's motion (relative, with
     # movement-scale adaptation, as the server runs it), and face-api's landmarks on that avatar must
     # move from the photo's by what the driver's face-mesh landmarks moved: mouth opening, eye opening,
     # nose tip, in fractions of each face's box (training.landmark_loss.CrossMotionLoss). One more

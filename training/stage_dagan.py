@@ -218,6 +218,7 @@ class GeneratorObjective(nn.Module):
         reference, driver = _swap(kp_s, order), _swap(kp_d, order)
         moved = relative_keypoints(kp_s, driver, reference, movement_scale(kp_s, reference))
         avatar = self.model.generator(source, depth_s, kp_s, moved).prediction
+        self._mask_logits = None  # the mask hook fired again: those logits are not the mask loss's
         return cross_loss(avatar, source, landmarks[0], landmarks[0][order], landmarks[1][order])
 
     def forward(self, source: torch.Tensor, driving: torch.Tensor, seed: int, landmarks=None):
