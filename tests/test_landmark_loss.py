@@ -125,38 +125,28 @@ def test_cross_motion_loss_asks_the_avatar_to_move_as_the_driver_did(face):
     assert empty.item() == 0.0 and empty.requires_grad
 
 
-def test_cross_motion_weight_needs_the_net_and_its_mesh_points(tmp_path):
+@pytest.mark.parametrize(("term", "point"), [("face_landmarks", 152), ("cross_motion", 159)])
+def test_face_api_terms_need_the_net_and_their_mesh_points(tmp_path, term, point):
+    """Both terms read face-api's landmark net, boxed (and, for cross_motion, measured) by mesh points
+    the keypoint prior must track: the box's chin 152, the cross term's upper lid 159."""
     with pytest.raises(ConfigError, match="face_landmark_weights"):
-        load_train_config(None, {"model": "tiny", "dagan.weights.cross_motion": 100.0})
+        load_train_config(None, {"model": "tiny", f"dagan.weights.{term}": 100.0})
+    without = [p for p in POINTS if p != point] + [17]
+    with pytest.raises(ConfigError, match=str(point)):
+        load_train_config(
+            None,
+            {
+                "model": "tiny",
+                f"dagan.weights.{term}": 100.0,
+                "dagan.face_landmark_weights": str(tmp_path),
+                "dagan.kp_landmark_points": without,
+            },
+        )
+
+
+def test_cross_motion_signals_are_four_weights():
     with pytest.raises(ConfigError, match=r"dagan\.cross_motion_signals"):
         load_train_config(None, {"model": "tiny", "dagan.cross_motion_signals": [1.0, 1.0, 0.0]})
-    without_lid = [p for p in POINTS if p != 159] + [17]
-    with pytest.raises(ConfigError, match="159"):
-        load_train_config(
-            None,
-            {
-                "model": "tiny",
-                "dagan.weights.cross_motion": 100.0,
-                "dagan.face_landmark_weights": str(tmp_path),
-                "dagan.kp_landmark_points": without_lid,
-            },
-        )
-
-
-def test_face_landmark_weight_needs_the_net_and_the_box_points(tmp_path):
-    with pytest.raises(ConfigError, match="face_landmark_weights"):
-        load_train_config(None, {"model": "tiny", "dagan.weights.face_landmarks": 100.0})
-    without_box = [p for p in POINTS if p != 152] + [17]
-    with pytest.raises(ConfigError, match="152"):
-        load_train_config(
-            None,
-            {
-                "model": "tiny",
-                "dagan.weights.face_landmarks": 100.0,
-                "dagan.face_landmark_weights": str(tmp_path),
-                "dagan.kp_landmark_points": without_box,
-            },
-        )
 
 
 @pytest.mark.slow

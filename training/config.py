@@ -136,8 +136,13 @@ class LossWeights:
     @property
     def reads_landmarks(self) -> bool:
         """Whether a term reads the face-mesh tracks (the keypoint prior and the terms beside it)."""
-        prior = (self.kp_landmarks, self.kp_landmark_motion, self.region_l1, self.face_landmarks)
-        prior = (*prior, self.cross_motion)
+        prior = (
+            self.kp_landmarks,
+            self.kp_landmark_motion,
+            self.region_l1,
+            self.face_landmarks,
+            self.cross_motion,
+        )
         return any(v > 0 for v in (*prior, self.landmark_flow, self.landmark_mask))
 
 
