@@ -125,6 +125,30 @@ def test_cross_motion_loss_asks_the_avatar_to_move_as_the_driver_did(face):
     assert empty.item() == 0.0 and empty.requires_grad
 
 
+def test_cross_motion_gray_reads_luminance_only(face):
+    """dagan.cross_motion_gray: a mouth tinted purple at the same luminance (what a generator painted to
+    fool the colour net) reads as no motion at all, while a mouth that really opens still counts."""
+    from training.landmark_loss import CrossMotionLoss, load_landmark_net
+
+    image, mesh = face
+    net = load_landmark_net(str(_assets()))
+    gray, colour = CrossMotionLoss(net, POINTS, gray=True), CrossMotionLoss(net, POINTS)
+    marks = _unit(mesh, 128)
+    y0 = int(mesh[14, 1]) - 1
+    tinted = image.clone()
+    shift = torch.tensor([0.587, -0.299, 0.0]).view(1, 3, 1, 1) * 0.3  # BT.601 luminance unchanged
+    tinted[..., y0 - 6 : y0 + 6, 48:80] += shift
+    assert gray(tinted, image, marks, marks, marks).item() < 1e-5
+    assert colour(tinted, image, marks, marks, marks).item() > 1e-5  # the colour net does see it
+    opened_marks = marks.clone()
+    opened_marks[:, list(POINTS).index(14), 1] += 3 * 2 / 127
+    opened = image.clone()
+    opened[..., y0 + 3 :, 40:88] = image[..., y0 : 128 - 3, 40:88]
+    follows = gray(opened, image, marks, marks, opened_marks).item()
+    shut = gray(image, image, marks, marks, opened_marks).item()
+    assert follows < shut, (follows, shut)
+
+
 @pytest.mark.parametrize(("term", "point"), [("face_landmarks", 152), ("cross_motion", 159)])
 def test_face_api_terms_need_the_net_and_their_mesh_points(tmp_path, term, point):
     """Both terms read face-api's landmark net, boxed (and, for cross_motion, measured) by mesh points

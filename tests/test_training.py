@@ -665,3 +665,35 @@ def test_frozen_modules_keep_their_weights_and_statistics():
     everything = load_train_config(None, {"model": "tiny", "dagan.frozen": ["kp_detector", "generator"]})
     with pytest.raises(TrainingError, match="nothing to train"):
         DaganStage(everything, torch.device("cpu"), DistInfo(), None)
+
+
+@pytest.mark.parametrize("cross_gan", [0.0, 1.0])
+def test_cross_gan_shows_the_cross_identity_avatar_to_the_discriminator(cross_gan):
+    """dagan.weights.cross_gan: the photo driven by another item's motion is charged (1 − D(avatar))² and
+    is one more fake in the discriminator's batch (real B + fake 2B); at 0 neither happens."""
+    from training.distributed import DistInfo
+    from training.stage_dagan import DaganStage
+
+    cfg = load_train_config(None, {"model": "tiny", "data.workers": 0, "dagan.weights.cross_gan": cross_gan})
+    stage = DaganStage(cfg, torch.device("cpu"), DistInfo(), None)
+    seen: list[tuple[int, bool]] = []  # (batch, whether the discriminator's weights take gradient)
+    stage.discriminator.register_forward_hook(
+        lambda m, inputs, _out: seen.append((inputs[0].shape[0], next(m.parameters()).requires_grad))
+    )
+    stage.set_train()
+    torch.manual_seed(0)
+    size, b = cfg.model.image_size, 2
+    batch = {"source": torch.rand(b, 3, size, size), "driving": torch.rand(b, 3, size, size)}
+    logs = stage.train_step(batch, 0)
+    critic = [n for n, grad in seen if not grad]
+    trained = [n for n, grad in seen if grad]
+    if cross_gan:
+        assert logs["cross_gan"] > 0
+        assert critic == [2 * b, b] and trained == [3 * b]
+        avatar = stage._last["cross_avatar"]
+        assert avatar.shape == batch["source"].shape
+        assert not torch.allclose(avatar, stage._last["prediction"])  # another driver's motion
+    else:
+        assert "cross_gan" not in logs
+        assert critic == [2 * b] and trained == [2 * b]
+        assert stage._last["cross_avatar"] is None

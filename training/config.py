@@ -132,6 +132,12 @@ class LossWeights:
     # generator pass per step. Needs dagan.face_landmark_weights, and CROSS_MESH_POINTS and the box
     # points among kp_landmark_points; ~100 makes it count.
     cross_motion: float = 0.0
+    # LSGAN on that cross-identity avatar: the discriminator also sees it as a fake and the generator is
+    # charged (1 − D(avatar))². Without it the cross term is scored by face-api alone, which a generator
+    # can fool by painting a coloured blob where a mouth should open (weights/README.md, "The
+    # cross-identity term"); feature matching needs a real frame of the same pose, so it is left out.
+    # Makes the cross-identity pass on its own when cross_motion is 0.
+    cross_gan: float = 0.0
 
     @property
     def reads_landmarks(self) -> bool:
@@ -219,6 +225,9 @@ class DaganStageConfig:
     # weights.cross_motion's four signals: mouth opening, eye opening, nose tip x, nose tip y (weighted
     # mean). The nose reads head motion, but sliding the face satisfies it as well as turning it.
     cross_motion_signals: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+    # face-api reads the cross-identity avatar and its photo as luminance: a colour blob on the mouth
+    # then no longer fools it (training.landmark_loss.CrossMotionLoss).
+    cross_motion_gray: bool = False
     transform: TransformConfig = field(default_factory=TransformConfig)
 
 

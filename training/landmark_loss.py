@@ -139,14 +139,23 @@ class CrossMotionLoss(nn.Module):
     ``signals`` (``dagan.cross_motion_signals``). Δ avatar = LM(avatar) − LM(photo)
     in the photo's box; Δ driver = (mesh(driver) − mesh(reference)) / the reference's box side. Items
     with a missing landmark are left out. Computed in float32.
+
+    ``gray``: face-api reads both crops as luminance (``dagan.cross_motion_gray``). A generator scored by
+    this net alone learned to paint a purple blob where the mouth should open; in gray a blob has to be
+    dark, as an open mouth is, to count.
     """
 
     def __init__(
-        self, net: LandmarkNet, points: Sequence[int], signals: Sequence[float] = (1.0, 1.0, 1.0, 1.0)
+        self,
+        net: LandmarkNet,
+        points: Sequence[int],
+        signals: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+        gray: bool = False,
     ) -> None:
         super().__init__()
         self.net = net
         self.points = tuple(points)
+        self.gray = gray
         weights = torch.tensor([float(v) for v in signals])
         self.register_buffer("signals", weights / weights.sum(), persistent=False)
 
@@ -165,12 +174,19 @@ class CrossMotionLoss(nn.Module):
                 return avatar.float().sum() * 0.0
             photo_box = face_boxes(marks[0, valid], self.points)
             ref_box = face_boxes(marks[1, valid], self.points)
-            mine = _openings_68(self.net(crop_faces(avatar[valid].float(), photo_box)))
+            mine = _openings_68(self.net(self._view(crop_faces(avatar[valid].float(), photo_box))))
             with torch.no_grad():
-                rest = _openings_68(self.net(crop_faces(photo[valid].float(), photo_box)))
+                rest = _openings_68(self.net(self._view(crop_faces(photo[valid].float(), photo_box))))
                 side = (2 * ref_box[:, 2]).unsqueeze(1)
                 want = (
                     _openings_mesh(marks[2, valid], self.points)
                     - _openings_mesh(marks[1, valid], self.points)
                 ) / side
             return (((mine - rest) - want).abs().mean(dim=0) * self.signals).sum()
+
+    def _view(self, crops: torch.Tensor) -> torch.Tensor:
+        """B×3×h×w → what the net reads: the crops, or their luminance (ITU-R BT.601) in all channels."""
+        if not self.gray:
+            return crops
+        weights = crops.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (crops * weights).sum(dim=1, keepdim=True).expand_as(crops)

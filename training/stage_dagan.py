@@ -63,7 +63,9 @@ class DaganStage(Stage):
                 self.landmark_loss = FaceLandmarkLoss(net, g.kp_landmark_points, g.kp_landmark_focus_weight)
                 self.landmark_loss.to(device)
             if g.weights.cross_motion > 0:
-                self.cross_loss = CrossMotionLoss(net, g.kp_landmark_points, g.cross_motion_signals)
+                self.cross_loss = CrossMotionLoss(
+                    net, g.kp_landmark_points, g.cross_motion_signals, g.cross_motion_gray
+                )
                 self.cross_loss.to(device)
         self.batch_size, self.total_steps = g.batch_size, g.steps
         self.gen_net = self._wrap(
@@ -134,10 +136,13 @@ class DaganStage(Stage):
         logs["grad_norm/generator"] = self._optimize("generator", loss, self.gen_params)
         self.discriminator.requires_grad_(True)
         w = self.cfg.dagan.weights
-        if w.gan > 0 or w.feature_matching > 0:
+        if w.gan > 0 or w.feature_matching > 0 or w.cross_gan > 0:
             # Real and fake in one batch: one DDP forward per backward (InstanceNorm is per sample).
+            fakes = [out["prediction"].detach()]
+            if w.cross_gan > 0 and out["cross_avatar"] is not None:
+                fakes.append(out["cross_avatar"])  # another person's motion: a fake too
             with self.autocast():
-                scores = self.disc_net(torch.cat([driving, out["prediction"].detach()], dim=0))
+                scores = self.disc_net(torch.cat([driving, *fakes], dim=0))
                 b = driving.shape[0]
                 d_loss = L.lsgan_discriminator_loss(
                     [v[1][:b] for v in scores.values()], [v[1][b:] for v in scores.values()]
@@ -167,6 +172,8 @@ class DaganStage(Stage):
         if x.get("depth_driving") is not None:
             cols.append(x["depth_driving"].expand(-1, 3, -1, -1))
         cols.append(draw_keypoints(x["driving"], x["kp_driving"]))
+        if x.get("cross_avatar") is not None:  # the photo driven by the previous item's motion
+            cols.append(x["cross_avatar"])
         return grid(cols)
 
 
@@ -210,16 +217,16 @@ class GeneratorObjective(nn.Module):
                 depth = self.model.depth_net(image)
         return self.model.detect_keypoints(image, depth), depth
 
-    def _cross_identity(self, cross_loss, source, depth_s, kp_s, kp_d, landmarks) -> torch.Tensor:
+    def _cross_avatar(self, source, depth_s, kp_s, kp_d) -> tuple[torch.Tensor, torch.Tensor]:
         """Item i's photo driven by item i−1's motion since its own source frame (relative, movement
-        scale adapted, as the server), scored by :class:`CrossMotionLoss`. Items of a batch come from
-        random clips, so the driver is mostly another person."""
+        scale adapted, as the server). Items of a batch come from random clips, so the driver is
+        mostly another person. Returns (avatar B×3×H×W, the driver's index per item)."""
         order = torch.roll(torch.arange(source.shape[0], device=source.device), 1)
         reference, driver = _swap(kp_s, order), _swap(kp_d, order)
         moved = relative_keypoints(kp_s, driver, reference, movement_scale(kp_s, reference))
         avatar = self.model.generator(source, depth_s, kp_s, moved).prediction
         self._mask_logits = None  # the mask hook fired again: those logits are not the mask loss's
-        return cross_loss(avatar, source, landmarks[0], landmarks[0][order], landmarks[1][order])
+        return avatar, order
 
     def forward(self, source: torch.Tensor, driving: torch.Tensor, seed: int, landmarks=None):
         discriminator, perceptual = self._critics
@@ -304,10 +311,16 @@ class GeneratorObjective(nn.Module):
         if landmark_loss is not None and landmarks is not None:
             terms["face_landmarks"] = w.face_landmarks * landmark_loss(pred, driving, landmarks[1])
         (cross_loss,) = self._cross_loss
-        if cross_loss is not None and landmarks is not None and source.shape[0] > 1:
-            terms["cross_motion"] = w.cross_motion * self._cross_identity(
-                cross_loss, source, depth_s, kp_s, kp_d, landmarks
-            )
+        avatar = None
+        if (w.cross_motion > 0 or w.cross_gan > 0) and source.shape[0] > 1:
+            avatar, order = self._cross_avatar(source, depth_s, kp_s, kp_d)
+            if cross_loss is not None and landmarks is not None:
+                terms["cross_motion"] = w.cross_motion * cross_loss(
+                    avatar, source, landmarks[0], landmarks[0][order], landmarks[1][order]
+                )
+            if w.cross_gan > 0:
+                scores = discriminator(avatar)
+                terms["cross_gan"] = w.cross_gan * L.lsgan_generator_loss([v[1] for v in scores.values()])
         loss = sum(terms.values())
         logs.update({k: float(v.detach()) for k, v in terms.items()})
         logs["loss"] = float(loss.detach())
@@ -316,6 +329,7 @@ class GeneratorObjective(nn.Module):
             "prediction": pred,
             "depth_driving": None if depth_d is None else depth_d.detach(),
             "kp_driving": kp_d.value.detach(),
+            "cross_avatar": None if avatar is None else avatar.detach(),
         }
         return loss, logs, outputs
 
