@@ -193,6 +193,7 @@ def test_dagan_stage_trains_with_the_landmark_and_cross_identity_losses(tmp_path
             "dagan.batch_size": 2,
             "dagan.weights.face_landmarks": 100.0,
             "dagan.weights.cross_motion": 100.0,
+            "dagan.weights.cross_chroma": 10.0,
             "dagan.face_landmark_weights": str(assets),
         },
     )
@@ -204,3 +205,5 @@ def test_dagan_stage_trains_with_the_landmark_and_cross_identity_losses(tmp_path
     for name in ("face_landmarks", "cross_motion"):
         terms = [h[name] for h in result.history]
         assert len(terms) == 2 and all(np.isfinite(t) and t > 0 for t in terms), (name, terms)
+    chroma = [h["cross_chroma"] for h in result.history]  # 0 where the avatar holds no blue
+    assert len(chroma) == 2 and all(np.isfinite(t) and t >= 0 for t in chroma), chroma

@@ -13,6 +13,7 @@ from training.config import TrainConfig, load_train_config
 from training.data import LANDMARKS_FILE, SourceDrivingDataset
 from training.landmarks import MESH_POINTS, annotate_clip
 from training.losses import (
+    chroma_range_loss,
     keypoint_distance_loss,
     landmark_flow_loss,
     landmark_mask_loss,
@@ -204,6 +205,32 @@ def test_region_loss_looks_at_the_mouth():
     assert region_l1_loss(near, target, mask) > 10 * region_l1_loss(far, target, mask)
     empty = landmark_region_mask(torch.full((1, 1, 2), float("nan")), (8, 8), 0.1)
     assert empty.sum() == 0 and region_l1_loss(near[..., :8, :8], target[..., :8, :8], empty) == 0
+
+
+def test_chroma_range_charges_colours_the_photo_does_not_have_near_the_mouth():
+    """dagan.weights.cross_chroma: a magenta or hot-pink mouth costs; a dark mouth, white teeth and the
+    photo's own lip red do not; a photo that is blue there itself lets blue through; the gradient
+    takes the blue and the red out of a magenta mouth."""
+    photo = torch.tensor([0.80, 0.60, 0.50]).view(1, 3, 1, 1).expand(1, 3, 64, 64).clone()  # skin
+    photo[..., 40:43, 26:38] = torch.tensor([0.75, 0.25, 0.25]).view(1, 3, 1, 1)  # red lips
+
+    def mouth(rgb: tuple[float, float, float], base: torch.Tensor = photo) -> torch.Tensor:
+        image = base.clone()
+        image[..., 40:46, 28:36] = torch.tensor(rgb).view(1, 3, 1, 1)  # the mouth opens below the lip
+        return image
+
+    assert chroma_range_loss(photo, photo) == 0
+    for natural in [(0.08, 0.04, 0.04), (0.9, 0.9, 0.9), (0.75, 0.25, 0.25)]:  # dark, teeth, lip red
+        assert chroma_range_loss(mouth(natural), photo) == 0
+    assert chroma_range_loss(mouth((0.9, 0.2, 0.45)), photo) > 1e-4  # hot pink: Cr beyond the lips'
+    magenta = mouth((0.70, 0.20, 0.60)).requires_grad_(True)
+    cost = chroma_range_loss(magenta, photo)
+    assert cost > 1e-4
+    cost.backward()
+    assert magenta.grad[0, 2, 44, 32] > 0 and magenta.grad[0, 1, 44, 32] < 0  # less blue, more green
+    assert magenta.grad[0, 0, 5, 5] == 0  # the untouched skin far away has no say
+    blue_photo = mouth((0.70, 0.20, 0.60))  # the photo itself has that colour there
+    assert chroma_range_loss(mouth((0.70, 0.20, 0.60)), blue_photo) == 0
 
 
 @pytest.mark.parametrize("term", ["kp_landmarks", "landmark_flow"])

@@ -138,6 +138,11 @@ class LossWeights:
     # cross-identity term"); feature matching needs a real frame of the same pose, so it is left out.
     # Makes the cross-identity pass on its own when cross_motion is 0.
     cross_gan: float = 0.0
+    # The cross-identity avatar's chroma (Cb, Cr) must stay between neutral and the photo's own colours
+    # near each pixel, ± 0.02 (training.losses.chroma_range_loss): the colour blobs that fooled face-api
+    # cost, a dark mouth, teeth and the photo's lips do not. Mean over pixels: ~1e4 makes it count.
+    # Makes the cross-identity pass when the terms above are 0.
+    cross_chroma: float = 0.0
 
     @property
     def reads_landmarks(self) -> bool:

@@ -221,6 +221,27 @@ def region_l1_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.T
     return (diff * mask).sum() / mask.sum().clamp(min=1e-6)
 
 
+def chroma_range_loss(image: torch.Tensor, reference: torch.Tensor, margin: float = 0.02) -> torch.Tensor:
+    """Mean over pixels of how far each pixel's chroma (Cb, Cr; ITU-R BT.601) leaves the range the
+    reference holds around it: per channel [min(0, local min) − margin, max(0, local max) + margin],
+    the local extremes taken over a window of 2·(H // 16) + 1 pixels (17 at 128). image, reference:
+    B×3×H×W in [0, 1] → scalar.
+
+    Why: a generator charged by face-api's landmarks on a cross-identity avatar opened its mouths with
+    colours the photo never had (a magenta blob, Cb ≈ +0.1; with Cb bounded, a hot pink one), which
+    the net reads as a mouth. Neutral colours (a dark mouth, teeth) and the photo's own colours near a
+    pixel (lips, a blue background) stay free; the window lets the face move by a few pixels.
+    """
+    weights = image.new_tensor([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]).float()
+    chroma = torch.einsum("kc,bchw->bkhw", weights, image.float())
+    with torch.no_grad():
+        ref = torch.einsum("kc,bchw->bkhw", weights, reference.float())
+        k = 2 * (ref.shape[-2] // 16) + 1
+        high = F.max_pool2d(ref, k, stride=1, padding=k // 2).clamp(min=0.0) + margin
+        low = -F.max_pool2d(-ref, k, stride=1, padding=k // 2).clamp(min=0.0) - margin
+    return (torch.relu(chroma - high) + torch.relu(low - chroma)).sum(dim=1).mean()
+
+
 # ======================================================================================= GAN loss
 
 

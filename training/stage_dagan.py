@@ -312,7 +312,7 @@ class GeneratorObjective(nn.Module):
             terms["face_landmarks"] = w.face_landmarks * landmark_loss(pred, driving, landmarks[1])
         (cross_loss,) = self._cross_loss
         avatar = None
-        if (w.cross_motion > 0 or w.cross_gan > 0) and source.shape[0] > 1:
+        if (w.cross_motion > 0 or w.cross_gan > 0 or w.cross_chroma > 0) and source.shape[0] > 1:
             avatar, order = self._cross_avatar(source, depth_s, kp_s, kp_d)
             if cross_loss is not None and landmarks is not None:
                 terms["cross_motion"] = w.cross_motion * cross_loss(
@@ -321,6 +321,8 @@ class GeneratorObjective(nn.Module):
             if w.cross_gan > 0:
                 scores = discriminator(avatar)
                 terms["cross_gan"] = w.cross_gan * L.lsgan_generator_loss([v[1] for v in scores.values()])
+            if w.cross_chroma > 0:
+                terms["cross_chroma"] = w.cross_chroma * L.chroma_range_loss(avatar, source)
         loss = sum(terms.values())
         logs.update({k: float(v.detach()) for k, v in terms.items()})
         logs["loss"] = float(loss.detach())
