@@ -205,5 +205,5 @@ def test_dagan_stage_trains_with_the_landmark_and_cross_identity_losses(tmp_path
     for name in ("face_landmarks", "cross_motion"):
         terms = [h[name] for h in result.history]
         assert len(terms) == 2 and all(np.isfinite(t) and t > 0 for t in terms), (name, terms)
-    chroma = [h["cross_chroma"] for h in result.history]  # 0 where the avatar holds no blue
+    chroma = [h["cross_chroma"] for h in result.history]  # 0 where the avatar has no colour its photo lacks
     assert len(chroma) == 2 and all(np.isfinite(t) and t >= 0 for t in chroma), chroma

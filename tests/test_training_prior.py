@@ -209,7 +209,7 @@ def test_region_loss_looks_at_the_mouth():
 
 def test_chroma_range_charges_colours_the_photo_does_not_have_near_the_mouth():
     """dagan.weights.cross_chroma: a magenta or hot-pink mouth costs; a dark mouth, white teeth and the
-    photo's own lip red do not; a photo that is blue there itself lets blue through; the gradient
+    photo's own lip red do not; a photo that is magenta there itself lets magenta through; the gradient
     takes the blue and the red out of a magenta mouth."""
     photo = torch.tensor([0.80, 0.60, 0.50]).view(1, 3, 1, 1).expand(1, 3, 64, 64).clone()  # skin
     photo[..., 40:43, 26:38] = torch.tensor([0.75, 0.25, 0.25]).view(1, 3, 1, 1)  # red lips
@@ -229,8 +229,8 @@ def test_chroma_range_charges_colours_the_photo_does_not_have_near_the_mouth():
     cost.backward()
     assert magenta.grad[0, 2, 44, 32] > 0 and magenta.grad[0, 1, 44, 32] < 0  # less blue, more green
     assert magenta.grad[0, 0, 5, 5] == 0  # the untouched skin far away has no say
-    blue_photo = mouth((0.70, 0.20, 0.60))  # the photo itself has that colour there
-    assert chroma_range_loss(mouth((0.70, 0.20, 0.60)), blue_photo) == 0
+    magenta_photo = mouth((0.70, 0.20, 0.60))  # the photo itself has that colour there
+    assert chroma_range_loss(mouth((0.70, 0.20, 0.60)), magenta_photo) == 0
 
 
 @pytest.mark.parametrize("term", ["kp_landmarks", "landmark_flow"])
