@@ -28,6 +28,7 @@ from torch import nn
 from dagan.face_api import LANDMARK_SIZE, LandmarkNet, read_tfjs_weights
 
 from .config import CROSS_MESH_POINTS, FACE_BOX_POINTS
+from .losses import ycbcr
 from .perceptual import find_landmark_manifest
 
 __all__ = [
@@ -188,5 +189,4 @@ class CrossMotionLoss(nn.Module):
         """B×3×h×w → what the net reads: the crops, or their luminance (ITU-R BT.601) in all channels."""
         if not self.gray:
             return crops
-        weights = crops.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        return (crops * weights).sum(dim=1, keepdim=True).expand_as(crops)
+        return ycbcr(crops)[:, :1].expand_as(crops)

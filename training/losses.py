@@ -221,6 +221,20 @@ def region_l1_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.T
     return (diff * mask).sum() / mask.sum().clamp(min=1e-6)
 
 
+# ITU-R BT.601 full range: rows Y, Cb, Cr of an RGB pixel in [0, 1] (Cb, Cr centred on 0).
+_YCBCR = (
+    (0.299, 0.587, 0.114),
+    (-0.168736, -0.331264, 0.5),
+    (0.5, -0.418688, -0.081312),
+)
+
+
+def ycbcr(image: torch.Tensor) -> torch.Tensor:
+    """B×3×H×W RGB in [0, 1] → B×3×H×W (Y, Cb, Cr), BT.601, float32: luminance for a reader that must
+    not see colour (``dagan.cross_motion_gray``), chroma for a colour prior (``chroma_range_loss``)."""
+    return torch.einsum("kc,bchw->bkhw", image.new_tensor(_YCBCR).float(), image.float())
+
+
 def chroma_range_loss(image: torch.Tensor, reference: torch.Tensor, margin: float = 0.02) -> torch.Tensor:
     """Mean over pixels of how far each pixel's chroma (Cb, Cr; ITU-R BT.601) leaves the range the
     reference holds around it: per channel [min(0, local min) − margin, max(0, local max) + margin],
@@ -232,10 +246,9 @@ def chroma_range_loss(image: torch.Tensor, reference: torch.Tensor, margin: floa
     the net reads as a mouth. Neutral colours (a dark mouth, teeth) and the photo's own colours near a
     pixel (lips, a blue background) stay free; the window lets the face move by a few pixels.
     """
-    weights = image.new_tensor([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]).float()
-    chroma = torch.einsum("kc,bchw->bkhw", weights, image.float())
+    chroma = ycbcr(image)[:, 1:]
     with torch.no_grad():
-        ref = torch.einsum("kc,bchw->bkhw", weights, reference.float())
+        ref = ycbcr(reference)[:, 1:]
         k = 2 * (ref.shape[-2] // 16) + 1
         high = F.max_pool2d(ref, k, stride=1, padding=k // 2).clamp(min=0.0) + margin
         low = -F.max_pool2d(-ref, k, stride=1, padding=k // 2).clamp(min=0.0) - margin
