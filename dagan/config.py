@@ -28,6 +28,10 @@ from .errors import UserError
 PRESETS = ("vox-256", "tiny", "fomm", "live-128")
 
 
+#: The largest lip-opening gain a config or a session may ask for: beyond it the lips tear apart.
+MAX_MOUTH_GAIN = 4.0
+
+
 class ConfigError(UserError, ValueError):
     """A config file or dict that does not match the schema; the message names the offending key."""
 
@@ -76,6 +80,13 @@ class KeypointConfig:
     # in the bundled file). Zero-initialised weights where these channels enter make a widened detector
     # compute exactly what it computed before (scripts/fit_detail.py).
     detail_channels: int = 0
+    # The (upper, lower) inner-lip keypoints of a model trained with the landmark prior (live-128: 7 and
+    # 8, anchored to face-mesh points 13 and 14), or () when no keypoint is known to be a lip (vox-256).
+    # With them, relative motion opens the avatar's mouth mouth_open_gain times as far as the driver's
+    # (dagan.keypoint_ops.open_mouth): a calibration of a generator that draws an open mouth only part of
+    # the way (weights/README.md, "Mouth gain"). Engine sessions may override the gain.
+    mouth_keypoints: tuple[int, ...] = ()
+    mouth_open_gain: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -281,6 +292,24 @@ def _check_semantics(cfg: ModelConfig) -> None:
     need(cfg.keypoints.num_kp >= 1, "keypoints.num_kp", "must be >= 1")
     need(cfg.keypoints.temperature > 0, "keypoints.temperature", "must be > 0")
     need(cfg.keypoints.detail_channels >= 0, "keypoints.detail_channels", "must be >= 0")
+    mouth = cfg.keypoints.mouth_keypoints
+    need(
+        mouth == ()
+        or (len(mouth) == 2 and mouth[0] != mouth[1] and all(0 <= k < cfg.keypoints.num_kp for k in mouth)),
+        "keypoints.mouth_keypoints",
+        f"must be empty or two different keypoint indices (upper lip, lower lip) below num_kp "
+        f"({cfg.keypoints.num_kp}), got {list(mouth)}",
+    )
+    need(
+        0 < cfg.keypoints.mouth_open_gain <= MAX_MOUTH_GAIN,
+        "keypoints.mouth_open_gain",
+        f"must be in (0, {MAX_MOUTH_GAIN:g}] (1 = the driver's opening as it is)",
+    )
+    need(
+        bool(mouth) or cfg.keypoints.mouth_open_gain == 1.0,
+        "keypoints.mouth_open_gain",
+        "needs keypoints.mouth_keypoints (which keypoints are the lips)",
+    )
     if cfg.keypoints.detail_channels > 0:
         step = round(1 / cfg.keypoints.scale_factor)
         need(

@@ -18,8 +18,9 @@ feature map, N = h·w attention positions, c query channels, m×m the dense-moti
 - ``generator``: the cached tensors + kp_driving_value/jacobian → prediction B×3×H×W (dense motion, warp,
   occlusion, attention, decoder): rendering from keypoints the caller already has.
 - ``frame``: the whole per-frame path, :func:`frame_step`: driving B×3×H×W + the cached tensors + each
-  item's motion reference (kp_reference_value/jacobian, motion_scale B×1×1, relative B×1×1) →
-  prediction, driving_depth, kp_driving_value/jacobian.
+  item's motion reference (kp_reference_value/jacobian, motion_scale B×1×1, relative B×1×1, and
+  mouth_gain B×1×1 when the config names the lip keypoints) → prediction, driving_depth,
+  kp_driving_value/jacobian.
 
 Optional tensors (depth, Jacobians, attention query, skips) exist only when the config has them.
 
@@ -98,9 +99,15 @@ def kp_names(config: ModelConfig, prefix: str) -> list[str]:
     return [f"{prefix}_value", f"{prefix}_jacobian"] if has_jacobian(config) else [f"{prefix}_value"]
 
 
+def has_mouth_gain(config: ModelConfig) -> bool:
+    return bool(config.keypoints.mouth_keypoints)
+
+
 def motion_names(config: ModelConfig) -> list[str]:
-    """The frame graph's per-stream motion inputs."""
-    return [*kp_names(config, "kp_reference"), "motion_scale", "relative"]
+    """The frame graph's per-stream motion inputs (``mouth_gain`` only when the config names the lip
+    keypoints, so graphs of other configs keep their inputs)."""
+    gain = ["mouth_gain"] if has_mouth_gain(config) else []
+    return [*kp_names(config, "kp_reference"), "motion_scale", "relative", *gain]
 
 
 def graph_io(config: ModelConfig, graph: str) -> tuple[list[str], list[str]]:
@@ -192,12 +199,16 @@ def frame_step(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> dict[str, 
     (:class:`export.graphs.FrameGraph`) for ONNX Runtime and TensorRT, so all backends run the same
     code. Relative motion is selected per batch item inside (``relative`` B×1×1), so absolute and
     relative streams share one call; ``motion_scale`` B×1×1 is 1 for relative motion without
-    movement-scale adaptation.
+    movement-scale adaptation; ``mouth_gain`` B×1×1 (configs with ``keypoints.mouth_keypoints``) scales
+    the driver's lip opening (:func:`dagan.keypoint_ops.open_mouth`).
     """
     kp_s, feats = unflatten_cached(x)
     kp_d, depth_d = model.driving_keypoints(x["driving"])
     kp_ref = Keypoints(x["kp_reference_value"], x.get("kp_reference_jacobian"))
-    kp_used = relative_keypoints(kp_s, kp_d, kp_ref, x["motion_scale"], x["relative"])
+    mouth = model.config.keypoints.mouth_keypoints
+    kp_used = relative_keypoints(
+        kp_s, kp_d, kp_ref, x["motion_scale"], x["relative"], mouth, x["mouth_gain"] if mouth else 1.0
+    )
     prediction = model.generator.decode(feats, kp_s, kp_used).prediction
     return {
         "prediction": prediction,

@@ -57,12 +57,44 @@ def movement_scale(kp_source: Keypoints, kp_reference: Keypoints) -> torch.Tenso
     return scale.view(-1, 1, 1)
 
 
+def open_mouth(
+    driving: torch.Tensor,
+    reference: torch.Tensor,
+    mouth: tuple[int, ...],
+    gain: torch.Tensor | float,
+) -> torch.Tensor:
+    """Driving keypoint values (B×K×2) with the inner lips opened ``gain`` times as far as the driver
+    opened them since ``reference`` (B×K×2); ``mouth`` = (upper lip, lower lip) keypoint indices,
+    ``gain`` a float or B×1×1.
+
+    Why: the models trained here carry the driver's lip motion to the keypoints (their gap follows the
+    face mesh's at gain ~0.7), but the generator draws an open mouth only part of the way, so the avatar's
+    mouth opened at a third of the driver's (weights/README.md, "Mouth gain"). Pushing the two lip
+    keypoints further apart compensates in the one place every backend shares. Only the *opening* is
+    scaled: the change of the lip gap measured along the reference's upper→lower-lip axis, and only where
+    it grew (``relu``), so the head's motion (both lips together) is untouched and a mouth that closes
+    further than at the reference is never pushed through itself. Gain 1 returns ``driving`` as it is.
+    """
+    upper, lower = mouth
+    axis = reference[:, lower] - reference[:, upper]  # B×2
+    axis = axis / axis.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    moved = driving - reference
+    opening = ((moved[:, lower] - moved[:, upper]) * axis).sum(dim=-1, keepdim=True)  # B×1
+    gain = torch.as_tensor(gain, dtype=driving.dtype, device=driving.device).reshape(-1, 1)
+    push = (gain - 1) * torch.relu(opening) / 2 * axis  # B×2: half to each lip
+    k = torch.arange(driving.shape[1], device=driving.device).view(1, -1, 1)
+    sign = (k == lower).to(driving.dtype) - (k == upper).to(driving.dtype)  # 1×K×1: +1 lower, −1 upper
+    return driving + sign * push.unsqueeze(1)
+
+
 def relative_keypoints(
     kp_source: Keypoints,
     kp_driving: Keypoints,
     kp_reference: Keypoints,
     scale: torch.Tensor | float = 1.0,
     relative: torch.Tensor | None = None,
+    mouth: tuple[int, ...] = (),
+    mouth_gain: torch.Tensor | float = 1.0,
 ) -> Keypoints:
     """Source keypoints moved by the driver's displacement since ``kp_reference`` — the one
     relative-motion implementation (the engine's eager path, its CUDA graphs and the exported graphs all
@@ -74,8 +106,13 @@ def relative_keypoints(
     closed form (``torch.linalg.inv`` has no ONNX op). With ``relative`` (B×1×1, 1 = relative,
     0 = absolute) each item chooses between this and ``kp_driving`` with ``where`` rather than by
     blending, so an absolute item's placeholder reference can never leak a NaN into its output.
+    With ``mouth`` (the model's ``keypoints.mouth_keypoints``) the driver's lip opening is first scaled
+    by ``mouth_gain`` (:func:`open_mouth`; relative items only).
     """
-    value = kp_source.value + (kp_driving.value - kp_reference.value) * scale
+    driving = kp_driving.value
+    if mouth:
+        driving = open_mouth(driving, kp_reference.value, mouth, mouth_gain)
+    value = kp_source.value + (driving - kp_reference.value) * scale
     jac = None
     if (
         kp_source.jacobian is not None

@@ -40,6 +40,10 @@ class Session:
     (None: unfiltered); ``frame_time``, the capture time in seconds of the frame being animated, which
     that filter and the automatic neutral pose use as their clock (None: a frame counter);
     ``auto_neutral``, set by :meth:`choose_neutral_automatically`.
+
+    ``mouth_gain`` (relative only, models that name their lip keypoints): how many times as far as the
+    driver's the avatar's lips open beyond the reference (:func:`dagan.keypoint_ops.open_mouth`); None
+    takes the model's ``keypoints.mouth_open_gain``, 1 carries the driver's opening as it is.
     """
 
     source: Any
@@ -52,6 +56,7 @@ class Session:
     kp_filter: Any = None
     frame_time: float | None = None
     auto_neutral: AutoNeutral | None = None
+    mouth_gain: float | None = None
 
     def reset_reference(self, auto: bool = False) -> None:
         """Take the next driving frame as the new neutral pose (the "recalibrate" action).

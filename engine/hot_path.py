@@ -8,8 +8,8 @@
    per-stream work outside the fused call and happens once per stream and recalibration.
 3. **Stacked sources**: the sessions' cached source tensors, stacked along the batch once and reused
    while the session list is the same (:class:`SourceStack`), so a frame never re-copies them.
-4. **Motion**: each stream's reference keypoints, movement scale (1 without ``adapt_scale``) and
-   relative flag as small B×… tensors (:func:`motion_inputs`).
+4. **Motion**: each stream's reference keypoints, movement scale (1 without ``adapt_scale``), relative
+   flag and lip-opening gain as small B×… tensors (:func:`motion_inputs`).
 5. **Frame**: the one per-frame function, :func:`dagan.graph_contract.frame_step` (driving depth →
    keypoints → relative transfer → generator): run eagerly or replayed from a CUDA graph by the PyTorch
    backend, run as the exported ``frame`` graph by ONNX Runtime and TensorRT. Backends differ only here
@@ -55,6 +55,10 @@ class FramePathEngine(Engine):
     cached_inputs: list[str]
     num_kp: int
     jacobian: bool
+    # the model's (upper, lower) inner-lip keypoints and default lip-opening gain
+    # (``keypoints.mouth_keypoints`` / ``mouth_open_gain``); () when the model names none
+    mouth_keypoints: tuple[int, ...] = ()
+    mouth_open_gain: float = 1.0
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,6 +95,11 @@ class FramePathEngine(Engine):
         render): the B×3×H×W prediction, or None when this backend has no separate generator."""
         return None
 
+    def _motion(self, sessions: list[Session]) -> dict[str, torch.Tensor]:
+        """Step 4: :func:`motion_inputs` for this engine's model."""
+        gain = self.mouth_open_gain if self.mouth_keypoints else None
+        return motion_inputs(sessions, self.num_kp, self.jacobian, self.device, self.dtype, gain)
+
     # -- the hot path -------------------------------------------------------------------------------
     def _to_tensor(self, images: list[np.ndarray], what: str) -> torch.Tensor:
         if self._uploader is None:
@@ -120,7 +129,7 @@ class FramePathEngine(Engine):
             if any(s.kp_filter is not None for s in sessions):
                 out = self._filtered_frame(sessions, feed)  # 4. + 5. split around the filter
             else:  # 4.
-                feed.update(motion_inputs(sessions, self.num_kp, self.jacobian, self.device, self.dtype))
+                feed.update(self._motion(sessions))
                 out = self._run_frame(feed)  # 5. the per-frame function
             if any(s.auto_neutral is not None and not s.auto_neutral.done for s in sessions):
                 kp = Keypoints(out["kp_driving_value"], out.get("kp_driving_jacobian"))
@@ -134,10 +143,18 @@ class FramePathEngine(Engine):
         The outputs' ``kp_driving_*`` are the filtered keypoints."""
         kp_d, depth = self._drive(feed["driving"])
         kp_f = filter_keypoints(sessions, kp_d)
-        motion = motion_inputs(sessions, self.num_kp, self.jacobian, self.device, self.dtype)
+        motion = self._motion(sessions)
         kp_s, _ = unflatten_cached(feed)
         kp_ref = Keypoints(motion["kp_reference_value"], motion.get("kp_reference_jacobian"))
-        kp_used = relative_keypoints(kp_s, kp_f, kp_ref, motion["motion_scale"], motion["relative"])
+        kp_used = relative_keypoints(
+            kp_s,
+            kp_f,
+            kp_ref,
+            motion["motion_scale"],
+            motion["relative"],
+            self.mouth_keypoints,
+            motion.get("mouth_gain", 1.0),
+        )
         render = {n: feed[n] for n in self.cached_inputs}
         render["kp_driving_value"] = kp_used.value
         if kp_used.jacobian is not None:
@@ -233,10 +250,17 @@ def ensure_references(
 
 
 def motion_inputs(
-    sessions: list[Session], num_kp: int, jacobian: bool, device: torch.device, dtype: torch.dtype
+    sessions: list[Session],
+    num_kp: int,
+    jacobian: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    mouth_gain: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """The frame graph's per-item motion reference: kp_reference_value B×K×2 (+ _jacobian B×K×2×2),
-    motion_scale B×1×1 and relative B×1×1. Absolute items get a zero/identity placeholder."""
+    motion_scale B×1×1 and relative B×1×1. Absolute items get a zero/identity placeholder. With
+    ``mouth_gain`` (the model's default; a model that names its lip keypoints) also mouth_gain B×1×1:
+    each session's own :attr:`~engine.base.Session.mouth_gain`, else that default."""
     values, jacs, scales, flags = [], [], [], []
     for s in sessions:
         if s.relative:
@@ -255,6 +279,9 @@ def motion_inputs(
         out["kp_reference_jacobian"] = torch.cat(jacs)
     out["motion_scale"] = torch.cat(scales)
     out["relative"] = torch.cat(flags)
+    if mouth_gain is not None:
+        gains = [mouth_gain if s.mouth_gain is None else s.mouth_gain for s in sessions]
+        out["mouth_gain"] = torch.tensor(gains, device=device, dtype=dtype).view(-1, 1, 1)
     return out
 
 
@@ -292,10 +319,10 @@ def filtered_motion(
     """Motion inputs for the fused ``frame`` graph so that, detecting ``kp_d`` itself, it renders
     ``kp_used`` (the transfer of the filtered ``kp_f``).
 
-    Every item is made relative with scale 1 and the reference kp_ref' = kp_d − (kp_used − kp_s): then
-    kp_s + (kp_d − kp_ref') = kp_used. Jacobians: J_ref' = J_s J_used⁻¹ J_d gives
-    J_d J_ref'⁻¹ J_s = J_used. (The graph detects kp_d again from the same pixels, so this is exact up
-    to the backend's own numerical noise.)
+    Every item is made relative with scale 1, lip-opening gain 1 (``kp_used`` has it already) and the
+    reference kp_ref' = kp_d − (kp_used − kp_s): then kp_s + (kp_d − kp_ref') = kp_used. Jacobians:
+    J_ref' = J_s J_used⁻¹ J_d gives J_d J_ref'⁻¹ J_s = J_used. (The graph detects kp_d again from the
+    same pixels, so this is exact up to the backend's own numerical noise.)
     """
     b = kp_d.value.shape[0]
     out = dict(motion)
@@ -304,6 +331,8 @@ def filtered_motion(
         out["kp_reference_jacobian"] = kp_s.jacobian @ inverse_2x2(kp_used.jacobian) @ kp_d.jacobian
     ones = torch.ones(b, 1, 1, device=kp_d.value.device, dtype=kp_d.value.dtype)
     out["motion_scale"], out["relative"] = ones, ones
+    if "mouth_gain" in out:
+        out["mouth_gain"] = ones
     return out
 
 

@@ -94,7 +94,11 @@ class GraphEngine(FramePathEngine):
             )
         self.cached_inputs = names_with_role(graphs["frame"], ROLE_CACHED)
         self.jacobian = "kp_reference_jacobian" in self.frame_inputs
-        self.num_kp = int(manifest["config"]["keypoints"]["num_kp"])
+        kp_config = manifest["config"]["keypoints"]
+        self.num_kp = int(kp_config["num_kp"])
+        if "mouth_gain" in self.frame_inputs:  # an export of a model that names its lip keypoints
+            self.mouth_keypoints = tuple(int(k) for k in kp_config["mouth_keypoints"])
+            self.mouth_open_gain = float(kp_config["mouth_open_gain"])
         self.kp_inputs = [s["name"] for s in graphs["keypoints"]["inputs"]]
 
     def new_session(

@@ -103,6 +103,8 @@ class TorchEngine(FramePathEngine):
         self.cached_inputs = cached_names(cfg)
         self.num_kp = cfg.keypoints.num_kp
         self.jacobian = cfg.keypoints.estimate_jacobian
+        self.mouth_keypoints = tuple(cfg.keypoints.mouth_keypoints)
+        self.mouth_open_gain = cfg.keypoints.mouth_open_gain
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[int, _GraphedFrame] = {}
 

@@ -129,4 +129,12 @@ def example_inputs(model: DaGAN, graph: str, batch: int = 1, seed: int = 0) -> d
         out["motion_scale"] = torch.full((batch, 1, 1), 0.9).to(param)
         # alternate relative / absolute items so one trace covers both branches of the selection
         out["relative"] = (torch.arange(batch) % 2 == 0).to(param).view(batch, 1, 1)
+        if "mouth_gain" in ins:
+            # a reference with the lips closer together than the driver's, so the opening is scaled
+            upper, lower = model.config.keypoints.mouth_keypoints
+            ref = out["kp_reference_value"].clone()
+            ref[:, upper, 1] += 0.03
+            ref[:, lower, 1] -= 0.03
+            out["kp_reference_value"] = ref
+            out["mouth_gain"] = torch.full((batch, 1, 1), 2.0).to(param)
         return {n: out[n] for n in ins}

@@ -200,6 +200,7 @@ def _composed_error(model, frame_sess, feed, src, drv, manifest) -> float:
         )
     feed["motion_scale"] = torch.ones(b, 1, 1).numpy()
     feed["relative"] = torch.zeros(b, 1, 1).numpy()
+    feed["mouth_gain"] = torch.ones(b, 1, 1).numpy()
     got = frame_sess.run(["prediction"], {n: feed[n] for n in names})[0]
     with torch.no_grad():
         ref = model(src, drv).prediction

@@ -214,6 +214,7 @@ def frame_feeds(onnx_dir: str | Path, clips: Sequence[FaceClip]) -> Iterator[dic
                 feed["kp_reference_jacobian"] = np.tile(np.eye(2, dtype=np.float32), (1, num_kp, 1, 1))
             feed["motion_scale"] = np.ones((1, 1, 1), np.float32)
             feed["relative"] = np.zeros((1, 1, 1), np.float32)
+            feed["mouth_gain"] = np.ones((1, 1, 1), np.float32)
             yield {n: feed[n] for n in specs}
 
 

@@ -105,11 +105,14 @@ def test_manifest_records_graphs_config_and_hash(exported):
     assert set(shapes) - {"source_depth"} <= set(frame_in)
     # and the manifest says which inputs are cached source tensors and which are per-stream motion
     assert names_with_role(frame, ROLE_CACHED) == [n for n in shapes if n != "source_depth"]
+    # (live-128 names its lip keypoints, so its streams also send their lip-opening gain)
+    mouth = ["mouth_gain"] if model.config.keypoints.mouth_keypoints else []
     assert names_with_role(frame, ROLE_MOTION) == [
         "kp_reference_value",
         "kp_reference_jacobian",
         "motion_scale",
         "relative",
+        *mouth,
     ]
     assert frame["inputs"][0]["role"] == "image"
 

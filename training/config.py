@@ -25,6 +25,11 @@ from dagan.config import ConfigError, ModelConfig, build_dataclass, load_config,
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+# The face-mesh points of the inner upper and lower lip: what model.keypoints.mouth_keypoints must be
+# anchored to when the landmark prior trains them (the lip-opening gain pushes them apart).
+INNER_LIPS = (13, 14)
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """FOMM-style augmentation, applied identically to every frame drawn from one video."""
@@ -415,6 +420,16 @@ def _check_semantics(cfg: TrainConfig) -> None:
             all(0 <= p < 478 for p in g.flow_points),
             "dagan.flow_points",
             "mediapipe face-mesh indices are 0..477",
+        )
+        mouth = cfg.model.keypoints.mouth_keypoints
+        need(
+            not mouth
+            or len(g.kp_landmark_points) != k
+            or tuple(g.kp_landmark_points[i] for i in mouth) == INNER_LIPS,
+            "model.keypoints.mouth_keypoints",
+            f"names keypoints {list(mouth)} as the inner lips, but dagan.kp_landmark_points anchors them to "
+            f"mesh points {[g.kp_landmark_points[i] for i in mouth if i < len(g.kp_landmark_points)]}, "
+            f"not {list(INNER_LIPS)}",
         )
         need(
             all(0 <= i < k for i in g.kp_landmark_focus),
