@@ -69,11 +69,13 @@ def open_mouth(
 
     Why: the models trained here carry the driver's lip motion to the keypoints (their gap follows the
     face mesh's at gain ~0.7), but the generator draws an open mouth only part of the way, so the avatar's
-    mouth opened at a third of the driver's (weights/README.md, "Mouth gain"). Pushing the two lip
-    keypoints further apart compensates in the one place every backend shares. Only the *opening* is
-    scaled: the change of the lip gap measured along the reference's upper→lower-lip axis, and only where
-    it grew (``relu``), so the head's motion (both lips together) is untouched and a mouth that closes
-    further than at the reference is never pushed through itself. Gain 1 returns ``driving`` as it is.
+    mouth opened at a third of the driver's (weights/README.md, "Mouth gain"). Pushing the lip keypoints
+    further apart compensates in the one place every backend shares. Only the *opening* is scaled: the
+    change of the lip gap measured along the reference's upper→lower-lip axis, and only where it grew
+    (``relu``), so the head's motion (both lips together) is untouched and a mouth that closes further
+    than at the reference is never pushed through itself. The extra opening moves the lower lip alone,
+    as a dropping jaw does: split between both lips it pulled the upper lip up towards the nose (a
+    stretched red smear in the README strip). Gain 1 returns ``driving`` as it is.
     """
     upper, lower = mouth
     axis = reference[:, lower] - reference[:, upper]  # B×2
@@ -81,10 +83,10 @@ def open_mouth(
     moved = driving - reference
     opening = ((moved[:, lower] - moved[:, upper]) * axis).sum(dim=-1, keepdim=True)  # B×1
     gain = torch.as_tensor(gain, dtype=driving.dtype, device=driving.device).reshape(-1, 1)
-    push = (gain - 1) * torch.relu(opening) / 2 * axis  # B×2: half to each lip
+    push = (gain - 1) * torch.relu(opening) * axis  # B×2: all to the lower lip (the jaw drops)
     k = torch.arange(driving.shape[1], device=driving.device).view(1, -1, 1)
-    sign = (k == lower).to(driving.dtype) - (k == upper).to(driving.dtype)  # 1×K×1: +1 lower, −1 upper
-    return driving + sign * push.unsqueeze(1)
+    lower_only = (k == lower).to(driving.dtype)  # 1×K×1
+    return driving + lower_only * push.unsqueeze(1)
 
 
 def relative_keypoints(

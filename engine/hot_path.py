@@ -36,6 +36,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from dagan.config import MAX_MOUTH_GAIN
 from dagan.graph_contract import unflatten_cached
 from dagan.helpers import Uploader, depth_to_images, images_to_tensor, tensor_to_images
 from dagan.keypoint_ops import movement_scale, relative_keypoints
@@ -281,6 +282,9 @@ def motion_inputs(
     out["relative"] = torch.cat(flags)
     if mouth_gain is not None:
         gains = [mouth_gain if s.mouth_gain is None else s.mouth_gain for s in sessions]
+        bad = [g for g in gains if not 0 < g <= MAX_MOUTH_GAIN]
+        if bad:
+            raise EngineError(f"a session's mouth_gain must be in (0, {MAX_MOUTH_GAIN:g}], got {bad[0]}")
         out["mouth_gain"] = torch.tensor(gains, device=device, dtype=dtype).view(-1, 1, 1)
     return out
 

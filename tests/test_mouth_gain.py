@@ -15,6 +15,7 @@ from dagan.config import MAX_MOUTH_GAIN, ConfigError, load_config
 from dagan.graph_contract import motion_names
 from dagan.keypoint_ops import open_mouth, relative_keypoints
 from dagan.nets.keypoints import Keypoints
+from engine.base import EngineError
 from engine.hot_path import filtered_motion, motion_inputs
 from engine.torch_backend import TorchEngine
 
@@ -41,9 +42,10 @@ def test_open_mouth_scales_only_the_opening():
     drv += torch.tensor([0.1, -0.2])  # and moves the whole head
     out = open_mouth(drv, ref, (UP, LOW), 2.5)
     assert torch.allclose(_gap(out) - _gap(ref), torch.tensor([0.125]), atol=1e-6)  # 2.5 × 0.05
-    # the two lips' midpoint (the head's motion) and every other keypoint stay where the driver put them
-    assert torch.allclose(out[:, [UP, LOW]].mean(1), drv[:, [UP, LOW]].mean(1), atol=1e-6)
-    others = [k for k in range(15) if k not in (UP, LOW)]
+    # the extra opening moves the lower lip alone (a dropping jaw), straight down the lip axis; the upper
+    # lip and every other keypoint stay where the driver put them (so does the head's motion)
+    assert torch.allclose(out[:, LOW] - drv[:, LOW], torch.tensor([[0.0, 0.075]]), atol=1e-6)
+    others = [k for k in range(15) if k != LOW]
     assert torch.equal(out[:, others], drv[:, others])
     # gain 1 and a mouth that does not open are left as they are
     assert torch.allclose(open_mouth(drv, ref, (UP, LOW), 1.0), drv)
@@ -62,6 +64,7 @@ def test_open_mouth_leaves_a_closing_mouth_and_follows_the_face_axis():
     drv[:, LOW, 0] += 0.05
     out = open_mouth(drv, rolled, (UP, LOW), 2.0)
     assert torch.allclose(out[:, LOW] - out[:, UP], rolled[:, LOW] - rolled[:, UP] + torch.tensor([0.1, 0.0]))
+    assert torch.equal(out[:, UP], drv[:, UP])
 
 
 def test_open_mouth_takes_a_gain_per_item():
@@ -115,6 +118,10 @@ def test_motion_inputs_and_filtered_motion_carry_the_gain():
     m = motion_inputs([a, b], 15, False, torch.device("cpu"), torch.float32, mouth_gain=2.5)
     assert m["mouth_gain"].flatten().tolist() == [2.5, 1.5]  # the model's default, then the override
     assert "mouth_gain" not in motion_inputs([a], 15, False, torch.device("cpu"), torch.float32)
+    b.mouth_gain = MAX_MOUTH_GAIN + 1  # a session asking for more than any config may is refused
+    with pytest.raises(EngineError, match="mouth_gain"):
+        motion_inputs([a, b], 15, False, torch.device("cpu"), torch.float32, mouth_gain=2.5)
+    b.mouth_gain = 1.5
     # the fused graph fed by filtered_motion renders exactly the host's transfer (gain applied once)
     ref, src = Keypoints(_face(2), None), Keypoints(_face(2, seed=1), None)
     det = _face(2, seed=2)
