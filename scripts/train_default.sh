@@ -5,7 +5,8 @@
 # previous default's keypoint detector and generator (INIT, taken from git history) with that depth net
 # frozen. Every step is resumable: re-run the script, or `dagan train ... --resume --run-dir ...`.
 # On a quiet 2-core CPU: prepare + landmarks ~5-15 min, depth ~35 + 25 + 35 min, DaGAN ~1 h (step 4), 1.3 h (5),
-# 1 h (6) and 1.2 h (7); minutes on a GPU (scripts/gpu_train.sh).
+# 1 h (6) and 1.2 h (7); minutes on a GPU (scripts/gpu_train.sh). Step 8 (seconds) writes the bundled file,
+# runs/live128-fine/dagan-default.safetensors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -120,7 +121,15 @@ FINE_INIT=$OUT/fine-init.safetensors
 [ -f "$FINE_INIT" ] || python scripts/set_model_config.py \
   --weights runs/live128-mask3/checkpoints/step-00000800.safetensors \
   --set generator.dense_motion.scale_factor=0.5 --out "$FINE_INIT"
-if [ -f runs/live128-fine/latest.json ]; then resume=(--resume); else resume=(); fi
-dagan train dagan --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
-  --depth "$MASK_INIT" --init "$FINE_INIT" --run-dir runs/live128-fine --steps 2400 --batch-size 6 \
-  --set "dagan.lr_milestones=[1900]" --set dagan.face_landmark_weights="$ASSETS" "${resume[@]}" "$@"
+[ -f runs/live128-fine/dagan.safetensors ] || {
+  if [ -f runs/live128-fine/latest.json ]; then resume=(--resume); else resume=(); fi
+  dagan train dagan --config training/recipes/live-128.yaml --data "$OUT/real128v2" \
+    --depth "$MASK_INIT" --init "$FINE_INIT" --run-dir runs/live128-fine --steps 2400 --batch-size 6 \
+    --set "dagan.lr_milestones=[1900]" --set dagan.face_landmark_weights="$ASSETS" "${resume[@]}" "$@"
+}
+
+# 8. the bundled file since 2026-12-06: the same tensors, with relative motion opening the avatar's lips
+#    2.5 times as far as the driver's (keypoints 7 and 8 are the inner lips; weights/README.md "Mouth gain")
+python scripts/set_model_config.py --weights runs/live128-fine/dagan.safetensors \
+  --set "keypoints.mouth_keypoints=[7, 8]" --set keypoints.mouth_open_gain=2.5 \
+  --out runs/live128-fine/dagan-default.safetensors

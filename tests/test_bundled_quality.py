@@ -61,9 +61,11 @@ CROSS_CLIP = SHARED / "data" / "real-faces" / "clips" / "d3.mp4"
 def test_bundled_weights_carry_mouth_and_head_turns_to_another_person(tmp_path):
     """Cross-identity, as every user drives it: held-out photo s42 driven by held-out clip d3 (another
     person who talks plainly and turns her head), relative motion as the server runs it. The avatar's
-    mouth must open with the driver's (gain well above zero: the file with the 64×64 motion field scored
-    r 0.95, gain 0.80 here, the file before it 0.87 / 0.39, an older default 0.21, the photo itself 0)
-    and its head must turn with hers; mediapipe must find a face in the outputs."""
+    mouth must open as far as the driver's, but not far past it: this file (the lip-opening gain 2.5,
+    since 2026-12-06) scored r 0.92, gain 1.42 here, on a photo that opens its mouth more readily than
+    most; the same tensors without the gain 0.95 / 0.80, the file before them 0.87 / 0.39, an older
+    default 0.21, the photo itself 0. Its head must turn with hers; mediapipe must find a face in the
+    outputs."""
     if not (CROSS_PHOTO.is_file() and CROSS_CLIP.is_file()):
         pytest.skip("the real-face photos and clips live in ../shared")
     from evaluation.cross import evaluate_cross
@@ -86,5 +88,5 @@ def test_bundled_weights_carry_mouth_and_head_turns_to_another_person(tmp_path):
     )
     (pair,) = [p for p in result["pairs"] if p["method"] == "dagan"]
     assert pair["face_rate"] >= 0.9, pair
-    assert pair["mouth_corr"] >= 0.8 and pair["mouth_gain"] >= 0.6, pair
+    assert pair["mouth_corr"] >= 0.8 and 1.0 <= pair["mouth_gain"] <= 2.2, pair
     assert pair["yaw_corr"] >= 0.8 and pair["yaw_gain"] >= 0.5, pair
