@@ -210,3 +210,18 @@ def test_onnx_export_runs_the_gain_as_torch_does(live_model, tmp_path):
         b = _relative_frames(torch_e, src, ref, drv, gain)
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     assert np.abs(a.astype(int) - _relative_frames(ort_e, src, ref, drv, 1.0).astype(int)).max() > 2
+
+
+def test_training_config_checks_the_lip_keypoints_against_their_anchors():
+    from training.config import INNER_LIPS, load_train_config
+
+    cfg = load_train_config(None, {"model": "live-128", "dagan.weights.kp_landmarks": 1.0})
+    points = cfg.dagan.kp_landmark_points
+    assert tuple(points[k] for k in cfg.model.keypoints.mouth_keypoints) == INNER_LIPS
+    swapped = list(points)
+    swapped[UP], swapped[LOW] = swapped[LOW], swapped[UP]  # the "upper lip" keypoint on the lower lip
+    with pytest.raises(ConfigError, match="mouth_keypoints"):
+        load_train_config(
+            None,
+            {"model": "live-128", "dagan.weights.kp_landmarks": 1.0, "dagan.kp_landmark_points": swapped},
+        )
