@@ -205,10 +205,9 @@ def frame_step(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> dict[str, 
     kp_s, feats = unflatten_cached(x)
     kp_d, depth_d = model.driving_keypoints(x["driving"])
     kp_ref = Keypoints(x["kp_reference_value"], x.get("kp_reference_jacobian"))
+    gain = x["mouth_gain"] if has_mouth_gain(model.config) else 1.0  # the input motion_names lists
     mouth = model.config.keypoints.mouth_keypoints
-    kp_used = relative_keypoints(
-        kp_s, kp_d, kp_ref, x["motion_scale"], x["relative"], mouth, x["mouth_gain"] if mouth else 1.0
-    )
+    kp_used = relative_keypoints(kp_s, kp_d, kp_ref, x["motion_scale"], x["relative"], mouth, gain)
     prediction = model.generator.decode(feats, kp_s, kp_used).prediction
     return {
         "prediction": prediction,
