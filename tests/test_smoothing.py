@@ -196,6 +196,65 @@ def test_keypoint_filter_steadies_a_shaking_still_driver(engine):
     assert steady < 0.6 * raw, (raw, steady)
 
 
+def _noisy_lips(n: int, seed: int = 3) -> torch.Tensor:
+    """n frames of 1×15×2 keypoints of a still head with sensor noise whose inner lips (7, 8) open and
+    close three times a second (a talking mouth), at 15 fps like a CPU stream."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(-0.5, 0.5, (15, 2))
+    base[7], base[8] = (0.0, 0.30), (0.0, 0.34)
+    kp = np.repeat(base[None], n, axis=0) + rng.normal(0, 0.003, (n, 15, 2))
+    kp[:, 8, 1] += 0.03 * np.clip(np.sin(2 * np.pi * 3.0 * np.arange(n) / 15.0), 0, None)
+    return torch.from_numpy(kp).float().unsqueeze(1)
+
+
+def test_lip_gap_passes_the_keypoint_filter_as_detected():
+    """With the model's lip keypoints named, every frame's filtered lips keep the detected upper→lower
+    vector exactly, centred on a midpoint that is steadied like the rest of the face; the other keypoints
+    are filtered exactly as without the rule; a stream without a filter is left alone."""
+    from dagan.nets.keypoints import Keypoints
+    from engine.base import Session
+    from engine.hot_path import filter_keypoints
+
+    track = _noisy_lips(60)
+    plain, lips = Session(source=None), Session(source=None)
+    plain.kp_filter, lips.kp_filter = OneEuroFilter(DEFAULT_PARAMS), OneEuroFilter(DEFAULT_PARAMS)
+    bare = Session(source=None)
+    mids, raw_mids, plain_gaps = [], [], []
+    for i, kp in enumerate(track):
+        plain.frame_time = lips.frame_time = i / 15.0
+        a = filter_keypoints([plain], Keypoints(kp, None)).value
+        b = filter_keypoints([lips], Keypoints(kp, None), mouth=(7, 8)).value
+        assert torch.allclose(b[0, 8] - b[0, 7], kp[0, 8] - kp[0, 7], atol=1e-6)  # the gap as detected
+        others = [k for k in range(15) if k not in (7, 8)]
+        assert torch.allclose(a[0, others], b[0, others], atol=1e-6)
+        assert torch.equal(filter_keypoints([bare], Keypoints(kp, None), mouth=(7, 8)).value, kp)
+        mids.append(0.5 * (b[0, 7] + b[0, 8]))
+        raw_mids.append(0.5 * (kp[0, 7] + kp[0, 8]))
+        plain_gaps.append(float(a[0, 8, 1] - a[0, 7, 1]))
+    # without the rule the filter shrinks each syllable's opening; with it the opening is the detected one
+    opening = (track[:, 0, 8, 1] - track[:, 0, 7, 1]).numpy()
+    assert np.ptp(plain_gaps[15:]) < 0.8 * np.ptp(opening[15:])
+    shake = np.diff(torch.stack(mids).numpy(), 2, axis=0).std()
+    assert shake < 0.5 * np.diff(torch.stack(raw_mids).numpy(), 2, axis=0).std()  # the midpoint steadied
+
+
+def test_engine_filters_the_lips_by_the_rule(engine, monkeypatch):
+    """The engine's filtered path hands the model's lip keypoints to the rule: a stream of a model that
+    names its lips renders the keypoints filter_keypoints gives with them."""
+    import engine.hot_path as hp
+
+    seen = []
+    real = hp.filter_keypoints
+    monkeypatch.setattr(
+        hp, "filter_keypoints", lambda s, kp, mouth=(): seen.append(mouth) or real(s, kp, mouth)
+    )
+    monkeypatch.setattr(engine, "mouth_keypoints", (7, 8))
+    s = engine.new_session(_frames(1, 15)[0], relative=True)
+    s.kp_filter = OneEuroFilter(DEFAULT_PARAMS)
+    engine.animate_batch([s], _frames(1, 16))
+    assert seen == [(7, 8)]
+
+
 def test_onnxruntime_filtered_stream_matches_torch(model, engine, tmp_path):
     pytest.importorskip("onnxruntime")
     from engine.onnx_backend import OnnxRuntimeEngine
