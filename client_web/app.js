@@ -7,6 +7,7 @@ const ui = {
   local: $("local"), avatar: $("avatar"), start: $("start"), stop: $("stop"),
   recalibrate: $("recalibrate"), depth: $("depth"), state: $("state"), stats: $("stats"),
   picture: $("picture"), autoNeutral: $("auto-neutral"),
+  mouth: $("mouth"), mouthValue: $("mouth-value"), mouthControl: $("mouth-control"),
   message: $("message"), untrained: $("untrained"),
 };
 
@@ -184,6 +185,7 @@ async function start() {
     setState("creating session…");
     // The picture (face crop or full photo) and the automatic neutral pose are per-session settings.
     const options = { show_depth: ui.depth.checked, picture: ui.picture.value, auto_neutral: ui.autoNeutral.checked };
+    if (!ui.mouthControl.hidden) options.mouth_gain = Number(ui.mouth.value);  // the lips' gain, if the model has one
     const session = await api("POST", "/api/sessions", JSON.stringify(options),
       { "Content-Type": "application/json" });
     state.sessionId = session.id;
@@ -267,6 +269,10 @@ ui.stop.addEventListener("click", () => stop());
 ui.recalibrate.addEventListener("click", () => send({ type: "recalibrate" }));
 ui.depth.addEventListener("change", () => send({ type: "show_depth", value: ui.depth.checked }));
 ui.picture.addEventListener("change", () => send({ type: "picture", value: ui.picture.value }));
+// The mouth gain: the label follows the slider at once, the server hears it on release (one message, not a
+// burst over the session's message rate).
+ui.mouth.addEventListener("input", () => { ui.mouthValue.textContent = Number(ui.mouth.value).toFixed(1) + "×"; });
+ui.mouth.addEventListener("change", () => send({ type: "mouth_gain", value: Number(ui.mouth.value) }));
 window.addEventListener("pagehide", () => {
   if (state.sessionId) fetch(`/api/sessions/${state.sessionId}`, { method: "DELETE", keepalive: true, headers: auth() });
 });
@@ -277,6 +283,11 @@ window.addEventListener("pagehide", () => {
     ui.untrained.hidden = !state.config.untrained;
     if (state.config.picture) ui.picture.value = state.config.picture;  // the server's default
     ui.autoNeutral.checked = !!state.config.auto_neutral;
+    if (typeof state.config.mouth_gain === "number") {  // the model's own lip-opening gain; null: it has none
+      ui.mouth.value = state.config.mouth_gain;
+      ui.mouthValue.textContent = state.config.mouth_gain.toFixed(1) + "×";
+      ui.mouthControl.hidden = false;
+    }
     if (!navigator.mediaDevices || !window.RTCPeerConnection)
       show("This browser cannot use the camera here: open the page over https:// or on localhost.", "error");
     await loadSample();

@@ -27,6 +27,7 @@ from dagan.face import DrivingCropper, locate_source, prepare_source
 from dagan.media import MediaError, VideoReader, VideoWriter, colorize_depth, load_image
 from dagan.paste import plan_paste
 from dagan.smoothing import DEFAULT_PARAMS, OneEuroFilter, OneEuroParams
+from engine.base import check_mouth_gain
 from engine.paste import Paster, animate_pictures
 from engine.select import cpu_cores, default_engine
 
@@ -83,6 +84,7 @@ def animate_video(
     auto_neutral: float = 0.0,
     backend: str = "auto",
     precision: str | None = None,
+    mouth_gain: float | None = None,
 ) -> AnimateReport:
     """Animate ``source`` with ``driving`` into ``out``; raises MediaError / NoFaceError / CheckpointError.
 
@@ -95,7 +97,9 @@ def animate_video(
     photo with the ``mask`` (:data:`dagan.paste.MASKS`) instead of the comparison row; with
     ``show_depth`` the driving depth is appended at the picture's height. ``smoothing``: the One-Euro
     parameters of the crop-box and keypoint filters (None: unfiltered). ``auto_neutral`` > 0: choose the
-    reference pose automatically over that many seconds of the video (relative motion only)."""
+    reference pose automatically over that many seconds of the video (relative motion only).
+    ``mouth_gain``: how far the avatar's lips open, times the driver's
+    (:attr:`engine.base.Session.mouth_gain`; None: the model's own)."""
     set_threads(threads)
     full_picture = full_picture or output_size is not None
     if full_picture and not crop:
@@ -124,6 +128,7 @@ def animate_video(
         else:
             source_face = prepare_source(source_image, size, crop)
         session = engine.set_source(source_face, relative=relative, adapt_scale=adapt_scale)
+        session.mouth_gain = check_mouth_gain(engine, mouth_gain)
         if smoothing is not None:
             session.kp_filter = OneEuroFilter(smoothing, rate=reader.fps)
         if auto_neutral > 0 and relative:

@@ -1,4 +1,5 @@
-"""The picture flags ``dagan animate`` and ``dagan cam`` share: paste-back, smoothing, neutral pose.
+"""The picture flags ``dagan animate`` and ``dagan cam`` share: paste-back, smoothing, neutral pose and
+mouth gain.
 
 Two applications parse the same flags into the same keyword arguments; the one definition lives in the
 library so that neither imports the other (the layering in README.md). A bad value is a
@@ -9,13 +10,15 @@ from __future__ import annotations
 
 import argparse
 
+from .config import MAX_MOUTH_GAIN
 from .errors import UserError
 from .paste import MASKS, parse_size
 from .smoothing import DEFAULT_PARAMS, OneEuroParams
 
 
 def add_picture_arguments(p: argparse.ArgumentParser, full_default: bool = False) -> None:
-    """The paste-back, smoothing and neutral-pose flags ``dagan animate`` and ``dagan cam`` share."""
+    """The paste-back, smoothing, neutral-pose and mouth-gain flags ``dagan animate`` and ``dagan cam``
+    share."""
     if not full_default:
         p.add_argument(
             "--full-picture",
@@ -57,6 +60,15 @@ def add_picture_arguments(p: argparse.ArgumentParser, full_default: bool = False
         help="choose the neutral pose automatically: the frame closest to the photo's pose and expression "
         "in the first SECONDS (default 2) instead of the first frame",
     )
+    p.add_argument(
+        "--mouth-gain",
+        type=float,
+        default=None,
+        metavar="G",
+        help="relative motion: open the avatar's lips G times as far as the driver's opens (1: as the "
+        f"driver's; at most {MAX_MOUTH_GAIN:g}; default: the model's own, 2.5 for the bundled weights). "
+        "Lower it for a photo whose mouth opens too wide, raise it for one that hardly opens",
+    )
 
 
 def picture_options(args: argparse.Namespace) -> dict:
@@ -72,7 +84,18 @@ def picture_options(args: argparse.Namespace) -> dict:
         raise UserError(str(err)) from err
     if args.auto_neutral < 0:
         raise UserError(f"--auto-neutral must be a number of seconds > 0, got {args.auto_neutral:g}")
-    out = {"output_size": size, "mask": args.mask, "smoothing": smoothing, "auto_neutral": args.auto_neutral}
+    gain = args.mouth_gain
+    if gain is not None and not 0 < gain <= MAX_MOUTH_GAIN:
+        raise UserError(
+            f"--mouth-gain must be in (0, {MAX_MOUTH_GAIN:g}] (1 = the driver's opening), got {gain:g}"
+        )
+    out = {
+        "output_size": size,
+        "mask": args.mask,
+        "smoothing": smoothing,
+        "auto_neutral": args.auto_neutral,
+        "mouth_gain": gain,
+    }
     if hasattr(args, "full_picture"):
         out["full_picture"] = args.full_picture
     return out

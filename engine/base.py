@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dagan import helpers
+from dagan.config import MAX_MOUTH_GAIN
 from dagan.errors import UserError
 
 
@@ -114,6 +115,11 @@ class Engine(abc.ABC):
 
     backend: str = "?"
     image_size: int
+    # The model's (upper, lower) inner-lip keypoints and default lip-opening gain
+    # (``keypoints.mouth_keypoints`` / ``mouth_open_gain``); () when the model names none, and then it
+    # has no lip-opening gain to set (:func:`check_mouth_gain`).
+    mouth_keypoints: tuple[int, ...] = ()
+    mouth_open_gain: float = 1.0
 
     def __init__(self) -> None:
         self.session: Session | None = None
@@ -156,6 +162,27 @@ def check_batch(sessions: list[Session], frames: list[np.ndarray]) -> None:
     """One frame per session, or a clear error (every backend's ``animate_batch`` starts with this)."""
     if len(sessions) != len(frames):
         raise EngineError(f"animate_batch got {len(sessions)} sessions but {len(frames)} frames")
+
+
+NO_LIPS = "this model names no lip keypoints (keypoints.mouth_keypoints), so it has no mouth gain to set"
+
+
+def check_mouth_gain(engine: Engine, gain: float | None) -> float | None:
+    """``gain`` if ``engine``'s model can take it as a session's :attr:`Session.mouth_gain`, else a clear
+    :class:`EngineError`: a number in (0, ``MAX_MOUTH_GAIN``], and only for a model that names its lip
+    keypoints (a model without them has no opening to scale, and silently ignoring the setting would
+    look like a broken control). None (the model's own gain) always passes. Callers that take the
+    setting from a person (the server's messages, ``--mouth-gain``) check it here before any frame."""
+    if gain is None:
+        return None
+    if not engine.mouth_keypoints:
+        raise EngineError(NO_LIPS)
+    if not (isinstance(gain, (int, float)) and not isinstance(gain, bool) and 0 < gain <= MAX_MOUTH_GAIN):
+        raise EngineError(
+            f"the mouth gain must be a number in (0, {MAX_MOUTH_GAIN:g}] (1 = the driver's opening), "
+            f"got {gain!r}"
+        )
+    return float(gain)
 
 
 def check_image(image: np.ndarray, what: str) -> np.ndarray:

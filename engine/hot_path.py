@@ -44,7 +44,7 @@ from dagan.keypoint_ops import movement_scale, relative_keypoints
 from dagan.nets.blocks import inverse_2x2
 from dagan.nets.keypoints import Keypoints
 
-from .base import Engine, EngineError, FrameResult, Session, check_batch
+from .base import NO_LIPS, Engine, EngineError, FrameResult, Session, check_batch
 
 
 class FramePathEngine(Engine):
@@ -57,10 +57,6 @@ class FramePathEngine(Engine):
     cached_inputs: list[str]
     num_kp: int
     jacobian: bool
-    # the model's (upper, lower) inner-lip keypoints and default lip-opening gain
-    # (``keypoints.mouth_keypoints`` / ``mouth_open_gain``); () when the model names none
-    mouth_keypoints: tuple[int, ...] = ()
-    mouth_open_gain: float = 1.0
 
     def __init__(self) -> None:
         super().__init__()
@@ -262,7 +258,8 @@ def motion_inputs(
     """The frame graph's per-item motion reference: kp_reference_value B×K×2 (+ _jacobian B×K×2×2),
     motion_scale B×1×1 and relative B×1×1. Absolute items get a zero/identity placeholder. With
     ``mouth_gain`` (the model's default; a model that names its lip keypoints) also mouth_gain B×1×1:
-    each session's own :attr:`~engine.base.Session.mouth_gain`, else that default."""
+    each session's own :attr:`~engine.base.Session.mouth_gain`, else that default. Without it, a session
+    that sets its own gain is refused rather than silently ignored."""
     values, jacs, scales, flags = [], [], [], []
     for s in sessions:
         if s.relative:
@@ -281,6 +278,8 @@ def motion_inputs(
         out["kp_reference_jacobian"] = torch.cat(jacs)
     out["motion_scale"] = torch.cat(scales)
     out["relative"] = torch.cat(flags)
+    if mouth_gain is None and any(s.mouth_gain is not None for s in sessions):
+        raise EngineError(NO_LIPS)
     if mouth_gain is not None:
         gains = [mouth_gain if s.mouth_gain is None else s.mouth_gain for s in sessions]
         bad = [g for g in gains if not 0 < g <= MAX_MOUTH_GAIN]

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from dagan.config import MAX_MOUTH_GAIN
+
 
 class ApiError(Exception):
     """An HTTP error with a stable machine-readable ``code`` and a message a person can act on."""
@@ -41,6 +43,14 @@ class SessionOptions(BaseModel):
         description="choose the neutral pose automatically: the frame closest to the photo's pose in the "
         "first seconds (default: the server's setting, normally off)",
     )
+    mouth_gain: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_MOUTH_GAIN,
+        description="relative motion: open the avatar's lips this many times as far as the driver's opens "
+        "(1: as the driver's; default: the model's own, GET /api/config's mouth_gain; refused for a model "
+        "that names no lip keypoints)",
+    )
 
 
 class IceServerInfo(BaseModel):
@@ -59,6 +69,7 @@ class SessionInfo(BaseModel):
     frames_dropped: int
     frames_out: int
     picture: str = "crop"
+    mouth_gain: float | None = Field(None, description="the session's own mouth gain; null: the model's")
 
 
 class NewSession(SessionInfo):

@@ -24,6 +24,7 @@ from dagan.face import NoFaceError, locate_source
 from dagan.paste import DEFAULT_MASK, plan_paste
 from dagan.smoothing import OneEuroFilter
 from engine import Engine
+from engine.base import EngineError, check_mouth_gain
 from engine.paste import Paster
 
 from .guard import Bucket, TokenBucket, client_key, ice_servers_for
@@ -122,6 +123,7 @@ class AvatarService:
         """A new session for ``client`` (the address the request guard resolved): 429 over the
         per-address rate or share of the slots, 503 when every slot is taken."""
         relative = self.settings.relative if options.relative is None else options.relative
+        mouth_gain = self.check_mouth_gain(options.mouth_gain, 422)
         key = client_key(client)
 
         def admit() -> None:  # there is room: within the per-address rate?
@@ -153,11 +155,21 @@ class AvatarService:
         s = self.settings
         session.messages = Bucket(s.messages_per_s, s.message_burst)
         session.picture = options.picture or s.picture
+        session.mouth_gain = mouth_gain
         auto = s.auto_neutral_s > 0 if options.auto_neutral is None else options.auto_neutral
         session.auto_neutral = (s.auto_neutral_s or AUTO_NEUTRAL_S) if auto else 0.0
         self.metrics.add("sessions_created")
         log.info("session %s created (%d/%d)", session.id, len(self.registry), self.settings.max_sessions)
         return session
+
+    def check_mouth_gain(self, value: Any, status: int) -> float | None:
+        """A mouth gain a person asked for (session options, the "mouth_gain" message), checked against
+        the served model (:func:`engine.base.check_mouth_gain`): ApiError ``status`` "bad_mouth_gain"
+        with the engine's one-line reason otherwise, so a refusal never reaches the worker's frames."""
+        try:
+            return check_mouth_gain(self.engine, value)
+        except EngineError as err:
+            raise ApiError(status, "bad_mouth_gain", str(err)) from err
 
     def get(self, session_id: str) -> LiveSession:
         try:
@@ -284,7 +296,9 @@ class AvatarService:
                 self._spawn(self.close_session(sid, f"connection {pc.connectionState}"))
 
     def handle_message(self, session: LiveSession, message: Any) -> None:
-        """Control messages from the page: ``recalibrate`` and ``{"type": "show_depth", "value": bool}``.
+        """Control messages from the page: ``recalibrate``, ``{"type": "show_depth", "value": bool}``,
+        ``{"type": "picture", "value": "crop" | "full"}`` and ``{"type": "mouth_gain", "value": number |
+        null}`` (null: the model's own gain).
 
         Runs inside aiortc's SCTP receive path, where an exception would end the whole connection, so
         nothing escapes: an oversized, undecodable or unknown message gets one short error reply that
@@ -354,9 +368,15 @@ class AvatarService:
                 return ("bad_message", 'picture needs "value": "crop" or "full"')
             session.picture = value
             return None
+        if kind == "mouth_gain":
+            try:
+                session.mouth_gain = self.check_mouth_gain(data.get("value"), 400)
+            except ApiError as err:
+                return (err.code, err.message)
+            return None
         return (
             "unknown_message",
-            'unknown control message; known types: "recalibrate", "show_depth", "picture"',
+            'unknown control message; known types: "recalibrate", "show_depth", "picture", "mouth_gain"',
         )
 
     def notify(self, session: LiveSession, message: dict) -> None:

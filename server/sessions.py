@@ -104,6 +104,10 @@ class LiveSession:
     picture: str = "crop"
     paster: Any = None
     auto_neutral: float = 0.0
+    # The session's lip-opening gain (engine.base.Session.mouth_gain; None: the model's): the event loop
+    # writes it (session options, the "mouth_gain" message), the worker copies it onto the engine session
+    # before each frame.
+    mouth_gain: float | None = None
 
     def info(self) -> dict:
         """The session as the HTTP API reports it."""
@@ -117,6 +121,7 @@ class LiveSession:
             "frames_dropped": self.input.dropped,
             "frames_out": self.frames_out,
             "picture": self.picture,
+            "mouth_gain": self.mouth_gain,
         }
 
 

@@ -427,6 +427,7 @@ class InferenceWorker:
                 session.recalibrate = False
                 engine_session.reset_reference()
             engine_session.frame_time = prepared.item.arrived  # the keypoint filter's clock
+            engine_session.mouth_gain = session.mouth_gain  # checked when it was set (server.service)
             batch.append((session, lane, prepared, engine_session))
         if not batch:
             return

@@ -29,6 +29,15 @@ def make_model(config, seed: int = 0, gamma: float = 0.7):
     return model.eval()
 
 
+def lip_config(gain: float = 2.5):
+    """The tiny preset with keypoints 7 and 8 named the inner lips (as the bundled file's are), so its
+    engines take a lip-opening gain (``keypoints.mouth_open_gain`` ``gain``)."""
+    from dagan.config import config_from_dict, load_config, set_dotted, to_plain
+
+    changes = {"keypoints.mouth_keypoints": [7, 8], "keypoints.mouth_open_gain": gain}
+    return config_from_dict(set_dotted(to_plain(load_config("tiny")), changes))
+
+
 class ThreadedServer:
     """``dagan serve``'s uvicorn with the production configuration (``server.guard.uvicorn_config``: the
     guard, the header-timeout protocol) in a thread, on a free loopback port; a context manager that

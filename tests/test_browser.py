@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_model
+from helpers import lip_config, make_model
 from PIL import Image
 
 from bench.browser import CHROMIUM_FLAGS, write_camera
@@ -71,7 +71,6 @@ def avatar_frame(page) -> np.ndarray:
 
 def test_page_streams_an_avatar(tmp_path, grace_hopper):
     sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package")
-    from dagan.config import load_config
     from dagan.samples import driving_frames
     from engine.torch_backend import TorchEngine
     from server.app import create_app
@@ -81,12 +80,13 @@ def test_page_streams_an_avatar(tmp_path, grace_hopper):
     write_camera(camera, driving_frames(grace_hopper, num_frames=50, size=240))
     grey = tmp_path / "grey.png"
     Image.fromarray(np.full((300, 300, 3), 128, np.uint8)).save(grey)
-    engine = TorchEngine(make_model(load_config("tiny")), device="cpu")
+    engine = TorchEngine(make_model(lip_config(2.5)), device="cpu")  # lips named: the page shows its slider
     token = "browser-test-token"  # the page takes it from its link (#token=) and sends it on every call
     settings = ServerSettings(max_sessions=1, ice_host_addresses=("127.0.0.1",), access_token=token)
     flags = [*CHROMIUM_FLAGS, f"--use-file-for-fake-video-capture={camera}"]
     screenshot = tmp_path / "browser.png"
-    with ServerThread(create_app(settings, engine)) as base, sync_api.sync_playwright() as pw:
+    app = create_app(settings, engine)
+    with ServerThread(app) as base, sync_api.sync_playwright() as pw:
         # The page's CSP (script-src 'self') also forbids the eval that Playwright's wait_for_function
         # polls with, so this context bypasses it; the strict context below checks the page under it.
         strict = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=flags)
@@ -147,6 +147,17 @@ def test_page_streams_an_avatar(tmp_path, grace_hopper):
             # The depth switch goes over the data channel: the avatar video becomes square again.
             page.uncheck("#depth")
             page.wait_for_function("document.getElementById('avatar').videoWidth === 256", timeout=10_000)
+            # The mouth slider starts at the model's gain, which the session was created with; a change
+            # reaches the server as one message and the worker's engine session takes it.
+            assert page.is_visible("#mouth") and page.input_value("#mouth") == "2.5"
+            (live,) = app.state.service.registry.snapshot()
+            assert live.mouth_gain == 2.5
+            page.fill("#mouth", "1.2")
+            assert page.inner_text("#mouth-value") == "1.2×"
+            deadline = time.monotonic() + 10
+            while live.engine_session.mouth_gain != 1.2:
+                assert time.monotonic() < deadline, live.engine_session.mouth_gain
+                time.sleep(0.05)
             page.click("#recalibrate")
             page.wait_for_function("document.getElementById('state').textContent.startsWith('recalibrated')")
             # ...and the status line goes back to the connection state.

@@ -57,6 +57,7 @@ def run_cam(args: argparse.Namespace, source=None, sink=None) -> int:
             token=args.token,
             **({"picture": "full"} if full else {}),
             **({"auto_neutral": True} if options["auto_neutral"] > 0 else {}),
+            mouth_gain=options["mouth_gain"],
         )
     else:
         from dagan.checkpoint import resolve_checkpoint, warn_if_untrained
@@ -88,6 +89,7 @@ def run_cam(args: argparse.Namespace, source=None, sink=None) -> int:
             mask=options["mask"],
             smoothing=options["smoothing"],
             auto_neutral=options["auto_neutral"],
+            mouth_gain=options["mouth_gain"],
         )
     controls = Controls()
     print(f"virtual camera ready ({sink.width}×{sink.height}); {Controls.HELP}", file=sys.stderr)

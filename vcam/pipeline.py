@@ -42,7 +42,8 @@ class LocalAnimator:
     GPU; else the model's square crop. ``smoothing``: One-Euro parameters for the crop box and the
     keypoints (None: unfiltered), with the camera frames' arrival times as the clock. ``auto_neutral``
     > 0: choose the neutral pose automatically over that many seconds (and again after ``recalibrate``
-    only when the person asks for it: a recalibration is their choice).
+    only when the person asks for it: a recalibration is their choice). ``mouth_gain``: how far the
+    avatar's lips open, times the driver's (:attr:`engine.base.Session.mouth_gain`; None: the model's).
     """
 
     def __init__(
@@ -57,10 +58,12 @@ class LocalAnimator:
         mask: str = "ellipse",
         smoothing: OneEuroParams | None = DEFAULT_PARAMS,
         auto_neutral: float = 0.0,
+        mouth_gain: float | None = None,
     ) -> None:
         from dagan.errors import UserError
         from dagan.face import DrivingCropper, locate_source, prepare_source
         from dagan.paste import plan_paste
+        from engine.base import check_mouth_gain
         from engine.paste import Paster
 
         self.engine = engine
@@ -75,6 +78,7 @@ class LocalAnimator:
         else:
             face_crop = prepare_source(source_image, engine.image_size, crop)
         self.session = self.engine.set_source(face_crop, relative=relative)
+        self.session.mouth_gain = check_mouth_gain(engine, mouth_gain)
         if smoothing is not None:
             self.session.kp_filter = OneEuroFilter(smoothing)
         if auto_neutral > 0 and relative:

@@ -84,6 +84,7 @@ class RemoteAnimator:
         token: str | None = None,
         picture: str = "crop",
         auto_neutral: bool = False,
+        mouth_gain: float | None = None,
     ) -> None:
         ok, jpeg = cv2.imencode(
             ".jpg", cv2.cvtColor(photo, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
@@ -101,6 +102,8 @@ class RemoteAnimator:
             self.session_options["picture"] = picture
         if auto_neutral:
             self.session_options["auto_neutral"] = True
+        if mouth_gain is not None:
+            self.session_options["mouth_gain"] = mouth_gain
         self.verify_tls = verify_tls
         self.reconnect_delay = reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
