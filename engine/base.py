@@ -178,9 +178,9 @@ def check_mouth_gain(engine: Engine, gain: float | None) -> float | None:
     if not engine.mouth_keypoints:
         raise EngineError(NO_LIPS)
     if not (isinstance(gain, (int, float)) and not isinstance(gain, bool) and 0 < gain <= MAX_MOUTH_GAIN):
+        # the value is not repeated: the server answers peers with this text (docs/security.md)
         raise EngineError(
-            f"the mouth gain must be a number in (0, {MAX_MOUTH_GAIN:g}] (1 = the driver's opening), "
-            f"got {gain!r}"
+            f"the mouth gain must be a number in (0, {MAX_MOUTH_GAIN:g}] (1 = the driver's opening)"
         )
     return float(gain)
 

@@ -307,10 +307,10 @@ def filter_keypoints(sessions: list[Session], kp: Keypoints, mouth: tuple[int, .
     15–18 fps, so any low-pass that steadies a still head also swallows much of each syllable. On 24
     held-out photo × clip pairs at 15 fps the avatar's mouth opened at a median 0.41 of the driver's
     with the gap filtered and 0.50 with it raw (a gap filter of its own at 5 Hz, or One-Euro with a
-    fast speed estimate, kept 0.41–0.43); the lips' own flicker on a driver whose lips stay closed rose
-    by 9 %, the whole mesh's jitter on still stretches from 0.79 to 0.83 of the driver's
-    (weights/README.md, "Lips past the filter"). The midpoint, i.e. where the mouth is, stays as steady
-    as the rest of the face.
+    fast speed estimate, kept 0.41–0.43). The price: the lips' own flicker on a driver whose lips stay
+    closed rose by 9 %, the whole mesh's jitter on still stretches from 0.79 to 0.83 of the driver's on
+    those pairs and from 0.89 to 1.03 on 48 (weights/README.md, "Lips past the filter"). The midpoint,
+    i.e. where the mouth is, stays as steady as the rest of the face.
     """
     values, jacs = kp.value.clone(), None if kp.jacobian is None else kp.jacobian.clone()
     value_in = kp.value

@@ -153,10 +153,11 @@ def test_server_session_option_message_and_config(lip_engine, monkeypatch):
         monkeypatch.setattr(svc, "send_json", lambda channel, message: replies.append(message))
         service.handle_message(session, json.dumps({"type": "mouth_gain", "value": 3.0}))
         assert session.mouth_gain == 3.0 and not replies
-        for bad in (9, "3", 0, True):
+        for bad in (9, "loud", 0, True):
             service.handle_message(session, json.dumps({"type": "mouth_gain", "value": bad}))
             assert session.mouth_gain == 3.0  # a refused value changes nothing
         assert len(replies) == 4 and all(r["error"] == "bad_mouth_gain" for r in replies), replies
+        assert "loud" not in replies[1]["message"]  # a reply never repeats what was sent (docs/security.md)
         service.handle_message(session, json.dumps({"type": "mouth_gain", "value": None}))
         assert session.mouth_gain is None  # back to the model's own
 
