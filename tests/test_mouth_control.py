@@ -123,6 +123,27 @@ def test_cam_hands_the_gain_to_the_local_engine_or_the_server(lip_engine, engine
             remote.close()
 
 
+def test_cam_keys_step_the_local_gain_within_bounds(lip_engine, engine):
+    """+ / = and - in the preview window or the terminal move the gain by 0.25 from the model's own, never
+    past (0.25, 4]; the runner applies them between frames; a model without lips keeps nothing."""
+    from vcam.io import IterableSource, MemorySink
+    from vcam.pipeline import MOUTH_STEP, CamRunner, Controls, LocalAnimator
+
+    controls = Controls()
+    for key in ("+", "=\n", "-", "+"):
+        controls.handle_key(key)
+    assert controls.take_mouth_steps() == 2 and controls.take_mouth_steps() == 0
+    animator = LocalAnimator(lip_engine, astronaut())
+    assert animator.step_mouth_gain(2) == 2.5 + 2 * MOUTH_STEP  # from the model's 2.5
+    assert animator.step_mouth_gain(100) == MAX_MOUTH_GAIN and animator.step_mouth_gain(-100) == MOUTH_STEP
+    controls.handle_key("+")
+    frames = driving_frames(grace_hopper(), num_frames=2, size=160)
+    CamRunner(IterableSource(frames), MemorySink(128, 128), animator, controls).run(max_frames=2)
+    assert animator.session.mouth_gain == MOUTH_STEP * 2  # one press, applied by the loop
+    plain = LocalAnimator(engine, astronaut())
+    assert plain.step_mouth_gain(1) is None and plain.session.mouth_gain is None
+
+
 # -------------------------------------------------------------------------------------------- serve
 
 

@@ -197,3 +197,25 @@ def test_backoff_starts_again_after_a_good_session(monkeypatch):
         assert list(animator.delays) == [0.01, 0.02, 0.04, 0.01, 0.02, 0.04]
     finally:
         animator.close()
+
+
+def test_remote_mouth_keys_reach_the_server_and_survive_a_reconnection(frames):
+    """The client starts from the served model's own gain (GET /api/config), the server's session takes
+    the stepped gain mid-call, and the options a reconnection creates its session with carry it."""
+    from helpers import lip_config, make_model
+
+    from engine.torch_backend import TorchEngine
+
+    engine = TorchEngine(make_model(lip_config(2.5)), device="cpu")
+    port = _free_port()
+    with ServerThread(engine, port) as server:
+        animator = RemoteAnimator(f"http://127.0.0.1:{port}", astronaut(), token=TOKEN)
+        try:
+            _pump(animator, frames, lambda: animator.avatars_received >= 2, 60)
+            assert animator.server_mouth_gain == 2.5
+            assert animator.step_mouth_gain(-2) == 2.0
+            sessions = server.app.state.service.registry.snapshot
+            _pump(animator, frames, lambda: [s.mouth_gain for s in sessions()] == [2.0], 15)
+            assert animator.session_options["mouth_gain"] == 2.0  # what a reconnection asks for
+        finally:
+            animator.close()

@@ -20,7 +20,7 @@ def _camera_arg(value: str) -> int | str:
 
 
 def _stdin_keys(controls: Controls) -> None:
-    """Terminal controls: type r / p / q and Enter (works without a preview window)."""
+    """Terminal controls: type r / p / q / + / - and Enter (works without a preview window)."""
     for line in sys.stdin:
         controls.handle_key(line)
         if controls.quit.is_set():

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from dagan.config import MAX_MOUTH_GAIN
 from dagan.latest import LatestSlot
 from dagan.media import fit_frame
 from dagan.smoothing import DEFAULT_PARAMS, OneEuroFilter, OneEuroParams
@@ -23,6 +24,15 @@ from .io import FrameSink, FrameSource
 
 log = logging.getLogger(__name__)
 
+# One press of + or - moves the mouth gain by this much (the page's slider moves by 0.1; a key is coarser
+# so that a few presses make a visible difference).
+MOUTH_STEP = 0.25
+
+
+def stepped_mouth_gain(current: float, steps: int) -> float:
+    """``current`` moved by ``steps`` × :data:`MOUTH_STEP`, kept within [MOUTH_STEP, MAX_MOUTH_GAIN]."""
+    return min(MAX_MOUTH_GAIN, max(MOUTH_STEP, round(current + steps * MOUTH_STEP, 4)))
+
 
 class Animator(Protocol):
     """Turns one webcam frame into one avatar frame (or None while none is available yet)."""
@@ -30,6 +40,11 @@ class Animator(Protocol):
     def process(self, frame: np.ndarray) -> np.ndarray | None: ...
 
     def recalibrate(self) -> None: ...
+
+    def step_mouth_gain(self, steps: int) -> float | None:
+        """Open the avatar's lips ``steps`` × :data:`MOUTH_STEP` further (negative: less) than now; the
+        new gain, or None where the model has none to set (said in the log)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -98,25 +113,42 @@ class LocalAnimator:
     def recalibrate(self) -> None:
         self.engine.reset_reference()
 
+    def step_mouth_gain(self, steps: int) -> float | None:
+        from engine.base import NO_LIPS
+
+        if not self.engine.mouth_keypoints:
+            log.warning("%s", NO_LIPS)
+            return None
+        current = self.session.mouth_gain
+        current = self.engine.mouth_open_gain if current is None else current
+        self.session.mouth_gain = stepped_mouth_gain(current, steps)
+        return self.session.mouth_gain
+
     def close(self) -> None:
         self.cropper.close()
 
 
 class Controls:
-    """User controls shared by the preview window keys and terminal input: r, p, q."""
+    """User controls shared by the preview window keys and terminal input: r, p, q, + and -."""
 
     HELP = (
-        "keys: r = recalibrate (take the current pose as neutral), p = pause/resume (real camera), q = quit"
+        "keys: r = recalibrate (take the current pose as neutral), p = pause/resume (real camera), "
+        "+ / - = open the mouth more / less, q = quit"
     )
 
     def __init__(self) -> None:
         self.paused = False
         self.quit = threading.Event()
         self._recalibrate = threading.Event()
+        self._lock = threading.Lock()
+        self._mouth_steps = 0  # + and - presses not yet applied (the keys come from another thread)
 
     def handle_key(self, key: str) -> None:
         key = key.strip().lower()[:1]
-        if key == "r":
+        if key in ("+", "=", "-"):  # "=" is + without Shift
+            with self._lock:
+                self._mouth_steps += -1 if key == "-" else 1
+        elif key == "r":
             self._recalibrate.set()
         elif key == "p":
             self.paused = not self.paused
@@ -129,6 +161,11 @@ class Controls:
             self._recalibrate.clear()
             return True
         return False
+
+    def take_mouth_steps(self) -> int:
+        with self._lock:
+            steps, self._mouth_steps = self._mouth_steps, 0
+        return steps
 
 
 @dataclass
@@ -177,6 +214,11 @@ class CamRunner:
         """One camera frame → the frame sent to the virtual camera."""
         if self.controls.take_recalibrate():
             self.animator.recalibrate()
+        steps = self.controls.take_mouth_steps()
+        if steps:
+            gain = self.animator.step_mouth_gain(steps)
+            if gain is not None:
+                log.info("mouth gain %.2f", gain)
         if self.controls.paused:
             self.stats.passthrough += 1
             out = frame

@@ -27,6 +27,8 @@ from dagan.errors import UserError
 from dagan.latest import LatestSlot
 from server.client import ServiceClient, ServiceError, split_token
 
+from .pipeline import stepped_mouth_gain
+
 log = logging.getLogger(__name__)
 
 
@@ -111,6 +113,7 @@ class RemoteAnimator:
         self._avatar: np.ndarray | None = None
         self._avatar_lock = threading.Lock()
         self.avatars_received = 0
+        self.server_mouth_gain: float | None = None  # the served model's own, from GET /api/config
         self.connections = 0
         self.last_error: str | None = None
         self.ice_servers: list[dict] | None = None  # what the last peer connection was configured with
@@ -132,6 +135,19 @@ class RemoteAnimator:
     def recalibrate(self) -> None:
         self._loop.call_soon_threadsafe(self._send_control, "recalibrate")
 
+    def step_mouth_gain(self, steps: int) -> float | None:
+        """From the gain this client asked for, else the server model's own (``GET /api/config``, read
+        at each connection): the new gain goes to the server as a ``mouth_gain`` message and into the
+        session options, so a reconnection keeps it."""
+        current = self.session_options.get("mouth_gain", self.server_mouth_gain)
+        if current is None:
+            log.warning("the server's model has no mouth gain to set (or the server was not reached yet)")
+            return None
+        gain = stepped_mouth_gain(current, steps)
+        self.session_options["mouth_gain"] = gain
+        self._loop.call_soon_threadsafe(self._send_control, {"type": "mouth_gain", "value": gain})
+        return gain
+
     def close(self) -> None:
         """Hang up (the server frees the session) and stop the network thread."""
         self._closing = True
@@ -150,7 +166,7 @@ class RemoteAnimator:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- connection -------------------------------------------------------------------------------
-    def _send_control(self, message: str) -> None:
+    def _send_control(self, message: str | dict) -> None:
         if self._call is not None:
             self._call.send(message)
 
@@ -179,6 +195,7 @@ class RemoteAnimator:
     async def _session_once(self) -> None:
         async with ServiceClient(self.server, self.token, verify=self.verify_tls, timeout=30) as service:
             try:
+                self.server_mouth_gain = (await service.config()).get("mouth_gain")
                 call = await service.call(
                     self.photo_jpeg,
                     _camera_track_class()(self.outgoing),
