@@ -128,7 +128,7 @@ def animate_video(
         else:
             source_face = prepare_source(source_image, size, crop)
         session = engine.set_source(source_face, relative=relative, adapt_scale=adapt_scale)
-        session.mouth_gain = check_mouth_gain(engine, mouth_gain)
+        session.mouth_gain = check_mouth_gain(mouth_gain, bool(engine.mouth_keypoints))
         if smoothing is not None:
             session.kp_filter = OneEuroFilter(smoothing, rate=reader.fps)
         if auto_neutral > 0 and relative:

@@ -32,6 +32,12 @@ PRESETS = ("vox-256", "tiny", "fomm", "live-128")
 MAX_MOUTH_GAIN = 4.0
 
 
+def is_mouth_gain(value: object) -> bool:
+    """Whether ``value`` is a lip-opening gain a config, a session or a flag may ask for: a number (not a
+    bool, not NaN) in (0, :data:`MAX_MOUTH_GAIN`]. The one definition every place that takes one uses."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_MOUTH_GAIN
+
+
 class ConfigError(UserError, ValueError):
     """A config file or dict that does not match the schema; the message names the offending key."""
 
@@ -301,7 +307,7 @@ def _check_semantics(cfg: ModelConfig) -> None:
         f"({cfg.keypoints.num_kp}), got {list(mouth)}",
     )
     need(
-        0 < cfg.keypoints.mouth_open_gain <= MAX_MOUTH_GAIN,
+        is_mouth_gain(cfg.keypoints.mouth_open_gain),
         "keypoints.mouth_open_gain",
         f"must be in (0, {MAX_MOUTH_GAIN:g}] (1 = the driver's opening as it is)",
     )

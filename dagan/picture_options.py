@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import MAX_MOUTH_GAIN
+from .config import MAX_MOUTH_GAIN, is_mouth_gain
 from .errors import UserError
 from .paste import MASKS, parse_size
 from .smoothing import DEFAULT_PARAMS, OneEuroParams
@@ -85,7 +85,7 @@ def picture_options(args: argparse.Namespace) -> dict:
     if args.auto_neutral < 0:
         raise UserError(f"--auto-neutral must be a number of seconds > 0, got {args.auto_neutral:g}")
     gain = args.mouth_gain
-    if gain is not None and not 0 < gain <= MAX_MOUTH_GAIN:
+    if gain is not None and not is_mouth_gain(gain):
         raise UserError(
             f"--mouth-gain must be in (0, {MAX_MOUTH_GAIN:g}] (1 = the driver's opening), got {gain:g}"
         )

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dagan import helpers
-from dagan.config import MAX_MOUTH_GAIN
+from dagan.config import MAX_MOUTH_GAIN, is_mouth_gain
 from dagan.errors import UserError
 
 
@@ -167,20 +167,23 @@ def check_batch(sessions: list[Session], frames: list[np.ndarray]) -> None:
 NO_LIPS = "this model names no lip keypoints (keypoints.mouth_keypoints), so it has no mouth gain to set"
 
 
-def check_mouth_gain(engine: Engine, gain: float | None) -> float | None:
-    """``gain`` if ``engine``'s model can take it as a session's :attr:`Session.mouth_gain`, else a clear
-    :class:`EngineError`: a number in (0, ``MAX_MOUTH_GAIN``], and only for a model that names its lip
-    keypoints (a model without them has no opening to scale, and silently ignoring the setting would
-    look like a broken control). None (the model's own gain) always passes. Callers that take the
-    setting from a person (the server's messages, ``--mouth-gain``) check it here before any frame."""
+def check_mouth_gain(gain: float | None, has_lips: bool) -> float | None:
+    """``gain`` as a session's :attr:`Session.mouth_gain` for a model that names its lip keypoints
+    (``has_lips``: ``Engine.mouth_keypoints``) or not, else a clear :class:`EngineError`: a number in
+    (0, ``MAX_MOUTH_GAIN``] (:func:`dagan.config.is_mouth_gain`), and only for a model with lips (a model
+    without them has no opening to scale, and silently ignoring the setting would look like a broken
+    control). None (the model's own gain) always passes. Callers that take the setting
+    from a person (the server's messages, ``--mouth-gain``) check it here before any frame; the hot path
+    checks every session's with it again (:func:`engine.hot_path.motion_inputs`)."""
     if gain is None:
         return None
-    if not engine.mouth_keypoints:
+    if not has_lips:
         raise EngineError(NO_LIPS)
-    if not (isinstance(gain, (int, float)) and not isinstance(gain, bool) and 0 < gain <= MAX_MOUTH_GAIN):
+    if not is_mouth_gain(gain):
         # the value is not repeated: the server answers peers with this text (docs/security.md)
         raise EngineError(
-            f"the mouth gain must be a number in (0, {MAX_MOUTH_GAIN:g}] (1 = the driver's opening)"
+            f"the mouth gain must be a number in (0, {MAX_MOUTH_GAIN:g}] (1 = the driver's opening; a "
+            "session's mouth_gain)"
         )
     return float(gain)
 

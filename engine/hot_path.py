@@ -37,14 +37,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from dagan.config import MAX_MOUTH_GAIN
 from dagan.graph_contract import unflatten_cached
 from dagan.helpers import Uploader, depth_to_images, images_to_tensor, tensor_to_images
 from dagan.keypoint_ops import movement_scale, relative_keypoints
 from dagan.nets.blocks import inverse_2x2
 from dagan.nets.keypoints import Keypoints
 
-from .base import NO_LIPS, Engine, EngineError, FrameResult, Session, check_batch
+from .base import Engine, EngineError, FrameResult, Session, check_batch, check_mouth_gain
 
 
 class FramePathEngine(Engine):
@@ -278,13 +277,9 @@ def motion_inputs(
         out["kp_reference_jacobian"] = torch.cat(jacs)
     out["motion_scale"] = torch.cat(scales)
     out["relative"] = torch.cat(flags)
-    if mouth_gain is None and any(s.mouth_gain is not None for s in sessions):
-        raise EngineError(NO_LIPS)
+    own = [check_mouth_gain(s.mouth_gain, mouth_gain is not None) for s in sessions]
     if mouth_gain is not None:
-        gains = [mouth_gain if s.mouth_gain is None else s.mouth_gain for s in sessions]
-        bad = [g for g in gains if not 0 < g <= MAX_MOUTH_GAIN]
-        if bad:
-            raise EngineError(f"a session's mouth_gain must be in (0, {MAX_MOUTH_GAIN:g}], got {bad[0]}")
+        gains = [mouth_gain if g is None else g for g in own]
         out["mouth_gain"] = torch.tensor(gains, device=device, dtype=dtype).view(-1, 1, 1)
     return out
 

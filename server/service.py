@@ -167,7 +167,7 @@ class AvatarService:
         the served model (:func:`engine.base.check_mouth_gain`): ApiError ``status`` "bad_mouth_gain"
         with the engine's one-line reason otherwise, so a refusal never reaches the worker's frames."""
         try:
-            return check_mouth_gain(self.engine, value)
+            return check_mouth_gain(value, bool(self.engine.mouth_keypoints))
         except EngineError as err:
             raise ApiError(status, "bad_mouth_gain", str(err)) from err
 

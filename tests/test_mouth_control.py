@@ -36,15 +36,16 @@ def _no_env_checkpoint(monkeypatch):
 
 def test_check_mouth_gain_takes_a_number_in_range_for_a_model_with_lips(engine, lip_engine):
     assert lip_engine.mouth_keypoints == (7, 8) and lip_engine.mouth_open_gain == 2.5
-    assert check_mouth_gain(lip_engine, None) is None  # the model's own
-    assert check_mouth_gain(lip_engine, 1) == 1.0 and check_mouth_gain(lip_engine, MAX_MOUTH_GAIN) == 4.0
+    lips = bool(lip_engine.mouth_keypoints)
+    assert check_mouth_gain(None, lips) is None  # the model's own
+    assert check_mouth_gain(1, lips) == 1.0 and check_mouth_gain(MAX_MOUTH_GAIN, lips) == 4.0
     for bad in (0, -1.0, MAX_MOUTH_GAIN + 0.1, float("nan"), float("inf"), True, "2"):
         with pytest.raises(EngineError, match="mouth gain must be a number"):
-            check_mouth_gain(lip_engine, bad)
+            check_mouth_gain(bad, lips)
     assert engine.mouth_keypoints == ()  # the tiny preset names no lips: nothing to set, said so
     with pytest.raises(EngineError, match="names no lip keypoints"):
-        check_mouth_gain(engine, 2.0)
-    assert check_mouth_gain(engine, None) is None
+        check_mouth_gain(2.0, bool(engine.mouth_keypoints))
+    assert check_mouth_gain(None, bool(engine.mouth_keypoints)) is None
 
 
 def test_a_session_gain_on_a_model_without_lips_is_refused_not_ignored(engine):

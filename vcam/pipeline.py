@@ -93,7 +93,7 @@ class LocalAnimator:
         else:
             face_crop = prepare_source(source_image, engine.image_size, crop)
         self.session = self.engine.set_source(face_crop, relative=relative)
-        self.session.mouth_gain = check_mouth_gain(engine, mouth_gain)
+        self.session.mouth_gain = check_mouth_gain(mouth_gain, bool(engine.mouth_keypoints))
         if smoothing is not None:
             self.session.kp_filter = OneEuroFilter(smoothing)
         if auto_neutral > 0 and relative:
