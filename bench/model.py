@@ -153,6 +153,60 @@ def count_flops(model: DaGAN) -> dict[str, float]:
     return out
 
 
+def _typical_eyes(size: int) -> Any:
+    """:class:`dagan.blink.EyeShapes` of two almond eyes where a crop puts them (a benchmark's stand-in
+    for a photo's face mesh): centres at 35 % and 65 % across, 45 % down, 12 % of the crop wide."""
+    from dagan.blink import EYES, eye_shapes
+
+    lm = np.zeros((478, 2), np.float32)
+    for ((c_out, c_in), up, lo), cx in zip(EYES, (0.35 * size, 0.65 * size), strict=True):
+        x0, x1, y, h = cx - 0.06 * size, cx + 0.06 * size, 0.45 * size, 0.025 * size
+        lm[c_out], lm[c_in] = ((x0, y), (x1, y)) if c_out == 33 else ((x1, y), (x0, y))
+        for k, (pu, pl) in enumerate(zip(up, lo, strict=True)):
+            u = (k + 1) / (len(up) + 1)
+            x = x0 + u * (x1 - x0) if c_out == 33 else x1 - u * (x1 - x0)
+            lm[pu], lm[pl] = (x, y - h * np.sin(np.pi * u)), (x, y + h * np.sin(np.pi * u))
+    return eye_shapes(lm)
+
+
+def bench_lids(model: DaGAN, frames: int = 50, warmup: int = 5) -> dict:
+    """Step 6 of the hot path (engine/hot_path.py) for a model with a lid reader, torch on the CPU at
+    batch 1, as every backend runs it: the reader alone (every frame of a stream whose photo has a face
+    mesh) and the reader plus the warp of a shut eye (the frames of a blink)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dagan.blink import close_lids
+
+    reader = model.lid_reader.to("cpu", torch.float32).eval()
+    size = model.config.image_size
+    rng = np.random.default_rng(0)
+    driving = torch.from_numpy(rng.random((1, 3, size, size), dtype=np.float32))
+    kp = torch.zeros(1, model.config.keypoints.num_kp, 2)
+    lids = reader.lids
+    kp[0, lids[0]], kp[0, lids[1]] = torch.tensor([-0.3, -0.12]), torch.tensor([-0.3, -0.08])
+    kp[0, lids[2]], kp[0, lids[3]] = torch.tensor([0.3, -0.12]), torch.tensor([0.3, -0.08])
+    prediction = torch.rand(1, 3, size, size)
+    shapes = [_typical_eyes(size)]
+
+    @torch.inference_mode()
+    def read() -> None:
+        reader(driving, kp)
+
+    @torch.inference_mode()
+    def read_and_shut() -> None:
+        reader(driving, kp)
+        close_lids(prediction, shapes, torch.ones(1, 2), torch.zeros(1, 2, 2))
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        reader(driving, kp)
+    cpu = torch.device("cpu")
+    return {
+        "reader": stats(_time(read, frames, warmup, cpu)),
+        "reader_and_warp": stats(_time(read_and_shut, frames, warmup, cpu)),
+        "reader_mflops": fc.get_total_flops() / 1e6,
+    }
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -375,6 +429,8 @@ def run_bench(settings: ModelBenchSettings) -> list[dict]:
         flops = count_flops(bm.model)
         r = _run_interleaved(bm, settings) if settings.interleaved else _run_sweep(bm, settings)
         r["flops"] = flops
+        if bm.model.lid_reader is not None:
+            r["lids"] = bench_lids(bm.model, settings.frames, settings.warmup)
         r.update(date=date, load_before=load_before, load_after=load_average())
         print(report_text(r), flush=True)
         results.append(r)
@@ -481,6 +537,13 @@ def report_text(r: dict) -> str:
             f"{s['fps']:7.2f} fps   ({s['frames']} frames)"
         )
     out(f"  cache speedup (median): {r['speedup']:.2f}x")
+    if "lids" in r:
+        lr, lw = r["lids"]["reader"], r["lids"]["reader_and_warp"]
+        out(
+            f"  blinks (step 6, torch CPU, every backend): lid reader p50 {lr['median_ms']:.2f} ms p99 "
+            f"{lr['p99_ms']:.2f} ms ({r['lids']['reader_mflops']:.1f} MFLOP) on every frame; with a shut "
+            f"eye's warp p50 {lw['median_ms']:.2f} ms p99 {lw['p99_ms']:.2f} ms"
+        )
     for b in r["backends"]:
         s = b["latency"]
         out(

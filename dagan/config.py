@@ -146,6 +146,31 @@ class GeneratorConfig:
 
 
 @dataclass(frozen=True)
+class BlinkConfig:
+    """Blinks: the avatar's lids closed as far as the driver's (:mod:`dagan.blink`).
+
+    The generator barely moves a lid (it stretches one at a tenth of the driver's blink), so a model
+    that names its lid keypoints carries a small lid reader (:mod:`dagan.nets.lid_reader`) that reads
+    how open the driver's eyes are, and the engine closes the avatar's lids by a warp of its frame
+    around the photo's own eyelids. Empty ``keypoints`` (vox-256, and every model before): no reader,
+    no tensors, nothing changes.
+    """
+
+    # (upper, lower) lid keypoints of the image-left eye, then of the image-right eye: the keypoints the
+    # landmark prior anchors to face-mesh points 159, 145, 386 and 374 (live-128: 0, 1, 2, 3).
+    keypoints: tuple[int, ...] = ()
+    # closure = gain × (how much less open than the driver's open eyes, as a fraction − dead_zone),
+    # clipped to [0, 1]: the reader under-reads a blink (gain 0.6 of the mesh's), the dead zone keeps
+    # its noise (~±0.1) from twitching the lids.
+    gain: float = 2.0
+    dead_zone: float = 0.1
+    # The driver's open eyes: the highest reading so far, sinking towards lower ones with this time
+    # constant (seconds), so a slow change of gaze or of the reader's bias is not read as a blink, while
+    # a blink (0.1–0.4 s) is.
+    open_seconds: float = 3.0
+
+
+@dataclass(frozen=True)
 class DiscriminatorConfig:
     scales: tuple[float, ...] = (1.0,)
     block_expansion: int = 32
@@ -165,6 +190,7 @@ class ModelConfig:
     keypoints: KeypointConfig = field(default_factory=KeypointConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    blink: BlinkConfig = field(default_factory=BlinkConfig)
 
     @property
     def needs_depth(self) -> bool:
@@ -324,6 +350,17 @@ def _check_semantics(cfg: ModelConfig) -> None:
             f"needs image_size divisible by 1/keypoints.scale_factor ({step}): the detail blocks tile "
             "the image",
         )
+    lids = cfg.blink.keypoints
+    need(
+        lids == ()
+        or (len(lids) == 4 and len(set(lids)) == 4 and all(0 <= k < cfg.keypoints.num_kp for k in lids)),
+        "blink.keypoints",
+        f"must be empty or four different keypoint indices (upper and lower lid of the image-left eye, "
+        f"then of the image-right eye) below num_kp ({cfg.keypoints.num_kp}), got {list(lids)}",
+    )
+    need(0 < cfg.blink.gain <= 10, "blink.gain", "must be in (0, 10]")
+    need(0 <= cfg.blink.dead_zone < 1, "blink.dead_zone", "must be in [0, 1)")
+    need(cfg.blink.open_seconds > 0, "blink.open_seconds", "must be > 0")
     for key, sf in (
         ("keypoints.scale_factor", cfg.keypoints.scale_factor),
         ("generator.dense_motion.scale_factor", cfg.generator.dense_motion.scale_factor),

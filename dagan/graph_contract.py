@@ -246,3 +246,48 @@ def read_manifest(onnx_dir: str | Path) -> dict[str, Any]:
 def names_with_role(entry: dict[str, Any], role: str) -> list[str]:
     """Input names of one manifest graph entry that have ``role``, in graph-input order."""
     return [s["name"] for s in entry["inputs"] if s["role"] == role]
+
+
+# The lid reader (dagan.nets.lid_reader) of a model that blinks travels beside the graphs as this file,
+# named by the manifest's "lid_reader" entry: every backend runs it in torch after the frame
+# (engine/hot_path.py, step 6), so it needs no graph of its own and no TensorRT build.
+LID_READER_FILE = "lid_reader.safetensors"
+
+
+def write_lid_reader(model: torch.nn.Module, out_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Write ``model``'s lid reader beside an export and name it in ``manifest`` (no-op without one)."""
+    from safetensors.torch import save_file
+
+    reader = getattr(model, "lid_reader", None)
+    if reader is None:
+        return
+    state = {k: v.detach().float().cpu().contiguous() for k, v in reader.state_dict().items()}
+    save_file(state, str(Path(out_dir) / LID_READER_FILE))
+    manifest["lid_reader"] = LID_READER_FILE
+
+
+def copy_lid_reader(src_dir: str | Path, out_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Copy an export's lid reader to a derived export (optimized, quantized, TensorRT)."""
+    import shutil
+
+    name = manifest.get("lid_reader")
+    if name:
+        shutil.copy2(Path(src_dir) / name, Path(out_dir) / name)
+
+
+def load_lid_reader(directory: str | Path | None, manifest: dict[str, Any], device: torch.device):
+    """The export's lid reader (eval mode, float32, on ``device``), or None when the model has none."""
+    from safetensors.torch import load_file
+
+    from .config import config_from_dict
+    from .nets.lid_reader import LidReader
+
+    name = manifest.get("lid_reader")
+    if not name or directory is None:
+        return None
+    path = Path(directory) / name
+    if not path.is_file():
+        raise ExportError(f"{path} is missing: the export names a lid reader; re-run `dagan export onnx`")
+    reader = LidReader(config_from_dict(manifest["config"]).blink.keypoints)
+    reader.load_state_dict(load_file(str(path)), strict=True)
+    return reader.to(device).eval()

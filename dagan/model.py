@@ -16,6 +16,7 @@ from .config import DepthConfig, ModelConfig
 from .nets.depth import FaceDepthNet
 from .nets.generator import DaGANGenerator, GeneratorOutput, SourceFeatures
 from .nets.keypoints import KeypointDetector, Keypoints
+from .nets.lid_reader import LidReader
 
 
 class SourceState(NamedTuple):
@@ -62,6 +63,10 @@ class DaGAN(nn.Module):
             self.depth_net = build_depth_net(config.depth)
         self.kp_detector = KeypointDetector(config.keypoints)
         self.generator = DaGANGenerator(config.generator, num_kp=config.keypoints.num_kp)
+        # How open the driver's eyes are, for models that name their lid keypoints (config.blink).
+        self.lid_reader: LidReader | None = (
+            LidReader(config.blink.keypoints) if config.blink.keypoints else None
+        )
 
     @property
     def needs_depth(self) -> bool:

@@ -58,6 +58,9 @@ class Session:
     frame_time: float | None = None
     auto_neutral: AutoNeutral | None = None
     mouth_gain: float | None = None
+    # The stream's blink state (:class:`dagan.blink.LidState`): set at creation for a model with a lid
+    # reader when the photo's face mesh is found, else None (the avatar's lids then stay as drawn).
+    lids: Any = None
 
     def reset_reference(self, auto: bool = False) -> None:
         """Take the next driving frame as the new neutral pose (the "recalibrate" action).

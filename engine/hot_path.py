@@ -14,7 +14,11 @@
    keypoints → relative transfer → generator): run eagerly or replayed from a CUDA graph by the PyTorch
    backend, run as the exported ``frame`` graph by ONNX Runtime and TensorRT. Backends differ only here
    (:meth:`FramePathEngine._run_frame`) and in how a session's source is encoded.
-6. **Download**: the prediction is rounded to uint8 on the device and downloaded once
+6. **Lids**: for a model with a lid reader (``blink`` in its config), the reader reads how open the
+   driver's eyes are and the streams whose driver blinks get their avatar's lids closed by a warp of
+   the prediction (:meth:`FramePathEngine._close_lids`, :mod:`dagan.blink`): host code around two
+   small tensor operations, the same for every backend, nothing at all while the eyes stay open.
+7. **Download**: the prediction is rounded to uint8 on the device and downloaded once
    (:func:`dagan.helpers.tensor_to_images`).
 
 Steady motion (:attr:`~engine.base.Session.kp_filter`): a stream whose driving keypoints are filtered
@@ -32,16 +36,21 @@ from __future__ import annotations
 
 import abc
 import time
+import warnings
 from collections.abc import Callable
 
+import cv2
 import numpy as np
 import torch
 
+from dagan.blink import LidState, close_lids, eye_shapes
+from dagan.config import BlinkConfig
 from dagan.graph_contract import unflatten_cached
 from dagan.helpers import Uploader, depth_to_images, images_to_tensor, tensor_to_images
 from dagan.keypoint_ops import movement_scale, relative_keypoints
 from dagan.nets.blocks import inverse_2x2
 from dagan.nets.keypoints import Keypoints
+from dagan.nets.lid_reader import LidReader
 
 from .base import Engine, EngineError, FrameResult, Session, check_batch, check_mouth_gain
 
@@ -56,11 +65,36 @@ class FramePathEngine(Engine):
     cached_inputs: list[str]
     num_kp: int
     jacobian: bool
+    # The model's lid reader and its blink settings (config ``blink``), or None: no blinks drawn.
+    lid_reader: LidReader | None = None
+    blink: BlinkConfig | None = None
+    _warned_no_mesh = False  # once per process
 
     def __init__(self) -> None:
         super().__init__()
         self._uploader: Uploader | None = None
         self._stack = SourceStack()
+
+    def _attach_lids(self, session: Session, source_image: np.ndarray) -> Session:
+        """Give a new session its blink state when the model reads lids and the photo's face mesh is
+        found (step 6); backends call this at the end of ``new_session``."""
+        if self.lid_reader is None:
+            return session
+        from dagan.face import face_landmarks_upscaled  # mediapipe, only for models that blink
+
+        size = self.image_size
+        image = np.asarray(source_image)
+        if image.shape[:2] != (size, size):
+            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        try:
+            landmarks = face_landmarks_upscaled(image)
+        except ImportError:  # a machine without mediapipe (e.g. a bare GPU box): animate, without blinks
+            if not FramePathEngine._warned_no_mesh:
+                FramePathEngine._warned_no_mesh = True
+                warnings.warn("mediapipe is not installed: the avatar will not blink", stacklevel=2)
+            return session
+        session.lids = LidState(eye_shapes(landmarks)) if landmarks is not None else None
+        return session
 
     # -- backend hooks ------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -128,16 +162,60 @@ class FramePathEngine(Engine):
             else:  # 4.
                 feed.update(self._motion(sessions))
                 out = self._run_frame(feed)  # 5. the per-frame function
+            prediction = out["prediction"]
+            if self.lid_reader is not None and any(s.lids is not None for s in sessions):
+                prediction = self._close_lids(sessions, feed, out)  # 6.
             if any(s.auto_neutral is not None and not s.auto_neutral.done for s in sessions):
                 kp = Keypoints(out["kp_driving_value"], out.get("kp_driving_jacobian"))
                 choose_neutral(sessions, kp, self._source_keypoints)
-        return out["prediction"], out.get("driving_depth")
+        return prediction, out.get("driving_depth")
+
+    def _close_lids(
+        self, sessions: list[Session], feed: dict[str, torch.Tensor], out: dict[str, torch.Tensor | None]
+    ) -> torch.Tensor:
+        """Step 6: the prediction with each blinking stream's avatar lids closed (:mod:`dagan.blink`).
+
+        The reader reads the driving crops around the keypoints as detected (``kp_detected_value``,
+        unfiltered: a blink lasts 2–5 frames). The eyes are moved by the displacement of their lid
+        keypoints in the keypoints that were rendered (``kp_rendered_value``; the fused path
+        recomputes them, a handful of operations on K×2 numbers)."""
+        reader, blink = self.lid_reader, self.blink
+        assert reader is not None and blink is not None
+        kp_d = out.get("kp_detected_value", out["kp_driving_value"])
+        param = next(reader.parameters())
+        openness = reader(feed["driving"].to(param.dtype), kp_d.to(param.dtype)).float().cpu().numpy()
+        closure = torch.zeros(len(sessions), 2)
+        for i, s in enumerate(sessions):
+            if s.lids is not None:
+                c = s.lids.closure(
+                    openness[i], _session_clock(s), blink.gain, blink.dead_zone, blink.open_seconds
+                )
+                closure[i] = c
+        prediction = out["prediction"]
+        if not bool((closure > 0).any()):
+            return prediction
+        kp_s, _ = unflatten_cached(feed)
+        rendered = out.get("kp_rendered_value")
+        if rendered is None:
+            motion = self._motion(sessions)
+            kp_ref = Keypoints(motion["kp_reference_value"], motion.get("kp_reference_jacobian"))
+            kp_det = Keypoints(out["kp_driving_value"], out.get("kp_driving_jacobian"))
+            rendered = relative_keypoints(
+                kp_s, kp_det, kp_ref, motion["motion_scale"], motion["relative"],
+                self.mouth_keypoints, motion.get("mouth_gain", 1.0),
+            ).value  # fmt: skip
+        lids = torch.tensor(reader.lids).view(2, 2)  # (eye, upper/lower)
+        moved = (rendered - kp_s.value).float().cpu()[:, lids].mean(dim=2)  # B×2×2, keypoint units
+        shift = moved * (self.image_size / 2)
+        shapes = [s.lids.shapes if s.lids is not None else None for s in sessions]
+        return close_lids(prediction, shapes, closure, shift)
 
     def _filtered_frame(
         self, sessions: list[Session], feed: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor | None]:
         """Step 5 with each stream's keypoint filter between detection and rendering (module doc).
-        The outputs' ``kp_driving_*`` are the filtered keypoints."""
+        The outputs' ``kp_driving_*`` are the filtered keypoints, ``kp_detected_value`` the detected
+        ones and ``kp_rendered_value`` those the generator drew (step 6 reads both)."""
         kp_d, depth = self._drive(feed["driving"])
         kp_f = filter_keypoints(sessions, kp_d, self.mouth_keypoints)
         motion = self._motion(sessions)
@@ -166,6 +244,8 @@ class FramePathEngine(Engine):
             "driving_depth": depth,
             "kp_driving_value": kp_f.value,
             "kp_driving_jacobian": kp_f.jacobian,
+            "kp_detected_value": kp_d.value,
+            "kp_rendered_value": kp_used.value,
         }
 
     def animate_batch(
@@ -175,7 +255,7 @@ class FramePathEngine(Engine):
         if not sessions:
             return []
         prediction, depth_d = self.predict_batch(sessions, frames)
-        images = tensor_to_images(prediction)  # 6. one download
+        images = tensor_to_images(prediction)  # 7. one download
         depths = depth_to_images(depth_d) if (return_depth and depth_d is not None) else [None] * len(images)
         return [FrameResult(img, dep) for img, dep in zip(images, depths, strict=True)]
 

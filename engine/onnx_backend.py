@@ -35,9 +35,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from dagan.config import config_from_dict
 from dagan.graph_contract import (
     ROLE_CACHED,
     ExportError,
+    load_lid_reader,
     names_with_role,
     read_manifest,
     source_keypoints,
@@ -74,7 +76,10 @@ class GraphRunner(Protocol):
 class GraphEngine(FramePathEngine):
     """The engine API over a :class:`GraphRunner` and an export manifest."""
 
-    def __init__(self, manifest: dict[str, Any], runner: GraphRunner) -> None:
+    def __init__(
+        self, manifest: dict[str, Any], runner: GraphRunner, directory: str | Path | None = None
+    ) -> None:
+        """``directory``: where the manifest's side files are (its lid reader), if any."""
         super().__init__()
         self.manifest = manifest
         self.runner = runner
@@ -100,6 +105,9 @@ class GraphEngine(FramePathEngine):
             self.mouth_keypoints = tuple(int(k) for k in kp_config["mouth_keypoints"])
             self.mouth_open_gain = float(kp_config["mouth_open_gain"])
         self.kp_inputs = [s["name"] for s in graphs["keypoints"]["inputs"]]
+        self.lid_reader = load_lid_reader(directory, manifest, self.device)
+        if self.lid_reader is not None:
+            self.blink = config_from_dict(manifest["config"]).blink
 
     def new_session(
         self, source_image: np.ndarray, relative: bool = False, adapt_scale: bool = True
@@ -110,7 +118,8 @@ class GraphEngine(FramePathEngine):
             )
         depth = out.get("source_depth")
         depth_vis = depth_to_images(depth)[0] if depth is not None else None
-        return Session(source=out, relative=relative, adapt_scale=adapt_scale, source_depth=depth_vis)
+        session = Session(source=out, relative=relative, adapt_scale=adapt_scale, source_depth=depth_vis)
+        return self._attach_lids(session, source_image)
 
     def driving_keypoints(self, driving: torch.Tensor) -> Keypoints:
         """B×3×H×W → keypoints via the depth and keypoint graphs (used for relative references)."""
@@ -323,7 +332,7 @@ class OnnxRuntimeEngine(GraphEngine):
             raise EngineError(
                 "onnxruntime fp16 needs the TensorRT execution provider, which is not available"
             )
-        super().__init__(manifest, runner)
+        super().__init__(manifest, runner, onnx_dir)
         self.precision = precision
         self.provider = runner.provider
         self.parallel = runner.parallel

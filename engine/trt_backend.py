@@ -148,7 +148,9 @@ class TensorRTEngine(GraphEngine):
         runner = TRTRunner(engine_dir, dev, trt=trt, gpu=gpu)
         m = runner.manifest
         manifest = {"image_size": m["image_size"], "config": m["config"], "graphs": m["onnx_graphs"]}
-        super().__init__(manifest, runner)
+        if m.get("lid_reader"):
+            manifest["lid_reader"] = m["lid_reader"]
+        super().__init__(manifest, runner, engine_dir)
         self.precision = "fp16" if runner.fp16 else "fp32"
         self.engine_dir = Path(engine_dir)
 

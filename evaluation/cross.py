@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import cv2
 import numpy as np
 
 from dagan.errors import UserError
-from dagan.face import DEFAULT_DETECT_EVERY, face_landmarks
+from dagan.face import DEFAULT_DETECT_EVERY, face_landmarks_upscaled
 from dagan.smoothing import DEFAULT_PARAMS, OneEuroFilter, OneEuroParams
 
 from . import metrics as M
@@ -96,17 +95,7 @@ MEASURE_SIZE = 256
 def measure_landmarks(image: np.ndarray) -> np.ndarray | None:
     """:func:`dagan.face.face_landmarks` of ``image``, run on a bicubic upscale to :data:`MEASURE_SIZE`
     when the image is smaller, with x and y returned in ``image``'s own pixels."""
-    h, w = image.shape[:2]
-    if min(h, w) >= MEASURE_SIZE:
-        return face_landmarks(image)
-    big_w, big_h = round(w * MEASURE_SIZE / min(h, w)), round(h * MEASURE_SIZE / min(h, w))
-    lm = face_landmarks(cv2.resize(image, (big_w, big_h), interpolation=cv2.INTER_CUBIC))
-    if lm is None:
-        return None
-    lm = lm.copy()
-    lm[:, 0] *= w / big_w
-    lm[:, 1] *= h / big_h
-    return lm
+    return face_landmarks_upscaled(image, MEASURE_SIZE)
 
 
 class CrossEvalError(UserError):

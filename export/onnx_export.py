@@ -33,6 +33,7 @@ from dagan.graph_contract import (
     graphs_for,
     input_roles,
     read_manifest,
+    write_lid_reader,
 )
 from dagan.helpers import file_sha256
 from dagan.model import DaGAN
@@ -136,6 +137,7 @@ def export_model(
         "config": model.config.to_dict(),
         "graphs": entries,
     }
+    write_lid_reader(model, out, manifest)
     atomic_write(out / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))
     return manifest
 

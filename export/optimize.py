@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from dagan.checkpoint import atomic_write
+from dagan.graph_contract import copy_lid_reader
 
 from .onnx_export import MANIFEST, ExportError, read_manifest
 
@@ -632,5 +633,6 @@ def optimize_export(
         "reports": reports,
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    copy_lid_reader(src, out, manifest)
     atomic_write(out / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))
     return manifest

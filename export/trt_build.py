@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from dagan.checkpoint import atomic_write
 from dagan.errors import UserError
-from dagan.graph_contract import read_manifest
+from dagan.graph_contract import copy_lid_reader, read_manifest
 from dagan.helpers import cache_key as _cache_key
 from dagan.helpers import file_sha256
 
@@ -326,6 +326,9 @@ def build_engines(
         "onnx_graphs": manifest["graphs"],
         "engines": engines,
     }
+    if manifest.get("lid_reader"):  # run in torch beside the engines (engine/hot_path.py, step 6)
+        copy_lid_reader(onnx_dir, out, manifest)
+        result["lid_reader"] = manifest["lid_reader"]
     atomic_write(out / ENGINE_MANIFEST, lambda p: Path(p).write_text(json.dumps(result, indent=2)))
     return result
 

@@ -1,4 +1,4 @@
-"""``dagan prepare``, ``landmarks``, ``pack-data``, ``kp-follow`` and ``train depth|dagan`` (loaded by
+"""``dagan prepare``, ``landmarks``, ``pack-data``, ``kp-follow`` and ``train depth|dagan|lids`` (loaded by
 the dispatcher, :mod:`commands.cli`).
 
 Multi-GPU: ``torchrun --nproc_per_node N -m commands.cli train dagan ...`` (multi-node: add torchrun's
@@ -91,6 +91,28 @@ def _cmd_kp_follow(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"points": points, "checkpoints": results}, indent=2))
+    return 0
+
+
+def _cmd_train_lids(args: argparse.Namespace) -> int:
+    from dagan.checkpoint import CheckpointError
+
+    from .lid_reader import LidDataError, train_lids
+
+    try:
+        result = train_lids(
+            args.init, args.data, args.out, tuple(args.keypoints), args.test, args.steps, not args.quiet
+        )
+    except (LidDataError, CheckpointError, FileNotFoundError) as exc:
+        print(f"dagan: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    if result:
+        print(
+            f"held-out clips: the reading follows the mesh's eye opening at median r {result['clip_r']:.2f}, "
+            f"gain {result['clip_gain']:.2f} ({result['eyes_scored']} eyes that move); "
+            f"mean absolute error {result['mae']:.3f}"
+        )
     return 0
 
 
@@ -268,3 +290,26 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         if stage == "dagan":
             s.add_argument("--depth", help="checkpoint from `dagan train depth` (F_d is loaded and frozen)")
         s.set_defaults(func=_cmd_train)
+    s = stages.add_parser(
+        "lids",
+        help="the lid reader that makes the avatar blink (a few CPU-minutes, after stage 2)",
+        description="Train the small net that reads how open the driver's eyes are (dagan.nets.lid_reader) "
+        "on prepared clips with face-mesh tracks, and write the --init weights with it and blink.keypoints "
+        "in the config (docs/training.md, 'Blinks').",
+    )
+    s.add_argument("--init", required=True, metavar="CKPT", help="the trained model (stage 2) to add it to")
+    s.add_argument("--data", required=True, help="prepared clips with landmarks478.npy, e.g. DATA_ROOT/train")
+    s.add_argument("--test", help="held-out clips to score it on, e.g. DATA_ROOT/test")
+    s.add_argument("--out", required=True, help="the new checkpoint (.safetensors)")
+    s.add_argument(
+        "--keypoints",
+        type=int,
+        nargs=4,
+        default=[0, 1, 2, 3],
+        metavar="K",
+        help="upper and lower lid keypoint of the image-left eye, then the image-right (default 0 1 2 3: "
+        "the landmark prior's anchors at mesh points 159, 145, 386, 374)",
+    )
+    s.add_argument("--steps", type=int, default=3000, help="training steps at batch 256 (default 3000)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_cmd_train_lids)

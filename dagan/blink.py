@@ -1,0 +1,218 @@
+"""Blinks: close the avatar's lids as far as the driver's, by a warp of the avatar's frame.
+
+Why not the generator: it warps the photo's features by a motion field that moves a lid at a tenth of
+the driver's blink, whatever the lid keypoints do (weights/README.md, "Eyelid detail"). A blink is
+simple geometry instead: the upper lid slides down over the eye and the lower lid rises a little. So:
+
+1. **The photo's eyes** (:func:`eye_shapes`, once per photo): from its face mesh, each eye's corners and
+   the upper and lower lid's profile across the eye, in the avatar's pixels.
+2. **How far to close** (:class:`LidState`, per frame): the lid reader's opening of the driver's eyes
+   (:mod:`dagan.nets.lid_reader`) against the driver's own open eyes (the highest reading so far,
+   sinking slowly towards lower ones), both eyes together, through ``blink.gain`` and
+   ``blink.dead_zone``: 0 open as the photo, 1 shut.
+3. **The warp** (:func:`close_lids`): inside each eye, along the eye, the skin above the upper lid is
+   stretched down to cover the eye (three quarters of the way) and the skin below the lower lid up (the
+   last quarter). The eye sits where the lid keypoints moved it. Nothing outside the eyes' bands moves,
+   and a frame whose closure is 0 is returned untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Face-mesh corners (outer, inner) and upper / lower lid contours of the subject's right eye (the
+# image-left one), then of the left.
+EYES = (
+    ((33, 133), (246, 161, 160, 159, 158, 157, 173), (7, 163, 144, 145, 153, 154, 155)),
+    ((263, 362), (466, 388, 387, 386, 385, 384, 398), (249, 390, 373, 374, 380, 381, 382)),
+)
+PROFILE = 33  # samples of each lid's profile across the eye
+UPPER_SHARE = 0.75  # of the closing the upper lid does (the lower lid rises the rest)
+ABOVE, BELOW = 0.5, 0.3  # the stretched skin bands above the upper and below the lower lid, × eye width
+GROW = 0.06  # the lids' profiles widened by this × eye width, so a shut eye covers the lash lines too
+
+
+@dataclass(frozen=True)
+class EyeShapes:
+    """The photo's two eyes (image-left, image-right) in its avatar's pixels.
+
+    corner: 2×2 the eye's left corner; axis / normal: 2×2 unit vectors along the eye and across it
+    (downwards); width: (2,) corner to corner; upper / lower: 2×PROFILE, each lid's distance below the
+    axis at PROFILE evenly spaced points from corner to corner (0 at both corners)."""
+
+    corner: torch.Tensor
+    axis: torch.Tensor
+    normal: torch.Tensor
+    width: torch.Tensor
+    upper: torch.Tensor
+    lower: torch.Tensor
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> EyeShapes:
+        return EyeShapes(*(getattr(self, f).to(device, dtype) for f in self.__dataclass_fields__))
+
+
+def eye_shapes(landmarks: np.ndarray) -> EyeShapes:
+    """:class:`EyeShapes` from 478 face-mesh landmarks (x, y in the avatar's pixels)."""
+    p = np.asarray(landmarks, dtype=np.float64)[:, :2]
+    fields: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("corner", "axis", "normal", "width", "upper", "lower")
+    }
+    samples = np.linspace(0.0, 1.0, PROFILE)
+    for (c0, c1), up, lo in EYES:
+        a, b = p[c0], p[c1]
+        if a[0] > b[0]:
+            a, b = b, a
+        width = max(float(np.linalg.norm(b - a)), 1e-6)
+        axis = (b - a) / width
+        normal = np.array([-axis[1], axis[0]])
+        if normal[1] < 0:
+            normal = -normal
+
+        def profile(ids: tuple[int, ...], a=a, axis=axis, normal=normal, width=width) -> np.ndarray:
+            q = p[list(ids)] - a
+            u, v = q @ axis / width, q @ normal
+            order = np.argsort(u)
+            return np.interp(samples, np.r_[0.0, u[order], 1.0], np.r_[0.0, v[order], 0.0])
+
+        upper, lower = profile(up), profile(lo)
+        gap = np.maximum(lower - upper, 0.0)
+        grow = GROW * width * np.clip(2.0 * gap / max(gap.max(), 1e-6), 0.0, 1.0)
+        fields["corner"].append(a)
+        fields["axis"].append(axis)
+        fields["normal"].append(normal)
+        fields["width"].append(np.array(width))
+        fields["upper"].append(upper - grow)
+        fields["lower"].append(lower + grow)
+    return EyeShapes(**{k: torch.tensor(np.stack(v), dtype=torch.float32) for k, v in fields.items()})
+
+
+@dataclass
+class LidState:
+    """One stream's blink state: the photo's eyes and the driver's open-eye reading so far."""
+
+    shapes: EyeShapes
+    open_reading: np.ndarray | None = None  # (2,)
+    last_time: float | None = None
+
+    def closure(
+        self, reading: np.ndarray, now: float, gain: float, dead_zone: float, open_seconds: float
+    ) -> float:
+        """How far to close the avatar's eyes for the lid reader's ``reading`` (2,) of this frame, taken
+        at ``now`` seconds: 0 (as the photo) to 1 (shut)."""
+        reading = np.asarray(reading, dtype=np.float64)
+        if self.open_reading is None:
+            self.open_reading = reading.copy()
+        else:
+            dt = 0.0 if self.last_time is None else max(now - self.last_time, 0.0)
+            sink = self.open_reading + (reading - self.open_reading) * min(1.0, dt / open_seconds)
+            self.open_reading = np.where(reading > self.open_reading, reading, sink)
+        self.last_time = now
+        drop = 1.0 - reading / np.maximum(self.open_reading, 1e-3)  # per eye, 0 = as open as ever
+        return float(np.clip((drop.mean() - dead_zone) * gain, 0.0, 1.0))
+
+
+def _profile_at(profile: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of a PROFILE-sample profile at positions u in [0, 1]."""
+    x = u.clamp(0.0, 1.0) * (PROFILE - 1)
+    i0 = x.floor().clamp(max=PROFILE - 2).long()
+    w = x - i0
+    return profile[i0] * (1 - w) + profile[i0 + 1] * w
+
+
+def eye_box(shapes: EyeShapes, eye: int, shift: torch.Tensor, size: int) -> tuple[int, int, int, int]:
+    """The pixel rows and columns (y0, y1, x0, x1; end exclusive, inside the frame) that closing
+    ``eye`` can move: its corners, lids and stretched bands, with a pixel to spare."""
+    width = float(shapes.width[eye])
+    corner = shapes.corner[eye] + shift
+    ends = torch.stack([corner, corner + width * shapes.axis[eye]])
+    up = float(shapes.upper[eye].min()) - ABOVE * width
+    down = float(shapes.lower[eye].max()) + BELOW * width
+    normal = shapes.normal[eye]
+    points = torch.cat([ends + up * normal, ends + down * normal])
+    lo, hi = points.min(dim=0).values, points.max(dim=0).values
+    x0, y0 = max(int(lo[0]) - 1, 0), max(int(lo[1]) - 1, 0)
+    x1, y1 = min(int(hi[0]) + 2, size), min(int(hi[1]) + 2, size)
+    return y0, max(y1, y0), x0, max(x1, x0)
+
+
+def eye_grid(
+    shapes: EyeShapes,
+    eye: int,
+    closure: float,
+    shift: torch.Tensor,
+    box: tuple[int, int, int, int],
+    size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the pixels of ``box``: the sampling grid (1×h×w×2, grid_sample's [-1, 1] over the whole
+    size×size frame, align_corners=True) that closes ``eye`` by ``closure`` (0–1) with the eye moved by
+    ``shift`` (2, pixels), and the h×w mask of the pixels it moves (the others are kept bit for bit)."""
+    y0, y1, x0, x1 = box
+    dtype, device = shapes.width.dtype, shapes.width.device
+    ys, xs = torch.meshgrid(
+        torch.arange(y0, y1, device=device, dtype=dtype),
+        torch.arange(x0, x1, device=device, dtype=dtype),
+        indexing="ij",
+    )
+    corner = shapes.corner[eye] + shift
+    axis, normal, width = shapes.axis[eye], shapes.normal[eye], shapes.width[eye]
+    dx, dy = xs - corner[0], ys - corner[1]
+    u = (dx * axis[0] + dy * axis[1]) / width
+    v = dx * normal[0] + dy * normal[1]
+    upper, lower = _profile_at(shapes.upper[eye], u), _profile_at(shapes.lower[eye], u)
+    gap = (lower - upper).clamp_min(0.0)
+    new_upper = upper + closure * UPPER_SHARE * gap
+    new_lower = lower - closure * (1 - UPPER_SHARE) * gap
+    above, below = ABOVE * width, BELOW * width
+    inside = (u > 0) & (u < 1)
+    top, bottom = upper - above, lower + below
+    # the band [top, new_upper] shows the skin of [top, upper]; [new_lower, bottom] that of
+    # [lower, bottom]; between the new lids the eye stays where it is
+    v_src = torch.where(
+        inside & (v >= top) & (v < new_upper), top + (v - top) * above / (above + new_upper - upper), v
+    )
+    v_src = torch.where(
+        inside & (v > new_lower) & (v <= bottom),
+        bottom - (bottom - v) * below / (below + lower - new_lower),
+        v_src,
+    )
+    moved = v_src - v
+    scale = 2.0 / max(size - 1, 1)
+    grid = torch.stack([(xs + moved * normal[0]) * scale - 1, (ys + moved * normal[1]) * scale - 1], dim=-1)
+    return grid[None], moved != 0
+
+
+def close_lids(
+    images: torch.Tensor, shapes: list[EyeShapes | None], closure: torch.Tensor, shift: torch.Tensor
+) -> torch.Tensor:
+    """B×3×S×S frames with each item's eyes closed by ``closure`` (B×2, 0–1) where the photo's eyes
+    (``shapes``; None: no face mesh, left as is) moved by ``shift`` (B×2×2, pixels). Items whose
+    closure is 0, and every pixel outside the moved bands, are returned as they are, bit for bit. Only
+    the few hundred pixels around each eye are computed."""
+    out = images
+    size = images.shape[-1]
+    for i, shape in enumerate(shapes):
+        if shape is None or float(closure[i].max()) <= 0.0:
+            continue
+        shape = shape.to(images.device, torch.float32)
+        for eye in range(2):
+            c = float(closure[i, eye])
+            if c <= 0.0:
+                continue
+            offset = shift[i, eye].to(images.device, torch.float32)
+            box = eye_box(shape, eye, offset, size)
+            y0, y1, x0, x1 = box
+            if y1 <= y0 or x1 <= x0:
+                continue
+            grid, changed = eye_grid(shape, eye, c, offset, box, size)
+            warped = F.grid_sample(
+                images[i : i + 1].float(), grid, mode="bilinear", padding_mode="border", align_corners=True
+            )
+            if out is images:
+                out = images.clone()
+            region = out[i, :, y0:y1, x0:x1]
+            out[i, :, y0:y1, x0:x1] = torch.where(changed, warped[0].to(images.dtype), region)
+    return out
