@@ -5,8 +5,8 @@
 # previous default's keypoint detector and generator (INIT, taken from git history) with that depth net
 # frozen. Every step is resumable: re-run the script, or `dagan train ... --resume --run-dir ...`.
 # On a quiet 2-core CPU: prepare + landmarks ~5-15 min, depth ~35 + 25 + 35 min, DaGAN ~1 h (step 4), 1.3 h (5),
-# 1 h (6) and 1.2 h (7); minutes on a GPU (scripts/gpu_train.sh). Step 8 (seconds) writes the bundled file,
-# runs/live128-fine/dagan-default.safetensors.
+# 1 h (6) and 1.2 h (7); minutes on a GPU (scripts/gpu_train.sh). Step 8 (seconds) and step 9 (~4 min) write
+# the bundled file, runs/live128-fine/dagan-default-lids.safetensors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -133,3 +133,7 @@ FINE_INIT=$OUT/fine-init.safetensors
 python scripts/set_model_config.py --weights runs/live128-fine/dagan.safetensors \
   --set "keypoints.mouth_keypoints=[7, 8]" --set keypoints.mouth_open_gain=2.5 \
   --out runs/live128-fine/dagan-default.safetensors
+# 9. the bundled file since 2026-12-06 14:00: step 8's file with a lid reader (blink.keypoints 0-3, the
+#    lids' anchors), so the avatar blinks when the driver does (a few CPU-minutes; weights/README.md "Blinks")
+dagan train lids --init runs/live128-fine/dagan-default.safetensors --data "$OUT/real128v2/train" \
+  --test "$OUT/real128v2/test" --out runs/live128-fine/dagan-default-lids.safetensors

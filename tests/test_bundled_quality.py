@@ -65,7 +65,9 @@ def test_bundled_weights_carry_mouth_and_head_turns_to_another_person(tmp_path):
     since 2026-12-06) scored r 0.92, gain 1.42 here, 0.93 / 1.43 since the lips' gap passes the keypoint
     filter, on a photo that opens its mouth more readily than most; the same tensors without the gain
     0.95 / 0.80, the file before them 0.87 / 0.39, an older default 0.21, the photo itself 0. Its head
-    must turn with hers; mediapipe must find a face in the outputs."""
+    must turn with hers, and its eyes blink with hers: the lid reader (since 2026-12-06 14:00) scored
+    eyes r 0.91, gain 1.27 here, the same file without it 0.16 / 0.06. Mediapipe must find a face in the
+    outputs."""
     if not (CROSS_PHOTO.is_file() and CROSS_CLIP.is_file()):
         pytest.skip("the real-face photos and clips live in ../shared")
     from evaluation.cross import evaluate_cross
@@ -90,3 +92,4 @@ def test_bundled_weights_carry_mouth_and_head_turns_to_another_person(tmp_path):
     assert pair["face_rate"] >= 0.9, pair
     assert pair["mouth_corr"] >= 0.8 and 1.0 <= pair["mouth_gain"] <= 2.2, pair
     assert pair["yaw_corr"] >= 0.8 and pair["yaw_gain"] >= 0.5, pair
+    assert pair["eyes_corr"] >= 0.6 and pair["eyes_gain"] >= 0.5, pair
