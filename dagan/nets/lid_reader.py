@@ -4,11 +4,11 @@ Why a network of its own: the keypoint detector sees the crop blurred to 32×32,
 lid by under a pixel; its lid keypoints follow the face mesh's eye opening with a median per-clip r of
 0.32 on held-out people, and drift with gaze and pose as far as a blink moves them. Read from two small
 patches of the full-resolution crop, a blink is plain (the iris and the white go, skin comes): this net
-follows the mesh's eye opening at r 0.72 on the same clips (weights/README.md, "Blinks").
+follows the mesh's eye opening at r 0.75 on the same clips (weights/README.md, "Blinks").
 
 It only reads; :mod:`dagan.blink` turns the reading into how far to close the avatar's lids and draws
 that. The patches are placed by the lid keypoints the model already detects (their midpoints are the
-eyes' centres, their distance the patches' scale), so the reader costs 3.4 M multiply-adds per frame.
+eyes' centres, their distance the patches' scale), so the reader costs 3.5 M multiply-adds per frame.
 """
 
 from __future__ import annotations
