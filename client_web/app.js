@@ -125,8 +125,10 @@ async function loadSample() {
 async function uploadPhoto() {
   const form = new FormData();
   form.append("file", state.photo, state.photo.name || "photo.jpg");
-  await api("PUT", `/api/sessions/${state.sessionId}/source`, form);
-  show("");
+  const info = await api("PUT", `/api/sessions/${state.sessionId}/source`, form);
+  // a model that blinks, a photo whose eyelids were not found: say so rather than leave it a mystery
+  show(state.config && state.config.blinks && info && info.blinks === false
+    ? "The avatar will not blink: this photo's eyelids were not found." : "");
 }
 
 ui.file.addEventListener("change", () => { if (ui.file.files[0]) choosePhoto(ui.file.files[0]); });

@@ -87,6 +87,10 @@ class CheckedSource(BaseModel):
 
 class SourceInfo(CheckedSource):
     id: str
+    blinks: bool = Field(
+        description="whether the avatar will blink with the driver: the model reads the driver's lids "
+        "and the photo's eyelids were found (weights/README.md, 'Blinks')"
+    )
 
 
 class SdpMessage(BaseModel):

@@ -225,7 +225,8 @@ class AvatarService:
         if session.closed:  # deleted while the photo was being processed
             session.engine_session = session.source_crop = session.paster = None
             raise ApiError(404, "session_not_found", f"session {session.id!r} ended during the upload")
-        return SourceInfo(id=session.id, width=size[0], height=size[1], face_box=box.to_dict())
+        blinks = getattr(session.engine_session, "lids", None) is not None
+        return SourceInfo(id=session.id, width=size[0], height=size[1], face_box=box.to_dict(), blinks=blinks)
 
     async def answer(self, session: LiveSession, offer: SdpMessage) -> SdpMessage:
         """The session's one peer connection: the offer checked (server.signalling), the avatar track

@@ -349,3 +349,20 @@ def test_engine_without_mediapipe_animates_without_blinks(monkeypatch):
         session = engine.new_session(src, relative=True)
     assert session.lids is None
     assert engine.animate_batch([session], [frames[0]])[0].image.shape == (SIZE, SIZE, 3)
+
+
+def test_the_upload_says_whether_the_avatar_will_blink(astronaut_jpeg):
+    from fastapi.testclient import TestClient
+
+    from engine.torch_backend import TorchEngine
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    settings = ServerSettings(max_sessions=1, sessions_per_minute=1e6, ice_host_addresses=("127.0.0.1",))
+    engine = TorchEngine(make_model(blink_config()), device="cpu")
+    with TestClient(create_app(settings, engine), base_url="http://127.0.0.1:8000") as client:
+        sid = client.post("/api/sessions").json()["id"]
+        r = client.put(f"/api/sessions/{sid}/source", files={"file": ("p.jpg", astronaut_jpeg, "image/jpeg")})
+        assert r.status_code == 200, r.text
+        assert r.json()["blinks"] is True  # a model with a lid reader, a photo whose face mesh is found
+        assert client.get("/api/config").json()["blinks"] is True

@@ -150,6 +150,8 @@ def test_valid_photo(client, photo):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["id"] == sid and (body["width"], body["height"]) == (512, 512)
+    assert body["blinks"] is False  # the tiny test model has no lid reader
+    assert client.get("/api/config").json()["blinks"] is False
     box = body["face_box"]
     # The astronaut's face is in the upper middle of the photo.
     assert 150 < box["cx"] < 350 and 50 < box["cy"] < 300 and 100 < box["size"] < 500
