@@ -366,3 +366,27 @@ def test_the_upload_says_whether_the_avatar_will_blink(astronaut_jpeg):
         assert r.status_code == 200, r.text
         assert r.json()["blinks"] is True  # a model with a lid reader, a photo whose face mesh is found
         assert client.get("/api/config").json()["blinks"] is True
+
+
+def test_dagan_train_lids_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from commands.cli import main
+    from dagan.checkpoint import save_checkpoint
+
+    config = load_config("tiny")
+    save_checkpoint(tmp_path / "init.safetensors", config, make_model(config))
+    (tmp_path / "empty").mkdir()
+    base = [
+        "train",
+        "lids",
+        "--init",
+        str(tmp_path / "init.safetensors"),
+        "--out",
+        str(tmp_path / "o.safetensors"),
+    ]
+    assert main([*base, "--data", str(tmp_path / "empty"), "--quiet"]) == 2
+    assert "dagan: error: no prepared clip" in capsys.readouterr().err
+    assert (
+        main([*base, "--data", str(tmp_path / "empty"), "--keypoints", "0", "1", "2", "99", "--quiet"]) == 2
+    )
+    assert "blink.keypoints" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()

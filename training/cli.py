@@ -96,6 +96,7 @@ def _cmd_kp_follow(args: argparse.Namespace) -> int:
 
 def _cmd_train_lids(args: argparse.Namespace) -> int:
     from dagan.checkpoint import CheckpointError
+    from dagan.config import ConfigError
 
     from .lid_reader import LidDataError, train_lids
 
@@ -103,7 +104,7 @@ def _cmd_train_lids(args: argparse.Namespace) -> int:
         result = train_lids(
             args.init, args.data, args.out, tuple(args.keypoints), args.test, args.steps, not args.quiet
         )
-    except (LidDataError, CheckpointError, FileNotFoundError) as exc:
+    except (LidDataError, CheckpointError, ConfigError, FileNotFoundError) as exc:
         print(f"dagan: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")
