@@ -153,20 +153,32 @@ def count_flops(model: DaGAN) -> dict[str, float]:
     return out
 
 
-def _typical_eyes(size: int) -> Any:
-    """:class:`dagan.blink.EyeShapes` of two almond eyes where a crop puts them (a benchmark's stand-in
-    for a photo's face mesh): centres at 35 % and 65 % across, 45 % down, 12 % of the crop wide."""
-    from dagan.blink import EYES, eye_shapes
+def almond_eyes(boxes: Sequence[tuple[float, float, float, float]]) -> np.ndarray:
+    """478×2 face-mesh landmarks holding only two almond-shaped eyes (everything else at 0): a stand-in
+    for a photo's mesh where :mod:`dagan.blink` needs one (this benchmark, the tests). ``boxes``: for
+    the image-left eye, then the image-right, (left corner x, right corner x, y, half-height)."""
+    from dagan.blink import EYES
 
     lm = np.zeros((478, 2), np.float32)
-    for ((c_out, c_in), up, lo), cx in zip(EYES, (0.35 * size, 0.65 * size), strict=True):
-        x0, x1, y, h = cx - 0.06 * size, cx + 0.06 * size, 0.45 * size, 0.025 * size
-        lm[c_out], lm[c_in] = ((x0, y), (x1, y)) if c_out == 33 else ((x1, y), (x0, y))
+    for ((c_out, c_in), up, lo), (x0, x1, y, h) in zip(EYES, boxes, strict=True):
+        left, right = (c_out, c_in) if c_out == 33 else (c_in, c_out)
+        lm[left], lm[right] = (x0, y), (x1, y)
         for k, (pu, pl) in enumerate(zip(up, lo, strict=True)):
             u = (k + 1) / (len(up) + 1)
             x = x0 + u * (x1 - x0) if c_out == 33 else x1 - u * (x1 - x0)
             lm[pu], lm[pl] = (x, y - h * np.sin(np.pi * u)), (x, y + h * np.sin(np.pi * u))
-    return eye_shapes(lm)
+    return lm
+
+
+def _typical_eyes(size: int) -> Any:
+    """:class:`dagan.blink.EyeShapes` of two almond eyes where a crop puts them: centres at 35 % and
+    65 % across, 45 % down, 12 % of the crop wide."""
+    from dagan.blink import eye_shapes
+
+    boxes = [
+        (cx - 0.06 * size, cx + 0.06 * size, 0.45 * size, 0.025 * size) for cx in (0.35 * size, 0.65 * size)
+    ]
+    return eye_shapes(almond_eyes(boxes))
 
 
 def bench_lids(model: DaGAN, frames: int = 50, warmup: int = 5) -> dict:

@@ -275,11 +275,13 @@ def copy_lid_reader(src_dir: str | Path, out_dir: str | Path, manifest: dict[str
         shutil.copy2(Path(src_dir) / name, Path(out_dir) / name)
 
 
-def load_lid_reader(directory: str | Path | None, manifest: dict[str, Any], device: torch.device):
-    """The export's lid reader (eval mode, float32, on ``device``), or None when the model has none."""
+def load_lid_reader(
+    directory: str | Path | None, manifest: dict[str, Any], lids: tuple[int, ...], device: torch.device
+):
+    """The export's lid reader on the model's lid keypoints ``lids`` (``blink.keypoints``), in eval mode,
+    float32, on ``device``; None when the export has none."""
     from safetensors.torch import load_file
 
-    from .config import config_from_dict
     from .nets.lid_reader import LidReader
 
     name = manifest.get("lid_reader")
@@ -288,6 +290,6 @@ def load_lid_reader(directory: str | Path | None, manifest: dict[str, Any], devi
     path = Path(directory) / name
     if not path.is_file():
         raise ExportError(f"{path} is missing: the export names a lid reader; re-run `dagan export onnx`")
-    reader = LidReader(config_from_dict(manifest["config"]).blink.keypoints)
+    reader = LidReader(lids)
     reader.load_state_dict(load_file(str(path)), strict=True)
     return reader.to(device).eval()

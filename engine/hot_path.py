@@ -65,7 +65,7 @@ class FramePathEngine(Engine):
     cached_inputs: list[str]
     num_kp: int
     jacobian: bool
-    # The model's lid reader and its blink settings (config ``blink``), or None: no blinks drawn.
+    # The model's lid reader (Engine.lid_reader) and its blink settings (config ``blink``), or None.
     lid_reader: LidReader | None = None
     blink: BlinkConfig | None = None
     _warned_no_mesh = False  # once per process
@@ -178,7 +178,7 @@ class FramePathEngine(Engine):
         The reader reads the driving crops around the keypoints as detected (``kp_detected_value``,
         unfiltered: a blink lasts 2–5 frames). The eyes are moved by the displacement of their lid
         keypoints in the keypoints that were rendered (``kp_rendered_value``; the fused path
-        recomputes them, a handful of operations on K×2 numbers)."""
+        recomputes them from its feed's motion inputs, a handful of operations on K×2 numbers)."""
         reader, blink = self.lid_reader, self.blink
         assert reader is not None and blink is not None
         kp_d = out.get("kp_detected_value", out["kp_driving_value"])
@@ -196,19 +196,29 @@ class FramePathEngine(Engine):
             return prediction
         kp_s, _ = unflatten_cached(feed)
         rendered = out.get("kp_rendered_value")
-        if rendered is None:
-            motion = self._motion(sessions)
-            kp_ref = Keypoints(motion["kp_reference_value"], motion.get("kp_reference_jacobian"))
+        if rendered is None:  # the fused path: its motion inputs are in the feed (step 4)
             kp_det = Keypoints(out["kp_driving_value"], out.get("kp_driving_jacobian"))
-            rendered = relative_keypoints(
-                kp_s, kp_det, kp_ref, motion["motion_scale"], motion["relative"],
-                self.mouth_keypoints, motion.get("mouth_gain", 1.0),
-            ).value  # fmt: skip
+            rendered = self._transfer(kp_s, kp_det, feed).value
         lids = torch.tensor(reader.lids).view(2, 2)  # (eye, upper/lower)
         moved = (rendered - kp_s.value).float().cpu()[:, lids].mean(dim=2)  # B×2×2, keypoint units
         shift = moved * (self.image_size / 2)
         shapes = [s.lids.shapes if s.lids is not None else None for s in sessions]
         return close_lids(prediction, shapes, closure, shift)
+
+    def _transfer(self, kp_s: Keypoints, kp_d: Keypoints, motion: dict[str, torch.Tensor]) -> Keypoints:
+        """The relative transfer the frame graph makes (:func:`dagan.keypoint_ops.relative_keypoints`),
+        on the host: driving keypoints ``kp_d`` moved onto the sources ``kp_s`` with a frame's motion
+        inputs (:func:`motion_inputs`)."""
+        kp_ref = Keypoints(motion["kp_reference_value"], motion.get("kp_reference_jacobian"))
+        return relative_keypoints(
+            kp_s,
+            kp_d,
+            kp_ref,
+            motion["motion_scale"],
+            motion["relative"],
+            self.mouth_keypoints,
+            motion.get("mouth_gain", 1.0),
+        )
 
     def _filtered_frame(
         self, sessions: list[Session], feed: dict[str, torch.Tensor]
@@ -220,16 +230,7 @@ class FramePathEngine(Engine):
         kp_f = filter_keypoints(sessions, kp_d, self.mouth_keypoints)
         motion = self._motion(sessions)
         kp_s, _ = unflatten_cached(feed)
-        kp_ref = Keypoints(motion["kp_reference_value"], motion.get("kp_reference_jacobian"))
-        kp_used = relative_keypoints(
-            kp_s,
-            kp_f,
-            kp_ref,
-            motion["motion_scale"],
-            motion["relative"],
-            self.mouth_keypoints,
-            motion.get("mouth_gain", 1.0),
-        )
+        kp_used = self._transfer(kp_s, kp_f, motion)
         render = {n: feed[n] for n in self.cached_inputs}
         render["kp_driving_value"] = kp_used.value
         if kp_used.jacobian is not None:

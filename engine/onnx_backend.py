@@ -105,9 +105,10 @@ class GraphEngine(FramePathEngine):
             self.mouth_keypoints = tuple(int(k) for k in kp_config["mouth_keypoints"])
             self.mouth_open_gain = float(kp_config["mouth_open_gain"])
         self.kp_inputs = [s["name"] for s in graphs["keypoints"]["inputs"]]
-        self.lid_reader = load_lid_reader(directory, manifest, self.device)
+        blink = config_from_dict(manifest["config"]).blink
+        self.lid_reader = load_lid_reader(directory, manifest, blink.keypoints, self.device)
         if self.lid_reader is not None:
-            self.blink = config_from_dict(manifest["config"]).blink
+            self.blink = blink
 
     def new_session(
         self, source_image: np.ndarray, relative: bool = False, adapt_scale: bool = True

@@ -87,7 +87,7 @@ def add_routes(app: FastAPI, service: AvatarService) -> None:
             # the model's own lip-opening gain, which a session may change; null: the model has none
             "mouth_gain": service.engine.mouth_open_gain if service.engine.mouth_keypoints else None,
             # whether the model blinks with the driver (a lid reader); each photo's upload says if it will
-            "blinks": getattr(service.engine, "lid_reader", None) is not None,
+            "blinks": service.engine.lid_reader is not None,
             "max_upload_bytes": settings.max_upload_bytes,
             "max_image_side": settings.max_image_side,
             "max_message_bytes": settings.max_message_bytes,

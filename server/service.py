@@ -210,7 +210,7 @@ class AvatarService:
         size = (rgb.shape[1], rgb.shape[0])
         del rgb  # only the plan's frame-sized picture of it is kept
 
-        def build() -> None:  # on the worker thread: the engine is only ever used there
+        def build() -> Any:  # on the worker thread: the engine is only ever used there
             engine_session = self.engine.new_session(crop, relative=session.relative)
             if self.settings.smoothing is not None:
                 engine_session.kp_filter = OneEuroFilter(self.settings.smoothing)
@@ -220,12 +220,13 @@ class AvatarService:
             session.source_crop = crop
             session.engine_session = engine_session
             session.source_size = size
+            return engine_session
 
-        await self.worker.call(build)
+        built = await self.worker.call(build)
         if session.closed:  # deleted while the photo was being processed
             session.engine_session = session.source_crop = session.paster = None
             raise ApiError(404, "session_not_found", f"session {session.id!r} ended during the upload")
-        blinks = getattr(session.engine_session, "lids", None) is not None
+        blinks = built.lids is not None  # this photo's session, whatever another upload did since
         return SourceInfo(id=session.id, width=size[0], height=size[1], face_box=box.to_dict(), blinks=blinks)
 
     async def answer(self, session: LiveSession, offer: SdpMessage) -> SdpMessage:

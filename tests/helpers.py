@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,26 @@ def lip_config(gain: float = 2.5):
 
     changes = {"keypoints.mouth_keypoints": [7, 8], "keypoints.mouth_open_gain": gain}
     return config_from_dict(set_dotted(to_plain(load_config("tiny")), changes))
+
+
+def write_app_inputs(folder: Path, num_frames: int, checkpoints: dict[str, Any]) -> dict[str, Path]:
+    """What the `dagan animate` / `dagan cam` tests run on, written into ``folder``: the astronaut as
+    ``source`` (PNG), Grace Hopper moving as ``driving`` (``num_frames`` at 160 px, 12 fps), and an
+    untrained checkpoint (``make_model``) for each named model config of ``checkpoints``."""
+    import cv2
+
+    from dagan.checkpoint import save_checkpoint
+    from dagan.media import write_video
+    from dagan.samples import astronaut, driving_frames, grace_hopper
+
+    out = {"source": folder / "source.png", "driving": folder / "driving.mp4"}
+    cv2.imwrite(str(out["source"]), cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR))
+    write_video(out["driving"], driving_frames(grace_hopper(), num_frames=num_frames, size=160), fps=12)
+    for name, config in checkpoints.items():
+        model = make_model(config)
+        out[name] = folder / f"{name}.safetensors"
+        save_checkpoint(out[name], model.config, model, extra_metadata={"trained": "false"})
+    return out
 
 
 class ThreadedServer:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import make_model
 
-from dagan.blink import EYES, LidState, close_lids, eye_shapes
+from dagan.blink import LidState, close_lids, eye_shapes
 from dagan.config import ConfigError, config_from_dict, load_config, set_dotted, to_plain
 from dagan.nets.lid_reader import PATCH_COLS, PATCH_ROWS, LidReader, eye_patches
-from tests.helpers import make_model
 
 SIZE = 64
 SKIN, EYE = 0.8, 0.1
@@ -25,17 +25,10 @@ def blink_config(**changes):
 
 
 def synthetic_landmarks() -> np.ndarray:
-    """478×3 landmarks whose eyes are the almond shapes of EYE_BOXES (everything else at 0)."""
-    lm = np.zeros((478, 3), np.float32)
-    for ((c_out, c_in), up, lo), (x0, x1, y, h) in zip(EYES, EYE_BOXES, strict=True):
-        left, right = (c_out, c_in) if c_out == 33 else (c_in, c_out)
-        lm[left, :2], lm[right, :2] = (x0, y), (x1, y)
-        for k, (pu, pl) in enumerate(zip(up, lo, strict=True)):
-            u = (k + 1) / (len(up) + 1)
-            x = x0 + u * (x1 - x0) if c_out == 33 else x1 - u * (x1 - x0)
-            lm[pu, :2] = (x, y - h * np.sin(np.pi * u))
-            lm[pl, :2] = (x, y + h * np.sin(np.pi * u))
-    return lm
+    """478×2 landmarks whose eyes are the almond shapes of EYE_BOXES (everything else at 0)."""
+    from bench.model import almond_eyes
+
+    return almond_eyes(EYE_BOXES)
 
 
 def eye_image() -> torch.Tensor:
@@ -283,7 +276,7 @@ def test_export_carries_the_lid_reader_to_every_derived_engine(tmp_path):
 def test_mesh_openings_put_the_image_left_eye_first():
     from training.lid_reader import mesh_openings
 
-    lm = synthetic_landmarks()[None, :, :2]
+    lm = synthetic_landmarks()[None]
     open_ = mesh_openings(lm)[0]
     assert open_ == pytest.approx([0.5, 0.5], abs=1e-6)  # gap 6 over width 12
     lm2 = lm.copy()
@@ -302,7 +295,7 @@ def test_train_lids_adds_a_reader_and_keeps_every_other_tensor(tmp_path):
     clip = tmp_path / "data" / "train" / "clip_000"
     clip.mkdir(parents=True)
     rng = np.random.default_rng(1)
-    tracks = np.repeat(synthetic_landmarks()[None, :, :2], 6, axis=0)
+    tracks = np.repeat(synthetic_landmarks()[None], 6, axis=0)
     tracks[:, [159, 386], 1] += rng.uniform(0, 3, (6, 2))  # blinks of different depth
     np.save(clip / "landmarks478.npy", tracks.astype(np.float16))
     for i in range(6):

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import json
 
-import cv2
 import pytest
 from fastapi.testclient import TestClient
-from helpers import lip_config, make_model
+from helpers import lip_config, make_model, write_app_inputs
 
 from commands.cli import main
-from dagan.checkpoint import save_checkpoint
 from dagan.config import MAX_MOUTH_GAIN, load_config
-from dagan.media import write_video
 from dagan.samples import astronaut, driving_frames, grace_hopper
 from engine.base import EngineError, check_mouth_gain
 from engine.torch_backend import TorchEngine
@@ -63,16 +60,7 @@ def test_a_session_gain_on_a_model_without_lips_is_refused_not_ignored(engine):
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("mouth-control")
-    source = d / "source.png"
-    cv2.imwrite(str(source), cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR))
-    driving = d / "driving.mp4"
-    write_video(driving, driving_frames(grace_hopper(), num_frames=3, size=160), fps=12)
-    out = {"source": source, "driving": driving}
-    for name, cfg in (("plain", load_config("tiny")), ("lips", lip_config())):
-        model = make_model(cfg)
-        out[name] = d / f"{name}.safetensors"
-        save_checkpoint(out[name], model.config, model, extra_metadata={"trained": "false"})
-    return out
+    return write_app_inputs(d, 3, {"plain": load_config("tiny"), "lips": lip_config()})
 
 
 def _animate(inputs, ckpt: str, out, *extra) -> int:

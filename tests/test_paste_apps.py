@@ -10,26 +10,18 @@ import cv2
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import make_model
+from helpers import write_app_inputs
 
 from commands.cli import main
-from dagan.checkpoint import save_checkpoint
 from dagan.config import load_config
-from dagan.media import VideoReader, write_video
+from dagan.media import VideoReader
 from dagan.samples import astronaut, driving_frames, grace_hopper
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("paste-apps")
-    source = d / "source.png"
-    cv2.imwrite(str(source), cv2.cvtColor(astronaut(), cv2.COLOR_RGB2BGR))
-    driving = d / "driving.mp4"
-    write_video(driving, driving_frames(grace_hopper(), num_frames=4, size=160), fps=12)
-    ckpt = d / "tiny.safetensors"
-    model = make_model(load_config("tiny"))
-    save_checkpoint(ckpt, model.config, model, extra_metadata={"trained": "false"})
-    return {"source": source, "driving": driving, "ckpt": ckpt}
+    return write_app_inputs(d, 4, {"ckpt": load_config("tiny")})
 
 
 @pytest.fixture(autouse=True)
