@@ -1,4 +1,4 @@
-"""Blinks: close the avatar's lids as far as the driver's, by a warp of the avatar's frame.
+"""Blinks: close (or widen) the avatar's lids as far as the driver's, by a warp of the avatar's frame.
 
 Why not the generator: it warps the photo's features by a motion field that moves a lid at a tenth of
 the driver's blink, whatever the lid keypoints do (weights/README.md, "Eyelid detail"). A blink is
@@ -6,23 +6,30 @@ simple geometry instead: the upper lid slides down over the eye and the lower li
 
 1. **The photo's eyes** (:func:`eye_shapes`, once per photo): from its face mesh, each eye's corners and
    the upper and lower lid's profile across the eye, in the avatar's pixels.
-2. **How far to close** (:class:`LidState`, per frame): the lid reader's opening of the driver's eyes
-   (:mod:`dagan.nets.lid_reader`) against the driver's own open eyes (the highest reading so far,
-   sinking slowly towards lower ones), both eyes together, through ``blink.gain`` and
-   ``blink.dead_zone``: 0 open as the photo, 1 shut.
+2. **How far to close or open** (:class:`LidState`, per frame): the lid reader's opening of the
+   driver's eyes (:mod:`dagan.nets.lid_reader`) against the driver's own open eyes, both eyes together,
+   through ``blink.dead_zone`` and ``blink.gain``: 1 shut, 0 open as the photo, below 0 open wider than
+   the photo (down to ``-blink.widen``). "Open eyes" for a blink is the highest reading so far, sinking
+   slowly towards lower ones, but never above the eyes at the reference (the widest reading of the
+   stream's first ``blink.reference_seconds``): after a wide-eyed moment, eyes as open as at the
+   reference are open, not half shut. A reading above the reference widens the avatar's eyes.
 3. **The warp** (:func:`close_lids`): inside each eye, along the eye, the skin above the upper lid is
    stretched down to cover the eye (three quarters of the way) and the skin below the lower lid up (the
-   last quarter). The eye sits where the lid keypoints moved it. Nothing outside the eyes' bands moves,
-   and a frame whose closure is 0 is returned untouched.
+   last quarter); the eye sits where the lid keypoints moved it. To widen, the lids move apart the same
+   way round and the eye between them is stretched to fill the gap. Nothing outside the eyes' bands
+   moves, and a frame whose closure is 0 is returned untouched.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from dagan.config import BlinkConfig
 
 # Face-mesh corners (outer, inner) and upper / lower lid contours of the subject's right eye (the
 # image-left one), then of the left.
@@ -34,6 +41,9 @@ PROFILE = 33  # samples of each lid's profile across the eye
 UPPER_SHARE = 0.75  # of the closing the upper lid does (the lower lid rises the rest)
 ABOVE, BELOW = 0.5, 0.3  # the stretched skin bands above the upper and below the lower lid, × eye width
 GROW = 0.06  # the lids' profiles widened by this × eye width, so a shut eye covers the lash lines too
+# A closure this small moves a lid by under a tenth of a pixel (a 128-px avatar's lid gap is ~4 px): it
+# is not drawn, so the frame skips the warp.
+UNSEEN = 0.02
 
 
 @dataclass(frozen=True)
@@ -51,8 +61,10 @@ class EyeShapes:
     upper: torch.Tensor
     lower: torch.Tensor
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> EyeShapes:
-        return EyeShapes(*(getattr(self, f).to(device, dtype) for f in self.__dataclass_fields__))
+    @cached_property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fields as float64 NumPy arrays (the warp's geometry runs on the host), made once."""
+        return {f: getattr(self, f).detach().cpu().double().numpy() for f in self.__dataclass_fields__}
 
 
 def eye_shapes(landmarks: np.ndarray) -> EyeShapes:
@@ -92,48 +104,65 @@ def eye_shapes(landmarks: np.ndarray) -> EyeShapes:
 
 @dataclass
 class LidState:
-    """One stream's blink state: the photo's eyes and the driver's open-eye reading so far."""
+    """One stream's blink state: the photo's eyes and what the driver's open eyes read so far.
+
+    ``reference``: the driver's eyes at the reference (the widest reading of the first
+    ``reference_seconds``, from ``start``); ``open_reading``: the driver's open eyes for a blink."""
 
     shapes: EyeShapes
     open_reading: np.ndarray | None = None  # (2,)
+    reference: np.ndarray | None = None  # (2,)
+    start: float | None = None
     last_time: float | None = None
 
-    def closure(
-        self, reading: np.ndarray, now: float, gain: float, dead_zone: float, open_seconds: float
-    ) -> float:
+    def reset(self) -> None:
+        """Learn the driver's eyes anew from the next reading (the stream's reference was reset)."""
+        self.open_reading = self.reference = self.start = self.last_time = None
+
+    def closure(self, reading: np.ndarray, now: float, cfg: BlinkConfig) -> float:
         """How far to close the avatar's eyes for the lid reader's ``reading`` (2,) of this frame, taken
-        at ``now`` seconds: 0 (as the photo) to 1 (shut)."""
+        at ``now`` seconds: 1 shut, 0 as the photo, down to ``-cfg.widen`` (wider than the photo)."""
         reading = np.asarray(reading, dtype=np.float64)
-        if self.open_reading is None:
-            self.open_reading = reading.copy()
+        if self.reference is None or self.open_reading is None or self.start is None:
+            self.reference, self.open_reading, self.start = reading.copy(), reading.copy(), now
         else:
+            if now - self.start <= cfg.reference_seconds:
+                self.reference = np.maximum(self.reference, reading)
             dt = 0.0 if self.last_time is None else max(now - self.last_time, 0.0)
-            sink = self.open_reading + (reading - self.open_reading) * min(1.0, dt / open_seconds)
-            self.open_reading = np.where(reading > self.open_reading, reading, sink)
+            sink = self.open_reading + (reading - self.open_reading) * min(1.0, dt / cfg.open_seconds)
+            self.open_reading = np.minimum(
+                np.where(reading > self.open_reading, reading, sink), self.reference
+            )
         self.last_time = now
-        drop = 1.0 - reading / np.maximum(self.open_reading, 1e-3)  # per eye, 0 = as open as ever
-        return float(np.clip((drop.mean() - dead_zone) * gain, 0.0, 1.0))
+        drop = float((1.0 - reading / np.maximum(self.open_reading, 1e-3)).mean())  # 0: as open as ever
+        rise = float((reading / np.maximum(self.reference, 1e-3) - 1.0).mean())  # 0: as at the reference
+        if drop > cfg.dead_zone:
+            closure = min((drop - cfg.dead_zone) * cfg.gain, 1.0)
+        else:
+            closure = -float(np.clip((rise - cfg.dead_zone) * cfg.gain, 0.0, cfg.widen))
+        return closure if abs(closure) >= UNSEEN else 0.0
 
 
-def _profile_at(profile: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Linear interpolation of a PROFILE-sample profile at positions u in [0, 1]."""
-    x = u.clamp(0.0, 1.0) * (PROFILE - 1)
-    i0 = x.floor().clamp(max=PROFILE - 2).long()
-    w = x - i0
-    return profile[i0] * (1 - w) + profile[i0 + 1] * w
+def _profile_at(profile: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Linear interpolation of a PROFILE-sample profile at positions u (clamped to [0, 1])."""
+    return np.interp(u, _SAMPLES, profile)
 
 
-def eye_box(shapes: EyeShapes, eye: int, shift: torch.Tensor, size: int) -> tuple[int, int, int, int]:
+_SAMPLES = np.linspace(0.0, 1.0, PROFILE)
+
+
+def eye_box(shapes: EyeShapes, eye: int, shift: np.ndarray, size: int) -> tuple[int, int, int, int]:
     """The pixel rows and columns (y0, y1, x0, x1; end exclusive, inside the frame) that closing
     ``eye`` can move: its corners, lids and stretched bands, with a pixel to spare."""
-    width = float(shapes.width[eye])
-    corner = shapes.corner[eye] + shift
-    ends = torch.stack([corner, corner + width * shapes.axis[eye]])
-    up = float(shapes.upper[eye].min()) - ABOVE * width
-    down = float(shapes.lower[eye].max()) + BELOW * width
-    normal = shapes.normal[eye]
-    points = torch.cat([ends + up * normal, ends + down * normal])
-    lo, hi = points.min(dim=0).values, points.max(dim=0).values
+    a = shapes.arrays
+    width = float(a["width"][eye])
+    corner = a["corner"][eye] + shift
+    ends = np.stack([corner, corner + width * a["axis"][eye]])
+    up = float(a["upper"][eye].min()) - ABOVE * width
+    down = float(a["lower"][eye].max()) + BELOW * width
+    normal = a["normal"][eye]
+    points = np.concatenate([ends + up * normal, ends + down * normal])
+    lo, hi = points.min(axis=0), points.max(axis=0)
     x0, y0 = max(int(lo[0]) - 1, 0), max(int(lo[1]) - 1, 0)
     x1, y1 = min(int(hi[0]) + 2, size), min(int(hi[1]) + 2, size)
     return y0, max(y1, y0), x0, max(x1, x0)
@@ -143,76 +172,90 @@ def eye_grid(
     shapes: EyeShapes,
     eye: int,
     closure: float,
-    shift: torch.Tensor,
+    shift: np.ndarray,
     box: tuple[int, int, int, int],
     size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """For the pixels of ``box``: the sampling grid (1×h×w×2, grid_sample's [-1, 1] over the whole
-    size×size frame, align_corners=True) that closes ``eye`` by ``closure`` (0–1) with the eye moved by
-    ``shift`` (2, pixels), and the h×w mask of the pixels it moves (the others are kept bit for bit)."""
+    """For the pixels of ``box``: the sampling grid (1×h×w×2 float32, grid_sample's [-1, 1] over the
+    whole size×size frame, align_corners=True) that closes ``eye`` by ``closure`` (1 shut, below 0
+    wider than the photo: the lids apart by ``-closure`` of the eye's gap) with the eye moved by
+    ``shift`` (2, pixels), and the h×w mask of the pixels it moves (the others are kept bit for bit).
+
+    NumPy on the host, whatever the frame's device: a few hundred pixels, where each tensor operation
+    would cost more to launch than to run."""
     y0, y1, x0, x1 = box
-    dtype, device = shapes.width.dtype, shapes.width.device
-    ys, xs = torch.meshgrid(
-        torch.arange(y0, y1, device=device, dtype=dtype),
-        torch.arange(x0, x1, device=device, dtype=dtype),
-        indexing="ij",
+    a = shapes.arrays
+    ys, xs = np.meshgrid(
+        np.arange(y0, y1, dtype=np.float64), np.arange(x0, x1, dtype=np.float64), indexing="ij"
     )
-    corner = shapes.corner[eye] + shift
-    axis, normal, width = shapes.axis[eye], shapes.normal[eye], shapes.width[eye]
+    corner = a["corner"][eye] + shift
+    axis, normal, width = a["axis"][eye], a["normal"][eye], float(a["width"][eye])
     dx, dy = xs - corner[0], ys - corner[1]
     u = (dx * axis[0] + dy * axis[1]) / width
     v = dx * normal[0] + dy * normal[1]
-    upper, lower = _profile_at(shapes.upper[eye], u), _profile_at(shapes.lower[eye], u)
-    gap = (lower - upper).clamp_min(0.0)
+    upper, lower = _profile_at(a["upper"][eye], u), _profile_at(a["lower"][eye], u)
+    gap = np.maximum(lower - upper, 0.0)
     new_upper = upper + closure * UPPER_SHARE * gap
     new_lower = lower - closure * (1 - UPPER_SHARE) * gap
     above, below = ABOVE * width, BELOW * width
     inside = (u > 0) & (u < 1)
     top, bottom = upper - above, lower + below
     # the band [top, new_upper] shows the skin of [top, upper]; [new_lower, bottom] that of
-    # [lower, bottom]; between the new lids the eye stays where it is
-    v_src = torch.where(
+    # [lower, bottom]; between the new lids the eye stays where it is when closing (the lids slide over
+    # it) and is stretched over the wider gap when widening
+    v_src = np.where(
         inside & (v >= top) & (v < new_upper), top + (v - top) * above / (above + new_upper - upper), v
     )
-    v_src = torch.where(
+    v_src = np.where(
         inside & (v > new_lower) & (v <= bottom),
         bottom - (bottom - v) * below / (below + lower - new_lower),
         v_src,
     )
+    if closure < 0:
+        stretch = gap / np.maximum(new_lower - new_upper, 1e-6)
+        v_src = np.where(
+            inside & (v >= new_upper) & (v <= new_lower), upper + (v - new_upper) * stretch, v_src
+        )
     moved = v_src - v
     scale = 2.0 / max(size - 1, 1)
-    grid = torch.stack([(xs + moved * normal[0]) * scale - 1, (ys + moved * normal[1]) * scale - 1], dim=-1)
-    return grid[None], moved != 0
+    grid = np.stack([(xs + moved * normal[0]) * scale - 1, (ys + moved * normal[1]) * scale - 1], axis=-1)
+    return torch.from_numpy(grid[None].astype(np.float32)), torch.from_numpy(moved != 0)
 
 
 def close_lids(
     images: torch.Tensor, shapes: list[EyeShapes | None], closure: torch.Tensor, shift: torch.Tensor
 ) -> torch.Tensor:
-    """B×3×S×S frames with each item's eyes closed by ``closure`` (B×2, 0–1) where the photo's eyes
-    (``shapes``; None: no face mesh, left as is) moved by ``shift`` (B×2×2, pixels). Items whose
-    closure is 0, and every pixel outside the moved bands, are returned as they are, bit for bit. Only
-    the few hundred pixels around each eye are computed."""
+    """B×3×S×S frames with each item's eyes closed by ``closure`` (B×2; 1 shut, below 0 widened) where
+    the photo's eyes (``shapes``; None: no face mesh, left as is) moved by ``shift`` (B×2×2, pixels).
+    Items whose closure is 0, and every pixel outside the moved bands, are returned as they are, bit for
+    bit. Only the few hundred pixels around each eye are computed."""
     out = images
     size = images.shape[-1]
+    closures = closure.detach().cpu().double().numpy()
+    shifts = shift.detach().cpu().double().numpy()
     for i, shape in enumerate(shapes):
-        if shape is None or float(closure[i].max()) <= 0.0:
+        if shape is None or not bool((closures[i] != 0).any()):
             continue
-        shape = shape.to(images.device, torch.float32)
         for eye in range(2):
-            c = float(closure[i, eye])
-            if c <= 0.0:
+            c = float(closures[i, eye])
+            if c == 0.0:
                 continue
-            offset = shift[i, eye].to(images.device, torch.float32)
-            box = eye_box(shape, eye, offset, size)
+            box = eye_box(shape, eye, shifts[i, eye], size)
             y0, y1, x0, x1 = box
             if y1 <= y0 or x1 <= x0:
                 continue
-            grid, changed = eye_grid(shape, eye, c, offset, box, size)
+            grid, changed = eye_grid(shape, eye, c, shifts[i, eye], box, size)
             warped = F.grid_sample(
-                images[i : i + 1].float(), grid, mode="bilinear", padding_mode="border", align_corners=True
+                images[i : i + 1].float(),
+                grid.to(images.device),
+                mode="bilinear",
+                padding_mode="border",
+                align_corners=True,
             )
             if out is images:
                 out = images.clone()
             region = out[i, :, y0:y1, x0:x1]
-            out[i, :, y0:y1, x0:x1] = torch.where(changed, warped[0].to(images.dtype), region)
+            out[i, :, y0:y1, x0:x1] = torch.where(
+                changed.to(images.device), warped[0].to(images.dtype), region
+            )
     return out

@@ -160,14 +160,21 @@ class BlinkConfig:
     # landmark prior anchors to face-mesh points 159, 145, 386 and 374 (live-128: 0, 1, 2, 3).
     keypoints: tuple[int, ...] = ()
     # closure = gain × (how much less open than the driver's open eyes, as a fraction − dead_zone),
-    # clipped to [0, 1]: the reader under-reads a blink (gain 0.6 of the mesh's), the dead zone keeps
-    # its noise (~±0.1) from twitching the lids.
+    # clipped to 1: the reader under-reads a blink (gain 0.6 of the mesh's). A reading above the
+    # driver's eyes at the reference widens the avatar's the same way, by at most ``widen`` of the eye's
+    # gap (0: the warp only closes). A dead zone keeps the reader's noise from moving the lids, but it
+    # also drops the small changes a squint or a glance makes, and those are worth more (weights/README.md,
+    # "Wider eyes").
     gain: float = 2.0
-    dead_zone: float = 0.1
-    # The driver's open eyes: the highest reading so far, sinking towards lower ones with this time
-    # constant (seconds), so a slow change of gaze or of the reader's bias is not read as a blink, while
-    # a blink (0.1–0.4 s) is.
+    dead_zone: float = 0.0
+    widen: float = 0.4
+    # The driver's open eyes for a blink: the highest reading so far, sinking towards lower ones with
+    # this time constant (seconds), so a slow change of gaze or of the reader's bias is not read as a
+    # blink, while a blink (0.1–0.4 s) is; never above the eyes at the reference.
     open_seconds: float = 3.0
+    # The driver's eyes at the reference: the widest reading of the stream's first reference_seconds
+    # (and of those after a recalibration), so a blink on the first frame is not taken for open eyes.
+    reference_seconds: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -361,6 +368,8 @@ def _check_semantics(cfg: ModelConfig) -> None:
     need(0 < cfg.blink.gain <= 10, "blink.gain", "must be in (0, 10]")
     need(0 <= cfg.blink.dead_zone < 1, "blink.dead_zone", "must be in [0, 1)")
     need(cfg.blink.open_seconds > 0, "blink.open_seconds", "must be > 0")
+    need(0 <= cfg.blink.widen <= 1, "blink.widen", "must be in [0, 1]")
+    need(cfg.blink.reference_seconds >= 0, "blink.reference_seconds", "must be >= 0")
     for key, sf in (
         ("keypoints.scale_factor", cfg.keypoints.scale_factor),
         ("generator.dense_motion.scale_factor", cfg.generator.dense_motion.scale_factor),

@@ -70,6 +70,8 @@ class Session:
         """
         self.reference = None
         self.scale = None
+        if self.lids is not None:  # the driver's eyes at the new reference are learned anew
+            self.lids.reset()
         if self.auto_neutral is not None:
             if auto:
                 self.auto_neutral = AutoNeutral(self.auto_neutral.seconds)

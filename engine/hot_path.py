@@ -15,9 +15,9 @@
    backend, run as the exported ``frame`` graph by ONNX Runtime and TensorRT. Backends differ only here
    (:meth:`FramePathEngine._run_frame`) and in how a session's source is encoded.
 6. **Lids**: for a model with a lid reader (``blink`` in its config), the reader reads how open the
-   driver's eyes are and the streams whose driver blinks get their avatar's lids closed by a warp of
-   the prediction (:meth:`FramePathEngine._close_lids`, :mod:`dagan.blink`): host code around two
-   small tensor operations, the same for every backend, nothing at all while the eyes stay open.
+   driver's eyes are and the avatar's lids are closed, or opened wider, as far by a warp of the
+   prediction (:meth:`FramePathEngine._close_lids`, :mod:`dagan.blink`): host code around two small
+   tensor operations, the same for every backend, nothing at all while the eyes are as at the reference.
 7. **Download**: the prediction is rounded to uint8 on the device and downloaded once
    (:func:`dagan.helpers.tensor_to_images`).
 
@@ -173,7 +173,8 @@ class FramePathEngine(Engine):
     def _close_lids(
         self, sessions: list[Session], feed: dict[str, torch.Tensor], out: dict[str, torch.Tensor | None]
     ) -> torch.Tensor:
-        """Step 6: the prediction with each blinking stream's avatar lids closed (:mod:`dagan.blink`).
+        """Step 6: the prediction with each stream's avatar lids closed or widened as far as the driver's
+        (:mod:`dagan.blink`).
 
         The reader reads the driving crops around the keypoints as detected (``kp_detected_value``,
         unfiltered: a blink lasts 2–5 frames). The eyes are moved by the displacement of their lid
@@ -187,12 +188,9 @@ class FramePathEngine(Engine):
         closure = torch.zeros(len(sessions), 2)
         for i, s in enumerate(sessions):
             if s.lids is not None:
-                c = s.lids.closure(
-                    openness[i], _session_clock(s), blink.gain, blink.dead_zone, blink.open_seconds
-                )
-                closure[i] = c
+                closure[i] = s.lids.closure(openness[i], _session_clock(s), blink)
         prediction = out["prediction"]
-        if not bool((closure > 0).any()):
+        if not bool((closure != 0).any()):
             return prediction
         kp_s, _ = unflatten_cached(feed)
         rendered = out.get("kp_rendered_value")

@@ -8,7 +8,7 @@ import torch
 from helpers import make_model
 
 from dagan.blink import LidState, close_lids, eye_shapes
-from dagan.config import ConfigError, config_from_dict, load_config, set_dotted, to_plain
+from dagan.config import BlinkConfig, ConfigError, config_from_dict, load_config, set_dotted, to_plain
 from dagan.nets.lid_reader import PATCH_COLS, PATCH_ROWS, LidReader, eye_patches
 
 SIZE = 64
@@ -94,6 +94,20 @@ def test_each_eye_closes_on_its_own_and_where_it_moved():
     assert float((shut[0, 0][moved_mask] < 0.45).float().mean()) < 0.1
 
 
+def test_widening_opens_the_lids_apart_and_leaves_the_rest():
+    img, mask = eye_image(), eye_mask()
+    shapes = [eye_shapes(synthetic_landmarks())]
+    wide = close_lids(img, shapes, torch.full((1, 2), -0.5), torch.zeros(1, 2, 2))
+    dark = (wide[0, 0] < 0.45).float()
+    # the eye grows across (its dark area by about half the gap), stays dark inside, moves nowhere else
+    assert 1.2 < float(dark.sum()) / float(mask.float().sum()) < 1.8
+    assert float(dark[mask].mean()) == 1.0
+    assert torch.equal(wide[..., :18, :], img[..., :18, :]) and torch.equal(
+        wide[..., 36:, :], img[..., 36:, :]
+    )
+    assert torch.equal(wide[..., 27:37], img[..., 27:37])
+
+
 def test_items_without_a_face_mesh_are_left_alone():
     img = eye_image().repeat(2, 1, 1, 1)
     out = close_lids(img, [None, eye_shapes(synthetic_landmarks())], torch.ones(2, 2), torch.zeros(2, 2, 2))
@@ -105,28 +119,57 @@ def test_items_without_a_face_mesh_are_left_alone():
 
 def test_closure_follows_the_drop_from_the_drivers_open_eyes():
     state = LidState(eye_shapes(synthetic_landmarks()))
-    gain, dead, slow = 2.0, 0.1, 3.0
-    assert state.closure(np.array([0.3, 0.3]), 0.0, gain, dead, slow) == 0.0  # the first reading is open
-    assert state.closure(np.array([0.15, 0.15]), 0.04, gain, dead, slow) == pytest.approx(
-        (0.5 - 0.1) * 2, abs=0.02
-    )
-    assert state.closure(np.array([0.0, 0.0]), 0.08, gain, dead, slow) == 1.0
-    assert state.closure(np.array([0.28, 0.28]), 0.12, gain, dead, slow) == 0.0  # inside the dead zone
-    assert state.closure(np.array([0.4, 0.4]), 0.16, gain, dead, slow) == 0.0  # wider: the new open eyes
-    assert state.open_reading == pytest.approx([0.4, 0.4])
-    assert state.closure(np.array([0.3, 0.3]), 0.20, gain, dead, slow) > 0.2
+    cfg = BlinkConfig(gain=2.0, dead_zone=0.1, open_seconds=3.0, reference_seconds=0.1, widen=0.0)
+    assert state.closure(np.array([0.3, 0.3]), 0.0, cfg) == 0.0  # the first reading is open
+    assert state.closure(np.array([0.15, 0.15]), 0.04, cfg) == pytest.approx((0.5 - 0.1) * 2, abs=0.02)
+    assert state.closure(np.array([0.0, 0.0]), 0.08, cfg) == 1.0
+    assert state.closure(np.array([0.28, 0.28]), 0.12, cfg) == 0.0  # inside the dead zone
+    # wider than at the reference: no blink, and the eyes as at the reference are still open after it
+    assert state.closure(np.array([0.4, 0.4]), 0.16, cfg) == 0.0  # widen 0: the warp only closes
+    assert state.open_reading == pytest.approx([0.3, 0.3])
+    assert state.closure(np.array([0.3, 0.3]), 0.20, cfg) == 0.0
+    assert state.closure(np.array([0.2, 0.2]), 0.24, cfg) > 0.2
     # a lower reading held long (a change of gaze, the reader's drift) becomes the open eyes
-    t = 0.2
+    t = 0.24
     for _ in range(200):
         t += 0.1
-        c = state.closure(np.array([0.3, 0.3]), t, gain, dead, slow)
+        c = state.closure(np.array([0.2, 0.2]), t, cfg)
     assert c == 0.0
+
+
+def test_the_reference_is_the_widest_reading_of_its_first_moments():
+    state = LidState(eye_shapes(synthetic_landmarks()))
+    cfg = BlinkConfig(gain=2.0, dead_zone=0.0, open_seconds=3.0, reference_seconds=0.5, widen=0.4)
+    state.closure(np.array([0.1, 0.1]), 0.0, cfg)  # the stream starts mid-blink
+    assert state.closure(np.array([0.3, 0.3]), 0.2, cfg) == 0.0  # inside the window: the new reference
+    assert state.reference == pytest.approx([0.3, 0.3])
+    assert state.closure(np.array([0.1, 0.1]), 0.3, cfg) == 1.0  # a blink, against 0.3
+    # a change too small to move a lid by a tenth of a pixel is not drawn (the frame skips the warp)
+    assert state.closure(np.array([0.3015, 0.3015]), 0.9, cfg) == 0.0  # −0.01
+    # after the window a wider reading widens the avatar's eyes, by at most blink.widen
+    assert state.closure(np.array([0.33, 0.33]), 1.0, cfg) == pytest.approx(-0.2)
+    assert state.closure(np.array([0.6, 0.6]), 1.1, cfg) == pytest.approx(-0.4)
+    assert state.reference == pytest.approx([0.3, 0.3])
+    # a recalibration learns the driver's eyes anew from the next reading
+    state.reset()
+    assert state.closure(np.array([0.6, 0.6]), 2.0, cfg) == 0.0
+    assert state.closure(np.array([0.1, 0.1]), 2.1, cfg) == 1.0  # a blink, against 0.6
+
+
+def test_recalibrating_a_stream_learns_the_drivers_eyes_anew():
+    from engine.base import Session
+
+    session = Session(source=None, relative=True, lids=LidState(eye_shapes(synthetic_landmarks())))
+    session.lids.closure(np.array([0.3, 0.3]), 0.0, BlinkConfig())
+    session.reset_reference()
+    assert session.lids.reference is None and session.lids.open_reading is None
 
 
 def test_both_eyes_count_together():
     state = LidState(eye_shapes(synthetic_landmarks()))
-    state.closure(np.array([0.3, 0.3]), 0.0, 2.0, 0.0, 3.0)
-    assert state.closure(np.array([0.15, 0.3]), 0.04, 2.0, 0.0, 3.0) == pytest.approx(0.5, abs=0.02)
+    cfg = BlinkConfig(gain=2.0, dead_zone=0.0, open_seconds=3.0)
+    state.closure(np.array([0.3, 0.3]), 0.0, cfg)
+    assert state.closure(np.array([0.15, 0.3]), 0.04, cfg) == pytest.approx(0.5, abs=0.02)
 
 
 # ------------------------------------------------------------------------------------ the reader
@@ -167,6 +210,8 @@ def test_blink_config_is_checked():
         ({"blink.gain": 0}, "blink.gain"),
         ({"blink.dead_zone": 1.0}, "blink.dead_zone"),
         ({"blink.open_seconds": 0}, "blink.open_seconds"),
+        ({"blink.widen": 1.5}, "blink.widen"),
+        ({"blink.reference_seconds": -1}, "blink.reference_seconds"),
     ):
         with pytest.raises(ConfigError, match=key):
             blink_config(**bad)
@@ -231,7 +276,7 @@ def test_engine_closes_the_avatars_lids_when_the_driver_blinks(monkeypatch):
         outs.append((a, engine.animate_batch([plain], [frames[0]])[0].image))
     assert np.array_equal(*outs[0]) and np.array_equal(*outs[1])  # open eyes: not one pixel changed
     shut, drawn = outs[2]
-    # reading 0.05 against 0.3 open: closure (1 − 0.05 / 0.3 − 0.1) × 2 > 1, so shut, the eyes unmoved
+    # reading 0.05 against 0.3 open: closure (1 − 0.05 / 0.3) × 2 > 1, so shut, the eyes unmoved
     as_tensor = torch.from_numpy(drawn).permute(2, 0, 1)[None].float() / 255
     expected = close_lids(as_tensor, [blinking.lids.shapes], torch.ones(1, 2), torch.zeros(1, 2, 2))
     expected = (expected[0].permute(1, 2, 0) * 255).round().numpy().astype(int)
