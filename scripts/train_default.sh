@@ -134,6 +134,8 @@ python scripts/set_model_config.py --weights runs/live128-fine/dagan.safetensors
   --set "keypoints.mouth_keypoints=[7, 8]" --set keypoints.mouth_open_gain=2.5 \
   --out runs/live128-fine/dagan-default.safetensors
 # 9. the bundled file since 2026-12-06 14:00: step 8's file with a lid reader (blink.keypoints 0-3, the
-#    lids' anchors), so the avatar blinks when the driver does (a few CPU-minutes; weights/README.md "Blinks")
+#    lids' anchors), so the avatar blinks when the driver does (a few CPU-minutes; weights/README.md "Blinks");
+#    since 16:30 the reader trained with zoom, turn and blur, and the schema's blink defaults (dead zone 0,
+#    widening up to 0.4 of the eye's gap; weights/README.md "Wider eyes")
 dagan train lids --init runs/live128-fine/dagan-default.safetensors --data "$OUT/real128v2/train" \
   --test "$OUT/real128v2/test" --out runs/live128-fine/dagan-default-lids.safetensors
