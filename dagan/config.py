@@ -147,7 +147,7 @@ class GeneratorConfig:
 
 @dataclass(frozen=True)
 class BlinkConfig:
-    """Blinks: the avatar's lids closed as far as the driver's (:mod:`dagan.blink`).
+    """Blinks: the avatar's lids closed, or opened wider, as far as the driver's (:mod:`dagan.blink`).
 
     The generator barely moves a lid (it stretches one at a tenth of the driver's blink), so a model
     that names its lid keypoints carries a small lid reader (:mod:`dagan.nets.lid_reader`) that reads

@@ -861,7 +861,10 @@ def face_landmarks(image_rgb: np.ndarray) -> np.ndarray | None:
 
 
 # Side of the upscale face_landmarks_upscaled gives a small crop: the mesh finds the lids of a 128-px
-# avatar crop far more reliably at 256 px.
+# avatar crop far more reliably at 256 px. On real 128-px driving crops this brings the eye opening's
+# agreement with the same signal measured on a 512-px crop of the same frames from r = 0.82 to 0.92
+# (mouth 0.979 to 0.987); bilinear upscaling made it worse. The cross-identity evaluation measures
+# with it too (evaluation.cross.measure_landmarks).
 MESH_MIN_SIZE = 256
 
 

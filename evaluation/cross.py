@@ -85,17 +85,12 @@ PAIR_KEYS = (
 )
 
 
-# mediapipe's mesh is measured on images at least this large: smaller ones (the 128-px avatar and the
-# driving crop it was made from, both alike) are first upscaled bicubically. On real 128-px driving crops
-# this brings the eye opening's agreement with the same signal measured on a 512-px crop of the same
-# frames from r = 0.82 to 0.92 (mouth 0.979 to 0.987); bilinear upscaling made it worse.
-MEASURE_SIZE = 256
-
-
 def measure_landmarks(image: np.ndarray) -> np.ndarray | None:
-    """:func:`dagan.face.face_landmarks` of ``image``, run on a bicubic upscale to :data:`MEASURE_SIZE`
-    when the image is smaller, with x and y returned in ``image``'s own pixels."""
-    return face_landmarks_upscaled(image, MEASURE_SIZE)
+    """:func:`dagan.face.face_landmarks` of ``image``, run on a bicubic upscale to
+    :data:`dagan.face.MESH_MIN_SIZE` when the image is smaller (the 128-px avatar and the driving crop it
+    was made from, both alike), with x and y returned in ``image``'s own pixels: the same mesh the engine
+    takes a photo's eyelids from (:func:`dagan.face.face_landmarks_upscaled`)."""
+    return face_landmarks_upscaled(image)
 
 
 class CrossEvalError(UserError):
