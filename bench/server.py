@@ -523,8 +523,12 @@ def _choice_text(choice: dict) -> str:
         parts.append(f"{choice['threads']} inference thread(s)")
     if (choice.get("parallel") or 1) > 1:
         parts.append(f"a batch of streams split into {choice['parallel']} parallel calls")
+        if choice.get("threads"):
+            parts.append(f"a lone stream on {choice['threads'] * choice['parallel']} threads")
     if choice.get("frame_ms"):
-        parts.append(f"{choice['frame_ms']:.1f} ms/frame at start")
+        parts.append(
+            f"{choice['frame_ms']:.1f} ms/frame on {choice.get('frame_threads', 1)} thread(s) at start"
+        )
     return ", ".join(parts) + f" ({choice.get('reason', '')})"
 
 

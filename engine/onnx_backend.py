@@ -19,6 +19,14 @@ live-128 graphs are many small ops at 32×32 and 64×64, too small to share amon
 the project's 2-core machine a batch of two int8 frames took 50.5 ms as one call on one thread, 39.5 ms
 on two intra-op threads and **27.4 ms as two parallel one-thread calls** (`dagan bench --parallel 2`,
 docs/benchmarks.md).
+
+**A batch of one** (a lone stream, ``dagan cam``) has no sibling call to run beside it, so with
+``parallel`` > 1 it runs on a second session of each graph whose intra-op threads are all of those
+cores (``threads × parallel``): the cores the parallel calls would have used. On the 2-core machine one
+int8 frame took 29.3–30.5 ms on two threads against 42.6 on one (`dagan bench --threads 1 --parallel
+2`), and one server stream went from 18.7 to 24.6 fps (glass-to-glass p50 176 → 133 ms); a batch of two
+ran at 35.6 frames/s as one two-thread call against 44.5 as two one-thread calls, which is why a batch
+keeps the parallel calls (docs/benchmarks.md, "One stream on every inference core").
 """
 
 from __future__ import annotations
@@ -206,14 +214,22 @@ class OrtRunner:
         self.dtype = torch.float32
         self.manifest = manifest
         self.providers = choose_providers(device, ort.get_available_providers(), tensorrt)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        # Idle intra-op threads spin-wait for the next op by default: on a machine whose other cores
-        # decode, track and encode video, that spinning takes their CPU (measured: docs/benchmarks.md).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+
+        def options(intra_threads: int | None) -> Any:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if intra_threads:
+                opts.intra_op_num_threads = intra_threads
+            # Idle intra-op threads spin-wait for the next op by default: on a machine whose other cores
+            # decode, track and encode video, that spinning takes their CPU (measured: docs/benchmarks.md).
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+            return opts
+
+        opts = options(threads)
+        # a batch of one runs on every core the parallel calls would use (module docstring)
+        self.solo_threads = threads * self.parallel if threads and self.parallel > 1 else None
+        solo_opts = options(self.solo_threads) if self.solo_threads else None
         provider_options: list[dict[str, Any]] = []
         for p in self.providers:
             if p == "TensorrtExecutionProvider":
@@ -225,10 +241,11 @@ class OrtRunner:
                 provider_options.append({"device_id": device.index or 0})
             else:
                 provider_options.append({})
-        self.sessions = {}
-        self._open = lambda entry: ort.InferenceSession(
+        self.sessions: dict[str, Any] = {}
+        self.solo_sessions: dict[str, Any] = {}
+        self._open = lambda entry, solo=False: ort.InferenceSession(
             str(Path(onnx_dir) / entry["file"]),
-            opts,
+            solo_opts if solo else opts,
             providers=self.providers,
             provider_options=provider_options,
         )
@@ -237,24 +254,32 @@ class OrtRunner:
                 # the frame graph contains it; opened on first use (streams with filtered keypoints)
                 continue
             self.sessions[graph] = self._open(entry)
+        if self.solo_threads:
+            self.solo_sessions["frame"] = self._open(manifest["graphs"]["frame"], solo=True)
         self.provider = self.sessions["frame"].get_providers()[0]
 
     def can_run(self, graph: str) -> bool:
         return graph in self.manifest["graphs"]
 
+    def _session(self, graph: str, solo: bool = False) -> Any:
+        """The graph's session (opened on first use); ``solo``: the one on every inference core."""
+        sessions = self.solo_sessions if solo else self.sessions
+        if graph not in sessions:
+            sessions[graph] = self._open(self.manifest["graphs"][graph], solo)
+        return sessions[graph]
+
     def run(self, graph: str, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if graph not in self.sessions:
-            self.sessions[graph] = self._open(self.manifest["graphs"][graph])
-        sess = self.sessions[graph]
         outputs = self.manifest["graphs"][graph]["outputs"]
         if self.device.type == "cpu":
             feed = {k: v.detach().contiguous().numpy() for k, v in inputs.items()}
             batch = len(next(iter(feed.values())))
+            sess = self._session(graph, solo=batch == 1 and self.solo_threads is not None)
             if self._parallel_pool is None or batch < 2:
                 res = sess.run(None, feed)
             else:
                 res = self._run_parallel(sess, feed, batch)
             return {spec["name"]: torch.from_numpy(r) for spec, r in zip(outputs, res, strict=True)}
+        sess = self._session(graph)
         batch = next(iter(inputs.values())).shape[0]
         # ONNX Runtime's CUDA provider runs on its own stream and knows nothing of torch's: wait for
         # the torch work that wrote the bound inputs (upload, resize, stacking) before it reads them.

@@ -20,7 +20,8 @@ second. On a GPU, or for an export directory, ``backend="auto"`` of :func:`engin
 as before. Untrained (random) weights run on torch fp32: there is nothing worth calibrating.
 :func:`split_threads` divides the cores between inference and the media work by their measured costs, and
 onnxruntime on a CPU splits a batch of several streams into concurrent calls (:func:`default_parallel`), so
-one batch uses every core.
+one batch uses every core; a lone stream's frame runs on all of those cores' intra-op threads instead
+(engine/onnx_backend.py).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class EngineChoice:
     threads: int | None = None
     parallel: int = 1  # concurrent calls a batch of several streams is split into (onnxruntime, CPU)
     frame_ms: float | None = None  # measured per-frame time of the chosen engine, batch 1
+    frame_threads: int = 1  # the inference threads frame_ms was measured on
     quality: dict[str, Any] = field(default_factory=dict)
     prepared_s: float = 0.0  # time spent preparing exports in this process (0: all cached)
 
@@ -73,8 +75,13 @@ class EngineChoice:
             parts.append(f"{self.threads} inference thread{'s' if self.threads > 1 else ''}")
         if self.parallel > 1:
             parts.append(f"a batch of streams split into {self.parallel} parallel calls")
+            if self.threads:
+                parts.append(f"a lone stream on {self.threads * self.parallel} threads")
         if self.frame_ms:
-            parts.append(f"{self.frame_ms:.1f} ms/frame measured at start")
+            plural = "s" if self.frame_threads > 1 else ""
+            parts.append(
+                f"{self.frame_ms:.1f} ms/frame on {self.frame_threads} thread{plural} measured at start"
+            )
         return f"{', '.join(parts)} — {self.reason}"
 
     def as_dict(self) -> dict[str, Any]:
@@ -85,6 +92,7 @@ class EngineChoice:
             "threads": self.threads,
             "parallel": self.parallel,
             "frame_ms": self.frame_ms,
+            "frame_threads": self.frame_threads,
             "quality": self.quality,
         }
 
@@ -102,10 +110,10 @@ def split_threads(cores: int, infer_ms: float | None, media_ms: float = MEDIA_MS
     (``infer_ms``, one thread) against its media work (``media_ms``); at least one core is left to the
     media pool when there are two or more. With no measurement: half the cores.
 
-    On the project's 2-core machine (inference 30–40 ms, media ~9 ms per stream-frame) this gives 1
-    inference thread, which the server sweep in docs/benchmarks.md measured ahead of 2 for one to three
-    streams (two intra-op threads cost 1.35× the CPU per frame for 1.2× the speed, CPU the media work
-    needs; only at four streams, far below real time either way, did 2 threads do better).
+    On the project's 2-core machine (inference 30–45 ms, media ~9 ms per stream-frame) this gives 1
+    inference thread per call, which the server sweeps in docs/benchmarks.md measured ahead of 2 for two
+    and three streams; a lone stream, which has no sibling call to share the cores with, runs on both
+    (:func:`default_parallel`, engine/onnx_backend.py: 24.6 against 18.7 fps).
     """
     if cores <= 1:
         return 1
@@ -120,7 +128,8 @@ def default_parallel(cores: int, threads: int) -> int:
     ``threads`` cores, so one batch keeps every core busy. On the project's 2-core machine (1 inference
     thread) that is 2: a batch of two int8 frames in 27.4 ms against 50.5 ms as one call and 39.5 ms on
     two intra-op threads (`dagan bench --parallel 2`, docs/benchmarks.md, with the server sweep that
-    chose it). A batch of one (a single stream) is one call either way."""
+    chose it). A batch of one (a single stream) is one call on ``threads × parallel`` intra-op threads,
+    every core these calls would use (engine/onnx_backend.py)."""
     return max(1, cores // max(1, threads))
 
 
@@ -248,7 +257,11 @@ def default_engine(
     else:
         choice = choose_cpu(path, say, cache_dir)
     trial = threads or 1
-    trial_parallel = (parallel or default_parallel(cpu_cores(), trial)) if cpu else 1
+    # the split below weighs one frame's cost on ``trial`` threads: timed as one call with no parallel
+    # sessions (with them a lone frame runs on every inference core, engine/onnx_backend.py)
+    trial_parallel = (
+        1 if not cpu or (measure and threads is None) else parallel or default_parallel(cpu_cores(), trial)
+    )
     try:
         engine = _create(path, choice, device, trial if cpu else None, cache_dir, trial_parallel)
     except Exception as exc:
@@ -262,7 +275,7 @@ def default_engine(
     if not cpu:
         return engine, choice
     if measure:
-        choice.frame_ms = time_engine(engine)
+        choice.frame_ms, choice.frame_threads = time_engine(engine), trial
     if threads is None:
         threads = split_threads(cpu_cores(), choice.frame_ms)
     parallel = (parallel or default_parallel(cpu_cores(), threads)) if engine.backend == "onnxruntime" else 1

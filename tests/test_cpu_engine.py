@@ -231,8 +231,20 @@ def test_parallel_calls_give_the_frames_of_one_call(tiny_exports, astronaut, gra
     # the other threads' CPU is counted for the server's infer stage
     assert split.parallel_cpu_s > 0 and one.parallel_cpu_s == 0
     calls.clear()
-    split.animate_batch([split.new_session(sources[0])], [drivers[0]])
-    assert not calls  # a batch of one: one call
+    lone = [split.new_session(sources[0])]
+    got = split.animate_batch(lone, [drivers[0]])[0].image
+    assert not calls  # a batch of one: one call ...
+    # ... on the session whose intra-op threads are every core the parallel calls use, same frame
+    assert split.runner.solo_threads == 2 and one.runner.solo_threads is None
+    solo = split.runner.solo_sessions["frame"]
+    assert solo.get_session_options().intra_op_num_threads == 2
+    assert split.runner.sessions["frame"].get_session_options().intra_op_num_threads == 1
+    want = one.animate_batch([one.new_session(sources[0])], [drivers[0]])[0].image
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    ran = []
+    monkeypatch.setattr(solo, "run", lambda *a, real=solo.run: ran.append(1) or real(*a))
+    split.animate_batch(lone, [drivers[1]])
+    assert ran  # a batch of one ran the lone-stream session
     with pytest.raises(EngineError, match="parallel must be at least 1"):
         OnnxRuntimeEngine(cpu, device="cpu", parallel=0)
 
@@ -296,6 +308,11 @@ def test_default_engine_prepares_int8_once_and_says_why(tmp_path, monkeypatch, a
     assert choice.threads >= 1 and choice.frame_ms > 0 and choice.label in choice.describe()
     assert choice.parallel == eng.parallel == select.default_parallel(select.cpu_cores(), choice.threads)
     assert (f"{choice.parallel} parallel calls" in choice.describe()) == (choice.parallel > 1)
+    # timed alone on one thread for the split; a lone stream then runs on every inference core
+    assert choice.frame_threads == 1 and "on 1 thread measured" in choice.describe()
+    assert (f"a lone stream on {choice.threads * choice.parallel} threads" in choice.describe()) == (
+        choice.parallel > 1
+    )
     # second start: nothing prepared again
     stamp = int8.stat().st_mtime_ns
     lines.clear()
