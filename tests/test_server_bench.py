@@ -130,7 +130,7 @@ def test_engine_variants_and_the_engine_named_in_the_tables():
     }  # fmt: skip
     choice = {
         "backend": "onnxruntime", "precision": "int8", "threads": 1, "parallel": 2, "frame_ms": 21.5,
-        "reason": "why",
+        "frame_threads": 1, "reason": "why",
     }  # fmt: skip
     text = sb.markdown(
         [
@@ -143,7 +143,7 @@ def test_engine_variants_and_the_engine_named_in_the_tables():
     )  # fmt: skip
     assert (
         "onnxruntime int8, 1 inference thread(s), a batch of streams split into 2 parallel calls, "
-        "21.5 ms/frame at start (why)"
+        "a lone stream on 2 threads, 21.5 ms/frame on 1 thread(s) at start (why)"
     ) in text
     assert "| 30.0 (4.0; 1.5) |" in text  # server CPU per frame (not in a stage; mediapipe's threads)
     assert "2026-12-04 13:00 UTC" in text and "[0.1, 0.2, 0.3]" in text and "| 1 | 25.0, 24.9 |" in text
