@@ -231,7 +231,8 @@ def _peak_memory_mb(device: torch.device) -> float:
 def _variants(device: torch.device, passes: bool = False, parallel: int = 1) -> list[tuple[str, str, dict]]:
     """(backend, precision, options) worth timing on this device, from the installed runtimes;
     ``parallel`` > 1 adds the CPU-graph rows with a batch split into that many concurrent calls
-    (engine/onnx_backend.py), which only batches above 1 can show."""
+    (engine/onnx_backend.py), which only batches above 1 can show; at batch 1 these rows are the
+    engine a lone stream gets from `dagan serve` (one call on every inference core)."""
     import importlib.util
 
     out: list[tuple[str, str, dict]] = [("torch", "fp32", {})]
@@ -681,7 +682,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.parallel,
         help="N > 1: the CPU-graph rows again with each batch split into N parallel calls of --threads "
-        "each (what `dagan serve` does with several streams; see its batches, not the interleaved rows)",
+        "each (what `dagan serve` does with several streams; see its batches, not the interleaved rows); "
+        "their batch of one runs on N × --threads intra-op threads, as a lone stream does",
     )
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--markdown", help="also write the printed report to this file")
