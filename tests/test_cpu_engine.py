@@ -245,6 +245,11 @@ def test_parallel_calls_give_the_frames_of_one_call(tiny_exports, astronaut, gra
     monkeypatch.setattr(solo, "run", lambda *a, real=solo.run: ran.append(1) or real(*a))
     split.animate_batch(lone, [drivers[1]])
     assert ran  # a batch of one ran the lone-stream session
+    # a steadied lone stream runs the split path on the lone-stream sessions too
+    assert {"depth", "keypoints", "source_encoder"} <= set(split.runner.solo_sessions)
+    lone[0].kp_filter = OneEuroFilter(OneEuroParams(1.0, 30.0))
+    split.animate_batch(lone, [drivers[2]])
+    assert "generator" in split.runner.solo_sessions
     with pytest.raises(EngineError, match="parallel must be at least 1"):
         OnnxRuntimeEngine(cpu, device="cpu", parallel=0)
 
