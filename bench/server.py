@@ -518,18 +518,10 @@ def parse_engine_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def _choice_text(choice: dict) -> str:
-    parts = [f"{choice.get('backend')} {choice.get('precision')}"]
-    if choice.get("threads"):
-        parts.append(f"{choice['threads']} inference thread(s)")
-    if (choice.get("parallel") or 1) > 1:
-        parts.append(f"a batch of streams split into {choice['parallel']} parallel calls")
-        if choice.get("threads"):
-            parts.append(f"a lone stream on {choice['threads'] * choice['parallel']} threads")
-    if choice.get("frame_ms"):
-        parts.append(
-            f"{choice['frame_ms']:.1f} ms/frame on {choice.get('frame_threads', 1)} thread(s) at start"
-        )
-    return ", ".join(parts) + f" ({choice.get('reason', '')})"
+    """The server's start-up line for the engine it chose (:meth:`engine.select.EngineChoice.describe`)."""
+    from engine.select import EngineChoice
+
+    return EngineChoice.from_dict(choice).describe()
 
 
 def _print_step(engine: str, s: dict) -> None:

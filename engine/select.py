@@ -84,6 +84,11 @@ class EngineChoice:
             )
         return f"{', '.join(parts)} — {self.reason}"
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineChoice:
+        """The choice :meth:`as_dict` wrote (e.g. sent by a server process to the benchmark)."""
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend,

@@ -142,8 +142,8 @@ def test_engine_variants_and_the_engine_named_in_the_tables():
         ]
     )  # fmt: skip
     assert (
-        "onnxruntime int8, 1 inference thread(s), a batch of streams split into 2 parallel calls, "
-        "a lone stream on 2 threads, 21.5 ms/frame on 1 thread(s) at start (why)"
+        "onnxruntime int8, 1 inference thread, a batch of streams split into 2 parallel calls, "
+        "a lone stream on 2 threads, 21.5 ms/frame on 1 thread measured at start — why"
     ) in text
     assert "| 30.0 (4.0; 1.5) |" in text  # server CPU per frame (not in a stage; mediapipe's threads)
     assert "2026-12-04 13:00 UTC" in text and "[0.1, 0.2, 0.3]" in text and "| 1 | 25.0, 24.9 |" in text
