@@ -27,9 +27,9 @@ from functools import cached_property
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dagan.config import BlinkConfig
+from dagan.helpers import corner_axes, pixel_box, sample_at
 
 # Face-mesh corners (outer, inner) and upper / lower lid contours of the subject's right eye (the
 # image-left one), then of the left.
@@ -75,14 +75,7 @@ def eye_shapes(landmarks: np.ndarray) -> EyeShapes:
     }
     samples = np.linspace(0.0, 1.0, PROFILE)
     for (c0, c1), up, lo in EYES:
-        a, b = p[c0], p[c1]
-        if a[0] > b[0]:
-            a, b = b, a
-        width = max(float(np.linalg.norm(b - a)), 1e-6)
-        axis = (b - a) / width
-        normal = np.array([-axis[1], axis[0]])
-        if normal[1] < 0:
-            normal = -normal
+        a, width, axis, normal = corner_axes(p[c0], p[c1])
 
         def profile(ids: tuple[int, ...], a=a, axis=axis, normal=normal, width=width) -> np.ndarray:
             q = p[list(ids)] - a
@@ -162,10 +155,7 @@ def eye_box(shapes: EyeShapes, eye: int, shift: np.ndarray, size: int) -> tuple[
     down = float(a["lower"][eye].max()) + BELOW * width
     normal = a["normal"][eye]
     points = np.concatenate([ends + up * normal, ends + down * normal])
-    lo, hi = points.min(axis=0), points.max(axis=0)
-    x0, y0 = max(int(lo[0]) - 1, 0), max(int(lo[1]) - 1, 0)
-    x1, y1 = min(int(hi[0]) + 2, size), min(int(hi[1]) + 2, size)
-    return y0, max(y1, y0), x0, max(x1, x0)
+    return pixel_box(points, size)
 
 
 def eye_grid(
@@ -245,13 +235,7 @@ def close_lids(
             if y1 <= y0 or x1 <= x0:
                 continue
             grid, changed = eye_grid(shape, eye, c, shifts[i, eye], box, size)
-            warped = F.grid_sample(
-                images[i : i + 1].float(),
-                grid.to(images.device),
-                mode="bilinear",
-                padding_mode="border",
-                align_corners=True,
-            )
+            warped = sample_at(images[i : i + 1], grid)
             if out is images:
                 out = images.clone()
             region = out[i, :, y0:y1, x0:x1]

@@ -139,6 +139,39 @@ def images_to_tensor(
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def corner_axes(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """A face part's frame from its two corners (x, y in pixels, either order): the image-left corner,
+    the corner-to-corner width, and the unit vectors along the part (left to right) and across it
+    (downwards in the image). The one definition the eyes' and the mouth's warps share."""
+    if a[0] > b[0]:
+        a, b = b, a
+    width = max(float(np.linalg.norm(b - a)), 1e-6)
+    axis = (b - a) / width
+    normal = np.array([-axis[1], axis[0]])
+    if normal[1] < 0:
+        normal = -normal
+    return a, width, axis, normal
+
+
+def pixel_box(points: np.ndarray, size: int) -> tuple[int, int, int, int]:
+    """The pixel rows and columns (y0, y1, x0, x1; end exclusive, inside a size×size frame) that hold
+    ``points`` (N×2, x and y in pixels), with a pixel to spare: the region a local warp of the frame
+    computes (:mod:`dagan.blink`, :mod:`dagan.mouth`)."""
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    x0, y0 = max(int(lo[0]) - 1, 0), max(int(lo[1]) - 1, 0)
+    x1, y1 = min(int(hi[0]) + 2, size), min(int(hi[1]) + 2, size)
+    return y0, max(y1, y0), x0, max(x1, x0)
+
+
+def sample_at(image: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``image`` (1×C×H×W, any float dtype) sampled in float32 at ``grid`` (1×h×w×2, grid_sample's
+    [-1, 1] over the whole frame, align_corners=True; on any device): the region a local warp's grid
+    covers (:mod:`dagan.blink`, :mod:`dagan.mouth`), bilinear, the frame's border repeated outside."""
+    return F.grid_sample(
+        image.float(), grid.to(image.device), mode="bilinear", padding_mode="border", align_corners=True
+    )
+
+
 def tensor_to_uint8(t: torch.Tensor) -> torch.Tensor:
     """B×3×H×W float in [0, 1] → B×H×W×3 uint8 on the same device: clamp, ×255, round half up.
     The one rounding every consumer of model outputs (engine, evaluation) uses."""
