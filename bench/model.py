@@ -220,6 +220,38 @@ def bench_lids(model: DaGAN, frames: int = 50, warmup: int = 5) -> dict:
     }
 
 
+def bench_mouth(model: DaGAN, frames: int = 50, warmup: int = 5) -> dict:
+    """Step 6's mouth (engine/hot_path.py) for a model with an open-mouth warp, torch on the CPU at
+    batch 1, as every backend runs it: the gap search, the warp and the shade of a typical mouth opened
+    by a fifth of its width (every frame whose lips differ from the photo's by more than
+    :data:`dagan.mouth.UNSEEN`: most frames of a talking stream)."""
+    from dagan.mouth import open_mouths
+
+    size = model.config.image_size
+    prediction = torch.rand(1, 3, size, size)
+    shape = _typical_mouth(size)
+    extra, shift = np.array([0.2 * shape.width]), np.zeros((1, 2))
+
+    @torch.inference_mode()
+    def warp() -> None:
+        open_mouths(prediction, [shape], extra, shift, model.config.mouth)
+
+    return {"warp": stats(_time(warp, frames, warmup, torch.device("cpu")))}
+
+
+def _typical_mouth(size: int) -> Any:
+    """:class:`dagan.mouth.MouthShape` where a crop puts a closed mouth: 13 % of the crop wide, centred
+    across, 70 % down, the chin 13 % below it."""
+    from dagan.mouth import CHIN, CORNERS, INNER_LOWER, INNER_UPPER, OUTER_LOWER, mouth_shape
+
+    lm = np.zeros((478, 2), np.float32)
+    cx, cy, w = 0.5 * size, 0.7 * size, 0.13 * size
+    lm[CORNERS[0]], lm[CORNERS[1]] = (cx - w / 2, cy), (cx + w / 2, cy)
+    lm[INNER_UPPER], lm[INNER_LOWER] = (cx, cy - 0.25), (cx, cy + 0.25)
+    lm[OUTER_LOWER], lm[CHIN] = (cx, cy + 0.025 * size), (cx, cy + 0.13 * size)
+    return mouth_shape(lm)
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -445,6 +477,8 @@ def run_bench(settings: ModelBenchSettings) -> list[dict]:
         r["flops"] = flops
         if bm.model.lid_reader is not None:
             r["lids"] = bench_lids(bm.model, settings.frames, settings.warmup)
+        if bm.model.config.mouth.warp > 0:
+            r["mouth"] = bench_mouth(bm.model, settings.frames, settings.warmup)
         r.update(date=date, load_before=load_before, load_after=load_average())
         print(report_text(r), flush=True)
         results.append(r)
@@ -557,6 +591,12 @@ def report_text(r: dict) -> str:
             f"  blinks (step 6, torch CPU, every backend): lid reader p50 {lr['median_ms']:.2f} ms p99 "
             f"{lr['p99_ms']:.2f} ms ({r['lids']['reader_mflops']:.1f} MFLOP); with the lids' warp "
             f"p50 {lw['median_ms']:.2f} ms p99 {lw['p99_ms']:.2f} ms"
+        )
+    if "mouth" in r:
+        mw = r["mouth"]["warp"]
+        out(
+            f"  open mouth (step 6, torch CPU, every backend): gap search, warp and shade p50 "
+            f"{mw['median_ms']:.2f} ms p99 {mw['p99_ms']:.2f} ms"
         )
     for b in r["backends"]:
         s = b["latency"]

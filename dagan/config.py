@@ -178,6 +178,25 @@ class BlinkConfig:
 
 
 @dataclass(frozen=True)
+class MouthConfig:
+    """An open mouth: the avatar's lips parted further than the generator draws them (:mod:`dagan.mouth`).
+
+    The generator opens the avatar's mouth only part of the way, whatever the lip keypoints do, and on
+    a closed-mouthed photo it stretches the lips instead of drawing an open mouth's dark. A model that
+    names its lip keypoints (``keypoints.mouth_keypoints``) may set ``warp``: the engine then opens the
+    avatar's mouth further by a warp of its frame around the photo's own lips, and shades the new gap
+    dark. ``warp`` 0 (vox-256, and every model before): nothing changes.
+    """
+
+    # Pixels of extra opening per pixel the rendered lip keypoints opened beyond the photo's.
+    warp: float = 0.0
+    # How dark the stretched gap is shaded: × the share of the gap that is new (clipped to 1).
+    shade: float = 1.5
+    # A photo whose lips are already apart by more than this × its mouth's width is not warped.
+    open_photo: float = 0.25
+
+
+@dataclass(frozen=True)
 class DiscriminatorConfig:
     scales: tuple[float, ...] = (1.0,)
     block_expansion: int = 32
@@ -198,6 +217,7 @@ class ModelConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     blink: BlinkConfig = field(default_factory=BlinkConfig)
+    mouth: MouthConfig = field(default_factory=MouthConfig)
 
     @property
     def needs_depth(self) -> bool:
@@ -370,6 +390,14 @@ def _check_semantics(cfg: ModelConfig) -> None:
     need(cfg.blink.open_seconds > 0, "blink.open_seconds", "must be > 0")
     need(0 <= cfg.blink.widen <= 1, "blink.widen", "must be in [0, 1]")
     need(cfg.blink.reference_seconds >= 0, "blink.reference_seconds", "must be >= 0")
+    need(0 <= cfg.mouth.warp <= 5, "mouth.warp", "must be in [0, 5]")
+    need(
+        cfg.mouth.warp == 0 or bool(mouth),
+        "mouth.warp",
+        "needs keypoints.mouth_keypoints (which keypoints are the lips)",
+    )
+    need(0 <= cfg.mouth.shade <= 10, "mouth.shade", "must be in [0, 10]")
+    need(cfg.mouth.open_photo > 0, "mouth.open_photo", "must be > 0")
     for key, sf in (
         ("keypoints.scale_factor", cfg.keypoints.scale_factor),
         ("generator.dense_motion.scale_factor", cfg.generator.dense_motion.scale_factor),

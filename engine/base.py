@@ -61,6 +61,10 @@ class Session:
     # The stream's blink state (:class:`dagan.blink.LidState`): set at creation for a model with a lid
     # reader when the photo's face mesh is found, else None (the avatar's lids then stay as drawn).
     lids: Any = None
+    # The photo's mouth (:class:`dagan.mouth.MouthShape`): set at creation for a model that opens the
+    # avatar's mouth further (config ``mouth``) when the photo's face mesh is found and its lips are
+    # not already apart, else None (the mouth then stays as drawn).
+    mouth: Any = None
 
     def reset_reference(self, auto: bool = False) -> None:
         """Take the next driving frame as the new neutral pose (the "recalibrate" action).
@@ -128,6 +132,9 @@ class Engine(abc.ABC):
     # The model's lid reader (dagan.nets.lid_reader.LidReader; config ``blink``), or None: the engine
     # draws no blinks (engine/hot_path.py, step 6).
     lid_reader: Any = None
+    # The model's open-mouth warp (dagan.config.MouthConfig, config ``mouth``) when it sets one, or None
+    # (engine/hot_path.py, step 6).
+    mouth: Any = None
 
     def __init__(self) -> None:
         self.session: Session | None = None

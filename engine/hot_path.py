@@ -14,10 +14,13 @@
    keypoints → relative transfer → generator): run eagerly or replayed from a CUDA graph by the PyTorch
    backend, run as the exported ``frame`` graph by ONNX Runtime and TensorRT. Backends differ only here
    (:meth:`FramePathEngine._run_frame`) and in how a session's source is encoded.
-6. **Lids**: for a model with a lid reader (``blink`` in its config), the reader reads how open the
-   driver's eyes are and the avatar's lids are closed, or opened wider, as far by a warp of the
-   prediction (:meth:`FramePathEngine._close_lids`, :mod:`dagan.blink`): host code around two small
-   tensor operations, the same for every backend, nothing at all while the eyes are as at the reference.
+6. **Lids and mouth**: for a model with a lid reader (``blink`` in its config), the reader reads how
+   open the driver's eyes are and the avatar's lids are closed, or opened wider, as far by a warp of the
+   prediction (:meth:`FramePathEngine._close_lids`, :mod:`dagan.blink`); for a model with an open-mouth
+   warp (``mouth.warp``), the avatar's mouth is opened further, as far as its rendered lip keypoints
+   parted beyond the photo's (:meth:`FramePathEngine._open_mouths`, :mod:`dagan.mouth`). Host
+   code around a few small tensor operations, the same for every backend, nothing at all while the eyes
+   and lips are as at the reference.
 7. **Download**: the prediction is rounded to uint8 on the device and downloaded once
    (:func:`dagan.helpers.tensor_to_images`).
 
@@ -44,10 +47,11 @@ import numpy as np
 import torch
 
 from dagan.blink import LidState, close_lids, eye_shapes
-from dagan.config import BlinkConfig
+from dagan.config import BlinkConfig, MouthConfig
 from dagan.graph_contract import unflatten_cached
 from dagan.helpers import Uploader, depth_to_images, images_to_tensor, tensor_to_images
 from dagan.keypoint_ops import movement_scale, relative_keypoints
+from dagan.mouth import extra_opening, mouth_shape, open_mouths
 from dagan.nets.blocks import inverse_2x2
 from dagan.nets.keypoints import Keypoints
 from dagan.nets.lid_reader import LidReader
@@ -68,6 +72,8 @@ class FramePathEngine(Engine):
     # The model's lid reader (Engine.lid_reader) and its blink settings (config ``blink``), or None.
     lid_reader: LidReader | None = None
     blink: BlinkConfig | None = None
+    # The model's open-mouth warp (config ``mouth``), or None.
+    mouth: MouthConfig | None = None
     _warned_no_mesh = False  # once per process
 
     def __init__(self) -> None:
@@ -75,12 +81,14 @@ class FramePathEngine(Engine):
         self._uploader: Uploader | None = None
         self._stack = SourceStack()
 
-    def _attach_lids(self, session: Session, source_image: np.ndarray) -> Session:
-        """Give a new session its blink state when the model reads lids and the photo's face mesh is
-        found (step 6); backends call this at the end of ``new_session``."""
-        if self.lid_reader is None:
+    def _attach_face(self, session: Session, source_image: np.ndarray) -> Session:
+        """Give a new session what step 6 needs from the photo's face mesh, when the model uses it and
+        the mesh is found: its blink state (a model with a lid reader) and its mouth (a model with an
+        open-mouth warp, and a photo whose lips are not already apart). Backends call this at the end of
+        ``new_session``."""
+        if self.lid_reader is None and self.mouth is None:
             return session
-        from dagan.face import face_landmarks_upscaled  # mediapipe, only for models that blink
+        from dagan.face import face_landmarks_upscaled  # mediapipe, only for models that use the mesh
 
         size = self.image_size
         image = np.asarray(source_image)
@@ -88,12 +96,21 @@ class FramePathEngine(Engine):
             image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
         try:
             landmarks = face_landmarks_upscaled(image)
-        except ImportError:  # a machine without mediapipe (e.g. a bare GPU box): animate, without blinks
+        except ImportError:  # a machine without mediapipe (e.g. a bare GPU box): animate, without them
             if not FramePathEngine._warned_no_mesh:
                 FramePathEngine._warned_no_mesh = True
-                warnings.warn("mediapipe is not installed: the avatar will not blink", stacklevel=2)
+                warnings.warn(
+                    "mediapipe is not installed: the avatar will not blink or open its mouth further",
+                    stacklevel=2,
+                )
             return session
-        session.lids = LidState(eye_shapes(landmarks)) if landmarks is not None else None
+        if landmarks is None:
+            return session
+        if self.lid_reader is not None:
+            session.lids = LidState(eye_shapes(landmarks))
+        if self.mouth is not None:
+            shape = mouth_shape(landmarks)
+            session.mouth = None if shape.is_open(self.mouth) else shape
         return session
 
     # -- backend hooks ------------------------------------------------------------------------------
@@ -164,7 +181,9 @@ class FramePathEngine(Engine):
                 out = self._run_frame(feed)  # 5. the per-frame function
             prediction = out["prediction"]
             if self.lid_reader is not None and any(s.lids is not None for s in sessions):
-                prediction = self._close_lids(sessions, feed, out)  # 6.
+                prediction = self._close_lids(sessions, feed, out)  # 6. lids
+            if self.mouth is not None and any(s.mouth is not None for s in sessions):
+                prediction = self._open_mouths(sessions, feed, out, prediction)  # 6. mouth
             if any(s.auto_neutral is not None and not s.auto_neutral.done for s in sessions):
                 kp = Keypoints(out["kp_driving_value"], out.get("kp_driving_jacobian"))
                 choose_neutral(sessions, kp, self._source_keypoints)
@@ -192,16 +211,54 @@ class FramePathEngine(Engine):
         prediction = out["prediction"]
         if not bool((closure != 0).any()):
             return prediction
-        kp_s, _ = unflatten_cached(feed)
-        rendered = out.get("kp_rendered_value")
-        if rendered is None:  # the fused path: its motion inputs are in the feed (step 4)
-            kp_det = Keypoints(out["kp_driving_value"], out.get("kp_driving_jacobian"))
-            rendered = self._transfer(kp_s, kp_det, feed).value
+        kp_s, rendered = self._rendered(feed, out)
         lids = torch.tensor(reader.lids).view(2, 2)  # (eye, upper/lower)
         moved = (rendered - kp_s.value).float().cpu()[:, lids].mean(dim=2)  # B×2×2, keypoint units
         shift = moved * (self.image_size / 2)
         shapes = [s.lids.shapes if s.lids is not None else None for s in sessions]
         return close_lids(prediction, shapes, closure, shift)
+
+    def _open_mouths(
+        self,
+        sessions: list[Session],
+        feed: dict[str, torch.Tensor],
+        out: dict[str, torch.Tensor | None],
+        prediction: torch.Tensor,
+    ) -> torch.Tensor:
+        """Step 6, the mouth: ``prediction`` with each stream's avatar mouth opened further, as far as
+        its rendered lip keypoints opened beyond the photo's (:mod:`dagan.mouth`); the mouth is found
+        where the upper lip's keypoint moved it."""
+        cfg, lips = self.mouth, self.mouth_keypoints
+        assert cfg is not None and len(lips) == 2
+        kp_s, rendered = self._rendered(feed, out)
+        r, s0 = rendered.float().cpu().numpy(), kp_s.value.float().cpu().numpy()
+        half = self.image_size / 2
+        shapes = [s.mouth for s in sessions]
+        extra = np.array(
+            [
+                0.0
+                if shape is None
+                else extra_opening(shape, r[i], s0[i], (lips[0], lips[1]), self.image_size, cfg)
+                for i, shape in enumerate(shapes)
+            ]
+        )
+        if not bool((extra > 0).any()):
+            return prediction
+        shift = (r[:, lips[0]] - s0[:, lips[0]]) * half  # B×2: the upper lip's move, pixels
+        return open_mouths(prediction, shapes, extra, shift, cfg)
+
+    def _rendered(
+        self, feed: dict[str, torch.Tensor], out: dict[str, torch.Tensor | None]
+    ) -> tuple[Keypoints, torch.Tensor]:
+        """The source keypoints and the B×K×2 keypoint values the generator drew (``kp_rendered_value``;
+        the fused path recomputes them from its feed's motion inputs, a handful of operations on K×2
+        numbers)."""
+        kp_s, _ = unflatten_cached(feed)
+        rendered = out.get("kp_rendered_value")
+        if rendered is None:  # the fused path: its motion inputs are in the feed (step 4)
+            kp_det = Keypoints(out["kp_driving_value"], out.get("kp_driving_jacobian"))
+            rendered = out["kp_rendered_value"] = self._transfer(kp_s, kp_det, feed).value
+        return kp_s, rendered
 
     def _transfer(self, kp_s: Keypoints, kp_d: Keypoints, motion: dict[str, torch.Tensor]) -> Keypoints:
         """The relative transfer the frame graph makes (:func:`dagan.keypoint_ops.relative_keypoints`),

@@ -113,10 +113,12 @@ class GraphEngine(FramePathEngine):
             self.mouth_keypoints = tuple(int(k) for k in kp_config["mouth_keypoints"])
             self.mouth_open_gain = float(kp_config["mouth_open_gain"])
         self.kp_inputs = [s["name"] for s in graphs["keypoints"]["inputs"]]
-        blink = config_from_dict(manifest["config"]).blink
-        self.lid_reader = load_lid_reader(directory, manifest, blink.keypoints, self.device)
+        config = config_from_dict(manifest["config"])
+        self.lid_reader = load_lid_reader(directory, manifest, config.blink.keypoints, self.device)
         if self.lid_reader is not None:
-            self.blink = blink
+            self.blink = config.blink
+        if config.mouth.warp > 0 and self.mouth_keypoints:
+            self.mouth = config.mouth
 
     def new_session(
         self, source_image: np.ndarray, relative: bool = False, adapt_scale: bool = True
@@ -128,7 +130,7 @@ class GraphEngine(FramePathEngine):
         depth = out.get("source_depth")
         depth_vis = depth_to_images(depth)[0] if depth is not None else None
         session = Session(source=out, relative=relative, adapt_scale=adapt_scale, source_depth=depth_vis)
-        return self._attach_lids(session, source_image)
+        return self._attach_face(session, source_image)
 
     def driving_keypoints(self, driving: torch.Tensor) -> Keypoints:
         """B×3×H×W → keypoints via the depth and keypoint graphs (used for relative references)."""

@@ -107,6 +107,7 @@ class TorchEngine(FramePathEngine):
         self.mouth_open_gain = cfg.keypoints.mouth_open_gain
         self.lid_reader = self.model.lid_reader
         self.blink = cfg.blink if self.lid_reader is not None else None
+        self.mouth = cfg.mouth if cfg.mouth.warp > 0 and self.mouth_keypoints else None
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[int, _GraphedFrame] = {}
 
@@ -127,7 +128,7 @@ class TorchEngine(FramePathEngine):
         state = self.model.encode_source(self._to_tensor([source_image], "source image"))
         depth_vis = self._depth_images(state.depth)[0] if state.depth is not None else None
         session = Session(source=state, relative=relative, adapt_scale=adapt_scale, source_depth=depth_vis)
-        return self._attach_lids(session, source_image)
+        return self._attach_face(session, source_image)
 
     # -- hot-path hooks -----------------------------------------------------------------------------
     def _check_session(self, session: Session) -> None:
