@@ -5,8 +5,8 @@
 # previous default's keypoint detector and generator (INIT, taken from git history) with that depth net
 # frozen. Every step is resumable: re-run the script, or `dagan train ... --resume --run-dir ...`.
 # On a quiet 2-core CPU: prepare + landmarks ~5-15 min, depth ~35 + 25 + 35 min, DaGAN ~1 h (step 4), 1.3 h (5),
-# 1 h (6) and 1.2 h (7); minutes on a GPU (scripts/gpu_train.sh). Step 8 (seconds) and step 9 (~4 min) write
-# the bundled file, runs/live128-fine/dagan-default-lids.safetensors.
+# 1 h (6) and 1.2 h (7); minutes on a GPU (scripts/gpu_train.sh). Steps 8 and 10 (seconds) and 9 (~4 min) write
+# the bundled file, runs/live128-fine/dagan-default-mouth.safetensors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -139,3 +139,8 @@ python scripts/set_model_config.py --weights runs/live128-fine/dagan.safetensors
 #    widening up to 0.4 of the eye's gap; weights/README.md "Wider eyes")
 dagan train lids --init runs/live128-fine/dagan-default.safetensors --data "$OUT/real128v2/train" \
   --test "$OUT/real128v2/test" --out runs/live128-fine/dagan-default-lids.safetensors
+# 10. the bundled file since 2026-12-06 21:30: step 9's file with the open-mouth warp (mouth.warp), so the
+#     engine opens the avatar's mouth further than the generator draws it (no training; weights/README.md
+#     "An open mouth")
+python scripts/set_model_config.py --weights runs/live128-fine/dagan-default-lids.safetensors \
+  --set mouth.warp=0.5 --out runs/live128-fine/dagan-default-mouth.safetensors
