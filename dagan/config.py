@@ -191,7 +191,7 @@ class MouthConfig:
     # Pixels of extra opening per pixel the rendered lip keypoints opened beyond the photo's.
     warp: float = 0.0
     # How dark the stretched gap is shaded: × the share of the gap that is new (clipped to 1).
-    shade: float = 1.5
+    shade: float = 5.0
     # A photo whose lips are already apart by more than this × its mouth's width is not warped.
     open_photo: float = 0.25
 

@@ -24,8 +24,10 @@ between the lips grows. So, for a model with ``mouth.warp`` set (config ``mouth`
 4. **The warp** (:func:`mouth_grid`, :func:`open_mouths`): that run stretched down by the extra opening,
    the lower lip moved down with it and the skin below taking the drop back by the chin, lens-shaped
    across the mouth (most at its middle, nothing at the corners); the stretched gap is shaded towards a
-   dark mouth (the gap's own colour × :data:`DARKEN`), by ``mouth.shade`` × the share of it that is
-   new. Nothing outside the mouth's box moves, and a frame with no extra opening is returned untouched.
+   dark mouth (the gap's own colour × :data:`DARKEN`), each pixel by ``mouth.shade`` × the share of its
+   column's gap that is new, most at the gap's middle and none at the lips, so the dark is lens-shaped
+   like the opening (a round spot read as a black dot). Nothing outside the mouth's box moves, and a
+   frame with no extra opening is returned untouched.
 """
 
 from __future__ import annotations
@@ -60,9 +62,8 @@ RUN_LEVEL = 0.5
 # jaw's drop back.
 LENS, JAW = 0.55, 0.9
 ABOVE, BELOW = 0.5, 0.3
-# The shade: the colour of a mouth's inside, as a share of the drawn gap's colour, and its reach across.
+# The shade: the colour of a mouth's inside, as a share of the drawn gap's colour.
 DARKEN = 0.35
-SHADE_REACH = 0.45
 
 
 @dataclass(frozen=True)
@@ -199,12 +200,15 @@ def mouth_grid(
     grid = np.stack(
         [(xs + moved * shape.normal[0]) * scale - 1, (ys + moved * shape.normal[1]) * scale - 1], axis=-1
     )
-    # the shade: most in the middle of the stretched gap, none at its edges or past SHADE_REACH across
+    # the shade follows the warp: a pixel whose source lies in the drawn gap is shaded by the share of
+    # its column's gap that is new (most in the middle of the mouth, none at the corners), most at the
+    # gap's middle and none at its edges (the lips)
     height = bottom - top
-    middle = (top + bottom + extra) / 2
-    along = np.clip(1 - np.abs(v - middle) / ((height + extra) / 2), 0.0, 1.0) ** 0.7
-    side = 0.5 - 0.5 * np.cos(np.pi * np.clip(1 - np.abs(u) / (SHADE_REACH * shape.width), 0.0, 1.0))
-    weight = np.clip(shade * extra / (extra + height) * along * side, 0.0, 1.0)
+    lips_lens = 0.5 + 0.5 * np.cos(np.pi * np.clip(np.abs(u) / (LENS * shape.width), 0.0, 1.0))
+    opened = extra * lips_lens
+    inside = np.clip((v + moved - top) / max(height, 1e-6), 0.0, 1.0)
+    along = np.clip(1.0 - np.abs(2.0 * inside - 1.0), 0.0, 1.0) ** 0.5
+    weight = np.clip(shade * opened / (opened + height) * along, 0.0, 1.0)
     return torch.from_numpy(grid[None].astype(np.float32)), torch.from_numpy(weight.astype(np.float32))
 
 

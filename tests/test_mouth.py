@@ -150,6 +150,14 @@ def test_the_new_gap_is_shaded_dark():
     middle = (slice(None), slice(None), slice(ROW, ROW + 4), slice(30, 35))
     assert float(shaded[middle].mean()) < float(plain[middle].mean()) - 0.02
     assert float(shaded[middle].min()) >= 0.0
+    # a strong shade darkens the opening like a mouth: dark across its middle, only inside the lips'
+    # lens (past the corners and on the lips themselves nothing is shaded)
+    strong = open_mouths(img, [shape], np.array([4.0]), np.zeros((1, 2)), MouthConfig(warp=1.0, shade=5.0))
+    lum = strong[0].mean(dim=0)
+    assert float(lum[ROW + 1, 29:36].max()) < 0.2
+    assert torch.equal(strong[..., : LEFT - 1], plain[..., : LEFT - 1])
+    assert torch.equal(strong[..., RIGHT + 2 :], plain[..., RIGHT + 2 :])
+    assert torch.equal(strong[..., :ROW, :], plain[..., :ROW, :])  # the upper lip is not shaded
 
 
 def test_the_mouth_is_found_where_it_moved_and_items_without_a_mouth_are_left_alone():
@@ -234,7 +242,7 @@ def test_engine_opens_the_avatars_mouth_as_far_as_its_lips_were_rendered(monkeyp
     monkeypatch.setattr(engine, "_rendered", lips_apart)
     frame = (np.random.default_rng(1).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
     image = engine.animate_batch([session], [frame])[0].image
-    expected = open_mouths(mouth_image(), [session.mouth], np.array([3.2]), np.zeros((1, 2)), CFG)
+    expected = open_mouths(mouth_image(), [session.mouth], np.array([3.2]), np.zeros((1, 2)), engine.mouth)
     expected = (expected[0].permute(1, 2, 0) * 255).round().numpy().astype(int)
     assert np.abs(image.astype(int) - expected).max() <= 1
     drawn = (mouth_image()[0].permute(1, 2, 0) * 255).round().numpy().astype(int)
