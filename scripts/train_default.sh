@@ -143,4 +143,4 @@ dagan train lids --init runs/live128-fine/dagan-default.safetensors --data "$OUT
 #     engine opens the avatar's mouth further than the generator draws it (no training; weights/README.md
 #     "An open mouth")
 python scripts/set_model_config.py --weights runs/live128-fine/dagan-default-lids.safetensors \
-  --set mouth.warp=0.5 --out runs/live128-fine/dagan-default-mouth.safetensors
+  --set mouth.warp=0.5 --set mouth.shade=5.0 --out runs/live128-fine/dagan-default-mouth.safetensors

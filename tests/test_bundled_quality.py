@@ -67,8 +67,8 @@ def test_bundled_weights_carry_mouth_and_head_turns_to_another_person(tmp_path):
     0.95 / 0.80, the file before them 0.87 / 0.39, an older default 0.21, the photo itself 0. Its head
     must turn with hers, and its eyes blink with hers: the lid reader (since 2026-12-06 14:00) scored
     eyes r 0.91, gain 1.27 here (since 17:00, wider eyes: 0.91 / 1.16), the same file without it 0.16 /
-    0.06. Since 21:30 the open-mouth warp (mouth.warp 0.5): mouth 0.90 / 1.64. Mediapipe must find a face
-    in the outputs."""
+    0.06. Since 22:10 the open-mouth warp (mouth.warp 0.5, shade 5): mouth 0.89 / 1.81. Mediapipe must
+    find a face in the outputs."""
     if not (CROSS_PHOTO.is_file() and CROSS_CLIP.is_file()):
         pytest.skip("the real-face photos and clips live in ../shared")
     from evaluation.cross import evaluate_cross
