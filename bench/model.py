@@ -239,17 +239,30 @@ def bench_mouth(model: DaGAN, frames: int = 50, warmup: int = 5) -> dict:
     return {"warp": stats(_time(warp, frames, warmup, torch.device("cpu")))}
 
 
+def mouth_landmarks(
+    left: float, right: float, row: float, gap: float, lip_bottom: float, chin: float
+) -> np.ndarray:
+    """478×2 face-mesh landmarks holding only a level mouth (everything else at 0): corners at x ``left``
+    and ``right`` on ``row``, the inner lips ``gap`` apart around it, the lower lip's outer edge at row
+    ``lip_bottom`` and the chin at row ``chin``, both in the middle. A stand-in for a photo's mesh where
+    :mod:`dagan.mouth` needs one (this benchmark, the tests), as :func:`almond_eyes` is for the eyes."""
+    from dagan.mouth import CHIN, CORNERS, INNER_LOWER, INNER_UPPER, OUTER_LOWER
+
+    lm = np.zeros((478, 2), np.float32)
+    cx = (left + right) / 2
+    lm[CORNERS[0]], lm[CORNERS[1]] = (left, row), (right, row)
+    lm[INNER_UPPER], lm[INNER_LOWER] = (cx, row - gap / 2), (cx, row + gap / 2)
+    lm[OUTER_LOWER], lm[CHIN] = (cx, lip_bottom), (cx, chin)
+    return lm
+
+
 def _typical_mouth(size: int) -> Any:
     """:class:`dagan.mouth.MouthShape` where a crop puts a closed mouth: 13 % of the crop wide, centred
     across, 70 % down, the chin 13 % below it."""
-    from dagan.mouth import CHIN, CORNERS, INNER_LOWER, INNER_UPPER, OUTER_LOWER, mouth_shape
+    from dagan.mouth import mouth_shape
 
-    lm = np.zeros((478, 2), np.float32)
     cx, cy, w = 0.5 * size, 0.7 * size, 0.13 * size
-    lm[CORNERS[0]], lm[CORNERS[1]] = (cx - w / 2, cy), (cx + w / 2, cy)
-    lm[INNER_UPPER], lm[INNER_LOWER] = (cx, cy - 0.25), (cx, cy + 0.25)
-    lm[OUTER_LOWER], lm[CHIN] = (cx, cy + 0.025 * size), (cx, cy + 0.13 * size)
-    return mouth_shape(lm)
+    return mouth_shape(mouth_landmarks(cx - w / 2, cx + w / 2, cy, 0.5, cy + 0.025 * size, cy + 0.13 * size))
 
 
 def _peak_memory_mb(device: torch.device) -> float:

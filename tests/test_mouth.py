@@ -12,13 +12,8 @@ from helpers import make_model
 
 from dagan.config import ConfigError, MouthConfig, config_from_dict, load_config, set_dotted, to_plain
 from dagan.mouth import (
-    CHIN,
-    CORNERS,
-    INNER_LOWER,
-    INNER_UPPER,
     JAW,
     MAX_OPENING,
-    OUTER_LOWER,
     SEARCH_OFFSETS,
     extra_opening,
     find_gap,
@@ -42,11 +37,9 @@ def mouth_config(**changes):
 
 def synthetic_landmarks(gap: float = 1.0) -> np.ndarray:
     """478×2 landmarks holding only the mouth of :func:`mouth_image` (inner lips ``gap`` apart)."""
-    lm = np.zeros((478, 2), np.float32)
-    lm[CORNERS[0]], lm[CORNERS[1]] = (LEFT, ROW), (RIGHT, ROW)
-    lm[INNER_UPPER], lm[INNER_LOWER] = (32, ROW - gap / 2), (32, ROW + gap / 2)
-    lm[OUTER_LOWER], lm[CHIN] = (32, 45), (32, 56)
-    return lm
+    from bench.model import mouth_landmarks
+
+    return mouth_landmarks(LEFT, RIGHT, ROW, gap, lip_bottom=45, chin=56)
 
 
 def mouth_image() -> torch.Tensor:
