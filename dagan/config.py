@@ -31,6 +31,10 @@ PRESETS = ("vox-256", "tiny", "fomm", "live-128")
 #: The largest lip-opening gain a config or a session may ask for: beyond it the lips tear apart.
 MAX_MOUTH_GAIN = 4.0
 
+#: The largest Jacobian gain a config may set: at 1.6 a wink already smears the eye (weights/README.md,
+#: "Head turns"); beyond 2 the local warps fold.
+MAX_JACOBIAN_GAIN = 2.0
+
 
 def is_mouth_gain(value: object) -> bool:
     """Whether ``value`` is a lip-opening gain a config, a session or a flag may ask for: a number (not a
@@ -93,6 +97,12 @@ class KeypointConfig:
     # the way (weights/README.md, "Mouth gain"). Engine sessions may override the gain.
     mouth_keypoints: tuple[int, ...] = ()
     mouth_open_gain: float = 1.0
+    # Relative motion carries the driver's local rotation and stretch since the reference (J_d J_ref⁻¹)
+    # onto the photo's Jacobians; jacobian_gain g > 1 takes it further: J = J_s + g · (J_d J_ref⁻¹ J_s
+    # − J_s) (dagan.keypoint_ops.relative_keypoints). Why: the bundled model turns the head mostly
+    # through these Jacobians, at two thirds of the driver's turn (weights/README.md, "Head turns").
+    # 1 is the paper's transfer; it needs estimate_jacobian otherwise.
+    jacobian_gain: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -363,6 +373,16 @@ def _check_semantics(cfg: ModelConfig) -> None:
         is_mouth_gain(cfg.keypoints.mouth_open_gain),
         "keypoints.mouth_open_gain",
         f"must be in (0, {MAX_MOUTH_GAIN:g}] (1 = the driver's opening as it is)",
+    )
+    need(
+        0 < cfg.keypoints.jacobian_gain <= MAX_JACOBIAN_GAIN,
+        "keypoints.jacobian_gain",
+        f"must be in (0, {MAX_JACOBIAN_GAIN:g}] (1 = the driver's local motion as it is)",
+    )
+    need(
+        cfg.keypoints.estimate_jacobian or cfg.keypoints.jacobian_gain == 1.0,
+        "keypoints.jacobian_gain",
+        "needs keypoints.estimate_jacobian (a model without Jacobians has no local motion to scale)",
     )
     need(
         bool(mouth) or cfg.keypoints.mouth_open_gain == 1.0,

@@ -200,14 +200,16 @@ def frame_step(model: torch.nn.Module, x: dict[str, torch.Tensor]) -> dict[str, 
     code. Relative motion is selected per batch item inside (``relative`` B×1×1), so absolute and
     relative streams share one call; ``motion_scale`` B×1×1 is 1 for relative motion without
     movement-scale adaptation; ``mouth_gain`` B×1×1 (configs with ``keypoints.mouth_keypoints``) scales
-    the driver's lip opening (:func:`dagan.keypoint_ops.open_mouth`).
+    the driver's lip opening (:func:`dagan.keypoint_ops.open_mouth`); the model's
+    ``keypoints.jacobian_gain`` scales the local motion of the Jacobians (a constant of the graph).
     """
     kp_s, feats = unflatten_cached(x)
     kp_d, depth_d = model.driving_keypoints(x["driving"])
     kp_ref = Keypoints(x["kp_reference_value"], x.get("kp_reference_jacobian"))
     gain = x["mouth_gain"] if has_mouth_gain(model.config) else 1.0  # the input motion_names lists
     mouth = model.config.keypoints.mouth_keypoints
-    kp_used = relative_keypoints(kp_s, kp_d, kp_ref, x["motion_scale"], x["relative"], mouth, gain)
+    jac_gain = model.config.keypoints.jacobian_gain  # a constant of the graph
+    kp_used = relative_keypoints(kp_s, kp_d, kp_ref, x["motion_scale"], x["relative"], mouth, gain, jac_gain)
     prediction = model.generator.decode(feats, kp_s, kp_used).prediction
     return {
         "prediction": prediction,

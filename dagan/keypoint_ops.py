@@ -97,6 +97,7 @@ def relative_keypoints(
     relative: torch.Tensor | None = None,
     mouth: tuple[int, ...] = (),
     mouth_gain: torch.Tensor | float = 1.0,
+    jacobian_gain: float = 1.0,
 ) -> Keypoints:
     """Source keypoints moved by the driver's displacement since ``kp_reference`` — the one
     relative-motion implementation (the engine's eager path, its CUDA graphs and the exported graphs all
@@ -109,7 +110,12 @@ def relative_keypoints(
     0 = absolute) each item chooses between this and ``kp_driving`` with ``where`` rather than by
     blending, so an absolute item's placeholder reference can never leak a NaN into its output.
     With ``mouth`` (the model's ``keypoints.mouth_keypoints``) the driver's lip opening is first scaled
-    by ``mouth_gain`` (:func:`open_mouth`; relative items only).
+    by ``mouth_gain`` (:func:`open_mouth`; relative items only). ``jacobian_gain`` g (the model's
+    ``keypoints.jacobian_gain``) scales the local motion the Jacobians carry: J = J_s + g · (J_d J_ref⁻¹
+    J_s − J_s), so 1 is the transfer above and g > 1 turns and stretches each keypoint's neighbourhood
+    further than the driver's. Why: the bundled model turns the head mostly through the Jacobians, and
+    at two thirds of the driver's turn (weights/README.md, "Head turns"); scaling the keypoints'
+    displacement instead hardly turned it.
     """
     driving = kp_driving.value
     if mouth:
@@ -128,6 +134,8 @@ def relative_keypoints(
         else:
             inv = inverse_2x2(ref_jac)
         jac = kp_driving.jacobian @ inv @ kp_source.jacobian
+        if jacobian_gain != 1.0:
+            jac = kp_source.jacobian + jacobian_gain * (jac - kp_source.jacobian)
     if relative is None:
         return Keypoints(value, jac)
     use = relative > 0.5  # B×1×1

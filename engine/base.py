@@ -129,6 +129,9 @@ class Engine(abc.ABC):
     # has no lip-opening gain to set (:func:`check_mouth_gain`).
     mouth_keypoints: tuple[int, ...] = ()
     mouth_open_gain: float = 1.0
+    # The model's ``keypoints.jacobian_gain``: the frame graph scales the Jacobians' local motion by it
+    # (a constant of the graph); the host's transfer of filtered keypoints does the same.
+    jacobian_gain: float = 1.0
     # The model's lid reader (dagan.nets.lid_reader.LidReader; config ``blink``), or None: the engine
     # draws no blinks (engine/hot_path.py, step 6).
     lid_reader: Any = None

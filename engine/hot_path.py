@@ -273,6 +273,7 @@ class FramePathEngine(Engine):
             motion["relative"],
             self.mouth_keypoints,
             motion.get("mouth_gain", 1.0),
+            self.jacobian_gain,
         )
 
     def _filtered_frame(
@@ -292,7 +293,7 @@ class FramePathEngine(Engine):
             render["kp_driving_jacobian"] = kp_used.jacobian
         prediction = self._render(render)
         if prediction is None:  # no generator graph: the fused graph with moved references
-            feed.update(filtered_motion(kp_s, kp_d, kp_f, kp_used, motion))
+            feed.update(filtered_motion(kp_s, kp_d, kp_f, kp_used, motion, self.jacobian_gain))
             out = self._run_frame(feed)
             prediction, depth = out["prediction"], out.get("driving_depth")
         return {
@@ -470,21 +471,29 @@ def filter_keypoints(sessions: list[Session], kp: Keypoints, mouth: tuple[int, .
 
 
 def filtered_motion(
-    kp_s: Keypoints, kp_d: Keypoints, kp_f: Keypoints, kp_used: Keypoints, motion: dict[str, torch.Tensor]
+    kp_s: Keypoints,
+    kp_d: Keypoints,
+    kp_f: Keypoints,
+    kp_used: Keypoints,
+    motion: dict[str, torch.Tensor],
+    jacobian_gain: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Motion inputs for the fused ``frame`` graph so that, detecting ``kp_d`` itself, it renders
     ``kp_used`` (the transfer of the filtered ``kp_f``).
 
     Every item is made relative with scale 1, lip-opening gain 1 (``kp_used`` has it already) and the
-    reference kp_ref' = kp_d − (kp_used − kp_s): then kp_s + (kp_d − kp_ref') = kp_used. Jacobians:
-    J_ref' = J_s J_used⁻¹ J_d gives J_d J_ref'⁻¹ J_s = J_used. (The graph detects kp_d again from the
-    same pixels, so this is exact up to the backend's own numerical noise.)
+    reference kp_ref' = kp_d − (kp_used − kp_s): then kp_s + (kp_d − kp_ref') = kp_used. Jacobians: the
+    graph applies the model's ``jacobian_gain`` g again, J_s + g (J_d J_ref'⁻¹ J_s − J_s), so it must
+    meet J_u = J_s + (J_used − J_s) / g there; J_ref' = J_s J_u⁻¹ J_d gives J_d J_ref'⁻¹ J_s = J_u.
+    (The graph detects kp_d again from the same pixels, so this is exact up to the backend's own
+    numerical noise.)
     """
     b = kp_d.value.shape[0]
     out = dict(motion)
     out["kp_reference_value"] = kp_d.value - (kp_used.value - kp_s.value)
     if kp_used.jacobian is not None and kp_d.jacobian is not None and kp_s.jacobian is not None:
-        out["kp_reference_jacobian"] = kp_s.jacobian @ inverse_2x2(kp_used.jacobian) @ kp_d.jacobian
+        target = kp_s.jacobian + (kp_used.jacobian - kp_s.jacobian) / jacobian_gain
+        out["kp_reference_jacobian"] = kp_s.jacobian @ inverse_2x2(target) @ kp_d.jacobian
     ones = torch.ones(b, 1, 1, device=kp_d.value.device, dtype=kp_d.value.dtype)
     out["motion_scale"], out["relative"] = ones, ones
     if "mouth_gain" in out:

@@ -223,7 +223,13 @@ class GeneratorObjective(nn.Module):
         mostly another person. Returns (avatar B×3×H×W, the driver's index per item)."""
         order = torch.roll(torch.arange(source.shape[0], device=source.device), 1)
         reference, driver = _swap(kp_s, order), _swap(kp_d, order)
-        moved = relative_keypoints(kp_s, driver, reference, movement_scale(kp_s, reference))
+        moved = relative_keypoints(
+            kp_s,
+            driver,
+            reference,
+            movement_scale(kp_s, reference),
+            jacobian_gain=self.model.config.keypoints.jacobian_gain,
+        )
         avatar = self.model.generator(source, depth_s, kp_s, moved).prediction
         self._mask_logits = None  # the mask hook fired again: those logits are not the mask loss's
         return avatar, order
