@@ -5,8 +5,8 @@
 # previous default's keypoint detector and generator (INIT, taken from git history) with that depth net
 # frozen. Every step is resumable: re-run the script, or `dagan train ... --resume --run-dir ...`.
 # On a quiet 2-core CPU: prepare + landmarks ~5-15 min, depth ~35 + 25 + 35 min, DaGAN ~1 h (step 4), 1.3 h (5),
-# 1 h (6) and 1.2 h (7); minutes on a GPU (scripts/gpu_train.sh). Steps 8 and 10 (seconds) and 9 (~4 min) write
-# the bundled file, runs/live128-fine/dagan-default-mouth.safetensors.
+# 1 h (6) and 1.2 h (7); minutes on a GPU (scripts/gpu_train.sh). Steps 8, 10 and 11 (seconds) and 9 (~4 min)
+# write the bundled file, runs/live128-fine/dagan-default-turns.safetensors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -144,3 +144,8 @@ dagan train lids --init runs/live128-fine/dagan-default.safetensors --data "$OUT
 #     "An open mouth")
 python scripts/set_model_config.py --weights runs/live128-fine/dagan-default-lids.safetensors \
   --set mouth.warp=0.5 --set mouth.shade=5.0 --out runs/live128-fine/dagan-default-mouth.safetensors
+# 11. the bundled file since 2026-12-06 23:50: step 10's file with the Jacobian gain, so relative motion
+#     turns each keypoint's neighbourhood 1.3 times as far as the driver's (no training; weights/README.md
+#     "Head turns")
+python scripts/set_model_config.py --weights runs/live128-fine/dagan-default-mouth.safetensors \
+  --set keypoints.jacobian_gain=1.3 --out runs/live128-fine/dagan-default-turns.safetensors

@@ -67,8 +67,10 @@ def test_bundled_weights_carry_mouth_and_head_turns_to_another_person(tmp_path):
     0.95 / 0.80, the file before them 0.87 / 0.39, an older default 0.21, the photo itself 0. Its head
     must turn with hers, and its eyes blink with hers: the lid reader (since 2026-12-06 14:00) scored
     eyes r 0.91, gain 1.27 here (since 17:00, wider eyes: 0.91 / 1.16), the same file without it 0.16 /
-    0.06. Since 22:10 the open-mouth warp (mouth.warp 0.5, shade 5): mouth 0.89 / 1.81. Mediapipe must
-    find a face in the outputs."""
+    0.06. Since 22:10 the open-mouth warp (mouth.warp 0.5, shade 5): mouth 0.89 / 1.81. Since 23:50 the
+    Jacobian gain 1.3 turns the head further: yaw r / gain 0.95 / 0.84, the file before 0.95 / 0.66
+    (which the yaw bound below now fails); mouth 0.90 / 1.95. Mediapipe must find a face in the
+    outputs."""
     if not (CROSS_PHOTO.is_file() and CROSS_CLIP.is_file()):
         pytest.skip("the real-face photos and clips live in ../shared")
     from evaluation.cross import evaluate_cross
@@ -92,5 +94,5 @@ def test_bundled_weights_carry_mouth_and_head_turns_to_another_person(tmp_path):
     (pair,) = [p for p in result["pairs"] if p["method"] == "dagan"]
     assert pair["face_rate"] >= 0.9, pair
     assert pair["mouth_corr"] >= 0.8 and 1.0 <= pair["mouth_gain"] <= 2.2, pair
-    assert pair["yaw_corr"] >= 0.8 and pair["yaw_gain"] >= 0.5, pair
+    assert pair["yaw_corr"] >= 0.8 and 0.75 <= pair["yaw_gain"] <= 1.3, pair
     assert pair["eyes_corr"] >= 0.6 and pair["eyes_gain"] >= 0.5, pair

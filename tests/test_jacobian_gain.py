@@ -148,3 +148,8 @@ def test_onnx_export_runs_the_gain_as_torch_does(models, tmp_path):
     a, b = _relative(ort_e, src, ref, drv)[1], _relative(torch_e, src, ref, drv)[1]
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
+
+def test_the_bundled_file_turns_the_head_further():
+    from dagan.checkpoint import load_model
+
+    assert load_model("weights/dagan-default.safetensors").config.keypoints.jacobian_gain > 1.0
