@@ -31,8 +31,8 @@ PRESETS = ("vox-256", "tiny", "fomm", "live-128")
 #: The largest lip-opening gain a config or a session may ask for: beyond it the lips tear apart.
 MAX_MOUTH_GAIN = 4.0
 
-#: The largest Jacobian gain a config may set: at 1.6 a wink already smears the eye (weights/README.md,
-#: "Head turns"); beyond 2 the local warps fold.
+#: The largest Jacobian gain a config may set, above anything that was measured to help: at 1.6 a wink
+#: already smears the eye (weights/README.md, "Head turns").
 MAX_JACOBIAN_GAIN = 2.0
 
 
