@@ -193,8 +193,9 @@ def mouth_grid(
     source = np.array([start, top, bottom, lip_bottom, end])
     target = np.array([start, top, bottom + extra, lip_bottom + extra, end])
     moved = np.interp(v, target, source) - v
-    across = np.where(v > lip_bottom, np.abs(u) / (JAW * shape.width), np.abs(u) / (LENS * shape.width))
-    lens = 0.5 + 0.5 * np.cos(np.pi * np.clip(across, 0.0, 1.0))
+    # across the mouth: the lips' lens, and the broader jaw's below the lower lip
+    lips_lens = _fade(np.abs(u) / (LENS * shape.width))
+    lens = np.where(v > lip_bottom, _fade(np.abs(u) / (JAW * shape.width)), lips_lens)
     moved = np.where((v > start) & (v < end), moved * lens, 0.0)
     scale = 2.0 / max(size - 1, 1)
     grid = np.stack(
@@ -204,12 +205,17 @@ def mouth_grid(
     # its column's gap that is new (most in the middle of the mouth, none at the corners), most at the
     # gap's middle and none at its edges (the lips)
     height = bottom - top
-    lips_lens = 0.5 + 0.5 * np.cos(np.pi * np.clip(np.abs(u) / (LENS * shape.width), 0.0, 1.0))
     opened = extra * lips_lens
     inside = np.clip((v + moved - top) / max(height, 1e-6), 0.0, 1.0)
     along = np.clip(1.0 - np.abs(2.0 * inside - 1.0), 0.0, 1.0) ** 0.5
     weight = np.clip(shade * opened / (opened + height) * along, 0.0, 1.0)
     return torch.from_numpy(grid[None].astype(np.float32)), torch.from_numpy(weight.astype(np.float32))
+
+
+def _fade(x: np.ndarray) -> np.ndarray:
+    """The share of the warp at a pixel ``x`` of the warp's reach across the mouth: 1 in the middle,
+    falling smoothly (a raised cosine) to 0 at the reach and beyond."""
+    return 0.5 + 0.5 * np.cos(np.pi * np.clip(x, 0.0, 1.0))
 
 
 def open_mouths(

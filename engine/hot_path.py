@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from dagan.blink import LidState, close_lids, eye_shapes
-from dagan.config import BlinkConfig, MouthConfig
+from dagan.config import BlinkConfig, ModelConfig, MouthConfig
 from dagan.graph_contract import unflatten_cached
 from dagan.helpers import Uploader, depth_to_images, images_to_tensor, tensor_to_images
 from dagan.keypoint_ops import movement_scale, relative_keypoints
@@ -80,6 +80,15 @@ class FramePathEngine(Engine):
         super().__init__()
         self._uploader: Uploader | None = None
         self._stack = SourceStack()
+
+    def _take_config(self, config: ModelConfig) -> None:
+        """The model's settings the host's steps read, from its config, by one rule for every backend
+        (call it once ``mouth_keypoints`` and ``lid_reader`` are set): the Jacobian gain of the host's
+        transfer (step 5), the blink settings of a model with a lid reader and the open-mouth warp of a
+        model that sets one and names its lips (step 6)."""
+        self.jacobian_gain = config.keypoints.jacobian_gain
+        self.blink = config.blink if self.lid_reader is not None else None
+        self.mouth = config.mouth if config.mouth.warp > 0 and self.mouth_keypoints else None
 
     def _attach_face(self, session: Session, source_image: np.ndarray) -> Session:
         """Give a new session what step 6 needs from the photo's face mesh, when the model uses it and

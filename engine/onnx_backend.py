@@ -114,12 +114,8 @@ class GraphEngine(FramePathEngine):
             self.mouth_open_gain = float(kp_config["mouth_open_gain"])
         self.kp_inputs = [s["name"] for s in graphs["keypoints"]["inputs"]]
         config = config_from_dict(manifest["config"])
-        self.jacobian_gain = config.keypoints.jacobian_gain  # a constant of the frame graph
         self.lid_reader = load_lid_reader(directory, manifest, config.blink.keypoints, self.device)
-        if self.lid_reader is not None:
-            self.blink = config.blink
-        if config.mouth.warp > 0 and self.mouth_keypoints:
-            self.mouth = config.mouth
+        self._take_config(config)  # the Jacobian gain is also a constant of the frame graph
 
     def new_session(
         self, source_image: np.ndarray, relative: bool = False, adapt_scale: bool = True

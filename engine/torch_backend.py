@@ -105,10 +105,8 @@ class TorchEngine(FramePathEngine):
         self.jacobian = cfg.keypoints.estimate_jacobian
         self.mouth_keypoints = tuple(cfg.keypoints.mouth_keypoints)
         self.mouth_open_gain = cfg.keypoints.mouth_open_gain
-        self.jacobian_gain = cfg.keypoints.jacobian_gain
         self.lid_reader = self.model.lid_reader
-        self.blink = cfg.blink if self.lid_reader is not None else None
-        self.mouth = cfg.mouth if cfg.mouth.warp > 0 and self.mouth_keypoints else None
+        self._take_config(cfg)
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[int, _GraphedFrame] = {}
 
