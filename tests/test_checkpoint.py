@@ -137,6 +137,46 @@ def test_swap_depth_takes_the_depth_net_and_its_config_from_the_depth_run(tmp_pa
         swap_depth(tmp_path / "dagan.safetensors", tmp_path / "other.safetensors", tmp_path / "bad")
 
 
+def test_swap_generator_takes_only_the_generator_and_keeps_the_bundled_settings(tmp_path):
+    """scripts/swap_generator.py: the generator comes from a run that froze the keypoint detector; the
+    config (with the settings chosen after training) and every other tensor stay; a run that changed the
+    detector, or a generator of another shape, is refused."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from swap_generator import swap_generator
+
+    from dagan.config import load_config
+
+    base = load_config("tiny").replace(image_size=128)
+    shipped = base.replace(**{"keypoints.jacobian_gain": 1.3})  # a setting made after training
+    model = make_model(base, seed=0)
+    save_checkpoint(tmp_path / "shipped.safetensors", shipped, model, {"trained": "true"})
+    tuned = make_model(base, seed=0)
+    with torch.no_grad():
+        for p in tuned.generator.parameters():
+            p.add_(0.01)
+    save_checkpoint(tmp_path / "run.safetensors", base, tuned)
+    out = tmp_path / "out.safetensors"
+    meta = swap_generator(tmp_path / "shipped.safetensors", tmp_path / "run.safetensors", out, "x")
+    cfg, tensors, saved = read_checkpoint(out)
+    assert cfg == shipped and meta["generator"] == saved["generator"] == "x" and saved["trained"] == "true"
+    for k, v in model.state_dict().items():
+        want = tuned.state_dict()[k] if k.startswith("generator.") else v
+        assert torch.equal(tensors[k], want), k
+    assert any(not torch.equal(tensors[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        next(tuned.kp_detector.parameters()).add_(0.01)
+    save_checkpoint(tmp_path / "moved.safetensors", base, tuned)
+    with pytest.raises(CheckpointError, match="changed kp_detector"):
+        swap_generator(tmp_path / "shipped.safetensors", tmp_path / "moved.safetensors", tmp_path / "bad")
+    other = make_model(base.replace(**{"generator.block_expansion": 16}))
+    save_checkpoint(tmp_path / "other.safetensors", other.config, other)
+    with pytest.raises(CheckpointError, match="generator"):
+        swap_generator(tmp_path / "shipped.safetensors", tmp_path / "other.safetensors", tmp_path / "bad")
+
+
 def test_set_model_config_keeps_the_tensors_and_refuses_a_new_model(tmp_path):
     """scripts/set_model_config.py: the same tensors under the changed config (here pooled attention
     keys, which the model then uses), the change recorded; a change that needs other tensors, or an

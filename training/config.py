@@ -148,6 +148,14 @@ class LossWeights:
     # cost, a dark mouth, teeth and the photo's lips do not. Mean over pixels: ~1e4 makes it count.
     # Makes the cross-identity pass when the terms above are 0.
     cross_chroma: float = 0.0
+    # The reshaped pair: the item's source and driving frames both warped by one random smooth warp T
+    # (dagan.reshape: another face shape that moves exactly as this one), T(source) driven by the
+    # unwarped frames' motion (relative, movement scale adapted, as the server drives a photo of another
+    # person), and the avatar scored against T(driving) with the perceptual loss. Cross-identity with a
+    # ground truth: the generator learns to draw a turn or a nod whose keypoint displacements were made on
+    # a face of another shape (weights/README.md, "Reshaped pairs"). One more generator pass per step;
+    # ~10 (the perceptual weight) makes it count as much as the frame itself.
+    reshaped_pair: float = 0.0
 
     @property
     def reads_landmarks(self) -> bool:
@@ -239,6 +247,12 @@ class DaganStageConfig:
     # then no longer fools it (training.landmark_loss.CrossMotionLoss).
     cross_motion_gray: bool = False
     transform: TransformConfig = field(default_factory=TransformConfig)
+    # weights.reshaped_pair's warp: how far another face's shape may be from this one's. Affine 0.1: width
+    # and height ±10 %, a roll of a few degrees, a shift of 5 % of the frame; the spline bends the
+    # features' layout by a few pixels, as FOMM's equivariance warp does.
+    reshape: TransformConfig = field(
+        default_factory=lambda: TransformConfig(sigma_affine=0.1, sigma_tps=0.005, points_tps=5)
+    )
 
 
 @dataclass(frozen=True)
@@ -369,7 +383,9 @@ def _check_semantics(cfg: TrainConfig) -> None:
         "needs scales in (0, 1]",
     )
     need(g.kp_distance_threshold >= 0, "dagan.kp_distance_threshold", "must be >= 0")
-    need(g.transform.points_tps >= 2, "dagan.transform.points_tps", "must be >= 2")
+    for name, t in (("transform", g.transform), ("reshape", g.reshape)):
+        need(t.points_tps >= 2, f"dagan.{name}.points_tps", "must be >= 2")
+        need(t.sigma_affine >= 0 and t.sigma_tps >= 0, f"dagan.{name}", "sigmas must be >= 0")
     for key, value in dataclasses.asdict(g.weights).items():
         need(value >= 0, f"dagan.weights.{key}", "must be >= 0")
     w = g.weights

@@ -336,6 +336,14 @@ class RandomTransform:
         tps = torch.einsum("bpi,bnp,bnpj->bnij", self.control_params, coef, diff)
         return self.affine[:, None, :, :2] + tps
 
+    def inside(self, h: int, w: int) -> torch.Tensor:
+        """B×1×H×W: 1 where I_T shows the image itself, 0 where T(z) leaves [-1, 1]² and
+        :meth:`transform_frame` shows its mirror (reflection padding)."""
+        b = self.affine.shape[0]
+        grid = make_coordinate_grid(h, w, like=self.affine).view(1, h * w, 2).expand(b, -1, -1)
+        warped = self.warp_coordinates(grid)
+        return (warped.abs() <= 1).all(dim=-1).to(self.affine.dtype).view(b, 1, h, w)
+
     def transform_frame(self, image: torch.Tensor) -> torch.Tensor:
         """I_T(z) = I(T(z)) for B×C×H×W images (grid in the keypoints' align_corners=True frame)."""
         b, _, h, w = image.shape

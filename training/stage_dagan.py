@@ -234,6 +234,29 @@ class GeneratorObjective(nn.Module):
         self._mask_logits = None  # the mask hook fired again: those logits are not the mask loss's
         return avatar, order
 
+    def _reshaped_pair(self, source, driving, kp_s, kp_d, seed: int) -> torch.Tensor:
+        """``weights.reshaped_pair`` (unweighted): one random smooth warp T per item (``dagan.reshape``)
+        makes T(source) and T(driving), a face of another shape making the same motion; T(source) is
+        driven by the unwarped frames' motion kp_d − kp_s, relative with the movement scale as the
+        server drives a photo, and the avatar must be T(driving). The plain transfer (Jacobian gain 1):
+        T(driving) is the motion as it happened, not as far as the engine may take it. Where T reaches
+        past the frame both warped frames show its mirror: there the avatar is not charged (it is
+        replaced by the target), or the generator learns to draw mirrored streaks at the frame's edge."""
+        _, perceptual = self._critics
+        t = self.cfg.reshape
+        gen = torch.Generator().manual_seed(seed + 1)  # not the equivariance warp's draw
+        warp = L.RandomTransform(
+            source.shape[0], t.sigma_affine, t.sigma_tps, t.points_tps, generator=gen, device=source.device
+        )
+        shaped_source, shaped_driving = warp.transform_frame(source), warp.transform_frame(driving)
+        kp_t, depth_t = self._keypoints(shaped_source)
+        moved = relative_keypoints(kp_t, kp_d, kp_s, movement_scale(kp_t, kp_s))
+        avatar = self.model.generator(shaped_source, depth_t, kp_t, moved).prediction
+        self._mask_logits = None  # the mask hook fired again: those logits are not the mask loss's
+        inside = warp.inside(*avatar.shape[-2:]).to(avatar.dtype)
+        avatar = inside * avatar + (1 - inside) * shaped_driving
+        return perceptual(avatar, shaped_driving)
+
     def forward(self, source: torch.Tensor, driving: torch.Tensor, seed: int, landmarks=None):
         discriminator, perceptual = self._critics
         w, g = self.cfg.weights, self.cfg
@@ -316,6 +339,8 @@ class GeneratorObjective(nn.Module):
         (landmark_loss,) = self._landmark_loss
         if landmark_loss is not None and landmarks is not None:
             terms["face_landmarks"] = w.face_landmarks * landmark_loss(pred, driving, landmarks[1])
+        if w.reshaped_pair > 0:
+            terms["reshaped_pair"] = w.reshaped_pair * self._reshaped_pair(source, driving, kp_s, kp_d, seed)
         (cross_loss,) = self._cross_loss
         avatar = None
         if (w.cross_motion > 0 or w.cross_gan > 0 or w.cross_chroma > 0) and source.shape[0] > 1:
