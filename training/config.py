@@ -151,10 +151,11 @@ class LossWeights:
     # The reshaped pair: the item's source and driving frames both warped by one random smooth warp T
     # (dagan.reshape: another face shape that moves exactly as this one), T(source) driven by the
     # unwarped frames' motion (relative, movement scale adapted, as the server drives a photo of another
-    # person), and the avatar scored against T(driving) with the perceptual loss. Cross-identity with a
-    # ground truth: the generator learns to draw a turn or a nod whose keypoint displacements were made on
-    # a face of another shape (weights/README.md, "Reshaped pairs"). One more generator pass per step;
-    # ~10 (the perceptual weight) makes it count as much as the frame itself.
+    # person), and the avatar scored against T(driving) with the perceptual loss: a cross-identity pair
+    # with a ground truth, for a generator that tears a face whose keypoints got another face's turn.
+    # One more generator pass per step; ~10 (the perceptual weight) makes it count as much as the frame
+    # itself. Measured on the bundled file, not shipped (weights/README.md, "Reshaped pairs and the torn
+    # turn").
     reshaped_pair: float = 0.0
 
     @property
