@@ -27,8 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 #: Tensors the run must not have changed: the settings and nets chosen on them stay valid only then.
-#: BatchNorm's running statistics are left out (a frozen net in eval mode keeps them, but a run that
-#: stepped its batch counter would differ only there).
+#: BatchNorm's batch counters are not compared: they count steps, not what a net computes.
 KEPT_GROUPS = ("kp_detector.", "depth_net.")
 
 
