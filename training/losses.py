@@ -336,19 +336,21 @@ class RandomTransform:
         tps = torch.einsum("bpi,bnp,bnpj->bnij", self.control_params, coef, diff)
         return self.affine[:, None, :, :2] + tps
 
+    def sampling_grid(self, h: int, w: int) -> torch.Tensor:
+        """B×H×W×2: T at every pixel of an H×W frame (the keypoints' align_corners=True frame), where
+        I_T reads I."""
+        b = self.affine.shape[0]
+        grid = make_coordinate_grid(h, w, like=self.affine).view(1, h * w, 2).expand(b, -1, -1)
+        return self.warp_coordinates(grid).view(b, h, w, 2)
+
     def inside(self, h: int, w: int) -> torch.Tensor:
         """B×1×H×W: 1 where I_T shows the image itself, 0 where T(z) leaves [-1, 1]² and
         :meth:`transform_frame` shows its mirror (reflection padding)."""
-        b = self.affine.shape[0]
-        grid = make_coordinate_grid(h, w, like=self.affine).view(1, h * w, 2).expand(b, -1, -1)
-        warped = self.warp_coordinates(grid)
-        return (warped.abs() <= 1).all(dim=-1).to(self.affine.dtype).view(b, 1, h, w)
+        return (self.sampling_grid(h, w).abs() <= 1).all(dim=-1).to(self.affine.dtype).unsqueeze(1)
 
     def transform_frame(self, image: torch.Tensor) -> torch.Tensor:
-        """I_T(z) = I(T(z)) for B×C×H×W images (grid in the keypoints' align_corners=True frame)."""
-        b, _, h, w = image.shape
-        grid = make_coordinate_grid(h, w, like=image.float()).view(1, h * w, 2).expand(b, -1, -1)
-        warped = self.warp_coordinates(grid).view(b, h, w, 2)
+        """I_T(z) = I(T(z)) for B×C×H×W images (stack two frames along C to warp both by one grid)."""
+        warped = self.sampling_grid(*image.shape[-2:])
         return F.grid_sample(
             image, warped.to(image.dtype), mode="bilinear", padding_mode="reflection", align_corners=True
         )

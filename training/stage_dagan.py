@@ -248,7 +248,7 @@ class GeneratorObjective(nn.Module):
         warp = L.RandomTransform(
             source.shape[0], t.sigma_affine, t.sigma_tps, t.points_tps, generator=gen, device=source.device
         )
-        shaped_source, shaped_driving = warp.transform_frame(source), warp.transform_frame(driving)
+        shaped_source, shaped_driving = warp.transform_frame(torch.cat([source, driving], 1)).chunk(2, 1)
         kp_t, depth_t = self._keypoints(shaped_source)
         moved = relative_keypoints(kp_t, kp_d, kp_s, movement_scale(kp_t, kp_s))
         avatar = self.model.generator(shaped_source, depth_t, kp_t, moved).prediction
