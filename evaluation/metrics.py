@@ -28,6 +28,8 @@ import math
 import cv2
 import numpy as np
 
+from dagan.head_pose import CANONICAL_FACE, head_pose
+
 __all__ = [
     "CANONICAL_FACE",
     "EXPRESSION_FEATURES",
@@ -105,49 +107,6 @@ def akd(landmarks_pred: np.ndarray, landmarks_true: np.ndarray) -> float:
     if p.shape != t.shape:
         raise ValueError(f"landmark sets differ in shape: {p.shape} vs {t.shape}")
     return float(np.linalg.norm(p - t, axis=1).mean())
-
-
-# Canonical 3D face: vertices of mediapipe's canonical_face_model.obj (Apache-2.0; the face-geometry module
-# of google/mediapipe, file mediapipe/modules/face_geometry/data/canonical_face_model.obj, vertex i = mesh
-# landmark i), in its units (≈ cm), x to the person's left (image right), y up, z out of the face towards
-# the viewer. The model is left/right symmetric, so 263/362/291 are the mirror images of 33/133/61.
-# Points are chosen to move little with expression except the mouth corners and chin, which the standard
-# 6-point head-pose recipe includes and which make the fit better constrained vertically.
-CANONICAL_FACE: dict[int, tuple[float, float, float]] = {
-    1: (0.000000, -1.126865, 7.475604),  # nose tip
-    168: (0.000000, 3.271027, 5.236015),  # nose bridge between the eyes
-    33: (-4.445859, 2.663991, 3.173422),  # right eye, outer corner
-    133: (-1.856432, 2.585245, 3.757904),  # right eye, inner corner
-    362: (1.856432, 2.585245, 3.757904),  # left eye, inner corner
-    263: (4.445859, 2.663991, 3.173422),  # left eye, outer corner
-    61: (-2.456206, -4.342621, 4.283884),  # mouth, right corner
-    291: (2.456206, -4.342621, 4.283884),  # mouth, left corner
-    152: (0.000000, -9.403378, 4.264492),  # chin
-}
-_POSE_IDS = list(CANONICAL_FACE)
-# OpenCV's camera frame has y down and z into the scene: rotate the model by 180° about x to match.
-_OBJECT_POINTS = np.array([CANONICAL_FACE[i] for i in _POSE_IDS], dtype=np.float64) * np.array(
-    [1.0, -1.0, -1.0]
-)
-
-
-def head_pose(landmarks: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
-    """(pitch, yaw, roll) in degrees of a face from its mesh landmarks in an image of (height, width).
-
-    Pinhole camera with focal length = image width and the principal point at the centre (the field of
-    view of a typical webcam/VoxCeleb crop; only differences between frames matter for PRMSE, and they
-    depend little on this choice). A frontal, upright face gives about (0, 0, 0); in-plane rotation of the
-    image by θ changes roll by θ.
-    """
-    h, w = int(image_size[0]), int(image_size[1])
-    pts = np.asarray(landmarks, dtype=np.float64)[_POSE_IDS, :2]
-    camera = np.array([[w, 0.0, w / 2.0], [0.0, w, h / 2.0], [0.0, 0.0, 1.0]])
-    ok, rvec, _ = cv2.solvePnP(_OBJECT_POINTS, pts, camera, None, flags=cv2.SOLVEPNP_SQPNP)
-    if not ok:
-        return np.full(3, np.nan)
-    rot, _ = cv2.Rodrigues(rvec)
-    angles = cv2.RQDecomp3x3(rot)[0]
-    return np.asarray(angles, dtype=np.float64)
 
 
 def angle_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
