@@ -236,6 +236,11 @@ def _read_frames(path: Path, size: int, max_frames: int | None, stride: int) -> 
     return frames
 
 
+# Frames per second assumed for a test clip's frames (prepared clips are frame folders without a rate):
+# the sessions' clock (``Session.frame_time``), one reading per batch, so a score does not depend on how
+# fast the machine animates.
+CLIP_FPS = 30.0
+
 MODES = ("absolute", "relative")
 # The result row of each animation mode ("dagan" keeps its name from the absolute-only reports).
 MODE_METHODS = {"absolute": "dagan", "relative": "dagan_relative"}
@@ -358,6 +363,10 @@ def evaluate(
             truth = driving[start : start + batch_size]
             f_truth = _analyse(truth, analyzer)
             for m, session in sessions.items():
+                # The clip's clock, not the wall clock: a stream's blink state learns the driver's
+                # open eyes over its first half second, which on the wall clock would hold more or
+                # fewer frames as the machine is faster or busier (scores that moved with the load).
+                session.frame_time = (start + 1) * frame_stride / CLIP_FPS
                 if session.relative and session.reference is None:
                     # As in a call: the first driving frame is the reference pose, where the output
                     # should be the source itself (scored against it as reference_pose).
