@@ -239,6 +239,39 @@ def bench_mouth(model: DaGAN, frames: int = 50, warmup: int = 5) -> dict:
     return {"warp": stats(_time(warp, frames, warmup, torch.device("cpu")))}
 
 
+def bench_nod(model: DaGAN, frames: int = 50, warmup: int = 5, face: np.ndarray | None = None) -> dict:
+    """Step 5's nod (engine/hot_path.py, :func:`engine.hot_path.nod_pitches`) for a model that nods,
+    on the CPU at batch 1, as every backend runs it: the driver's face mesh on the crop at the model's
+    size, its head pose and filter, and the photo's keypoints nodded (every frame of a relative stream).
+    ``face``: an RGB photo with a face, cropped as the server crops a camera frame (default: scikit-image's
+    astronaut portrait; without scikit-image the result says it was skipped: timing the mesh on a frame
+    without a face would time the face detector alone)."""
+    from dagan.face import crop_source, face_landmarks_upscaled
+    from dagan.nets.keypoints import Keypoints
+    from dagan.nod import NodState, nod_keypoints
+
+    if face is None:
+        try:
+            from skimage import data
+        except ImportError:
+            return {"skipped": "no face photo (scikit-image is not installed)"}
+        face = data.astronaut()
+    size = model.config.image_size
+    crop, _ = crop_source(face, out_size=size)
+    state, reference = NodState(model.config.nod.max_degrees), object()
+    k = model.config.keypoints.num_kp
+    kp_s = Keypoints(torch.rand(1, k, 2) - 0.5, torch.eye(2).repeat(1, k, 1, 1))
+    clock = [0.0]
+
+    @torch.inference_mode()
+    def nod() -> None:
+        clock[0] += 1 / 30
+        pitch = state.pitch(face_landmarks_upscaled(crop), (size, size), reference, clock[0])
+        nod_keypoints(kp_s, kp_s, torch.tensor([pitch]), model.config.nod.gain)
+
+    return {"mesh_and_nod": stats(_time(nod, frames, warmup, torch.device("cpu")))}
+
+
 def mouth_landmarks(
     left: float, right: float, row: float, gap: float, lip_bottom: float, chin: float
 ) -> np.ndarray:
@@ -492,6 +525,8 @@ def run_bench(settings: ModelBenchSettings) -> list[dict]:
             r["lids"] = bench_lids(bm.model, settings.frames, settings.warmup)
         if bm.model.config.mouth.warp > 0:
             r["mouth"] = bench_mouth(bm.model, settings.frames, settings.warmup)
+        if bm.model.config.nod.gain > 0:
+            r["nod"] = bench_nod(bm.model, settings.frames, settings.warmup)
         r.update(date=date, load_before=load_before, load_after=load_average())
         print(report_text(r), flush=True)
         results.append(r)
@@ -611,6 +646,15 @@ def report_text(r: dict) -> str:
             f"  open mouth (step 6, torch CPU, every backend): gap search, warp and shade p50 "
             f"{mw['median_ms']:.2f} ms p99 {mw['p99_ms']:.2f} ms"
         )
+    if "nod" in r:
+        if "skipped" in r["nod"]:
+            out(f"  nod (step 5): not timed, {r['nod']['skipped']}")
+        else:
+            mn = r["nod"]["mesh_and_nod"]
+            out(
+                f"  nod (step 5, CPU, every backend): the driver's face mesh, head pose and the nodded "
+                f"keypoints p50 {mn['median_ms']:.2f} ms p99 {mn['p99_ms']:.2f} ms"
+            )
     for b in r["backends"]:
         s = b["latency"]
         out(

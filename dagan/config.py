@@ -207,6 +207,24 @@ class MouthConfig:
 
 
 @dataclass(frozen=True)
+class NodConfig:
+    """The nod: the avatar's head pitched as far as the driver's, read from the driver's face mesh
+    (:mod:`dagan.nod`).
+
+    The keypoint detectors trained here do not see a nod, so the engine measures the driver's pitch since
+    the reference frame with the face mesh and nods the photo's keypoints by it, as a rotation of a
+    rounded face would move them. ``gain`` 0 (vox-256, and every model before): nothing changes.
+    """
+
+    # The bump's depth in units of the keypoints' spread: how far a degree of the driver's nod moves the
+    # photo's keypoints. 2 nods the avatar about as far as the driver on held-out pairs.
+    gain: float = 0.0
+    # The largest nod passed on, degrees either way: beyond it the face-mesh reading is unreliable and
+    # the bump model far from a face.
+    max_degrees: float = 30.0
+
+
+@dataclass(frozen=True)
 class DiscriminatorConfig:
     scales: tuple[float, ...] = (1.0,)
     block_expansion: int = 32
@@ -228,6 +246,7 @@ class ModelConfig:
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     blink: BlinkConfig = field(default_factory=BlinkConfig)
     mouth: MouthConfig = field(default_factory=MouthConfig)
+    nod: NodConfig = field(default_factory=NodConfig)
 
     @property
     def needs_depth(self) -> bool:
@@ -418,6 +437,8 @@ def _check_semantics(cfg: ModelConfig) -> None:
     )
     need(0 <= cfg.mouth.shade <= 10, "mouth.shade", "must be in [0, 10]")
     need(cfg.mouth.open_photo > 0, "mouth.open_photo", "must be > 0")
+    need(0 <= cfg.nod.gain <= 5, "nod.gain", "must be in [0, 5]")
+    need(0 < cfg.nod.max_degrees <= 60, "nod.max_degrees", "must be in (0, 60]")
     for key, sf in (
         ("keypoints.scale_factor", cfg.keypoints.scale_factor),
         ("generator.dense_motion.scale_factor", cfg.generator.dense_motion.scale_factor),

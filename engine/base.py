@@ -65,6 +65,9 @@ class Session:
     # avatar's mouth further (config ``mouth``) when the photo's face mesh is found and its lips are
     # not already apart, else None (the mouth then stays as drawn).
     mouth: Any = None
+    # The stream's nod (:class:`dagan.nod.NodState`): set at creation for a model that nods (config
+    # ``nod``) where mediapipe is installed, else None (the avatar then nods as far as its keypoints do).
+    nod: Any = None
 
     def reset_reference(self, auto: bool = False) -> None:
         """Take the next driving frame as the new neutral pose (the "recalibrate" action).

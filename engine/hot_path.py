@@ -33,6 +33,12 @@ driving depth → keypoints (the ``depth``/``keypoints`` graphs), the stream's O
 from the fused graph by moving the reference so that the keypoints it detects transfer as the filtered
 ones would (:func:`filtered_motion`), at the price of running the driving branch twice. After step 5
 the automatic neutral pose (:func:`choose_neutral`) looks at the frame's keypoints.
+
+The nod (:mod:`dagan.nod`, config ``nod``): a model that nods runs step 5 split the same way for its
+relative streams, filtered or not, because between the transfer and the generator the transferred
+keypoints are nodded by the driver's head pitch since the reference, read from the face mesh of the
+driving frame (:func:`nod_pitches`; host code, a few milliseconds a frame, the same for every backend).
+The detector does not see a nod; the mesh does.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import numpy as np
 import torch
 
 from dagan.blink import LidState, close_lids, eye_shapes
-from dagan.config import BlinkConfig, ModelConfig, MouthConfig
+from dagan.config import BlinkConfig, ModelConfig, MouthConfig, NodConfig
 from dagan.graph_contract import unflatten_cached
 from dagan.helpers import Uploader, depth_to_images, images_to_tensor, tensor_to_images
 from dagan.keypoint_ops import movement_scale, relative_keypoints
@@ -55,6 +61,7 @@ from dagan.mouth import extra_opening, mouth_shape, open_mouths
 from dagan.nets.blocks import inverse_2x2
 from dagan.nets.keypoints import Keypoints
 from dagan.nets.lid_reader import LidReader
+from dagan.nod import NodState, layout_distance, nod_keypoints, nod_weight
 
 from .base import Engine, EngineError, FrameResult, Session, check_batch, check_mouth_gain
 
@@ -74,6 +81,8 @@ class FramePathEngine(Engine):
     blink: BlinkConfig | None = None
     # The model's open-mouth warp (config ``mouth``), or None.
     mouth: MouthConfig | None = None
+    # The model's nod (config ``nod``), or None.
+    nod: NodConfig | None = None
     _warned_no_mesh = False  # once per process
 
     def __init__(self) -> None:
@@ -84,18 +93,20 @@ class FramePathEngine(Engine):
     def _take_config(self, config: ModelConfig) -> None:
         """The model's settings the host's steps read, from its config, by one rule for every backend
         (call it once ``mouth_keypoints`` and ``lid_reader`` are set): the Jacobian gain of the host's
-        transfer (step 5), the blink settings of a model with a lid reader and the open-mouth warp of a
-        model that sets one and names its lips (step 6)."""
+        transfer (step 5), the nod of a model that sets one (step 5), the blink settings of a model with
+        a lid reader and the open-mouth warp of a model that sets one and names its lips (step 6)."""
         self.jacobian_gain = config.keypoints.jacobian_gain
+        self.nod = config.nod if config.nod.gain > 0 else None
         self.blink = config.blink if self.lid_reader is not None else None
         self.mouth = config.mouth if config.mouth.warp > 0 and self.mouth_keypoints else None
 
     def _attach_face(self, session: Session, source_image: np.ndarray) -> Session:
-        """Give a new session what step 6 needs from the photo's face mesh, when the model uses it and
-        the mesh is found: its blink state (a model with a lid reader) and its mouth (a model with an
-        open-mouth warp, and a photo whose lips are not already apart). Backends call this at the end of
-        ``new_session``."""
-        if self.lid_reader is None and self.mouth is None:
+        """Give a new session what steps 5 and 6 need of the face mesh, when the model uses it and
+        mediapipe is installed: its nod state (a model that nods: the driver's mesh is read every frame),
+        and where the photo's mesh is found its blink state (a model with a lid reader) and its mouth (a
+        model with an open-mouth warp, and a photo whose lips are not already apart). Backends call this
+        at the end of ``new_session``."""
+        if self.lid_reader is None and self.mouth is None and self.nod is None:
             return session
         from dagan.face import face_landmarks_upscaled  # mediapipe, only for models that use the mesh
 
@@ -109,10 +120,13 @@ class FramePathEngine(Engine):
             if not FramePathEngine._warned_no_mesh:
                 FramePathEngine._warned_no_mesh = True
                 warnings.warn(
-                    "mediapipe is not installed: the avatar will not blink or open its mouth further",
+                    "mediapipe is not installed: the avatar will not blink or open its mouth further, "
+                    "and will not nod",
                     stacklevel=2,
                 )
             return session
+        if self.nod is not None:
+            session.nod = NodState(self.nod.max_degrees)
         if landmarks is None:
             return session
         if self.lid_reader is not None:
@@ -183,8 +197,8 @@ class FramePathEngine(Engine):
             ensure_references(sessions, driving, self._detect, self._source_keypoints)  # 2.
             feed = {"driving": driving}
             feed.update(self._stack.get(sessions, self._cached, self.cached_inputs))  # 3.
-            if any(s.kp_filter is not None for s in sessions):
-                out = self._filtered_frame(sessions, feed)  # 4. + 5. split around the filter
+            if any(s.kp_filter is not None for s in sessions) or self._nodding(sessions):
+                out = self._filtered_frame(sessions, feed, frames)  # 4. + 5. split around the filter
             else:  # 4.
                 feed.update(self._motion(sessions))
                 out = self._run_frame(feed)  # 5. the per-frame function
@@ -285,17 +299,26 @@ class FramePathEngine(Engine):
             self.jacobian_gain,
         )
 
+    def _nodding(self, sessions: list[Session]) -> bool:
+        """Whether any of these streams nods its avatar (step 5, :func:`nod_pitches`)."""
+        return self.nod is not None and any(s.nod is not None and s.relative for s in sessions)
+
     def _filtered_frame(
-        self, sessions: list[Session], feed: dict[str, torch.Tensor]
+        self, sessions: list[Session], feed: dict[str, torch.Tensor], frames: list[np.ndarray]
     ) -> dict[str, torch.Tensor | None]:
-        """Step 5 with each stream's keypoint filter between detection and rendering (module doc).
-        The outputs' ``kp_driving_*`` are the filtered keypoints, ``kp_detected_value`` the detected
-        ones and ``kp_rendered_value`` those the generator drew (step 6 reads both)."""
+        """Step 5 with each stream's keypoint filter, and the nod, between detection and rendering
+        (module doc). The outputs' ``kp_driving_*`` are the filtered keypoints, ``kp_detected_value``
+        the detected ones and ``kp_rendered_value`` those the generator drew (step 6 reads both)."""
         kp_d, depth = self._drive(feed["driving"])
         kp_f = filter_keypoints(sessions, kp_d, self.mouth_keypoints)
         motion = self._motion(sessions)
         kp_s, _ = unflatten_cached(feed)
         kp_used = self._transfer(kp_s, kp_f, motion)
+        if self._nodding(sessions):
+            assert self.nod is not None
+            pitch = nod_pitches(sessions, frames, self.image_size)
+            weight = nod_weight(kp_s.value, motion["kp_reference_value"]).cpu()
+            kp_used = nod_keypoints(kp_s, kp_used, (pitch * weight).to(kp_used.value.device), self.nod.gain)
         render = {n: feed[n] for n in self.cached_inputs}
         render["kp_driving_value"] = kp_used.value
         if kp_used.jacobian is not None:
@@ -436,6 +459,28 @@ def _session_clock(session: Session) -> float:
     return session.frame_time if session.frame_time is not None else time.monotonic()
 
 
+def nod_pitches(sessions: list[Session], frames: list[np.ndarray], size: int) -> torch.Tensor:
+    """B pitches (degrees, float32 on the host): how far each relative stream with a nod state
+    (:class:`dagan.nod.NodState`) pitched its head since its reference, read from the face mesh of its
+    driving frame at the model's size (as the photo's is read, and as the evaluation reads both); 0 for
+    the other streams. Filtered like the keypoints for a stream whose keypoints are filtered. The mesh
+    costs about 5.5 ms a frame on a CPU core (docs/benchmarks.md, "The nod"), and only for the streams
+    that nod."""
+    from dagan.face import face_landmarks_upscaled  # mediapipe: a stream has a nod state only with it
+
+    out = torch.zeros(len(sessions))
+    for i, (s, frame) in enumerate(zip(sessions, frames, strict=True)):
+        if s.nod is None or not s.relative:
+            continue
+        image = np.asarray(frame)
+        if image.shape[:2] != (size, size):
+            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        landmarks = face_landmarks_upscaled(image)
+        smooth = s.kp_filter is not None
+        out[i] = s.nod.pitch(landmarks, (size, size), s.reference, _session_clock(s), smooth)
+    return out
+
+
 def filter_keypoints(sessions: list[Session], kp: Keypoints, mouth: tuple[int, ...] = ()) -> Keypoints:
     """Each stream's driving keypoints through its One-Euro filter (streams without one unchanged).
 
@@ -511,17 +556,11 @@ def filtered_motion(
 
 
 def neutral_distance(kp_a: torch.Tensor, kp_b: torch.Tensor) -> float:
-    """How far apart two faces' pose and expression are: their K×2 keypoint layouts, each moved to its
-    centroid and scaled to unit RMS radius (so where the face sits in the crop and its size do not
-    count), compared point by point (mean distance). The keypoints are the model's own description of
-    pose and expression, so this needs no extra network."""
-
-    def layout(v: torch.Tensor) -> torch.Tensor:
-        v = v.reshape(-1, 2).double()
-        v = v - v.mean(dim=0)
-        return v / v.square().sum(dim=1).mean().sqrt().clamp_min(1e-9)
-
-    return float((layout(kp_a) - layout(kp_b)).norm(dim=1).mean())
+    """How far apart two faces' pose and expression are: their K×2 keypoint layouts compared by
+    :func:`dagan.nod.layout_distance` (each moved to its centroid and scaled to unit RMS radius, so where
+    the face sits in the crop and its size do not count; the mean distance point by point). The keypoints
+    are the model's own description of pose and expression, so this needs no extra network."""
+    return float(layout_distance(kp_a.reshape(1, -1, 2), kp_b.reshape(1, -1, 2))[0])
 
 
 def choose_neutral(sessions: list[Session], kp: Keypoints, source_kp: Callable[[Session], Keypoints]) -> None:

@@ -1,0 +1,293 @@
+"""The nod: head pitch read from the face mesh (dagan.head_pose), the keypoints nodded by it (dagan.nod),
+and how the engine runs it (engine.hot_path, step 5)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from helpers import make_model
+
+from dagan.config import ConfigError, config_from_dict, load_config, set_dotted, to_plain
+from dagan.head_pose import _OBJECT_POINTS, _POSE_IDS, euler_angles, head_rotation, pitch_since
+from dagan.nets.keypoints import Keypoints
+from dagan.nod import OTHER_FACE, SAME_FACE, NodState, layout_distance, nod_keypoints, nod_weight
+
+SIZE = 64
+
+
+def rotation(pitch: float = 0.0, yaw: float = 0.0, roll: float = 0.0) -> np.ndarray:
+    """R = Rz(roll) Ry(yaw) Rx(pitch), degrees (the order OpenCV's RQ decomposition reads back)."""
+    p, y, r = np.radians([pitch, yaw, roll])
+    rx = np.array([[1, 0, 0], [0, np.cos(p), -np.sin(p)], [0, np.sin(p), np.cos(p)]])
+    ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
+    rz = np.array([[np.cos(r), -np.sin(r), 0], [np.sin(r), np.cos(r), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def mesh_of(rot: np.ndarray, size: int = 256) -> np.ndarray:
+    """478×2 landmarks: the canonical face's pose points turned by ``rot`` and seen by the head-pose
+    camera (focal length = width) from 45 units away; every other point at the image centre."""
+    lm = np.full((478, 2), size / 2.0)
+    cam = np.array([[size, 0.0, size / 2], [0.0, size, size / 2], [0.0, 0.0, 1.0]])
+    pts, _ = cv2.projectPoints(_OBJECT_POINTS, cv2.Rodrigues(rot)[0], np.array([0.0, 0.0, 45.0]), cam, None)
+    lm[_POSE_IDS] = pts.reshape(-1, 2)
+    return lm
+
+
+def source_keypoints(b: int = 1, k: int = 10, seed: int = 0, jacobian: bool = True) -> Keypoints:
+    g = torch.Generator().manual_seed(seed)
+    value = torch.rand(b, k, 2, generator=g) * 1.2 - 0.6
+    jac = torch.eye(2).repeat(b, k, 1, 1) + 0.1 * torch.randn(b, k, 2, 2, generator=g) if jacobian else None
+    return Keypoints(value, jac)
+
+
+# ------------------------------------------------------------------------------------- head pose
+
+
+def test_head_rotation_reads_back_a_known_pose():
+    true = rotation(pitch=12, yaw=-20, roll=8)
+    got = head_rotation(mesh_of(true), (256, 256))
+    assert got is not None
+    np.testing.assert_allclose(euler_angles(got), [12, -20, 8], atol=0.5)
+
+
+def test_pitch_since_is_measured_in_the_heads_own_frame():
+    # A driver whose head is turned 20° at the reference and then tilts it 22° about its own axis,
+    # without nodding: the camera's pitch angle changes by several degrees, the head's own pitch does not.
+    ref = rotation(yaw=20)
+    turned = ref @ rotation(roll=22)
+    nodded = ref @ rotation(pitch=9)
+    r_ref = head_rotation(mesh_of(ref), (256, 256))
+    r_turned = head_rotation(mesh_of(turned), (256, 256))
+    r_nodded = head_rotation(mesh_of(nodded), (256, 256))
+    camera_pitch_change = euler_angles(r_turned)[0] - euler_angles(r_ref)[0]
+    assert abs(camera_pitch_change) > 3  # what a difference of camera angles would hand the photo
+    assert abs(pitch_since(r_ref, r_turned)) < 0.5
+    assert pitch_since(r_ref, r_nodded) == pytest.approx(9, abs=0.5)
+
+
+# ------------------------------------------------------------------------------------- the keypoints
+
+
+def test_no_pitch_leaves_the_keypoints_exactly_as_they_were():
+    kp_s = source_keypoints(b=2)
+    kp = source_keypoints(b=2, seed=1)
+    out = nod_keypoints(kp_s, kp, torch.zeros(2), gain=2.0)
+    assert torch.equal(out.value, kp.value) and torch.equal(out.jacobian, kp.jacobian)
+
+
+def test_a_nod_moves_the_keypoints_vertically_the_middle_of_the_face_most():
+    kp_s = source_keypoints(k=15)
+    out = nod_keypoints(kp_s, kp_s, torch.tensor([10.0]), gain=2.0)
+    moved = out.value - kp_s.value
+    assert torch.all(moved[..., 0] == 0)  # only vertically
+    dist = (kp_s.value - kp_s.value.mean(1, keepdim=True)).norm(dim=-1)[0]
+    dy = moved[0, :, 1]
+    centre, edge = int(dist.argmin()), int(dist.argmax())
+    assert dy[centre] > 0 and dy[centre] > dy[edge]  # positive pitch: down, the nose most
+    back = nod_keypoints(kp_s, kp_s, torch.tensor([-10.0]), gain=2.0).value - kp_s.value
+    torch.testing.assert_close(back, -moved)  # the other way is the mirror image
+    twice = nod_keypoints(kp_s, kp_s, torch.tensor([10.0]), gain=4.0).value - kp_s.value
+    torch.testing.assert_close(twice, 2 * moved)
+
+
+def test_the_nod_scales_with_the_face():
+    kp_s = source_keypoints(k=15)
+    centre = kp_s.value.mean(1, keepdim=True)
+    big = Keypoints(centre + 2 * (kp_s.value - centre), kp_s.jacobian)
+    small_move = nod_keypoints(kp_s, kp_s, torch.tensor([8.0]), 2.0).value - kp_s.value
+    big_move = nod_keypoints(big, big, torch.tensor([8.0]), 2.0).value - big.value
+    torch.testing.assert_close(big_move, 2 * small_move)
+
+
+def test_the_jacobians_take_the_local_deformation_of_the_nod():
+    """Each keypoint's neighbourhood is deformed by the gradient of the nod's displacement field,
+    checked against finite differences of that field (a keypoint moved, the field sampled again)."""
+    kp_s = source_keypoints(k=12, seed=3)
+    kp = source_keypoints(k=12, seed=4)
+    pitch = torch.tensor([7.0])
+    out = nod_keypoints(kp_s, kp, pitch, gain=2.0)
+    src = kp_s.value.double()
+    centre = src.mean(1, keepdim=True)
+    spread = (src - centre).pow(2).sum(-1).mean().sqrt()
+    rho2 = (1.6 * spread) ** 2
+    amp = 2.0 * spread * np.sin(np.radians(7.0))
+
+    def dy(p: torch.Tensor) -> torch.Tensor:
+        return amp * (1 - (p - centre[0, 0]).pow(2).sum(-1) / rho2)
+
+    eps = 1e-6
+    for k in range(12):
+        p = src[0, k]
+        grad = torch.stack([(dy(p + eps * e) - dy(p - eps * e)) / (2 * eps) for e in torch.eye(2).double()])
+        expected = (
+            kp.jacobian[0, k].double()
+            + torch.stack([torch.zeros(2).double(), grad]) @ kp.jacobian[0, k].double()
+        )
+        torch.testing.assert_close(out.jacobian[0, k].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_keypoints_without_jacobians_are_nodded_too():
+    kp_s = source_keypoints(jacobian=False)
+    out = nod_keypoints(kp_s, kp_s, torch.tensor([5.0]), 2.0)
+    assert out.jacobian is None and not torch.equal(out.value, kp_s.value)
+
+
+def test_the_nod_is_added_for_another_face_and_not_for_the_same_one():
+    kp = source_keypoints(k=15).value
+    centre = kp.mean(1, keepdim=True)
+    moved = centre + 1.7 * (kp - centre) + torch.tensor([0.2, -0.1])  # the same layout, bigger, elsewhere
+    assert layout_distance(kp, moved).item() < 1e-6
+    assert nod_weight(kp, moved).item() == 0  # the keypoints carry the nod of the same face themselves
+    other = source_keypoints(k=15, seed=7).value
+    assert layout_distance(kp, other).item() > OTHER_FACE
+    assert nod_weight(kp, other).item() == 1
+    # between the two bounds the weight grows linearly with the distance
+    g = torch.Generator().manual_seed(0)
+    nudged = kp + 0.04 * torch.randn(kp.shape, generator=g)
+    d = layout_distance(kp, nudged).item()
+    assert SAME_FACE < d < OTHER_FACE
+    w = nod_weight(kp, nudged).item()
+    assert w == pytest.approx((d - SAME_FACE) / (OTHER_FACE - SAME_FACE), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------- the state
+
+
+def test_nod_state_measures_from_its_reference_and_starts_anew_with_a_new_one():
+    state = NodState(max_degrees=30)
+    ref_a, ref_b = object(), object()
+    size = (256, 256)
+    assert state.pitch(mesh_of(rotation(pitch=5)), size, ref_a, smooth=False) == pytest.approx(0, abs=1e-6)
+    assert state.pitch(mesh_of(rotation(pitch=13)), size, ref_a, smooth=False) == pytest.approx(8, abs=0.5)
+    held = state.pitch(None, size, ref_a, smooth=False)  # no face: the last pitch holds
+    assert held == pytest.approx(8, abs=0.5)
+    # a recalibration: the next frame is the new zero
+    assert state.pitch(mesh_of(rotation(pitch=13)), size, ref_b, smooth=False) == pytest.approx(0, abs=1e-6)
+    assert state.pitch(mesh_of(rotation(pitch=3)), size, ref_b, smooth=False) == pytest.approx(-10, abs=0.5)
+
+
+def test_nod_state_clips_a_reading_past_its_limit_and_filters_when_asked():
+    state = NodState(max_degrees=5)
+    ref = object()
+    state.pitch(mesh_of(rotation()), (256, 256), ref, smooth=False)
+    assert state.pitch(mesh_of(rotation(pitch=20)), (256, 256), ref, smooth=False) == pytest.approx(5)
+    smooth = NodState()
+    smooth.pitch(mesh_of(rotation()), (256, 256), ref, t=0.0)
+    # a sudden 10° step one frame later passes the filter only in part
+    step = smooth.pitch(mesh_of(rotation(pitch=10)), (256, 256), ref, t=1 / 30)
+    assert 0 < step < 9
+
+
+# ------------------------------------------------------------------------------------- config + engine
+
+
+def nod_config(**changes):
+    return config_from_dict(set_dotted(to_plain(load_config("tiny")), {"nod.gain": 2.0, **changes}))
+
+
+def test_nod_config_is_checked():
+    assert load_config("vox-256").nod.gain == 0  # the authors' model does not nod
+    assert nod_config().nod.gain == 2.0
+    for key, bad in (
+        ("nod.gain", -1.0),
+        ("nod.gain", 6.0),
+        ("nod.max_degrees", 0.0),
+        ("nod.gain", float("nan")),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            nod_config(**{key: bad})
+
+
+def _nodding_engine(monkeypatch, pitches: list[float]):
+    """A torch engine of a tiny model that nods, whose face mesh of every driving frame is the canonical
+    face pitched by the next of ``pitches`` (the photo's mesh: the first); and the keypoints it renders."""
+    import dagan.face
+    from engine.torch_backend import TorchEngine
+
+    meshes = [mesh_of(rotation(pitch=p), SIZE) for p in pitches]
+    monkeypatch.setattr(dagan.face, "face_landmarks_upscaled", lambda image, min_size=256: meshes.pop(0))
+    engine = TorchEngine(make_model(nod_config()), device="cpu")
+    rendered: list[torch.Tensor] = []
+    render = engine._render
+
+    def recording(feed):
+        rendered.append(feed["kp_driving_value"].clone())
+        return render(feed)
+
+    monkeypatch.setattr(engine, "_render", recording)
+    return engine, rendered
+
+
+def test_engine_nods_the_rendered_keypoints_by_the_drivers_pitch(monkeypatch):
+    rng = np.random.default_rng(0)
+    src = (rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    frame = (rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    # the photo's mesh, then the driver's: at the reference, unchanged, then pitched 10°
+    engine, rendered = _nodding_engine(monkeypatch, [0.0, 0.0, 0.0, 10.0])
+    session = engine.new_session(src, relative=True)
+    assert isinstance(session.nod, NodState)
+    for _ in range(3):  # one driving frame three times: the keypoints stay, only the mesh nods
+        engine.animate_batch([session], [frame])
+    first, same, nodded = rendered
+    torch.testing.assert_close(same, first)  # no nod since the reference: exactly the plain transfer
+    kp_s = engine._source_keypoints(session)
+    pitch = torch.tensor([session.nod._last])
+    assert pitch.item() == pytest.approx(10, abs=0.5)
+    weight = nod_weight(kp_s.value, session.reference.value)
+    assert weight.item() > 0.5  # a random photo and a random frame: other faces
+    expected = nod_keypoints(kp_s, Keypoints(first, None), pitch * weight, 2.0).value
+    torch.testing.assert_close(nodded, expected, atol=1e-5, rtol=1e-5)
+    assert (nodded - first)[..., 1].mean() > 0 and torch.all((nodded - first)[..., 0].abs() < 1e-6)
+
+
+def test_an_absolute_stream_and_a_model_that_does_not_nod_read_no_mesh(monkeypatch):
+    import dagan.face
+    from engine.torch_backend import TorchEngine
+
+    calls = []
+    monkeypatch.setattr(
+        dagan.face,
+        "face_landmarks_upscaled",
+        lambda image, min_size=256: calls.append(1) or mesh_of(rotation()),
+    )
+    rng = np.random.default_rng(1)
+    src = (rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    plain = TorchEngine(make_model(load_config("tiny")), device="cpu")
+    assert plain.nod is None
+    s = plain.new_session(src, relative=True)
+    plain.animate_batch([s], [src])
+    assert s.nod is None and not calls  # the tiny preset does not nod, blink or warp the mouth
+    nodding = TorchEngine(make_model(nod_config()), device="cpu")
+    a = nodding.new_session(src, relative=False)
+    n = len(calls)
+    nodding.animate_batch([a], [src])
+    assert len(calls) == n  # absolute motion copies the driver's keypoints: nothing to nod
+
+
+def test_engine_without_mediapipe_animates_without_a_nod(monkeypatch):
+    import dagan.face
+    from engine.hot_path import FramePathEngine
+    from engine.torch_backend import TorchEngine
+
+    def missing(image, min_size=256):
+        raise ImportError("No module named 'mediapipe'")
+
+    monkeypatch.setattr(dagan.face, "face_landmarks_upscaled", missing)
+    monkeypatch.setattr(FramePathEngine, "_warned_no_mesh", False)
+    engine = TorchEngine(make_model(nod_config()), device="cpu")
+    src = np.zeros((SIZE, SIZE, 3), np.uint8)
+    with pytest.warns(UserWarning, match="will not nod"):
+        session = engine.new_session(src, relative=True)
+    assert session.nod is None
+    assert engine.animate_batch([session], [src])[0].image.shape == (SIZE, SIZE, 3)
+
+
+def test_bench_times_the_nod_of_a_nodding_model(astronaut):
+    from bench.model import bench_nod
+
+    r = bench_nod(make_model(nod_config()), frames=3, warmup=1, face=astronaut)
+    assert r["mesh_and_nod"]["frames"] == 3 and r["mesh_and_nod"]["median_ms"] > 0
+    assert "skipped" not in r
