@@ -5,8 +5,8 @@
 # previous default's keypoint detector and generator (INIT, taken from git history) with that depth net
 # frozen. Every step is resumable: re-run the script, or `dagan train ... --resume --run-dir ...`.
 # On a quiet 2-core CPU: prepare + landmarks ~5-15 min, depth ~35 + 25 + 35 min, DaGAN ~1 h (step 4), 1.3 h (5),
-# 1 h (6) and 1.2 h (7); minutes on a GPU (scripts/gpu_train.sh). Steps 8, 10 and 11 (seconds) and 9 (~4 min)
-# write the bundled file, runs/live128-fine/dagan-default-turns.safetensors.
+# 1 h (6) and 1.2 h (7); minutes on a GPU (scripts/gpu_train.sh). Steps 8, 10, 11 and 12 (seconds) and 9 (~4 min)
+# write the bundled file, runs/live128-fine/dagan-default-nod.safetensors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -149,3 +149,8 @@ python scripts/set_model_config.py --weights runs/live128-fine/dagan-default-lid
 #     "Head turns")
 python scripts/set_model_config.py --weights runs/live128-fine/dagan-default-mouth.safetensors \
   --set keypoints.jacobian_gain=1.3 --out runs/live128-fine/dagan-default-turns.safetensors
+# 12. the bundled file since 2026-12-07: step 11's file with the nod (nod.gain), so the engine nods the
+#     photo's keypoints by the driver's head pitch read from the face mesh (no training; weights/README.md
+#     "The nod")
+python scripts/set_model_config.py --weights runs/live128-fine/dagan-default-turns.safetensors \
+  --set nod.gain=2.0 --out runs/live128-fine/dagan-default-nod.safetensors
