@@ -1,12 +1,12 @@
 """The nod: the driver's head pitch, read from the face mesh, turned into a nod of the photo's keypoints.
 
 Why: the keypoint detector of the models trained here does not see a nod. On held-out driving clips the
-avatar nodded at a median gain of 0.34 of the driver's (issue 18 asks for 0.7), and even for the driver's
-own face a slow 4.7° tilt of the head came out as a tilt the other way (weights/README.md, "The nod").
-Yet the generator draws a nod when the keypoints nod: moving them as a rotation of a rounded face would,
-the avatar's face-mesh pitch follows at about 0.4–0.8° per degree. So the engine reads the driver's
-pitch from the face mesh (:mod:`dagan.head_pose`, the measure the evaluation scores) and nods the
-photo's transferred keypoints by it, before the generator.
+avatar nodded at a median gain of 0.34 of the driver's (issue 18 asks for 0.7), and a driver's slow 5°
+nod came out the other way on half the photos, and even on her own face (r −0.32; weights/README.md,
+"The nod"). Yet the generator draws a nod when the keypoints nod: moved as a rotation of a rounded face
+would move them (gain 2 below), the avatar's face-mesh pitch follows at 0.6–1.1° per degree. So the
+engine reads the driver's pitch from the face mesh (:mod:`dagan.head_pose`, the measure the evaluation
+scores) and nods the photo's transferred keypoints by it, before the generator.
 
 The photo's face is modelled as a bump of depth z = 1 − |p − c|² / ρ² over its keypoints (c their
 centroid, ρ = 1.6 × their RMS distance from it): the nose stands out, the cheeks and the chin less. A nod
@@ -32,9 +32,9 @@ from .smoothing import OneEuroFilter, OneEuroParams
 BUMP_RADIUS = 1.6
 
 # The pitch reading's filter for a stream whose keypoints are filtered (degrees; beta per °/s). The face
-# mesh's pitch shakes by a degree or so from frame to frame: unfiltered, the avatar's landmarks moved 2.1
-# times as much as the driver's where the driver held still (24 held-out pairs); with this filter 1.2
-# times, as without the nod (weights/README.md, "The nod").
+# mesh's pitch shakes from frame to frame: read unfiltered (a probe at gain 2.6), the avatar's landmarks
+# moved 2.5 times as much as the driver's where the driver held still (24 held-out pairs); filtered, 1.3
+# at that gain and 1.2 at gain 2, against 1.15 without the nod (weights/README.md, "The nod").
 NOD_FILTER = OneEuroParams(min_cutoff=1.0, beta=0.05)
 
 # How much of the nod is added, by how far the photo's keypoint layout is from the driver's at the

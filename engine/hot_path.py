@@ -198,7 +198,7 @@ class FramePathEngine(Engine):
             feed = {"driving": driving}
             feed.update(self._stack.get(sessions, self._cached, self.cached_inputs))  # 3.
             if any(s.kp_filter is not None for s in sessions) or self._nodding(sessions):
-                out = self._filtered_frame(sessions, feed, frames)  # 4. + 5. split around the filter
+                out = self._filtered_frame(sessions, feed, frames)  # 4. + 5. split: filter, nod
             else:  # 4.
                 feed.update(self._motion(sessions))
                 out = self._run_frame(feed)  # 5. the per-frame function
