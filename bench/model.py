@@ -240,15 +240,18 @@ def bench_mouth(model: DaGAN, frames: int = 50, warmup: int = 5) -> dict:
 
 
 def bench_nod(model: DaGAN, frames: int = 50, warmup: int = 5, face: np.ndarray | None = None) -> dict:
-    """Step 5's nod (engine/hot_path.py, :func:`engine.hot_path.nod_pitches`) for a model that nods,
-    on the CPU at batch 1, as every backend runs it: the driver's face mesh on the crop at the model's
-    size, its head pose and filter, and the photo's keypoints nodded (every frame of a relative stream).
-    ``face``: an RGB photo with a face, cropped as the server crops a camera frame (default: scikit-image's
-    astronaut portrait; without scikit-image the result says it was skipped: timing the mesh on a frame
-    without a face would time the face detector alone)."""
-    from dagan.face import crop_source, face_landmarks_upscaled
+    """Step 5's nod (:func:`engine.hot_path.nodded`) for a model that nods, on the CPU at batch 1, as
+    every backend runs it for a filtered relative stream: the driver's face mesh on the crop at the
+    model's size, its head pose and filter, and the photo's keypoints nodded (every frame of such a
+    stream). ``face``: an RGB photo with a face, cropped as the server crops a camera frame (default:
+    scikit-image's astronaut portrait; without scikit-image the result says it was skipped: timing the
+    mesh on a frame without a face would time the face detector alone)."""
+    from dagan.face import crop_source
     from dagan.nets.keypoints import Keypoints
-    from dagan.nod import NodState, nod_keypoints
+    from dagan.nod import NodState
+    from dagan.smoothing import OneEuroFilter
+    from engine.base import Session
+    from engine.hot_path import nodded
 
     if face is None:
         try:
@@ -258,16 +261,16 @@ def bench_nod(model: DaGAN, frames: int = 50, warmup: int = 5, face: np.ndarray 
         face = data.astronaut()
     size = model.config.image_size
     crop, _ = crop_source(face, out_size=size)
-    state, reference = NodState(model.config.nod.max_degrees), object()
     k = model.config.keypoints.num_kp
     kp_s = Keypoints(torch.rand(1, k, 2) - 0.5, torch.eye(2).repeat(1, k, 1, 1))
-    clock = [0.0]
+    session = Session(source=None, relative=True, reference=object(), kp_filter=OneEuroFilter())
+    session.nod, session.frame_time = NodState(model.config.nod.max_degrees), 0.0
+    motion = {"kp_reference_value": torch.rand(1, k, 2) - 0.5}  # another face: the whole nod is added
 
     @torch.inference_mode()
     def nod() -> None:
-        clock[0] += 1 / 30
-        pitch = state.pitch(face_landmarks_upscaled(crop), (size, size), reference, clock[0])
-        nod_keypoints(kp_s, kp_s, torch.tensor([pitch]), model.config.nod.gain)
+        session.frame_time += 1 / 30
+        nodded([session], [crop], size, kp_s, kp_s, motion, model.config.nod.gain)
 
     return {"mesh_and_nod": stats(_time(nod, frames, warmup, torch.device("cpu")))}
 

@@ -34,21 +34,17 @@ _OBJECT_POINTS = np.array([CANONICAL_FACE[i] for i in _POSE_IDS], dtype=np.float
 )
 
 
-def head_rotation(
-    landmarks: np.ndarray, image_size: tuple[int, int], points: tuple[int, ...] | None = None
-) -> np.ndarray | None:
+def head_rotation(landmarks: np.ndarray, image_size: tuple[int, int]) -> np.ndarray | None:
     """3×3 rotation of the canonical face into OpenCV's camera frame (x right, y down, z into the scene)
     for a face's mesh landmarks (478×2+, pixels) in an image of (height, width); None when the fit fails.
 
     Pinhole camera with focal length = image width and the principal point at the centre (the field of
     view of a typical webcam/VoxCeleb crop; only differences between frames matter here, and they depend
     little on this choice)."""
-    ids = _POSE_IDS if points is None else list(points)
     h, w = int(image_size[0]), int(image_size[1])
-    pts = np.asarray(landmarks, dtype=np.float64)[ids, :2]
-    obj = _OBJECT_POINTS[[_POSE_IDS.index(i) for i in ids]]
+    pts = np.asarray(landmarks, dtype=np.float64)[_POSE_IDS, :2]
     camera = np.array([[w, 0.0, w / 2.0], [0.0, w, h / 2.0], [0.0, 0.0, 1.0]])
-    ok, rvec, _ = cv2.solvePnP(obj, pts, camera, None, flags=cv2.SOLVEPNP_SQPNP)
+    ok, rvec, _ = cv2.solvePnP(_OBJECT_POINTS, pts, camera, None, flags=cv2.SOLVEPNP_SQPNP)
     if not ok:
         return None
     return cv2.Rodrigues(rvec)[0]

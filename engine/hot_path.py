@@ -316,9 +316,7 @@ class FramePathEngine(Engine):
         kp_used = self._transfer(kp_s, kp_f, motion)
         if self._nodding(sessions):
             assert self.nod is not None
-            pitch = nod_pitches(sessions, frames, self.image_size)
-            weight = nod_weight(kp_s.value, motion["kp_reference_value"]).cpu()
-            kp_used = nod_keypoints(kp_s, kp_used, (pitch * weight).to(kp_used.value.device), self.nod.gain)
+            kp_used = nodded(sessions, frames, self.image_size, kp_s, kp_used, motion, self.nod.gain)
         render = {n: feed[n] for n in self.cached_inputs}
         render["kp_driving_value"] = kp_used.value
         if kp_used.jacobian is not None:
@@ -464,7 +462,7 @@ def nod_pitches(sessions: list[Session], frames: list[np.ndarray], size: int) ->
     (:class:`dagan.nod.NodState`) pitched its head since its reference, read from the face mesh of its
     driving frame at the model's size (as the photo's is read, and as the evaluation reads both); 0 for
     the other streams. Filtered like the keypoints for a stream whose keypoints are filtered. The mesh
-    costs about 5.5 ms a frame on a CPU core (docs/benchmarks.md, "The nod"), and only for the streams
+    costs 5.5–8 ms a frame on a CPU core (docs/benchmarks.md, "The nod"), and only for the streams
     that nod."""
     from dagan.face import face_landmarks_upscaled  # mediapipe: a stream has a nod state only with it
 
@@ -479,6 +477,24 @@ def nod_pitches(sessions: list[Session], frames: list[np.ndarray], size: int) ->
         smooth = s.kp_filter is not None
         out[i] = s.nod.pitch(landmarks, (size, size), s.reference, _session_clock(s), smooth)
     return out
+
+
+def nodded(
+    sessions: list[Session],
+    frames: list[np.ndarray],
+    size: int,
+    kp_s: Keypoints,
+    kp_used: Keypoints,
+    motion: dict[str, torch.Tensor],
+    gain: float,
+) -> Keypoints:
+    """Step 5's nod: the transferred keypoints ``kp_used`` nodded by each stream's pitch
+    (:func:`nod_pitches`), weighted by how far the photo's layout (``kp_s``) is from the driver's at the
+    reference (``motion["kp_reference_value"]``, :func:`dagan.nod.nod_weight`), over the photo's keypoints
+    (:func:`dagan.nod.nod_keypoints`). The one implementation the engine and ``dagan bench`` run."""
+    pitch = nod_pitches(sessions, frames, size)
+    weight = nod_weight(kp_s.value, motion["kp_reference_value"]).cpu()
+    return nod_keypoints(kp_s, kp_used, (pitch * weight).to(kp_used.value.device), gain)
 
 
 def filter_keypoints(sessions: list[Session], kp: Keypoints, mouth: tuple[int, ...] = ()) -> Keypoints:
