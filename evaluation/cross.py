@@ -519,10 +519,55 @@ def score_pair(photo: PhotoView, clip: DriverClip, avatar: AvatarTrack) -> dict[
     return out
 
 
+# The driver's crops are read again after a trip through this fraction of their side (area down, bicubic
+# up) for :func:`reread_agreement`: issue 18's check that the measure sees a motion at all.
+REREAD_SCALE = 0.5
+
+
+def reread_agreement(clip: DriverClip, scale: float = REREAD_SCALE) -> dict[str, float | None]:
+    """How far the measure itself follows each of this driver's signals: per signal, the correlation of
+    the change since the reference measured on the driver's crops degraded through ``scale`` of their
+    side and back against the change measured on the crops themselves (None where the driver barely
+    moves it, as for the pairs).
+
+    Why: a signal the driver hardly moves (a talker who nods by 1°) is read with noise of its own size,
+    and no avatar can follow it better than the measure follows the driver's own frames a little
+    blurred: read a pair's r against this."""
+    import cv2
+
+    out: dict[str, float | None] = {name: None for name in motion.SIGNALS}
+    if not clip.crops:
+        return out
+    h, w = clip.crops[0].shape[:2]
+    small = (max(1, round(w * scale)), max(1, round(h * scale)))
+    landmarks = [
+        measure_landmarks(
+            cv2.resize(
+                cv2.resize(c, small, interpolation=cv2.INTER_AREA), (w, h), interpolation=cv2.INTER_CUBIC
+            )
+        )
+        for c in clip.crops
+    ]
+    again = motion.signal_track(landmarks, (h, w))
+    both = np.isfinite(clip.signals).all(axis=1) & np.isfinite(again).all(axis=1)
+    if not both.any():
+        return out
+    ref = int(np.argmax(both))
+    d, a = motion.changes_since(clip.signals, ref), motion.changes_since(again, ref)
+    d[~both], a[~both] = np.nan, np.nan
+    for k, name in enumerate(motion.SIGNALS):
+        _, out[name] = motion.gain_and_correlation(
+            d[:, k], a[:, k], min_driver_std=motion.MIN_DRIVER_STD[name]
+        )
+    return out
+
+
 def clip_summary(clip: DriverClip) -> dict[str, Any]:
     """What the driver itself does: how much each signal moves (std of its change), how often a face is
-    found, how many still triples it has, and its own mesh jitter there. A driver whose mouth hardly moves
-    cannot show whether the avatar's does: read the mouth columns against ``mouth_std``."""
+    found, how many still triples it has, and its own mesh jitter there; and how well the measure follows
+    each signal on the driver's own frames (``<signal>_reread_corr``, :func:`reread_agreement`). A driver
+    whose mouth hardly moves cannot show whether the avatar's does: read the mouth columns against
+    ``mouth_std`` and ``mouth_reread_corr``."""
     finite = np.isfinite(clip.signals).all(axis=1)
     row: dict[str, Any] = {
         "clip": clip.name,
@@ -536,6 +581,8 @@ def clip_summary(clip: DriverClip) -> dict[str, Any]:
         delta = motion.changes_since(clip.signals, int(np.argmax(finite)))[finite]
         for k, name in enumerate(motion.SIGNALS):
             row[f"{name}_std"] = float(delta[:, k].std())
+    for name, r in reread_agreement(clip).items():
+        row[f"{name}_reread_corr"] = r
     centres = motion.still_centres(clip.landmarks, clip.still_threshold)
     jitter = motion.landmark_jitter(clip.landmarks, centres)
     row["still_triples"], row["jitter"] = jitter.triples, jitter.value

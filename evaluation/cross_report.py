@@ -89,11 +89,13 @@ def markdown_report(result: dict[str, Any], sheets: Sequence[str] = ()) -> str:
         "",
         "Methods: " + "; ".join(f"`{m}` = {what}" for m, what in result["methods"].items()) + ".",
         "",
-        "Driving clips (what the driver does: std of each signal's change since the reference frame):",
+        "Driving clips (what the driver does: std of each signal's change since the reference frame; "
+        "measure r: how far the measure follows each signal on the driver's own frames read again through "
+        "half their size, yaw / pitch / roll / mouth / eyes, the most a pair's r can be expected to reach):",
         "",
-        "| clip | frames | face | yaw std ° | pitch std ° | roll std ° | mouth std | eyes std | still "
-        "triples | driver jitter |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| clip | frames | face | yaw std ° | pitch std ° | roll std ° | mouth std | eyes std | measure r | "
+        "still triples | driver jitter |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in result["clips"]:
         cells = [
@@ -104,6 +106,7 @@ def markdown_report(result: dict[str, Any], sheets: Sequence[str] = ()) -> str:
                 _f(c.get(f"{s}_std"), "{:.2f}" if s in motion.ANGLE_SIGNALS else "{:.3f}")
                 for s in motion.SIGNALS
             ),
+            " / ".join(_f(c.get(f"{s}_reread_corr"), "{:.2f}") for s in motion.SIGNALS),
             str(c["still_triples"]),
             _f(c.get("jitter"), "{:.4f}"),
         ]

@@ -152,6 +152,21 @@ def test_signals_follow_the_rendered_ground_truth(scene):
     assert 0.6 < abs(np.polyfit(GT_YAW, yaw, 1)[0]) < 1.4  # degrees measured per degree rendered
 
 
+def test_reread_agreement_is_the_measure_on_the_drivers_own_frames(scene):
+    """The driver's frames read again at full size agree with themselves exactly; through half their size
+    the ±12° turn and the blink still read almost exactly, through a quarter (32 px) the blink less
+    well, and through an eighth (16 px) the mesh finds no face, so nothing is claimed."""
+    from evaluation.cross import load_clip, reread_agreement
+
+    clip = load_clip(scene["clips"] / "talk", 128, analyzer=None, smoothing=None, detect_every=1)
+    same, half, quarter, eighth = (reread_agreement(clip, scale) for scale in (1.0, 0.5, 0.25, 0.125))
+    for name in ("yaw", "mouth", "eyes"):
+        assert same[name] == pytest.approx(1.0, abs=1e-9), name
+    assert half["yaw"] > 0.95 and half["eyes"] > 0.9
+    assert quarter["eyes"] < half["eyes"] - 0.1
+    assert all(r is None for r in eighth.values())
+
+
 # ------------------------------------------------------------------------------------ protocol, fakes
 
 
@@ -234,6 +249,8 @@ def test_driving_copy_has_gain_one_and_the_photo_gain_zero(fake_run):
     # the clip really talks and rests (the rendered mouth reads ~0.04 through the server's tracker, more
     # through per-frame detection: test_signals_follow_the_rendered_ground_truth)
     assert driver["mouth_std"] > 0.03 and driver["still_triples"] >= 3
+    assert driver["yaw_reread_corr"] > 0.9  # the measure follows the ±12° turn through half the size
+    assert "| measure r |" in text
 
 
 @pytest.mark.skipif(_assets() is None, reason="face-api assets absent: run `dagan fetch-eval-assets`")
