@@ -80,6 +80,21 @@ def test_closing_covers_the_eye_with_skin_and_leaves_the_rest():
         assert torch.equal(o[..., 27:37], img[..., 27:37])
 
 
+def test_a_blink_is_the_upper_lids():
+    # the upper lid comes all the way down to the lower one, which stays: nothing below the eyes' lower
+    # lids (y 31, grown by 0.7 px) moves, half shut the eyes' upper half is covered and their lower half
+    # is not (the lower lid rising to meet the upper left two lash lines the face mesh read as open)
+    img, mask = eye_image(), eye_mask()
+    shapes = [eye_shapes(synthetic_landmarks())]
+    shut = close_lids(img, shapes, torch.ones(1, 2), torch.zeros(1, 2, 2))
+    half = close_lids(img, shapes, torch.full((1, 2), 0.5), torch.zeros(1, 2, 2))
+    for o in (shut, half):
+        assert torch.equal(o[..., 32:, :], img[..., 32:, :])
+    dark = half[0, 0] < 0.45
+    assert float(dark[:27][mask[:27]].float().mean()) < 0.2
+    assert float(dark[29:][mask[29:]].float().mean()) == 1.0
+
+
 def test_each_eye_closes_on_its_own_and_where_it_moved():
     img, mask = eye_image(), eye_mask()
     shapes = [eye_shapes(synthetic_landmarks())]

@@ -96,8 +96,9 @@ def test_bundled_weights_carry_mouth_and_head_turns_to_another_person(tmp_path):
     eyes r 0.91, gain 1.27 here (since 17:00, wider eyes: 0.91 / 1.16), the same file without it 0.16 /
     0.06. Since 22:10 the open-mouth warp (mouth.warp 0.5, shade 5): mouth 0.89 / 1.81. Since 23:50 the
     Jacobian gain 1.3 turns the head further: yaw r / gain 0.95 / 0.84, the file before 0.95 / 0.66
-    (which the yaw bound below now fails); mouth 0.90 / 1.95. Mediapipe must find a face in the
-    outputs."""
+    (which the yaw bound below now fails); mouth 0.90 / 1.95. Since 2026-12-07 08:00 the upper lid alone
+    shuts the eye (dagan.blink.UPPER_SHARE 1.0): eyes 0.83 / 1.05, the nod's pitch 0.78 / 1.49 (0.81 /
+    2.22 before: the rising lower lid moved the mesh's pitch fit). Mediapipe must find a face in the outputs."""
     pair = cross_pair(tmp_path, CROSS_PHOTO, CROSS_CLIP)
     assert pair["face_rate"] >= 0.9, pair
     assert pair["mouth_corr"] >= 0.8 and 1.0 <= pair["mouth_gain"] <= 2.2, pair
@@ -113,8 +114,9 @@ def test_bundled_weights_nod_with_another_person(tmp_path):
     """Cross-identity, a nod: held-out photo s42 driven by held-out clip s18, whose driver slowly pitches
     her head by about 5° and blinks (no turn, no talking). The avatar must pitch its head with hers.
     Since 2026-12-07 the engine nods the photo's keypoints by the driver's face-mesh pitch (``nod.gain``
-    2; weights/README.md, "The nod"): pitch r / gain 0.92 / 0.96 here; the same file without it 0.52 /
-    0.16, and on other photos it pitched the wrong way (s8 −0.75, d38 −0.79)."""
+    2; weights/README.md, "The nod"): pitch r / gain 0.92 / 0.96 here (0.93 / 1.02 since the upper lid
+    alone shuts the eye); the same file without it 0.52 / 0.16, and on other photos it pitched the wrong
+    way (s8 −0.75, d38 −0.79)."""
     pair = cross_pair(tmp_path, CROSS_PHOTO, NOD_CLIP)
     assert pair["face_rate"] >= 0.9, pair
     assert pair["pitch_corr"] >= 0.7 and 0.5 <= pair["pitch_gain"] <= 1.6, pair
