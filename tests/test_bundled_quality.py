@@ -98,7 +98,8 @@ def test_bundled_weights_carry_mouth_and_head_turns_to_another_person(tmp_path):
     Jacobian gain 1.3 turns the head further: yaw r / gain 0.95 / 0.84, the file before 0.95 / 0.66
     (which the yaw bound below now fails); mouth 0.90 / 1.95. Since 2026-12-07 08:00 the upper lid alone
     shuts the eye (dagan.blink.UPPER_SHARE 1.0): eyes 0.83 / 1.05, the nod's pitch 0.78 / 1.49 (0.81 /
-    2.22 before: the rising lower lid moved the mesh's pitch fit). Mediapipe must find a face in the outputs."""
+    2.22 before: the rising lower lid moved the mesh's pitch fit). Mediapipe must find a face in the
+    outputs."""
     pair = cross_pair(tmp_path, CROSS_PHOTO, CROSS_CLIP)
     assert pair["face_rate"] >= 0.9, pair
     assert pair["mouth_corr"] >= 0.8 and 1.0 <= pair["mouth_gain"] <= 2.2, pair
