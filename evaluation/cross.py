@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import cv2
 import numpy as np
 
 from dagan.errors import UserError
@@ -59,6 +60,7 @@ __all__ = [
     "find_photos",
     "load_clip",
     "load_photo",
+    "reread_agreement",
     "run_pairs",
     "score_pair",
     "summarise",
@@ -531,10 +533,8 @@ def reread_agreement(clip: DriverClip, scale: float = REREAD_SCALE) -> dict[str,
     moves it, as for the pairs).
 
     Why: a signal the driver hardly moves (a talker who nods by 1°) is read with noise of its own size,
-    and no avatar can follow it better than the measure follows the driver's own frames a little
-    blurred: read a pair's r against this."""
-    import cv2
-
+    and an avatar can hardly be expected to follow it better than the measure follows the driver's own
+    frames a little blurred: read a pair's r against this."""
     out: dict[str, float | None] = {name: None for name in motion.SIGNALS}
     if not clip.crops:
         return out
