@@ -475,18 +475,13 @@ def score_pair(photo: PhotoView, clip: DriverClip, avatar: AvatarTrack) -> dict[
     out["frames"] = n
     faces = [lm is not None for lm in avatar.landmarks]
     out["face_rate"] = sum(faces) / n if n else None
-    both = np.isfinite(clip.signals).all(axis=1) & np.isfinite(avatar.signals).all(axis=1)
-    out["motion_frames"] = int(both.sum())
-    if both.any():
-        ref = int(np.argmax(both))
+    followed = motion.follow(clip.signals, avatar.signals)
+    out["motion_frames"] = int(followed.both.sum())
+    if followed.reference is not None:
+        ref, both, d, a = followed.reference, followed.both, followed.driver, followed.other
         out["reference_frame"] = ref
-        d = motion.changes_since(clip.signals, ref)
-        a = motion.changes_since(avatar.signals, ref)
-        d[~both], a[~both] = np.nan, np.nan
-        for k, name in enumerate(motion.SIGNALS):
-            out[f"{name}_gain"], out[f"{name}_corr"] = motion.gain_and_correlation(
-                d[:, k], a[:, k], min_driver_std=motion.MIN_DRIVER_STD[name]
-            )
+        for name, (gain, corr) in followed.scores.items():
+            out[f"{name}_gain"], out[f"{name}_corr"] = gain, corr
         later = both.copy()
         later[ref] = False
         if later.any():
@@ -535,9 +530,8 @@ def reread_agreement(clip: DriverClip, scale: float = REREAD_SCALE) -> dict[str,
     Why: a signal the driver hardly moves (a talker who nods by 1°) is read with noise of its own size,
     and an avatar can hardly be expected to follow it better than the measure follows the driver's own
     frames a little blurred: read a pair's r against this."""
-    out: dict[str, float | None] = {name: None for name in motion.SIGNALS}
     if not clip.crops:
-        return out
+        return {name: None for name in motion.SIGNALS}
     h, w = clip.crops[0].shape[:2]
     small = (max(1, round(w * scale)), max(1, round(h * scale)))
     landmarks = [
@@ -549,17 +543,7 @@ def reread_agreement(clip: DriverClip, scale: float = REREAD_SCALE) -> dict[str,
         for c in clip.crops
     ]
     again = motion.signal_track(landmarks, (h, w))
-    both = np.isfinite(clip.signals).all(axis=1) & np.isfinite(again).all(axis=1)
-    if not both.any():
-        return out
-    ref = int(np.argmax(both))
-    d, a = motion.changes_since(clip.signals, ref), motion.changes_since(again, ref)
-    d[~both], a[~both] = np.nan, np.nan
-    for k, name in enumerate(motion.SIGNALS):
-        _, out[name] = motion.gain_and_correlation(
-            d[:, k], a[:, k], min_driver_std=motion.MIN_DRIVER_STD[name]
-        )
-    return out
+    return {name: corr for name, (_, corr) in motion.follow(clip.signals, again).scores.items()}
 
 
 def clip_summary(clip: DriverClip) -> dict[str, Any]:

@@ -6,7 +6,8 @@ the driver: each frame gives a few scale-free signals (head yaw, pitch, roll; mo
 the avatar's change since the reference frame is compared with the driver's change since the same frame.
 
 - :func:`frame_signals` — the five :data:`SIGNALS` of one face from its 478 mediapipe landmarks.
-- :func:`gain_and_correlation` — Pearson correlation and least-squares gain of avatar vs driver.
+- :func:`gain_and_correlation` — Pearson correlation and least-squares gain of avatar vs driver;
+  :func:`follow` — both for every signal of two tracks, since their first shared face.
 - :func:`still_centres`, :func:`landmark_jitter`, :func:`jitter_comparison` — temporal jitter: how much the
   avatar's mesh shakes while the driver holds still, beside the driver's own (measurement) shake. These
   are independent of the evaluation command, so a smoothing filter can be measured before and after with
@@ -30,10 +31,12 @@ __all__ = [
     "MIN_DRIVER_STD",
     "SIGNALS",
     "STILL_SPEED",
+    "Following",
     "Jitter",
     "changes_since",
     "eye_opening",
     "face_size",
+    "follow",
     "frame_signals",
     "gain_and_correlation",
     "jitter_comparison",
@@ -135,6 +138,39 @@ def gain_and_correlation(
     if syy <= 1e-18 * max(1.0, sxx):  # the avatar does not move (up to rounding): gain exactly 0
         return 0.0, None
     return sxy / sxx, float(np.clip(sxy / np.sqrt(sxx * syy), -1.0, 1.0))
+
+
+@dataclass(frozen=True)
+class Following:
+    """How one signal track follows a driver's (:func:`follow`).
+
+    ``reference``: the first frame where both have a face (None: no such frame, and every score None);
+    ``both``: (T,) the frames where both have one; ``driver`` / ``other``: (T, 5) each track's change since
+    the reference, NaN where either lacks a face; ``scores``: per signal, (gain, correlation) of the
+    other's change against the driver's (:func:`gain_and_correlation` with :data:`MIN_DRIVER_STD`)."""
+
+    reference: int | None
+    both: np.ndarray
+    driver: np.ndarray
+    other: np.ndarray
+    scores: dict[str, tuple[float | None, float | None]]
+
+
+def follow(driver: np.ndarray, other: np.ndarray) -> Following:
+    """:class:`Following` of the (T, 5) signal track ``other`` (an avatar's, or the driver's own frames
+    read again) against the driver's: both taken since their first shared face, scored per signal."""
+    both = np.isfinite(driver).all(axis=1) & np.isfinite(other).all(axis=1)
+    if not both.any():
+        nan = np.full_like(np.asarray(driver, np.float64), np.nan)
+        return Following(None, both, nan, nan.copy(), {name: (None, None) for name in SIGNALS})
+    ref = int(np.argmax(both))
+    d, a = changes_since(driver, ref), changes_since(other, ref)
+    d[~both], a[~both] = np.nan, np.nan
+    scores = {
+        name: gain_and_correlation(d[:, k], a[:, k], min_driver_std=MIN_DRIVER_STD[name])
+        for k, name in enumerate(SIGNALS)
+    }
+    return Following(ref, both, d, a, scores)
 
 
 # --------------------------------------------------------------------------------------------- jitter

@@ -92,6 +92,23 @@ def test_gain_and_correlation_recover_a_known_slope():
     assert motion.gain_and_correlation(x, y)[0] == pytest.approx(1.0)
 
 
+def test_follow_scores_every_signal_since_the_first_shared_face():
+    t = np.linspace(0, 6, 40)
+    driver = np.stack([10 * np.sin(t), 5 * np.cos(t), 2 * t, 0.05 * np.sin(2 * t), np.zeros_like(t)], 1)
+    other = 0.5 * driver + 1.0
+    driver[0] = np.nan  # the driver's first frame has no face: both are measured from frame 1
+    other[2, 3] = np.nan
+    f = motion.follow(driver, other)
+    assert f.reference == 1 and not f.both[0] and not f.both[2] and f.both[1:2].all()
+    assert np.allclose(f.driver[1], 0) and np.allclose(f.other[1], 0)
+    assert np.isnan(f.other[2]).all() and np.isnan(f.driver[2]).all()
+    for name in ("yaw", "pitch", "roll", "mouth"):
+        assert f.scores[name] == pytest.approx((0.5, 1.0)), name
+    assert f.scores["eyes"] == (None, None)  # the driver's eyes never move
+    none = motion.follow(np.full((5, 5), np.nan), np.zeros((5, 5)))
+    assert none.reference is None and all(v == (None, None) for v in none.scores.values())
+
+
 def _face(iod: float = 100.0) -> np.ndarray:
     rng = np.random.default_rng(2)
     pts = rng.uniform(0, 200, (478, 2))
