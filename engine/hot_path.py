@@ -108,14 +108,8 @@ class FramePathEngine(Engine):
         at the end of ``new_session``."""
         if self.lid_reader is None and self.mouth is None and self.nod is None:
             return session
-        from dagan.face import face_landmarks_upscaled  # mediapipe, only for models that use the mesh
-
-        size = self.image_size
-        image = np.asarray(source_image)
-        if image.shape[:2] != (size, size):
-            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
         try:
-            landmarks = face_landmarks_upscaled(image)
+            landmarks = mesh_at_size(source_image, self.image_size)
         except ImportError:  # a machine without mediapipe (e.g. a bare GPU box): animate, without them
             if not FramePathEngine._warned_no_mesh:
                 FramePathEngine._warned_no_mesh = True
@@ -457,6 +451,19 @@ def _session_clock(session: Session) -> float:
     return session.frame_time if session.frame_time is not None else time.monotonic()
 
 
+def mesh_at_size(image: np.ndarray, size: int) -> np.ndarray | None:
+    """The face mesh of ``image`` (:func:`dagan.face.face_landmarks_upscaled`) read at the model's
+    ``size`` (area-resized first where it differs), in pixels of that size, or None without a face. The
+    photo's eyelids and lips and the driver's nod are read this one way, the way the evaluation reads
+    both, so what the avatar is told and how it is scored agree. Raises ImportError without mediapipe."""
+    from dagan.face import face_landmarks_upscaled  # mediapipe, only for models that use the mesh
+
+    image = np.asarray(image)
+    if image.shape[:2] != (size, size):
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    return face_landmarks_upscaled(image)
+
+
 def nod_pitches(sessions: list[Session], frames: list[np.ndarray], size: int) -> torch.Tensor:
     """B pitches (degrees, float32 on the host): how far each relative stream with a nod state
     (:class:`dagan.nod.NodState`) pitched its head since its reference, read from the face mesh of its
@@ -464,16 +471,11 @@ def nod_pitches(sessions: list[Session], frames: list[np.ndarray], size: int) ->
     the other streams. Filtered like the keypoints for a stream whose keypoints are filtered. The mesh
     costs 5.5–8 ms a frame on a CPU core (docs/benchmarks.md, "The nod"), and only for the streams
     that nod."""
-    from dagan.face import face_landmarks_upscaled  # mediapipe: a stream has a nod state only with it
-
     out = torch.zeros(len(sessions))
     for i, (s, frame) in enumerate(zip(sessions, frames, strict=True)):
         if s.nod is None or not s.relative:
             continue
-        image = np.asarray(frame)
-        if image.shape[:2] != (size, size):
-            image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-        landmarks = face_landmarks_upscaled(image)
+        landmarks = mesh_at_size(frame, size)  # mediapipe: a stream has a nod state only with it
         smooth = s.kp_filter is not None
         out[i] = s.nod.pitch(landmarks, (size, size), s.reference, _session_clock(s), smooth)
     return out
