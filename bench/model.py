@@ -245,7 +245,11 @@ def bench_nod(model: DaGAN, frames: int = 50, warmup: int = 5, face: np.ndarray 
     model's size, its head pose and filter, and the photo's keypoints nodded (every frame of such a
     stream). ``face``: an RGB photo with a face, cropped as the server crops a camera frame (default:
     scikit-image's astronaut portrait; without scikit-image the result says it was skipped: timing the
-    mesh on a frame without a face would time the face detector alone)."""
+    mesh on a frame without a face would time the face detector alone).
+
+    Also the upload's calibration of the nod (``upload_calibration``: the photo's depth profile chosen by
+    four drawings and four meshes, ``engine.hot_path.FramePathEngine._nod_profile``), once per photo a
+    relative stream uploads, on the torch CPU engine at batch 1, ``max(frames // 10, 3)`` times."""
     from dagan.face import crop_source
     from dagan.nets.keypoints import Keypoints
     from dagan.nod import NodState
@@ -272,7 +276,20 @@ def bench_nod(model: DaGAN, frames: int = 50, warmup: int = 5, face: np.ndarray 
         session.frame_time += 1 / 30
         nodded([session], [crop], size, kp_s, kp_s, motion, model.config.nod.gain)
 
-    return {"mesh_and_nod": stats(_time(nod, frames, warmup, torch.device("cpu")))}
+    result = {"mesh_and_nod": stats(_time(nod, frames, warmup, torch.device("cpu")))}
+
+    from engine.hot_path import mesh_at_size
+    from engine.torch_backend import TorchEngine
+
+    engine = TorchEngine(model, device="cpu")
+    photo = engine.new_session(crop, relative=True)
+    landmarks = mesh_at_size(crop, size)
+    if landmarks is not None:
+        samples = _time(
+            lambda: engine._nod_profile(photo, crop, landmarks), max(frames // 10, 3), 1, torch.device("cpu")
+        )
+        result["upload_calibration"] = stats(samples)
+    return result
 
 
 def mouth_landmarks(
@@ -658,6 +675,12 @@ def report_text(r: dict) -> str:
                 f"  nod (step 5, CPU, every backend): the driver's face mesh, head pose and the nodded "
                 f"keypoints p50 {mn['median_ms']:.2f} ms p99 {mn['p99_ms']:.2f} ms"
             )
+            if "upload_calibration" in r["nod"]:
+                uc = r["nod"]["upload_calibration"]
+                out(
+                    f"  nod calibration (once per uploaded photo, torch CPU): four drawings and meshes "
+                    f"p50 {uc['median_ms']:.1f} ms p99 {uc['p99_ms']:.1f} ms"
+                )
     for b in r["backends"]:
         s = b["latency"]
         out(

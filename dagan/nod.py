@@ -14,11 +14,21 @@ by θ moves each keypoint vertically by ``gain`` · s · sin θ · z (s the keyp
 motion scales with the face) and deforms its neighbourhood by that displacement's gradient, applied to
 its Jacobian. The Jacobian part is what the generator follows: the displacement alone moved the avatar's
 pitch by a third as much (as with head turns, weights/README.md, "Head turns").
+
+Some photos' avatars barely nod over the bump (a forced ±8° nod moved d9's avatar 0.10° per degree, four
+other held-out photos' 0.67–0.87), yet nod over the depth their own face mesh gives each keypoint
+(:func:`mesh_profile`: d9 0.37), which nods most photos worse (0.04–0.36) and tilts some sideways as it
+nods (s10: 0.33° of pitch with 0.38° of roll per degree). So the engine tries both on each photo when it
+is uploaded and keeps the one whose nod its avatar draws better, the turn and tilt drawn with it counted
+against it (:class:`NodProfile`, ``engine.hot_path.FramePathEngine._nod_profile``,
+``engine.hot_path.nod_response``; weights/README.md, "The photo's own relief").
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,12 +56,61 @@ NOD_FILTER = OneEuroParams(min_cutoff=1.0, beta=0.05)
 # 0.06–0.43 (median 0.21; 6 photos × 17 clips).
 SAME_FACE, OTHER_FACE = 0.06, 0.12
 
+# The mesh profile's plane fit: the mesh points within this distance of a keypoint (keypoint units, the
+# crop spans [-1, 1]; 0.12 is about 8 px of a 128-px crop, some 20 mesh points on the cheek), or, where
+# fewer than MESH_MIN_POINTS lie so near (a keypoint off the face), the MESH_MIN_POINTS + 5 nearest.
+MESH_RADIUS = 0.12
+MESH_MIN_POINTS = 4
 
-def nod_keypoints(kp_source: Keypoints, kp: Keypoints, pitch: torch.Tensor, gain: float) -> Keypoints:
+
+@dataclass(frozen=True)
+class NodProfile:
+    """A photo's face as depth over its keypoints, for the nod: ``z`` (K) how far each keypoint stands
+    out, 1 at the face's most forward point, and ``grad`` (K×2) z's slope there per keypoint unit along
+    x and y. The nod moves a keypoint by z and deforms its neighbourhood by grad (:func:`nod_keypoints`)."""
+
+    z: torch.Tensor
+    grad: torch.Tensor
+
+
+def mesh_profile(landmarks: np.ndarray, size: int, kp_source: np.ndarray) -> NodProfile:
+    """The depth profile of a photo from its face mesh (478×3 in pixels of the ``size``-px crop, z toward
+    the scene as mediapipe gives it) at its keypoints ``kp_source`` (K×2, keypoint units): at each
+    keypoint a plane fitted to the depth of the mesh points near it (:data:`MESH_RADIUS`), its value and
+    slope, scaled so the 5th percentile of the mesh's depth (the face's rim) is 0 and its most forward
+    point 1. Why a plane and not the nearest point: the mesh's depth is noisy point to point and the
+    slope is what deforms the keypoint's neighbourhood."""
+    pts = landmarks[:, :2].astype(np.float64) / (size / 2) - 1  # keypoint units
+    depth = -landmarks[:, 2].astype(np.float64)  # toward the camera
+    zs, grads = [], []
+    for p in np.asarray(kp_source, dtype=np.float64):
+        d = np.linalg.norm(pts - p, axis=1)
+        near = d < MESH_RADIUS
+        if near.sum() < MESH_MIN_POINTS:
+            near = d <= np.sort(d)[MESH_MIN_POINTS + 4]
+        a = np.c_[pts[near] - p, np.ones(int(near.sum()))]
+        coef, *_ = np.linalg.lstsq(a, depth[near], rcond=None)
+        grads.append(coef[:2])
+        zs.append(coef[2])
+    zs, grads = np.array(zs), np.array(grads)
+    lo = float(np.percentile(depth, 5))
+    scale = max(float(depth.max()) - lo, 1e-6)
+    z = (zs - lo) / scale
+    return NodProfile(torch.from_numpy(z).float(), torch.from_numpy(grads / scale).float())
+
+
+def nod_keypoints(
+    kp_source: Keypoints,
+    kp: Keypoints,
+    pitch: torch.Tensor,
+    gain: float,
+    profiles: Sequence[NodProfile | None] | None = None,
+) -> Keypoints:
     """``kp`` (the transferred keypoints, B×K×2 values and B×K×2×2 Jacobians or None) nodded by ``pitch``
     (B, degrees, as :func:`dagan.head_pose.pitch_since` measures the driver: a positive pitch moves the
     keypoints down, and the avatar's mesh then reads a positive pitch too) over the bump of the photo's
-    keypoints ``kp_source``; ``gain`` the bump's depth in keypoint spreads.
+    keypoints ``kp_source``, or over an item's own profile where ``profiles`` (B) gives one; ``gain`` the
+    depth in keypoint spreads.
 
     An item whose pitch is 0 is returned exactly as it was."""
     src = kp_source.value
@@ -60,14 +119,20 @@ def nod_keypoints(kp_source: Keypoints, kp: Keypoints, pitch: torch.Tensor, gain
     spread = rel.pow(2).sum(-1).mean(-1).sqrt().clamp_min(1e-6).view(-1, 1, 1)  # B×1×1
     rho2 = (BUMP_RADIUS * spread) ** 2
     z = 1 - rel.pow(2).sum(-1, keepdim=True) / rho2  # B×K×1
+    grad = -2 * rel / rho2  # B×K×2: dz/dx, dz/dy
+    if profiles is not None and any(p is not None for p in profiles):
+        z, grad = z.clone(), grad.clone()
+        for i, prof in enumerate(profiles):
+            if prof is not None:
+                z[i, :, 0] = prof.z.to(z)
+                grad[i] = prof.grad.to(grad)
     amp = gain * spread * torch.sin(torch.deg2rad(pitch.to(src.dtype))).view(-1, 1, 1)  # B×1×1
     dy = amp * z  # B×K×1
     value = kp.value + torch.cat([torch.zeros_like(dy), dy], dim=-1)
     jac = kp.jacobian
     if jac is not None:
-        grad = amp * (-2 * rel / rho2)  # B×K×2: d(dy)/dx, d(dy)/dy
         deform = torch.zeros_like(jac)
-        deform[..., 1, :] = grad
+        deform[..., 1, :] = amp * grad  # d(dy)/dx, d(dy)/dy
         jac = jac + deform @ jac  # (I + ∇) J
     return Keypoints(value, jac)
 
@@ -98,10 +163,13 @@ class NodState:
     :meth:`pitch` is called once per animated frame with the driver's face mesh. The first frame after a
     new reference (the stream's first, a recalibration, an automatic neutral pose; noticed because the
     session's ``reference`` object changed) becomes the rotation the pitch is measured from. A frame
-    without a face mesh keeps the last pitch, so the avatar holds its pose instead of snapping back."""
+    without a face mesh keeps the last pitch, so the avatar holds its pose instead of snapping back.
+    ``profile``: the photo's own depth profile where the engine chose it at upload, else None (the
+    bump)."""
 
-    def __init__(self, max_degrees: float = 30.0) -> None:
+    def __init__(self, max_degrees: float = 30.0, profile: NodProfile | None = None) -> None:
         self.max_degrees = float(max_degrees)
+        self.profile = profile
         self._reference: np.ndarray | None = None
         self._reference_of: object = None
         self._filter = OneEuroFilter(NOD_FILTER)

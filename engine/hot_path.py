@@ -38,12 +38,15 @@ The nod (:mod:`dagan.nod`, config ``nod``): a model that nods runs step 5 split 
 relative streams, filtered or not, because between the transfer and the generator the transferred
 keypoints are nodded by the driver's head pitch since the reference, read from the face mesh of the
 driving frame (:func:`nod_pitches`; host code, a few milliseconds a frame, the same for every backend).
-The detector does not see a nod; the mesh does.
+The detector does not see a nod; the mesh does. Which depth profile a photo nods over (the bump over its
+keypoints or its own face mesh's) is chosen once, when a relative stream's photo is uploaded
+(:meth:`FramePathEngine._nod_profile`: four drawings of the photo nodded, read with the mesh).
 """
 
 from __future__ import annotations
 
 import abc
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -55,13 +58,14 @@ import torch
 from dagan.blink import LidState, close_lids, eye_shapes
 from dagan.config import BlinkConfig, ModelConfig, MouthConfig, NodConfig
 from dagan.graph_contract import unflatten_cached
+from dagan.head_pose import euler_angles, head_rotation
 from dagan.helpers import Uploader, depth_to_images, images_to_tensor, tensor_to_images
 from dagan.keypoint_ops import movement_scale, relative_keypoints
 from dagan.mouth import extra_opening, mouth_shape, open_mouths
 from dagan.nets.blocks import inverse_2x2
 from dagan.nets.keypoints import Keypoints
 from dagan.nets.lid_reader import LidReader
-from dagan.nod import NodState, layout_distance, nod_keypoints, nod_weight
+from dagan.nod import NodProfile, NodState, layout_distance, mesh_profile, nod_keypoints, nod_weight
 
 from .base import Engine, EngineError, FrameResult, Session, check_batch, check_mouth_gain
 
@@ -123,12 +127,64 @@ class FramePathEngine(Engine):
             session.nod = NodState(self.nod.max_degrees)
         if landmarks is None:
             return session
+        if session.nod is not None and session.relative:  # absolute motion is not nodded
+            session.nod.profile = self._nod_profile(session, source_image, landmarks)
         if self.lid_reader is not None:
             session.lids = LidState(eye_shapes(landmarks))
         if self.mouth is not None:
             shape = mouth_shape(landmarks)
             session.mouth = None if shape.is_open(self.mouth) else shape
         return session
+
+    def _nod_profile(
+        self, session: Session, source_image: np.ndarray, landmarks: np.ndarray
+    ) -> NodProfile | None:
+        """The depth profile the photo's avatar nods over (:mod:`dagan.nod`): its face mesh's own
+        (:func:`dagan.nod.mesh_profile`) where that nods the avatar better than the bump over its
+        keypoints does, else None (the bump). Each is tried by drawing the photo nodded ±
+        :data:`CALIBRATION_DEGREES` and reading the drawings' rotation with the face mesh, as the driver's
+        is read (:func:`nod_response`): four drawings and four meshes, once per upload of a relative
+        stream (about 0.15 s on a CPU, on the engine's worker)."""
+        assert self.nod is not None
+        with torch.inference_mode():
+            kp_s = self._source_keypoints(session)
+            mesh = mesh_profile(landmarks, self.image_size, kp_s.value[0].float().cpu().numpy())
+            profiles: list[NodProfile | None] = [None, None, mesh, mesh]
+            pitch = torch.tensor([-1.0, 1.0, -1.0, 1.0]) * CALIBRATION_DEGREES
+            four = Keypoints(
+                torch.cat([kp_s.value] * 4), None if kp_s.jacobian is None else torch.cat([kp_s.jacobian] * 4)
+            )
+            nodded_kp = nod_keypoints(four, four, pitch.to(four.value), self.nod.gain, profiles)
+            drawn = tensor_to_images(self._draw(session, source_image, nodded_kp))
+        bump_response = nod_response(drawn[0], drawn[1], self.image_size)
+        mesh_response = nod_response(drawn[2], drawn[3], self.image_size)
+        return mesh if mesh_response > bump_response else None
+
+    def _draw(self, session: Session, source_image: np.ndarray, kp: Keypoints) -> torch.Tensor:
+        """The photo of ``session`` (``source_image``) drawn with the keypoints ``kp`` (B×K×2, B×K×2×2) in
+        place of its own: B×3×H×W, by the ``generator`` graph, or where the backend has none by the fused
+        ``frame`` graph driven by the photo itself with moved references (:func:`filtered_motion`)."""
+        b = kp.value.shape[0]
+        cached = {n: torch.cat([t] * b) for n, t in self._cached(session).items()}
+        feed = {n: cached[n] for n in self.cached_inputs}
+        feed["kp_driving_value"] = kp.value
+        if kp.jacobian is not None:
+            feed["kp_driving_jacobian"] = kp.jacobian
+        prediction = self._render(feed)
+        if prediction is not None:
+            return prediction
+        kp_s = self._source_keypoints(session)
+        kp_s = Keypoints(
+            torch.cat([kp_s.value] * b), None if kp_s.jacobian is None else torch.cat([kp_s.jacobian] * b)
+        )
+        driving = self._to_tensor([np.asarray(source_image)] * b, "source image")
+        kp_d = self._detect(driving)
+        ones = torch.ones(b, 1, 1, device=self.device, dtype=self.dtype)
+        motion = {"mouth_gain": ones} if self.mouth_keypoints else {}
+        feed = {n: cached[n] for n in self.cached_inputs}
+        feed["driving"] = driving
+        feed.update(filtered_motion(kp_s, kp_d, kp_d, kp, motion, self.jacobian_gain))
+        return self._run_frame(feed)["prediction"]
 
     # -- backend hooks ------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -464,6 +520,32 @@ def mesh_at_size(image: np.ndarray, size: int) -> np.ndarray | None:
     return face_landmarks_upscaled(image)
 
 
+# How far the upload's calibration nods the photo each way (degrees): a nod drivers make when they talk
+# (their pitch moves by 1–8° on the held-out clips), far enough that the mesh's reading noise (about a
+# tenth of a degree on a still image) is small beside it.
+CALIBRATION_DEGREES = 8.0
+
+
+def nod_response(down: np.ndarray, up: np.ndarray, size: int) -> float:
+    """How well a photo's avatar nods: ``down`` and ``up`` are two drawings of it nodded by
+    ∓ :data:`CALIBRATION_DEGREES` (H×W×3 uint8 at the model's ``size``), read with the face mesh as the
+    driver's is (:func:`mesh_at_size`; the rotation between them in the head's own frame, as
+    :func:`dagan.head_pose.pitch_since`): the pitch per degree of the nod, less the yaw and roll (either
+    way) that came with it. 1 is a clean full nod; 0 none, or a nod as large as the turn and tilt drawn
+    with it. Why the penalty: a profile that tilts the head sideways as it nods (the three-quarter
+    painting s10, over its mesh's profile: 0.33° pitch, 0.38° roll and 0.19° yaw per degree) makes the
+    avatar roll with the driver's nods, not with the driver's roll. −inf where either has no face."""
+    rotations = [
+        None if lm is None else head_rotation(lm, (size, size))
+        for lm in (mesh_at_size(down, size), mesh_at_size(up, size))
+    ]
+    if rotations[0] is None or rotations[1] is None:
+        return -math.inf
+    pitch, yaw, roll = euler_angles(rotations[0].T @ rotations[1]) / (2 * CALIBRATION_DEGREES)
+    value = float(pitch - abs(yaw) - abs(roll))
+    return value if math.isfinite(value) else -math.inf
+
+
 def nod_pitches(sessions: list[Session], frames: list[np.ndarray], size: int) -> torch.Tensor:
     """B pitches (degrees, float32 on the host): how far each relative stream with a nod state
     (:class:`dagan.nod.NodState`) pitched its head since its reference, read from the face mesh of its
@@ -492,11 +574,13 @@ def nodded(
 ) -> Keypoints:
     """Step 5's nod: the transferred keypoints ``kp_used`` nodded by each stream's pitch
     (:func:`nod_pitches`), weighted by how far the photo's layout (``kp_s``) is from the driver's at the
-    reference (``motion["kp_reference_value"]``, :func:`dagan.nod.nod_weight`), over the photo's keypoints
-    (:func:`dagan.nod.nod_keypoints`). The one implementation the engine and ``dagan bench`` run."""
+    reference (``motion["kp_reference_value"]``, :func:`dagan.nod.nod_weight`), over the photo's depth
+    profile (the bump, or its mesh's where the upload chose it; :func:`dagan.nod.nod_keypoints`). The one
+    implementation the engine and ``dagan bench`` run."""
     pitch = nod_pitches(sessions, frames, size)
     weight = nod_weight(kp_s.value, motion["kp_reference_value"]).cpu()
-    return nod_keypoints(kp_s, kp_used, (pitch * weight).to(kp_used.value.device), gain)
+    profiles = [None if s.nod is None else s.nod.profile for s in sessions]
+    return nod_keypoints(kp_s, kp_used, (pitch * weight).to(kp_used.value.device), gain, profiles)
 
 
 def filter_keypoints(sessions: list[Session], kp: Keypoints, mouth: tuple[int, ...] = ()) -> Keypoints:

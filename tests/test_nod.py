@@ -12,7 +12,16 @@ from helpers import make_model
 from dagan.config import ConfigError, config_from_dict, load_config, set_dotted, to_plain
 from dagan.head_pose import _OBJECT_POINTS, _POSE_IDS, euler_angles, head_rotation, pitch_since
 from dagan.nets.keypoints import Keypoints
-from dagan.nod import OTHER_FACE, SAME_FACE, NodState, layout_distance, nod_keypoints, nod_weight
+from dagan.nod import (
+    OTHER_FACE,
+    SAME_FACE,
+    NodProfile,
+    NodState,
+    layout_distance,
+    mesh_profile,
+    nod_keypoints,
+    nod_weight,
+)
 
 SIZE = 64
 
@@ -153,6 +162,68 @@ def test_the_nod_is_added_for_another_face_and_not_for_the_same_one():
     assert w == pytest.approx((d - SAME_FACE) / (OTHER_FACE - SAME_FACE), abs=1e-6)
 
 
+# ------------------------------------------------------------------------------------- the photo's profile
+
+
+def dome_mesh(size: int = 64, n: int = 41) -> np.ndarray:
+    """n² mesh points on a grid over the crop (pixels of ``size``), z as mediapipe gives it (into the
+    scene): a dome whose surface toward the camera is 1 − x² − y² in keypoint units."""
+    u = np.linspace(-1, 1, n)
+    x, y = np.meshgrid(u, u)
+    toward = 1 - x**2 - y**2
+    return np.c_[(x.ravel() + 1) * size / 2, (y.ravel() + 1) * size / 2, -toward.ravel() * 7.0]
+
+
+def test_the_mesh_profile_is_the_faces_depth_and_slope_at_each_keypoint():
+    mesh = dome_mesh()
+    kp = np.array([[0.0, 0.0], [0.5, 0.0], [0.0, -0.5], [-0.3, 0.4]])
+    prof = mesh_profile(mesh, 64, kp)
+    toward = -mesh[:, 2] / 7.0
+    lo = np.percentile(toward, 5)
+    scale = 1 - lo  # the dome's top is 1
+    want_z = (1 - (kp**2).sum(1) - lo) / scale
+    torch.testing.assert_close(prof.z.double(), torch.from_numpy(want_z), atol=0.01, rtol=0)
+    want_grad = -2 * kp / scale  # the dome's slope, in units of the profile's scale
+    torch.testing.assert_close(prof.grad.double(), torch.from_numpy(want_grad), atol=0.01, rtol=0)
+    assert prof.z[0] == prof.z.max()  # the top of the dome stands out most
+    # depth in other units (mediapipe's z is in pixels of whatever it was run on) gives the same profile
+    other = mesh.copy()
+    other[:, 2] *= 3
+    torch.testing.assert_close(mesh_profile(other, 64, kp).z, prof.z)
+
+
+def test_a_keypoint_off_the_mesh_takes_the_nearest_points():
+    mesh = dome_mesh()
+    # just past the mesh's right edge (three mesh points within MESH_RADIUS), and far off it
+    kp = np.array([[1.1, 0.3], [0.9, 0.3], [3.0, 0.0]])
+    prof = mesh_profile(mesh, 64, kp)
+    assert torch.isfinite(prof.z).all() and torch.isfinite(prof.grad).all()
+    assert prof.grad[0, 0] < 0 and prof.z[0] < prof.z[1]  # the dome goes on falling away to the right
+
+
+def test_a_profile_replaces_the_bump_for_its_item_only():
+    kp_s = source_keypoints(b=2, k=12, seed=5)
+    kp = source_keypoints(b=2, k=12, seed=6)
+    pitch = torch.tensor([6.0, 6.0])
+    bump = nod_keypoints(kp_s, kp, pitch, 2.0)
+    flat = NodProfile(torch.ones(12), torch.zeros(12, 2))  # every keypoint stands out as far
+    out = nod_keypoints(kp_s, kp, pitch, 2.0, [None, flat])
+    torch.testing.assert_close(out.value[0], bump.value[0])  # the first item: the bump still
+    torch.testing.assert_close(out.jacobian[0], bump.jacobian[0])
+    moved = out.value[1] - kp.value[1]
+    assert torch.all(moved[:, 0] == 0) and torch.allclose(moved[:, 1], moved[0, 1].expand(12))
+    assert moved[0, 1] > 0
+    torch.testing.assert_close(out.jacobian[1], kp.jacobian[1])  # a flat profile deforms nothing
+    # the bump's own values given as a profile reproduce the bump
+    src = kp_s.value[1]
+    rel = src - src.mean(0)
+    rho2 = (1.6 * rel.pow(2).sum(-1).mean().sqrt()) ** 2
+    same = NodProfile(1 - rel.pow(2).sum(-1) / rho2, -2 * rel / rho2)
+    again = nod_keypoints(kp_s, kp, pitch, 2.0, [None, same])
+    torch.testing.assert_close(again.value, bump.value)
+    torch.testing.assert_close(again.jacobian, bump.jacobian)
+
+
 # ------------------------------------------------------------------------------------- the state
 
 
@@ -201,15 +272,17 @@ def test_nod_config_is_checked():
             nod_config(**{key: bad})
 
 
-def _nodding_engine(monkeypatch, pitches: list[float]):
+def _nodding_engine(monkeypatch, pitches: list[float], profile: NodProfile | None = None):
     """A torch engine of a tiny model that nods, whose face mesh of every driving frame is the canonical
-    face pitched by the next of ``pitches`` (the photo's mesh: the first); and the keypoints it renders."""
+    face pitched by the next of ``pitches`` (the photo's mesh: the first), and whose uploads keep
+    ``profile`` (the upload's calibration has tests of its own); and the keypoints it renders."""
     import dagan.face
     from engine.torch_backend import TorchEngine
 
     meshes = [mesh_of(rotation(pitch=p), SIZE) for p in pitches]
     monkeypatch.setattr(dagan.face, "face_landmarks_upscaled", lambda image, min_size=256: meshes.pop(0))
     engine = TorchEngine(make_model(nod_config()), device="cpu")
+    monkeypatch.setattr(engine, "_nod_profile", lambda session, image, landmarks: profile)
     rendered: list[torch.Tensor] = []
     render = engine._render
 
@@ -221,14 +294,17 @@ def _nodding_engine(monkeypatch, pitches: list[float]):
     return engine, rendered
 
 
-def test_engine_nods_the_rendered_keypoints_by_the_drivers_pitch(monkeypatch):
+@pytest.mark.parametrize("flat", [False, True], ids=["bump", "own-profile"])
+def test_engine_nods_the_rendered_keypoints_by_the_drivers_pitch(monkeypatch, flat):
     rng = np.random.default_rng(0)
     src = (rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
     frame = (rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    k = nod_config().keypoints.num_kp
+    profile = NodProfile(torch.ones(k), torch.zeros(k, 2)) if flat else None
     # the photo's mesh, then the driver's: at the reference, unchanged, then pitched 10°
-    engine, rendered = _nodding_engine(monkeypatch, [0.0, 0.0, 0.0, 10.0])
+    engine, rendered = _nodding_engine(monkeypatch, [0.0, 0.0, 0.0, 10.0], profile)
     session = engine.new_session(src, relative=True)
-    assert isinstance(session.nod, NodState)
+    assert isinstance(session.nod, NodState) and session.nod.profile is profile
     for _ in range(3):  # one driving frame three times: the keypoints stay, only the mesh nods
         engine.animate_batch([session], [frame])
     first, same, nodded = rendered
@@ -238,9 +314,87 @@ def test_engine_nods_the_rendered_keypoints_by_the_drivers_pitch(monkeypatch):
     assert pitch.item() == pytest.approx(10, abs=0.5)
     weight = nod_weight(kp_s.value, session.reference.value)
     assert weight.item() > 0.5  # a random photo and a random frame: other faces
-    expected = nod_keypoints(kp_s, Keypoints(first, None), pitch * weight, 2.0).value
+    expected = nod_keypoints(kp_s, Keypoints(first, None), pitch * weight, 2.0, [profile]).value
     torch.testing.assert_close(nodded, expected, atol=1e-5, rtol=1e-5)
     assert (nodded - first)[..., 1].mean() > 0 and torch.all((nodded - first)[..., 0].abs() < 1e-6)
+    if flat:  # the photo's own profile, not the bump: every keypoint moved alike
+        dy = (nodded - first)[0, :, 1]
+        torch.testing.assert_close(dy, dy[0].expand_as(dy))
+
+
+def with_depth(lm: np.ndarray) -> np.ndarray:
+    """A 478×2 mesh with a z column (the face mesh's third coordinate)."""
+    return np.c_[lm, np.zeros(len(lm))]
+
+
+@pytest.mark.parametrize(
+    ("poses", "keeps_mesh"),
+    [
+        ([(-2, 0), (2, 0), (-6, 0), (6, 0)], True),
+        ([(-6, 0), (6, 0), (-2, 0), (2, 0)], False),
+        ([(-2, 0), (2, 0), (-6, -5), (6, 5)], False),
+        ([(-2, 0), (2, 0), None, None], False),
+    ],
+    ids=["mesh-nods-further", "bump-nods-further", "mesh-nods-further-but-tilts", "mesh-loses-the-face"],
+)
+def test_the_upload_keeps_the_profile_its_avatar_nods_better_with(monkeypatch, poses, keeps_mesh):
+    """At upload the photo is drawn nodded ∓8° over the bump, then over its mesh's profile; the face
+    mesh of the four drawings (here: the canonical face pitched and rolled by ``poses``, None: no face)
+    decides: the nod per degree, less any roll (or yaw) drawn with it."""
+    import dagan.face
+    from engine.hot_path import CALIBRATION_DEGREES
+    from engine.torch_backend import TorchEngine
+
+    photo_mesh = dome_mesh(SIZE, 22)  # 484 points
+    meshes = [photo_mesh] + [
+        None if p is None else with_depth(mesh_of(rotation(pitch=p[0], roll=p[1]), SIZE)) for p in poses
+    ]
+    monkeypatch.setattr(dagan.face, "face_landmarks_upscaled", lambda image, min_size=256: meshes.pop(0))
+    engine = TorchEngine(make_model(nod_config()), device="cpu")
+    drawn: list[torch.Tensor] = []
+    render = engine._render
+    monkeypatch.setattr(
+        engine, "_render", lambda feed: drawn.append(feed["kp_driving_value"]) or render(feed)
+    )
+    src = (np.random.default_rng(2).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    session = engine.new_session(src, relative=True)
+    assert not meshes  # the photo's mesh and the four drawings' were read
+    kp_s = engine._source_keypoints(session)
+    mesh = mesh_profile(photo_mesh, SIZE, kp_s.value[0].numpy())
+    if keeps_mesh:
+        torch.testing.assert_close(session.nod.profile.z, mesh.z)
+        torch.testing.assert_close(session.nod.profile.grad, mesh.grad)
+    else:
+        assert session.nod.profile is None
+    # one batch of four drawings: the bump and the mesh's profile, each nodded down and up
+    (batch,) = drawn
+    four = Keypoints(kp_s.value.repeat(4, 1, 1), kp_s.jacobian.repeat(4, 1, 1, 1))
+    pitch = torch.tensor([-1.0, 1.0, -1.0, 1.0]) * CALIBRATION_DEGREES
+    want = nod_keypoints(four, four, pitch, 2.0, [None, None, mesh, mesh]).value
+    torch.testing.assert_close(batch, want)
+
+
+def test_a_backend_without_a_generator_draws_the_calibration_through_the_frame_graph(monkeypatch):
+    """TensorRT builds only the fused graph: the photo driven by itself with moved references draws the
+    same nodded keypoints as the generator does."""
+    import dagan.face
+    from engine.torch_backend import TorchEngine
+
+    monkeypatch.setattr(dagan.face, "face_landmarks_upscaled", lambda image, min_size=256: None)
+    engine = TorchEngine(make_model(nod_config()), device="cpu")
+    src = (np.random.default_rng(3).random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    session = engine.new_session(src, relative=True)
+    kp_s = engine._source_keypoints(session)
+    two = Keypoints(kp_s.value.repeat(2, 1, 1), kp_s.jacobian.repeat(2, 1, 1, 1))
+    kp = nod_keypoints(two, two, torch.tensor([-8.0, 8.0]), 2.0)
+    with torch.inference_mode():
+        by_generator = engine._draw(session, src, kp)
+        monkeypatch.setattr(engine, "_render", lambda feed: None)
+        by_frame = engine._draw(session, src, kp)
+    assert by_frame.shape == (2, 3, SIZE, SIZE)
+    # a tiny random model draws the two nods only slightly apart (7e-5); the two paths agree far closer
+    assert (by_generator[0] - by_generator[1]).abs().max() > 1e-5
+    torch.testing.assert_close(by_frame, by_generator, atol=1e-6, rtol=0)
 
 
 def test_an_absolute_stream_and_a_model_that_does_not_nod_read_no_mesh(monkeypatch):
@@ -251,7 +405,7 @@ def test_an_absolute_stream_and_a_model_that_does_not_nod_read_no_mesh(monkeypat
     monkeypatch.setattr(
         dagan.face,
         "face_landmarks_upscaled",
-        lambda image, min_size=256: calls.append(1) or mesh_of(rotation()),
+        lambda image, min_size=256: calls.append(1) or with_depth(mesh_of(rotation())),
     )
     rng = np.random.default_rng(1)
     src = (rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
@@ -290,4 +444,5 @@ def test_bench_times_the_nod_of_a_nodding_model(astronaut):
 
     r = bench_nod(make_model(nod_config()), frames=3, warmup=1, face=astronaut)
     assert r["mesh_and_nod"]["frames"] == 3 and r["mesh_and_nod"]["median_ms"] > 0
+    assert r["upload_calibration"]["frames"] == 3 and r["upload_calibration"]["median_ms"] > 0
     assert "skipped" not in r
