@@ -12,7 +12,7 @@ bench.server`` has those stages).
 
 1. The engine, as ``dagan serve`` builds it for the checkpoint (``--backend``/``--precision`` pin it).
 2. The photo: ``--photo``, cropped as the server crops an upload (default: scikit-image's astronaut).
-3. The driver: ``--clip``, tracked and cropped as the server crops a camera (evaluation's loader), or
+3. The driver: ``--clip``, tracked and cropped as the server crops a camera (its face tracker), or
    the photo itself turned and nodded a few degrees (the default: no video needed).
 4. A relative session with the server's keypoint filter on the clip's clock; ``--warmup`` frames, then
    ``--frames`` timed frames, cycling through the driver's.
@@ -51,15 +51,28 @@ def moved_photo(crop: np.ndarray, frames: int = 60) -> list[np.ndarray]:
 
 
 def load_driver(clip: Path | None, photo_crop: np.ndarray, size: int) -> tuple[list[np.ndarray], float, str]:
-    """Step 3: the driving crops, their frame rate and a name for the report."""
+    """Step 3: the driving crops (a clip tracked and cropped by the server's tracker, its detection
+    cadence and box filter, the frames before the first face left out as the server leaves them out; at
+    most 300), their frame rate and a name for the report."""
     if clip is None:
         return moved_photo(photo_crop), 25.0, "the photo, moved"
-    from evaluation.cross import load_clip
+    from dagan.face import DEFAULT_DETECT_EVERY, FaceTracker
+    from dagan.media import VideoReader
+    from dagan.smoothing import DEFAULT_PARAMS
 
-    driver = load_clip(clip, size, None, max_frames=300)
-    if driver is None:
+    crops: list[np.ndarray] = []
+    tracker = FaceTracker(out_size=size, detect_every=DEFAULT_DETECT_EVERY, box_filter=DEFAULT_PARAMS)
+    with VideoReader(clip) as reader, tracker:
+        fps = float(reader.fps)
+        for i, frame in enumerate(reader):
+            box = tracker.locate(frame, i / fps)
+            if box is not None:
+                crops.append(box.crop(frame, size))
+            if len(crops) >= 300:
+                break
+    if not crops:
         raise SystemExit(f"bench.hot_path: no face found in any frame of {clip}")
-    return driver.crops, driver.fps, clip.name
+    return crops, fps, clip.name
 
 
 def host_steps(engine: Any, session: Any) -> list[str]:
