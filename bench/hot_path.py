@@ -35,6 +35,9 @@ import torch
 
 from .report import load_average, machine_description, stats, timestamp
 
+# The most driving frames taken from a clip (they are cycled through for the timed frames).
+MAX_CLIP_FRAMES = 300
+
 
 def moved_photo(crop: np.ndarray, frames: int = 60) -> list[np.ndarray]:
     """``frames`` copies of a face crop turned in the image plane by up to 5° and moved up and down by up
@@ -53,7 +56,7 @@ def moved_photo(crop: np.ndarray, frames: int = 60) -> list[np.ndarray]:
 def load_driver(clip: Path | None, photo_crop: np.ndarray, size: int) -> tuple[list[np.ndarray], float, str]:
     """Step 3: the driving crops (a clip tracked and cropped by the server's tracker, its detection
     cadence and box filter, the frames before the first face left out as the server leaves them out; at
-    most 300), their frame rate and a name for the report."""
+    most :data:`MAX_CLIP_FRAMES`), their frame rate and a name for the report."""
     if clip is None:
         return moved_photo(photo_crop), 25.0, "the photo, moved"
     from dagan.face import DEFAULT_DETECT_EVERY, FaceTracker
@@ -68,7 +71,7 @@ def load_driver(clip: Path | None, photo_crop: np.ndarray, size: int) -> tuple[l
             box = tracker.locate(frame, i / fps)
             if box is not None:
                 crops.append(box.crop(frame, size))
-            if len(crops) >= 300:
+            if len(crops) >= MAX_CLIP_FRAMES:
                 break
     if not crops:
         raise SystemExit(f"bench.hot_path: no face found in any frame of {clip}")
@@ -205,7 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     for given in (args.photo, args.clip):
         if given is not None and not given.is_file():
             p.error(f"no such file: {given}")
-    r = run(args.checkpoint, args.photo, args.clip, args.frames, args.warmup, args.backend, args.precision)
+    from dagan.errors import UserError
+
+    try:
+        r = run(
+            args.checkpoint, args.photo, args.clip, args.frames, args.warmup, args.backend, args.precision
+        )
+    except UserError as exc:  # no face in the photo, an unreadable file, no weights: one line, no traceback
+        raise SystemExit(f"bench.hot_path: {exc}") from exc
     print(report_text(r), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(r, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 from helpers import make_model
@@ -57,3 +58,7 @@ def test_a_clip_without_a_face_and_a_missing_file_are_clear_errors(nodding_check
         main(["--checkpoint", str(nodding_checkpoint), "--clip", str(blank), "--frames", "1"])
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(nodding_checkpoint), "--photo", str(tmp_path / "none.jpg")])
+    faceless = tmp_path / "grey.png"
+    cv2.imwrite(str(faceless), np.full((96, 96, 3), 128, np.uint8))
+    with pytest.raises(SystemExit, match=r"bench\.hot_path: .*face"):
+        main(["--checkpoint", str(nodding_checkpoint), "--photo", str(faceless), "--frames", "1"])
