@@ -167,9 +167,9 @@ class NodState:
     ``profile``: the photo's own depth profile where the engine chose it at upload, else None (the
     bump)."""
 
-    def __init__(self, max_degrees: float = 30.0, profile: NodProfile | None = None) -> None:
+    def __init__(self, max_degrees: float = 30.0) -> None:
         self.max_degrees = float(max_degrees)
-        self.profile = profile
+        self.profile: NodProfile | None = None
         self._reference: np.ndarray | None = None
         self._reference_of: object = None
         self._filter = OneEuroFilter(NOD_FILTER)

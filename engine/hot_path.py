@@ -165,8 +165,9 @@ class FramePathEngine(Engine):
         place of its own: B×3×H×W, by the ``generator`` graph, or where the backend has none by the fused
         ``frame`` graph driven by the photo itself with moved references (:func:`filtered_motion`)."""
         b = kp.value.shape[0]
-        cached = {n: torch.cat([t] * b) for n, t in self._cached(session).items()}
-        feed = {n: cached[n] for n in self.cached_inputs}
+        own = self._cached(session)
+        cached = {n: torch.cat([own[n]] * b) for n in self.cached_inputs}
+        feed = dict(cached)
         feed["kp_driving_value"] = kp.value
         if kp.jacobian is not None:
             feed["kp_driving_jacobian"] = kp.jacobian
@@ -181,7 +182,7 @@ class FramePathEngine(Engine):
         kp_d = self._detect(driving)
         ones = torch.ones(b, 1, 1, device=self.device, dtype=self.dtype)
         motion = {"mouth_gain": ones} if self.mouth_keypoints else {}
-        feed = {n: cached[n] for n in self.cached_inputs}
+        feed = dict(cached)
         feed["driving"] = driving
         feed.update(filtered_motion(kp_s, kp_d, kp_d, kp, motion, self.jacobian_gain))
         return self._run_frame(feed)["prediction"]
