@@ -268,13 +268,12 @@ def bench_nod(model: DaGAN, frames: int = 50, warmup: int = 5, face: np.ndarray 
     k = model.config.keypoints.num_kp
     kp_s = Keypoints(torch.rand(1, k, 2) - 0.5, torch.eye(2).repeat(1, k, 1, 1))
     session = Session(source=None, relative=True, reference=object(), kp_filter=OneEuroFilter())
-    session.nod, session.frame_time = NodState(model.config.nod.max_degrees), 0.0
-    motion = {"kp_reference_value": torch.rand(1, k, 2) - 0.5}  # another face: the whole nod is added
+    session.nod, session.frame_time = NodState(model.config.nod.max_degrees), 0.0  # no photo: all the nod
 
     @torch.inference_mode()
     def nod() -> None:
         session.frame_time += 1 / 30
-        nodded([session], [crop], size, kp_s, kp_s, motion, model.config.nod.gain)
+        nodded([session], [crop], size, kp_s, kp_s, model.config.nod.gain)
 
     result = {"mesh_and_nod": stats(_time(nod, frames, warmup, torch.device("cpu")))}
 

@@ -30,6 +30,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 
@@ -44,17 +45,30 @@ BUMP_RADIUS = 1.6
 # The pitch reading's filter for a stream whose keypoints are filtered (degrees; beta per °/s). The face
 # mesh's pitch shakes from frame to frame: read unfiltered (a probe at gain 2.6), the avatar's landmarks
 # moved 2.5 times as much as the driver's where the driver held still (24 held-out pairs); filtered, 1.3
-# at that gain and 1.2 at gain 2, against 1.15 without the nod (weights/README.md, "The nod").
-NOD_FILTER = OneEuroParams(min_cutoff=1.0, beta=0.05)
+# at that gain and 1.2 at gain 2, against 1.15 without the nod (weights/README.md, "The nod"). Since every
+# other person's photo gets the whole nod (:data:`SAME_SHOT`), the filter is slower at rest and quicker
+# in a nod: 1 Hz with beta 0.05 shook 1.69 times as much as the driver on 48 held-out pairs, 0.3 Hz with
+# beta 0.3 1.55, for a pitch r of 0.71 and 0.73 (weights/README.md, "The same shot").
+NOD_FILTER = OneEuroParams(min_cutoff=0.3, beta=0.3)
 
-# How much of the nod is added, by how far the photo's keypoint layout is from the driver's at the
-# reference (:func:`layout_distance`): none below SAME_FACE, all of it above OTHER_FACE, linearly between.
-# Why: for the driver's own face the keypoints carry the nod already (self-reenactment pitch gain 0.9–1.1
-# on the clip that nods), and the mesh's nod on top of it doubled it: relative self-reenactment on three
-# held-out clips lost PRMSE 3.59° → 3.99° and its expression features 0.042 → 0.047. Two frames of one
-# clip lie 0.002–0.06 apart (one pair 0.125, of 17 held-out clips); a photo and another person's frame
-# 0.06–0.43 (median 0.21; 6 photos × 17 clips).
-SAME_FACE, OTHER_FACE = 0.06, 0.12
+# How much of the nod is added, by how far the photo is from being a frame of the driver's own video at the
+# reference (:func:`shot_distance`): none below SAME_SHOT, all of it above OTHER_SHOT, linearly between.
+# Why: where the photo *is* such a frame (self-reenactment; a snapshot of the camera taken as the avatar)
+# the keypoints carry the nod already (self-reenactment pitch gain 0.9–1.1 on the clip that nods), and
+# the mesh's nod on top of it doubled it: relative self-reenactment on three held-out clips lost PRMSE
+# 3.59° → 3.99° and its expression features 0.042 → 0.047. Two frames of one clip two frames apart lie
+# 0.006–0.20 apart (17 held-out clips, tracked or prepared crops), a photo and another person's frame
+# 0.64–1.43 (median 0.98; 6 photos × 17 clips), first frames of one actor's clips from one studio
+# 0.28–0.36. (Until 2026-12-07 the weight compared the keypoint layouts instead, which cannot tell these
+# apart: a photo and another person lay 0.06–0.43 apart, and 15 of 48 held-out pairs got a partial nod
+# or none, weights/README.md, "The same shot".)
+SAME_SHOT, OTHER_SHOT = 0.25, 0.45
+
+# The shot's signature: the face's mesh box widened by SHOT_MARGIN of its size on each side (hair,
+# collar and background count), area-sampled to SHOT_SIZE² colour pixels, normalised to zero mean and
+# unit variance (so exposure and white balance count less than content).
+SHOT_SIZE = 16
+SHOT_MARGIN = 0.25
 
 # The mesh profile's plane fit: the mesh points within this distance of a keypoint (keypoint units, the
 # crop spans [-1, 1]; 0.12 is about 8 px of a 128-px crop, some 20 mesh points on the cheek), or, where
@@ -149,27 +163,61 @@ def layout_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (layout(a) - layout(b)).norm(dim=-1).mean(dim=-1)
 
 
-def nod_weight(kp_source: torch.Tensor, kp_reference: torch.Tensor) -> torch.Tensor:
-    """B weights in [0, 1]: how much of the driver's nod to add for a photo with keypoints ``kp_source``
-    driven from reference keypoints ``kp_reference`` (B×K×2 each): 0 for the same face in the same
-    pose, 1 for another face (:data:`SAME_FACE`, :data:`OTHER_FACE`)."""
-    d = layout_distance(kp_source, kp_reference)
-    return ((d - SAME_FACE) / (OTHER_FACE - SAME_FACE)).clamp(0, 1).float()
+def shot_signature(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """The face's shot as SHOT_SIZE×SHOT_SIZE×3 numbers (float64, zero mean, unit variance): ``image``
+    (H×W×3) sampled over its face mesh's box (``landmarks`` 478×2+, pixels) widened by
+    :data:`SHOT_MARGIN`. Why the mesh's box and not the image: a photo and a camera frame are cropped by
+    different code, and the same shot must read the same however it was cropped."""
+    pts = np.asarray(landmarks, dtype=np.float64)[:, :2]
+    (x0, y0), (x1, y1) = pts.min(axis=0), pts.max(axis=0)
+    half = max(x1 - x0, y1 - y0, 1.0) * (0.5 + SHOT_MARGIN)
+    scale = SHOT_SIZE / (2 * half)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    warp = np.array([[scale, 0, SHOT_SIZE / 2 - cx * scale], [0, scale, SHOT_SIZE / 2 - cy * scale]])
+    k = max(1, round(1 / scale))  # box-blur to the sample spacing first: an area average
+    src = np.asarray(image)
+    src = cv2.blur(src, (k, k)) if k > 1 else src
+    out = cv2.warpAffine(
+        src, warp, (SHOT_SIZE, SHOT_SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
+    )
+    out = out.astype(np.float64)
+    return (out - out.mean()) / (out.std() + 1e-6)
+
+
+def shot_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """How far apart two shots are (:func:`shot_signature` each): the mean absolute difference."""
+    return float(np.abs(a - b).mean())
+
+
+def shot_weight(photo: np.ndarray | None, frame: np.ndarray | None) -> float:
+    """How much of the driver's nod to add (0–1) for a photo whose shot is ``photo`` driven from a
+    reference frame whose shot is ``frame``: 0 for a frame of the same shot, 1 for another
+    (:data:`SAME_SHOT`, :data:`OTHER_SHOT`); 1 where either is unknown (a photo without a face mesh
+    cannot be a frame of a driver whose mesh was read)."""
+    if photo is None or frame is None:
+        return 1.0
+    d = shot_distance(photo, frame)
+    return float(np.clip((d - SAME_SHOT) / (OTHER_SHOT - SAME_SHOT), 0.0, 1.0))
 
 
 class NodState:
-    """One stream's nod: the driver's head rotation at the stream's reference frame and the pitch filter.
+    """One stream's nod: the driver's head rotation at the stream's reference frame, how much of the nod
+    that reference calls for, and the pitch filter.
 
-    :meth:`pitch` is called once per animated frame with the driver's face mesh. The first frame after a
-    new reference (the stream's first, a recalibration, an automatic neutral pose; noticed because the
-    session's ``reference`` object changed) becomes the rotation the pitch is measured from. A frame
-    without a face mesh keeps the last pitch, so the avatar holds its pose instead of snapping back.
+    :meth:`pitch` is called once per animated frame with the driver's face mesh. The first frame with a
+    face after a new reference (the stream's first, a recalibration, an automatic neutral pose; noticed
+    because the session's ``reference`` object changed) becomes the rotation the pitch is measured from,
+    and its shot against the photo's sets :attr:`weight` (:func:`shot_weight`). A frame without a face
+    mesh keeps the last pitch, so the avatar holds its pose instead of snapping back.
     ``profile``: the photo's own depth profile where the engine chose it at upload, else None (the
-    bump)."""
+    bump). ``photo``: the photo's shot (:func:`shot_signature`), set at upload where its mesh is found.
+    ``weight``: 0–1, 1 until a reference frame has been weighed."""
 
     def __init__(self, max_degrees: float = 30.0) -> None:
         self.max_degrees = float(max_degrees)
         self.profile: NodProfile | None = None
+        self.photo: np.ndarray | None = None
+        self.weight = 1.0
         self._reference: np.ndarray | None = None
         self._reference_of: object = None
         self._filter = OneEuroFilter(NOD_FILTER)
@@ -178,23 +226,25 @@ class NodState:
     def pitch(
         self,
         landmarks: np.ndarray | None,
-        image_size: tuple[int, int],
+        frame: np.ndarray,
         reference: object,
         t: float | None = None,
         smooth: bool = True,
     ) -> float:
         """Degrees the driver pitched since the reference (filtered with ``smooth``, clipped to
-        ± ``max_degrees``). ``reference`` is the session's current reference keypoints (any object;
-        only its identity is compared), ``t`` the frame's time in seconds."""
+        ± ``max_degrees``). ``landmarks``: the mesh of the driving ``frame`` (H×W×3, the size the mesh
+        was read at); ``reference`` is the session's current reference keypoints (any object; only its
+        identity is compared), ``t`` the frame's time in seconds."""
         if reference is not self._reference_of:
             self._reference, self._reference_of = None, reference
             self._filter.reset()
             self._last = 0.0
-        rotation = None if landmarks is None else head_rotation(landmarks, image_size)
+        rotation = None if landmarks is None else head_rotation(landmarks, frame.shape[:2])
         if rotation is None:
             return self._last
         if self._reference is None:
             self._reference = rotation
+            self.weight = shot_weight(self.photo, shot_signature(frame, landmarks))
         value = pitch_since(self._reference, rotation)
         if not math.isfinite(value):
             return self._last

@@ -65,7 +65,7 @@ from dagan.mouth import extra_opening, mouth_shape, open_mouths
 from dagan.nets.blocks import inverse_2x2
 from dagan.nets.keypoints import Keypoints
 from dagan.nets.lid_reader import LidReader
-from dagan.nod import NodProfile, NodState, layout_distance, mesh_profile, nod_keypoints, nod_weight
+from dagan.nod import NodProfile, NodState, layout_distance, mesh_profile, nod_keypoints, shot_signature
 
 from .base import Engine, EngineError, FrameResult, Session, check_batch, check_mouth_gain
 
@@ -128,6 +128,7 @@ class FramePathEngine(Engine):
         if landmarks is None:
             return session
         if session.nod is not None and session.relative:  # absolute motion is not nodded
+            session.nod.photo = shot_signature(at_size(source_image, self.image_size), landmarks)
             session.nod.profile = self._nod_profile(session, source_image, landmarks)
         if self.lid_reader is not None:
             session.lids = LidState(eye_shapes(landmarks))
@@ -367,7 +368,7 @@ class FramePathEngine(Engine):
         kp_used = self._transfer(kp_s, kp_f, motion)
         if self._nodding(sessions):
             assert self.nod is not None
-            kp_used = nodded(sessions, frames, self.image_size, kp_s, kp_used, motion, self.nod.gain)
+            kp_used = nodded(sessions, frames, self.image_size, kp_s, kp_used, self.nod.gain)
         render = {n: feed[n] for n in self.cached_inputs}
         render["kp_driving_value"] = kp_used.value
         if kp_used.jacobian is not None:
@@ -515,10 +516,15 @@ def mesh_at_size(image: np.ndarray, size: int) -> np.ndarray | None:
     both, so what the avatar is told and how it is scored agree. Raises ImportError without mediapipe."""
     from dagan.face import face_landmarks_upscaled  # mediapipe, only for models that use the mesh
 
+    return face_landmarks_upscaled(at_size(image, size))
+
+
+def at_size(image: np.ndarray, size: int) -> np.ndarray:
+    """``image`` (H×W×3) at the model's ``size`` (area-resized where it differs), as the mesh reads it."""
     image = np.asarray(image)
     if image.shape[:2] != (size, size):
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-    return face_landmarks_upscaled(image)
+    return image
 
 
 # How far the upload's calibration nods the photo each way (degrees): about a held-out driver's slow nod
@@ -558,9 +564,10 @@ def nod_pitches(sessions: list[Session], frames: list[np.ndarray], size: int) ->
     for i, (s, frame) in enumerate(zip(sessions, frames, strict=True)):
         if s.nod is None or not s.relative:
             continue
-        landmarks = mesh_at_size(frame, size)  # mediapipe: a stream has a nod state only with it
+        image = at_size(frame, size)
+        landmarks = mesh_at_size(image, size)  # mediapipe: a stream has a nod state only with it
         smooth = s.kp_filter is not None
-        out[i] = s.nod.pitch(landmarks, (size, size), s.reference, _session_clock(s), smooth)
+        out[i] = s.nod.pitch(landmarks, image, s.reference, _session_clock(s), smooth)
     return out
 
 
@@ -570,16 +577,16 @@ def nodded(
     size: int,
     kp_s: Keypoints,
     kp_used: Keypoints,
-    motion: dict[str, torch.Tensor],
     gain: float,
 ) -> Keypoints:
     """Step 5's nod: the transferred keypoints ``kp_used`` nodded by each stream's pitch
-    (:func:`nod_pitches`), weighted by how far the photo's layout (``kp_s``) is from the driver's at the
-    reference (``motion["kp_reference_value"]``, :func:`dagan.nod.nod_weight`), over the photo's depth
-    profile (the bump, or its mesh's where the upload chose it; :func:`dagan.nod.nod_keypoints`). The one
-    implementation the engine and ``dagan bench`` run."""
+    (:func:`nod_pitches`), weighted by whether the photo is another shot than the driver's reference
+    frame (:attr:`dagan.nod.NodState.weight`: 0 for a frame of the driver's own video, whose keypoints
+    carry the nod already), over the photo's depth profile (the bump, or its mesh's where the upload
+    chose it; :func:`dagan.nod.nod_keypoints`). The one implementation the engine and ``dagan bench``
+    run."""
     pitch = nod_pitches(sessions, frames, size)
-    weight = nod_weight(kp_s.value, motion["kp_reference_value"]).cpu()
+    weight = torch.tensor([0.0 if s.nod is None else s.nod.weight for s in sessions])
     profiles = [None if s.nod is None else s.nod.profile for s in sessions]
     return nod_keypoints(kp_s, kp_used, (pitch * weight).to(kp_used.value.device), gain, profiles)
 

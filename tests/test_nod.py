@@ -13,14 +13,15 @@ from dagan.config import ConfigError, config_from_dict, load_config, set_dotted,
 from dagan.head_pose import _OBJECT_POINTS, _POSE_IDS, euler_angles, head_rotation, pitch_since
 from dagan.nets.keypoints import Keypoints
 from dagan.nod import (
-    OTHER_FACE,
-    SAME_FACE,
+    OTHER_SHOT,
+    SAME_SHOT,
     NodProfile,
     NodState,
-    layout_distance,
     mesh_profile,
     nod_keypoints,
-    nod_weight,
+    shot_distance,
+    shot_signature,
+    shot_weight,
 )
 
 SIZE = 64
@@ -144,22 +145,43 @@ def test_keypoints_without_jacobians_are_nodded_too():
     assert out.jacobian is None and not torch.equal(out.value, kp_s.value)
 
 
-def test_the_nod_is_added_for_another_face_and_not_for_the_same_one():
-    kp = source_keypoints(k=15).value
-    centre = kp.mean(1, keepdim=True)
-    moved = centre + 1.7 * (kp - centre) + torch.tensor([0.2, -0.1])  # the same layout, bigger, elsewhere
-    assert layout_distance(kp, moved).item() < 1e-6
-    assert nod_weight(kp, moved).item() == 0  # the keypoints carry the nod of the same face themselves
-    other = source_keypoints(k=15, seed=7).value
-    assert layout_distance(kp, other).item() > OTHER_FACE
-    assert nod_weight(kp, other).item() == 1
+def shot_scene(seed: int = 0, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """A smooth random picture (size² RGB) and a face mesh on it: 478 points scattered over a box in the
+    middle third."""
+    rng = np.random.default_rng(seed)
+    image = cv2.resize(
+        rng.integers(0, 256, (8, 8, 3)).astype(np.uint8), (size, size), interpolation=cv2.INTER_CUBIC
+    )
+    mesh = size / 3 + rng.random((478, 2)) * size / 3
+    return image, mesh
+
+
+def test_the_nod_is_added_for_another_shot_and_not_for_the_same_one():
+    image, mesh = shot_scene()
+    photo = shot_signature(image, mesh)
+    assert photo.shape == (16, 16, 3) and abs(photo.mean()) < 1e-9 and photo.std() == pytest.approx(1)
+    # the same shot cropped elsewhere and scaled (as the photo's crop and the tracker's differ), its
+    # exposure changed: the keypoints carry the nod of such a frame themselves
+    warp = np.array([[1.25, 0.0, -20.0], [0.0, 1.25, -12.0]])
+    again = cv2.warpAffine(image, warp, (128, 128), borderMode=cv2.BORDER_REFLECT)
+    again = np.clip(again.astype(np.float64) * 0.8 + 20, 0, 255).astype(np.uint8)
+    moved = mesh * 1.25 + np.array([-20.0, -12.0])
+    frame = shot_signature(again, moved)
+    assert shot_distance(photo, frame) < SAME_SHOT
+    assert shot_weight(photo, frame) == 0
+    # another picture under the same mesh: another face
+    other = shot_signature(shot_scene(seed=1)[0], mesh)
+    assert shot_distance(photo, other) > OTHER_SHOT
+    assert shot_weight(photo, other) == 1
+    # unknown shots (a photo without a face mesh): the whole nod
+    assert shot_weight(None, frame) == 1 and shot_weight(photo, None) == 1
     # between the two bounds the weight grows linearly with the distance
-    g = torch.Generator().manual_seed(0)
-    nudged = kp + 0.04 * torch.randn(kp.shape, generator=g)
-    d = layout_distance(kp, nudged).item()
-    assert SAME_FACE < d < OTHER_FACE
-    w = nod_weight(kp, nudged).item()
-    assert w == pytest.approx((d - SAME_FACE) / (OTHER_FACE - SAME_FACE), abs=1e-6)
+    mixed = shot_signature(
+        ((image.astype(np.float64) * 3 + shot_scene(seed=1)[0]) / 4).astype(np.uint8), mesh
+    )
+    d = shot_distance(photo, mixed)
+    assert SAME_SHOT < d < OTHER_SHOT
+    assert shot_weight(photo, mixed) == pytest.approx((d - SAME_SHOT) / (OTHER_SHOT - SAME_SHOT))
 
 
 # ------------------------------------------------------------------------------------- the photo's profile
@@ -227,28 +249,51 @@ def test_a_profile_replaces_the_bump_for_its_item_only():
 # ------------------------------------------------------------------------------------- the state
 
 
+def frame_of(size: int = 256) -> np.ndarray:
+    """A grey driving frame of ``size``² (the state reads only its shape and, at a reference, its shot)."""
+    return np.full((size, size, 3), 128, np.uint8)
+
+
 def test_nod_state_measures_from_its_reference_and_starts_anew_with_a_new_one():
     state = NodState(max_degrees=30)
     ref_a, ref_b = object(), object()
-    size = (256, 256)
-    assert state.pitch(mesh_of(rotation(pitch=5)), size, ref_a, smooth=False) == pytest.approx(0, abs=1e-6)
-    assert state.pitch(mesh_of(rotation(pitch=13)), size, ref_a, smooth=False) == pytest.approx(8, abs=0.5)
-    held = state.pitch(None, size, ref_a, smooth=False)  # no face: the last pitch holds
+    frame = frame_of()
+    assert state.pitch(mesh_of(rotation(pitch=5)), frame, ref_a, smooth=False) == pytest.approx(0, abs=1e-6)
+    assert state.pitch(mesh_of(rotation(pitch=13)), frame, ref_a, smooth=False) == pytest.approx(8, abs=0.5)
+    held = state.pitch(None, frame, ref_a, smooth=False)  # no face: the last pitch holds
     assert held == pytest.approx(8, abs=0.5)
     # a recalibration: the next frame is the new zero
-    assert state.pitch(mesh_of(rotation(pitch=13)), size, ref_b, smooth=False) == pytest.approx(0, abs=1e-6)
-    assert state.pitch(mesh_of(rotation(pitch=3)), size, ref_b, smooth=False) == pytest.approx(-10, abs=0.5)
+    assert state.pitch(mesh_of(rotation(pitch=13)), frame, ref_b, smooth=False) == pytest.approx(0, abs=1e-6)
+    assert state.pitch(mesh_of(rotation(pitch=3)), frame, ref_b, smooth=False) == pytest.approx(-10, abs=0.5)
+
+
+def test_nod_state_weighs_each_reference_frame_against_the_photo():
+    image, mesh = shot_scene(size=256)
+    other = shot_scene(seed=1, size=256)[0]
+    state = NodState()
+    assert state.weight == 1  # nothing weighed yet: another face
+    state.photo = shot_signature(image, mesh)
+    ref_a, ref_b = object(), object()
+    state.pitch(mesh, image, ref_a, smooth=False)  # the photo's own shot is the reference: no nod added
+    assert state.weight == 0
+    state.pitch(mesh, other, ref_a, smooth=False)  # later frames of that reference do not re-weigh it
+    assert state.weight == 0
+    state.pitch(None, other, ref_b, smooth=False)  # a new reference, weighed at its first face
+    assert state.weight == 0
+    state.pitch(mesh, other, ref_b, smooth=False)
+    assert state.weight == 1
 
 
 def test_nod_state_clips_a_reading_past_its_limit_and_filters_when_asked():
     state = NodState(max_degrees=5)
     ref = object()
-    state.pitch(mesh_of(rotation()), (256, 256), ref, smooth=False)
-    assert state.pitch(mesh_of(rotation(pitch=20)), (256, 256), ref, smooth=False) == pytest.approx(5)
+    frame = frame_of()
+    state.pitch(mesh_of(rotation()), frame, ref, smooth=False)
+    assert state.pitch(mesh_of(rotation(pitch=20)), frame, ref, smooth=False) == pytest.approx(5)
     smooth = NodState()
-    smooth.pitch(mesh_of(rotation()), (256, 256), ref, t=0.0)
+    smooth.pitch(mesh_of(rotation()), frame, ref, t=0.0)
     # a sudden 10° step one frame later passes the filter only in part
-    step = smooth.pitch(mesh_of(rotation(pitch=10)), (256, 256), ref, t=1 / 30)
+    step = smooth.pitch(mesh_of(rotation(pitch=10)), frame, ref, t=1 / 30)
     assert 0 < step < 9
 
 
@@ -312,14 +357,29 @@ def test_engine_nods_the_rendered_keypoints_by_the_drivers_pitch(monkeypatch, fl
     kp_s = engine._source_keypoints(session)
     pitch = torch.tensor([session.nod._last])
     assert pitch.item() == pytest.approx(10, abs=0.5)
-    weight = nod_weight(kp_s.value, session.reference.value)
-    assert weight.item() > 0.5  # a random photo and a random frame: other faces
+    weight = session.nod.weight
+    assert weight == 1  # a random photo and a random frame: other shots
     expected = nod_keypoints(kp_s, Keypoints(first, None), pitch * weight, 2.0, [profile]).value
     torch.testing.assert_close(nodded, expected, atol=1e-5, rtol=1e-5)
     assert (nodded - first)[..., 1].mean() > 0 and torch.all((nodded - first)[..., 0].abs() < 1e-6)
     if flat:  # the photo's own profile, not the bump: every keypoint moved alike
         dy = (nodded - first)[0, :, 1]
         torch.testing.assert_close(dy, dy[0].expand_as(dy))
+
+
+def test_engine_adds_no_nod_when_the_photo_is_the_drivers_own_frame(monkeypatch):
+    """Self-reenactment, or a snapshot of the camera taken as the avatar: the photo is the reference
+    frame's shot, whose keypoints carry the nod already, so the mesh's nod is not added on top."""
+    rng = np.random.default_rng(0)
+    src = (rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    engine, rendered = _nodding_engine(monkeypatch, [0.0, 0.0, 0.0, 10.0])
+    session = engine.new_session(src, relative=True)
+    for _ in range(3):
+        engine.animate_batch([session], [src])
+    first, _, nodded = rendered
+    assert session.nod._last == pytest.approx(10, abs=0.5)  # the driver did nod
+    assert session.nod.weight == 0
+    torch.testing.assert_close(nodded, first)
 
 
 def with_depth(lm: np.ndarray) -> np.ndarray:
