@@ -23,6 +23,7 @@ bench.server`` has those stages).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -59,20 +60,15 @@ def load_driver(clip: Path | None, photo_crop: np.ndarray, size: int) -> tuple[l
     most :data:`MAX_CLIP_FRAMES`), their frame rate and a name for the report."""
     if clip is None:
         return moved_photo(photo_crop), 25.0, "the photo, moved"
-    from dagan.face import DEFAULT_DETECT_EVERY, FaceTracker
+    from dagan.face import tracked_crops
     from dagan.media import VideoReader
     from dagan.smoothing import DEFAULT_PARAMS
 
-    crops: list[np.ndarray] = []
-    tracker = FaceTracker(out_size=size, detect_every=DEFAULT_DETECT_EVERY, box_filter=DEFAULT_PARAMS)
-    with VideoReader(clip) as reader, tracker:
+    with VideoReader(clip) as reader:
         fps = float(reader.fps)
-        for i, frame in enumerate(reader):
-            box = tracker.locate(frame, i / fps)
-            if box is not None:
-                crops.append(box.crop(frame, size))
-            if len(crops) >= MAX_CLIP_FRAMES:
-                break
+        tracked = tracked_crops(reader, fps, size, box_filter=DEFAULT_PARAMS)
+        crops = [frame.crop for frame in itertools.islice(tracked, MAX_CLIP_FRAMES)]
+        tracked.close()
     if not crops:
         raise SystemExit(f"bench.hot_path: no face found in any frame of {clip}")
     return crops, fps, clip.name

@@ -816,6 +816,36 @@ class DrivingCropper:
             self.tracker.close()
 
 
+@dataclass(frozen=True)
+class TrackedFrame:
+    """A frame of a clip on which the tracker has a face: its ``index`` in the clip, its ``crop``
+    (out_size², RGB) and whether the detector found the face on it (``detected``; else the box was
+    carried over from an earlier detection)."""
+
+    index: int
+    crop: np.ndarray
+    detected: bool
+
+
+def tracked_crops(
+    frames: Iterator[np.ndarray] | Sequence[np.ndarray],
+    fps: float,
+    out_size: int,
+    detect_every: int = DEFAULT_DETECT_EVERY,
+    box_filter: OneEuroParams | None = None,
+) -> Iterator[TrackedFrame]:
+    """A clip's frames (RGB, ``fps`` frames a second) tracked and cropped as the server does, one
+    :class:`FaceTracker` with its detection cadence and box filter on the clip's own clock, the frames
+    before the first face left out as the server leaves them out. The one loop the offline measures
+    (``dagan eval-cross``'s clips, ``python -m bench.hot_path``) crop a driving clip with; the tracker is
+    closed when the iteration ends or is abandoned."""
+    with FaceTracker(out_size=out_size, detect_every=detect_every, box_filter=box_filter) as tracker:
+        for i, frame in enumerate(frames):
+            box = tracker.locate(frame, i / fps)
+            if box is not None:
+                yield TrackedFrame(i, box.crop(frame, out_size), bool(tracker.face_found))
+
+
 # ------------------------------------------------------------------------------------------ landmarks
 
 _local = threading.local()

@@ -297,29 +297,27 @@ def load_clip(
 
     Returns ``None`` when the tracker finds no face in any frame. An unreadable clip raises
     :class:`dagan.media.MediaError` (one line naming the file)."""
-    from dagan.face import FaceTracker
+    from dagan.face import tracked_crops
     from dagan.media import VideoReader
 
     crops: list[np.ndarray] = []
     index: list[int] = []
     detected: list[bool] = []
     first: int | None = None
-    tracker = FaceTracker(out_size=size, detect_every=detect_every, box_filter=smoothing)
-    with VideoReader(path) as reader, tracker:
+    with VideoReader(path) as reader:
         fps = float(reader.fps)
-        for i, frame in enumerate(reader):
-            box = tracker.locate(frame, i / fps)
-            if box is None:
-                continue  # no face yet: the server shows the photo and keeps the reference for later
+        tracked = tracked_crops(reader, fps, size, detect_every, smoothing)
+        for frame in tracked:  # no face yet: the server shows the photo and keeps the reference for later
             if first is None:
-                first = i
-            if (i - first) % frame_stride:
+                first = frame.index
+            if (frame.index - first) % frame_stride:
                 continue
-            crops.append(box.crop(frame, size))
-            index.append(i)
-            detected.append(bool(tracker.face_found))
+            crops.append(frame.crop)
+            index.append(frame.index)
+            detected.append(frame.detected)
             if max_frames is not None and len(crops) >= max_frames:
                 break
+        tracked.close()
     if first is None:
         return None
     landmarks = [measure_landmarks(c) for c in crops]

@@ -22,6 +22,7 @@ from dagan.face import (
     crop_source,
     face_landmarks,
     square_box,
+    tracked_crops,
 )
 from dagan.media import MediaError, VideoReader, VideoWriter, load_image, read_video, write_video
 
@@ -287,6 +288,24 @@ def _jitter(centres: np.ndarray) -> float:
     steps = np.diff(centres, axis=0)
     steps = steps - steps.mean(axis=0)
     return float(np.sqrt((steps**2).sum(axis=1).mean()))
+
+
+def test_tracked_crops_leave_out_the_frames_before_the_first_face(astronaut: np.ndarray) -> None:
+    """A clip's crops as the server makes them: the two blank frames before the face are left out, the
+    rest keep their index in the clip, and the detector runs on every third frame (``detect_every``)."""
+    astro = cv2.resize(astronaut, (640, 640))
+    frames = [_grey(640, 640)] * 2 + [_shift(astro, 2 * i, 0) for i in range(7)]
+    out = list(tracked_crops(frames, 25.0, 64, detect_every=3))
+    assert [f.index for f in out] == list(range(2, 9))
+    assert all(f.crop.shape == (64, 64, 3) and f.crop.dtype == np.uint8 for f in out)
+    assert [f.detected for f in out][:1] == [True]
+    # the same frames through a tracker driven by hand give the same crops
+    with FaceTracker(out_size=64, detect_every=3) as tracker:
+        by_hand = [
+            b.crop(fr, 64) for i, fr in enumerate(frames) if (b := tracker.locate(fr, i / 25.0)) is not None
+        ]
+    for a, b in zip(out, by_hand, strict=True):
+        np.testing.assert_array_equal(a.crop, b)
 
 
 def test_tracker_smooths_jitter(astronaut: np.ndarray, detector: FaceDetector) -> None:
