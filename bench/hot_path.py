@@ -23,6 +23,7 @@ bench.server`` has those stages).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import sys
@@ -66,9 +67,8 @@ def load_driver(clip: Path | None, photo_crop: np.ndarray, size: int) -> tuple[l
 
     with VideoReader(clip) as reader:
         fps = float(reader.fps)
-        tracked = tracked_crops(reader, fps, size, box_filter=DEFAULT_PARAMS)
-        crops = [frame.crop for frame in itertools.islice(tracked, MAX_CLIP_FRAMES)]
-        tracked.close()
+        with contextlib.closing(tracked_crops(reader, fps, size, box_filter=DEFAULT_PARAMS)) as tracked:
+            crops = [frame.crop for frame in itertools.islice(tracked, MAX_CLIP_FRAMES)]
     if not crops:
         raise SystemExit(f"bench.hot_path: no face found in any frame of {clip}")
     return crops, fps, clip.name

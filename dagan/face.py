@@ -19,7 +19,7 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -833,7 +833,7 @@ def tracked_crops(
     out_size: int,
     detect_every: int = DEFAULT_DETECT_EVERY,
     box_filter: OneEuroParams | None = None,
-) -> Iterator[TrackedFrame]:
+) -> Generator[TrackedFrame, None, None]:
     """A clip's frames (RGB, ``fps`` frames a second) tracked and cropped as the server does, one
     :class:`FaceTracker` with its detection cadence and box filter on the clip's own clock, the frames
     before the first face left out as the server leaves them out. The one loop the offline measures

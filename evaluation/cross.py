@@ -27,6 +27,7 @@ depends on neither photo nor model and is done once per clip and image size.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -306,18 +307,19 @@ def load_clip(
     first: int | None = None
     with VideoReader(path) as reader:
         fps = float(reader.fps)
-        tracked = tracked_crops(reader, fps, size, detect_every, smoothing)
-        for frame in tracked:  # no face yet: the server shows the photo and keeps the reference for later
-            if first is None:
-                first = frame.index
-            if (frame.index - first) % frame_stride:
-                continue
-            crops.append(frame.crop)
-            index.append(frame.index)
-            detected.append(frame.detected)
-            if max_frames is not None and len(crops) >= max_frames:
-                break
-        tracked.close()
+        # the frames before the first face are left out: the server shows the photo until then and takes
+        # the reference later
+        with contextlib.closing(tracked_crops(reader, fps, size, detect_every, smoothing)) as tracked:
+            for frame in tracked:
+                if first is None:
+                    first = frame.index
+                if (frame.index - first) % frame_stride:
+                    continue
+                crops.append(frame.crop)
+                index.append(frame.index)
+                detected.append(frame.detected)
+                if max_frames is not None and len(crops) >= max_frames:
+                    break
     if first is None:
         return None
     landmarks = [measure_landmarks(c) for c in crops]
