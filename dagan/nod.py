@@ -57,9 +57,9 @@ NOD_FILTER = OneEuroParams(min_cutoff=0.3, beta=0.3)
 # the keypoints carry the nod already (self-reenactment pitch gain 0.9–1.1 on the clip that nods), and
 # the mesh's nod on top of it doubled it: relative self-reenactment on three held-out clips lost PRMSE
 # 3.59° → 3.99° and its expression features 0.042 → 0.047. Two frames of one clip two frames apart lie
-# 0.006–0.20 apart (17 held-out clips, tracked or prepared crops), a photo and another person's frame
-# 0.64–1.43 (median 0.98; 6 photos × 17 clips), first frames of one actor's clips from one studio
-# 0.28–0.36. (Until 2026-12-07 the weight compared the keypoint layouts instead, which cannot tell these
+# 0.007–0.20 apart (17 held-out clips, tracked or prepared crops), a photo and another person's frame
+# 0.64–1.44 (median 0.97; 6 photos × 17 clips), first frames of one actor's clips from one studio
+# from 0.27. (Until 2026-12-07 the weight compared the keypoint layouts instead, which cannot tell these
 # apart: a photo and another person lay 0.06–0.43 apart, and 15 of 48 held-out pairs got a partial nod
 # or none, weights/README.md, "The same shot".)
 SAME_SHOT, OTHER_SHOT = 0.25, 0.45
