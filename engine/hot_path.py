@@ -112,8 +112,9 @@ class FramePathEngine(Engine):
         at the end of ``new_session``."""
         if self.lid_reader is None and self.mouth is None and self.nod is None:
             return session
+        image = at_size(source_image, self.image_size)
         try:
-            landmarks = mesh_at_size(source_image, self.image_size)
+            landmarks = mesh_at_size(image, self.image_size)
         except ImportError:  # a machine without mediapipe (e.g. a bare GPU box): animate, without them
             if not FramePathEngine._warned_no_mesh:
                 FramePathEngine._warned_no_mesh = True
@@ -128,7 +129,7 @@ class FramePathEngine(Engine):
         if landmarks is None:
             return session
         if session.nod is not None and session.relative:  # absolute motion is not nodded
-            session.nod.photo = shot_signature(at_size(source_image, self.image_size), landmarks)
+            session.nod.photo = shot_signature(image, landmarks)
             session.nod.profile = self._nod_profile(session, source_image, landmarks)
         if self.lid_reader is not None:
             session.lids = LidState(eye_shapes(landmarks))
