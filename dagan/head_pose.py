@@ -28,6 +28,9 @@ CANONICAL_FACE: dict[int, tuple[float, float, float]] = {
     152: (0.000000, -9.403378, 4.264492),  # chin
 }
 _POSE_IDS = list(CANONICAL_FACE)
+# The mesh points the fit reads, in its order: a caller that keeps only some tracks (training data packed
+# for a GPU machine) keeps these to read a head pose with :func:`rotation_from_points`.
+POSE_POINTS: tuple[int, ...] = tuple(_POSE_IDS)
 # OpenCV's camera frame has y down and z into the scene: rotate the model by 180° about x to match.
 _OBJECT_POINTS = np.array([CANONICAL_FACE[i] for i in _POSE_IDS], dtype=np.float64) * np.array(
     [1.0, -1.0, -1.0]
@@ -41,8 +44,16 @@ def head_rotation(landmarks: np.ndarray, image_size: tuple[int, int]) -> np.ndar
     Pinhole camera with focal length = image width and the principal point at the centre (the field of
     view of a typical webcam/VoxCeleb crop; only differences between frames matter here, and they depend
     little on this choice)."""
+    return rotation_from_points(np.asarray(landmarks, dtype=np.float64)[_POSE_IDS, :2], image_size)
+
+
+def rotation_from_points(points: np.ndarray, image_size: tuple[int, int]) -> np.ndarray | None:
+    """:func:`head_rotation` from the :data:`POSE_POINTS` alone (9×2 pixels, in that order); None when
+    the fit fails or a point is missing (NaN)."""
+    pts = np.asarray(points, dtype=np.float64)[:, :2]
+    if pts.shape != (len(_POSE_IDS), 2) or not np.isfinite(pts).all():
+        return None
     h, w = int(image_size[0]), int(image_size[1])
-    pts = np.asarray(landmarks, dtype=np.float64)[_POSE_IDS, :2]
     camera = np.array([[w, 0.0, w / 2.0], [0.0, w, h / 2.0], [0.0, 0.0, 1.0]])
     ok, rvec, _ = cv2.solvePnP(_OBJECT_POINTS, pts, camera, None, flags=cv2.SOLVEPNP_SQPNP)
     if not ok:

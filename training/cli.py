@@ -225,8 +225,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         nargs="+",
         metavar="P",
-        help="face-mesh points whose tracks are kept (default: dagan.kp_landmark_points and "
-        "training.config.EXPRESSION_MESH_POINTS, which dagan.flow_points may read)",
+        help="face-mesh points whose tracks are kept (default: dagan.kp_landmark_points, "
+        "training.config.EXPRESSION_MESH_POINTS, which dagan.flow_points may read, and "
+        "dagan.head_pose.POSE_POINTS, which dagan.reshape_nod reads)",
     )
     p.add_argument(
         "--assets",

@@ -254,6 +254,14 @@ class DaganStageConfig:
     reshape: TransformConfig = field(
         default_factory=lambda: TransformConfig(sigma_affine=0.1, sigma_tps=0.005, points_tps=5)
     )
+    # The engine's nod inside the reshaped pair: T(source)'s transferred keypoints are nodded, as the
+    # engine nods a photo of another person (dagan.nod.nod_keypoints over the bump, this gain; the
+    # bundled model's nod.gain is 2), by the head pitch between the unwarped source and driving frames,
+    # read from their face-mesh tracks as the engine reads a driver (dagan.head_pose). Why: the keypoints
+    # do not carry a nod to another face, the engine adds one, and the generator has never been shown
+    # keypoints nodded that way beside a frame that really nods. 0: off. Needs weights.reshaped_pair
+    # and the tracks of dagan.head_pose.POSE_POINTS.
+    reshape_nod: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -389,6 +397,18 @@ def _check_semantics(cfg: TrainConfig) -> None:
         need(t.sigma_affine >= 0 and t.sigma_tps >= 0, f"dagan.{name}", "sigmas must be >= 0")
     for key, value in dataclasses.asdict(g.weights).items():
         need(value >= 0, f"dagan.weights.{key}", "must be >= 0")
+    need(g.reshape_nod >= 0, "dagan.reshape_nod", "must be >= 0")
+    if g.reshape_nod > 0:
+        need(
+            g.weights.reshaped_pair > 0,
+            "dagan.reshape_nod",
+            "nods the reshaped pair: needs weights.reshaped_pair > 0",
+        )
+        need(
+            not cfg.data.augment.flip,
+            "dagan.reshape_nod",
+            "reads the head pose from named mesh points, which a mirror swaps: set data.augment.flip false",
+        )
     w = g.weights
     if w.face_landmarks > 0:
         need(

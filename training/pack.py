@@ -227,12 +227,15 @@ def pack_dataset(
 
     ``stride``: keep every N-th frame, raised (with a note) until the estimate, and then the written
     total, fits ``max_mb`` MiB (JPEG frames + tracks + face assets + manifest). ``points``: the face-mesh
-    points whose tracks are kept (default: the training config's ``dagan.kp_landmark_points`` and
-    ``EXPRESSION_MESH_POINTS``, the points a recipe's ``dagan.flow_points`` reads).
+    points whose tracks are kept (default: the training config's ``dagan.kp_landmark_points``,
+    ``EXPRESSION_MESH_POINTS``, the points a recipe's ``dagan.flow_points`` reads, and the head pose's
+    ``dagan.head_pose.POSE_POINTS``, which ``dagan.reshape_nod`` reads).
     ``assets``: a folder holding ``face_landmark_68_model*`` (default: :func:`default_assets_dir`);
     missing assets are a note, not an error, since a run may not use the face perceptual loss.
     """
     from tqdm import tqdm
+
+    from dagan.head_pose import POSE_POINTS
 
     from .config import EXPRESSION_MESH_POINTS, DaganStageConfig
 
@@ -243,7 +246,7 @@ def pack_dataset(
         raise PackError("--quality must be in 1..100")
     if max_mb <= 0:
         raise PackError("--max-mb must be > 0")
-    default = (*DaganStageConfig().kp_landmark_points, *EXPRESSION_MESH_POINTS)
+    default = (*DaganStageConfig().kp_landmark_points, *EXPRESSION_MESH_POINTS, *POSE_POINTS)
     pts = sorted({int(p) for p in (points if points is not None else default)})
     if not pts or not all(0 <= p < MESH_POINTS for p in pts):
         raise PackError(f"--points must be face-mesh indices 0..{MESH_POINTS - 1}")

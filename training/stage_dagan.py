@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from dagan.checkpoint import load_into, read_checkpoint
+from dagan.head_pose import POSE_POINTS, pitch_since, rotation_from_points
 from dagan.keypoint_ops import movement_scale, relative_keypoints
 from dagan.model import DaGAN
 from dagan.nets.discriminator import discriminator_from_config
 from dagan.nets.keypoints import Keypoints
+from dagan.nod import nod_keypoints
 
 from . import losses as L
 from .config import TrainConfig
@@ -99,6 +101,8 @@ class DaganStage(Stage):
         if w.reads_landmarks or g.expressive_pairs > 0:
             # the anchors first (every term reads those), then the flow loss's own points
             points = g.kp_landmark_points + (g.flow_points if w.landmark_flow > 0 else ())
+        if g.reshape_nod > 0:  # last, so the terms above read their points where they always did
+            points = points + POSE_POINTS
         return self._video_dataset(
             SourceDrivingDataset,
             root,
@@ -234,14 +238,16 @@ class GeneratorObjective(nn.Module):
         self._mask_logits = None  # the mask hook fired again: those logits are not the mask loss's
         return avatar, order
 
-    def _reshaped_pair(self, source, driving, kp_s, kp_d, seed: int) -> torch.Tensor:
+    def _reshaped_pair(self, source, driving, kp_s, kp_d, seed: int, pitch=None) -> torch.Tensor:
         """``weights.reshaped_pair`` (unweighted): one random smooth warp T per item (``dagan.reshape``)
         makes T(source) and T(driving), a face of another shape making the same motion; T(source) is
         driven by the unwarped frames' motion kp_d − kp_s, relative with the movement scale as the
         server drives a photo, and the avatar must be T(driving). The plain transfer (Jacobian gain 1):
         T(driving) is the motion as it happened, not as far as the engine may take it. Where T reaches
         past the frame both warped frames show its mirror: there the avatar is not charged (it is
-        replaced by the target), or the generator learns to draw mirrored streaks at the frame's edge."""
+        replaced by the target), or the generator learns to draw mirrored streaks at the frame's edge.
+        ``pitch`` (B degrees, ``dagan.reshape_nod``): the driving frame's head pitch since the source
+        frame's, added to T(source)'s keypoints as the engine nods a photo of another person."""
         _, perceptual = self._critics
         t = self.cfg.reshape
         gen = torch.Generator().manual_seed(seed + 1)  # not the equivariance warp's draw
@@ -251,6 +257,8 @@ class GeneratorObjective(nn.Module):
         shaped_source, shaped_driving = warp.transform_frame(torch.cat([source, driving], 1)).chunk(2, 1)
         kp_t, depth_t = self._keypoints(shaped_source)
         moved = relative_keypoints(kp_t, kp_d, kp_s, movement_scale(kp_t, kp_s))
+        if pitch is not None:
+            moved = nod_keypoints(kp_t, moved, pitch.to(moved.value), self.cfg.reshape_nod)
         avatar = self.model.generator(shaped_source, depth_t, kp_t, moved).prediction
         self._mask_logits = None  # the mask hook fired again: those logits are not the mask loss's
         inside = warp.inside(*avatar.shape[-2:]).to(avatar.dtype)
@@ -260,7 +268,13 @@ class GeneratorObjective(nn.Module):
     def forward(self, source: torch.Tensor, driving: torch.Tensor, seed: int, landmarks=None):
         discriminator, perceptual = self._critics
         w, g = self.cfg.weights, self.cfg
-        flow_marks = None
+        flow_marks = pitch = None
+        if landmarks is not None and g.reshape_nod > 0:  # the pose points come last (dataset())
+            n = len(POSE_POINTS)
+            pitch = head_pitches(landmarks[0][:, -n:], landmarks[1][:, -n:], source.shape[-2:])
+            landmarks = (landmarks[0][:, :-n], landmarks[1][:, :-n])
+            if landmarks[0].shape[1] == 0:  # no other term reads the tracks
+                landmarks = None
         if landmarks is not None:  # the anchors (one per keypoint), then dagan.flow_points (flow loss only)
             k = len(g.kp_landmark_points)
             flow_marks = landmarks
@@ -340,7 +354,9 @@ class GeneratorObjective(nn.Module):
         if landmark_loss is not None and landmarks is not None:
             terms["face_landmarks"] = w.face_landmarks * landmark_loss(pred, driving, landmarks[1])
         if w.reshaped_pair > 0:
-            terms["reshaped_pair"] = w.reshaped_pair * self._reshaped_pair(source, driving, kp_s, kp_d, seed)
+            terms["reshaped_pair"] = w.reshaped_pair * self._reshaped_pair(
+                source, driving, kp_s, kp_d, seed, pitch
+            )
         (cross_loss,) = self._cross_loss
         avatar = None
         if (w.cross_motion > 0 or w.cross_gan > 0 or w.cross_chroma > 0) and source.shape[0] > 1:
@@ -365,6 +381,30 @@ class GeneratorObjective(nn.Module):
             "cross_avatar": None if avatar is None else avatar.detach(),
         }
         return loss, logs, outputs
+
+
+# The nod's bound: the engine clips a driver's pitch to nod.max_degrees (30) the same way.
+MAX_NOD_DEGREES = 30.0
+
+
+def head_pitches(source: torch.Tensor, driving: torch.Tensor, size) -> torch.Tensor:
+    """B degrees: each driving frame's head pitch since its source frame's, as the engine reads a driver
+    (:func:`dagan.head_pose.pitch_since`), from the :data:`dagan.head_pose.POSE_POINTS` tracks (B×9×2
+    each, the keypoints' [−1, 1] frame, NaN without a face) of frames of ``size`` (H, W); 0 where either
+    frame has no face, clipped to ±:data:`MAX_NOD_DEGREES`."""
+    h, w = int(size[0]), int(size[1])
+    scale = torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=torch.float64)
+
+    def pixels(t: torch.Tensor):  # inverse of training.data's [−1, 1] mapping of pixel centres
+        return ((t.detach().double().cpu() + 1) * scale + 0.5).numpy()
+
+    out = torch.zeros(source.shape[0])
+    for i, (a, b) in enumerate(zip(pixels(source), pixels(driving), strict=True)):
+        ra, rb = rotation_from_points(a, (h, w)), rotation_from_points(b, (h, w))
+        if ra is not None and rb is not None:
+            value = pitch_since(ra, rb)
+            out[i] = max(-MAX_NOD_DEGREES, min(MAX_NOD_DEGREES, value)) if value == value else 0.0
+    return out
 
 
 def _swap(kp: Keypoints, order: torch.Tensor) -> Keypoints:
