@@ -120,12 +120,12 @@ def test_head_pitches_reads_the_nod_between_two_frames():
     source, r_s = _pose_tracks([0.0, 5.0, 0.0], size)
     driving, r_d = _pose_tracks([12.0, -3.0, 45.0], size)
     driving[2, 4] = float("nan")  # a frame without a face: no nod
-    got = head_pitches(source, driving, (size, size))
+    got = head_pitches(source, driving, (size, size), 30.0)
     want = [euler_angles(a.T @ b)[0] for a, b in zip(r_s, r_d, strict=True)]
     assert got[0] == pytest.approx(want[0], abs=0.5) and abs(want[0]) == pytest.approx(12.0, abs=0.01)
     assert got[1] == pytest.approx(want[1], abs=0.5) and abs(want[1]) == pytest.approx(8.0, abs=0.01)
     assert got[2] == 0.0
-    unclipped = head_pitches(*(_pose_tracks([0.0], size)[0], _pose_tracks([45.0], size)[0]), (size, size))
+    unclipped = head_pitches(_pose_tracks([0.0], size)[0], _pose_tracks([45.0], size)[0], (size, size), 30.0)
     assert abs(float(unclipped[0])) == pytest.approx(30.0)  # clipped as the engine clips a driver
 
 
@@ -161,7 +161,7 @@ def test_the_nod_moves_the_reshaped_pair_only_where_the_head_pitched():
     assert same["reshaped_pair"] == pytest.approx(off["reshaped_pair"], rel=1e-6)
     assert nodded["perceptual"] == pytest.approx(off["perceptual"], rel=1e-6)  # only the pair is nodded
     (_, _, kp_t, moved_still), (_, _, _, moved_nod) = calls[1], calls[3]  # each forward: frame, then pair
-    pitch = head_pitches(still, nod, (size, size))
+    pitch = head_pitches(still, nod, (size, size), objective.model.config.nod.max_degrees)
     assert pitch.abs().min() > 9.0
     want = nod_keypoints(kp_t, moved_still, pitch, 2.0)
     assert torch.allclose(moved_nod.value, want.value, atol=1e-6)

@@ -6,6 +6,7 @@ DDP-wrapped module; the discriminator step follows on real and fake in one batch
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -271,7 +272,12 @@ class GeneratorObjective(nn.Module):
         flow_marks = pitch = None
         if landmarks is not None and g.reshape_nod > 0:  # the pose points come last (dataset())
             n = len(POSE_POINTS)
-            pitch = head_pitches(landmarks[0][:, -n:], landmarks[1][:, -n:], source.shape[-2:])
+            pitch = head_pitches(
+                landmarks[0][:, -n:],
+                landmarks[1][:, -n:],
+                source.shape[-2:],
+                self.model.config.nod.max_degrees,
+            )
             landmarks = (landmarks[0][:, :-n], landmarks[1][:, :-n])
             if landmarks[0].shape[1] == 0:  # no other term reads the tracks
                 landmarks = None
@@ -383,15 +389,11 @@ class GeneratorObjective(nn.Module):
         return loss, logs, outputs
 
 
-# The nod's bound: the engine clips a driver's pitch to nod.max_degrees (30) the same way.
-MAX_NOD_DEGREES = 30.0
-
-
-def head_pitches(source: torch.Tensor, driving: torch.Tensor, size) -> torch.Tensor:
+def head_pitches(source: torch.Tensor, driving: torch.Tensor, size, max_degrees: float) -> torch.Tensor:
     """B degrees: each driving frame's head pitch since its source frame's, as the engine reads a driver
     (:func:`dagan.head_pose.pitch_since`), from the :data:`dagan.head_pose.POSE_POINTS` tracks (B×9×2
     each, the keypoints' [−1, 1] frame, NaN without a face) of frames of ``size`` (H, W); 0 where either
-    frame has no face, clipped to ±:data:`MAX_NOD_DEGREES`."""
+    frame has no face, clipped to ± ``max_degrees`` as the engine clips a driver's (``nod.max_degrees``)."""
     h, w = int(size[0]), int(size[1])
     scale = torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=torch.float64)
 
@@ -403,7 +405,7 @@ def head_pitches(source: torch.Tensor, driving: torch.Tensor, size) -> torch.Ten
         ra, rb = rotation_from_points(a, (h, w)), rotation_from_points(b, (h, w))
         if ra is not None and rb is not None:
             value = pitch_since(ra, rb)
-            out[i] = max(-MAX_NOD_DEGREES, min(MAX_NOD_DEGREES, value)) if value == value else 0.0
+            out[i] = max(-max_degrees, min(max_degrees, value)) if math.isfinite(value) else 0.0
     return out
 
 
